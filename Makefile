@@ -1,0 +1,29 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[test]'
+	# img2dataset pulls the Python 3.6 `dataclasses` backport, which breaks Prefect's
+	# server on 3.11 (STACK_NOTES); the standard library has the real module.
+	$(BIN)/pip uninstall --quiet --yes dataclasses
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/mmpipe demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/ingest_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""mmpipe core library."""

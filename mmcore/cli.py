@@ -1,0 +1,233 @@
+"""`mmpipe ...`: a thin command line over the same functions the flows and tests call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, to_dict
+
+DEMO_PORT = 8765
+
+
+def project_home() -> Path:
+    """Where mmpipe keeps its state by default: $MMPIPE_HOME or ~/.mmpipe."""
+    return Path(os.environ.get("MMPIPE_HOME", "~/.mmpipe")).expanduser()
+
+
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Return a copy of `cfg` with dotted `field.sub=value` overrides (values parsed as JSON)."""
+    data = to_dict(cfg)
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected field=value, e.g. download.image_size=128")
+        node = data
+        parts = name.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ValueError(f"--set {item!r}: unknown field {name!r}")
+        node[parts[-1]] = _parse_value(value)
+    return from_dict(type(cfg), data)
+
+
+def _print_summary(version) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = version.manifest
+    rows = m["rows"]
+    console = Console()
+    head = Table(title=f"dataset {m['id']}", show_header=False)
+    head.add_row("path", str(version.path))
+    head.add_row("source", f"{m['source']['path']} ({m['source']['format']}, sha256 {m['source']['sha256'][:12]})")
+    head.add_row("rows in", str(rows["in"]))
+    head.add_row("kept", str(rows["kept"]))
+    head.add_row("rejected", str(sum(rows["rejected"].values())))
+    head.add_row("splits", ", ".join(f"{k} {v}" for k, v in m["splits"].items()))
+    head.add_row("shards", str(len(m["shards"])))
+    head.add_row("tokenizer", f"BPE, {m['tokenizer']['vocab_size']} tokens")
+    head.add_row("extra columns", ", ".join(m["source"]["extras"]) or "-")
+    console.print(head)
+    if rows["rejected"]:
+        reasons = Table(title="rejected rows by reason")
+        reasons.add_column("reason")
+        reasons.add_column("rows", justify="right")
+        for reason, count in sorted(rows["rejected"].items(), key=lambda kv: -kv[1]):
+            reasons.add_row(reason, str(count))
+        console.print(reasons)
+
+
+def cmd_sample_make(args) -> int:
+    from mmcore.data.sample import SampleSpec, make_sample
+
+    spec = SampleSpec(synthetic=args.synthetic, digits=args.digits, photos=not args.no_photos,
+                      defects=not args.no_defects, seed=args.seed)
+    url_list = make_sample(args.dir, args.base_url, spec)
+    print(f"wrote {url_list} (serve it with: mmpipe sample serve {args.dir} --port "
+          f"{args.base_url.rsplit(':', 1)[-1].split('/')[0]})")
+    return 0
+
+
+def cmd_sample_serve(args) -> int:
+    from mmcore.data.server import FileServer
+
+    server = FileServer(args.dir, host=args.host, port=args.port)
+    print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from mmcore.data.ingest import ingest
+
+    cfg = IngestConfig(
+        source=SourceConfig(path=args.url_list, format=args.format, url_col=args.url_col,
+                            caption_col=args.caption_col),
+        out=args.out, work_dir=args.work_dir, guard=GuardConfig(allow_networks=args.allow_network or []),
+    )
+    version = ingest(apply_overrides(cfg, args.set or []))
+    _print_summary(version)
+    return 0
+
+
+def cmd_dataset_show(args) -> int:
+    from mmcore.data.dataset import DatasetVersion
+
+    _print_summary(DatasetVersion.open(args.dir))
+    return 0
+
+
+def cmd_dataset_verify(args) -> int:
+    from mmcore.data.dataset import DatasetVersion
+
+    version = DatasetVersion.open(args.dir)
+    problems = version.verify()
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"dataset {version.id}: {len(problems)} problem(s)")
+        return 1
+    files = len(version.manifest["files"])
+    print(f"dataset {version.id}: OK ({files} files, {version.manifest['rows']['kept']} rows verified)")
+    return 0
+
+
+def _demo_server(root: Path):
+    from mmcore.data.server import FileServer
+
+    try:
+        return FileServer(root, port=DEMO_PORT)
+    except OSError:
+        return FileServer(root, port=0)  # the usual port is taken: any free one
+
+
+def _ensure_sample(root: Path, base_url: str) -> Path:
+    """Reuse the sample corpus if it was made for this address, else (re)make it."""
+    from mmcore.data.sample import make_sample
+
+    info = root / "sample.json"
+    if info.exists() and json.loads(info.read_text()).get("base_url") == base_url:
+        return root / "urls.parquet"
+    shutil.rmtree(root, ignore_errors=True)
+    return make_sample(root, base_url)
+
+
+def cmd_demo(args) -> int:
+    from mmcore.data.ingest import ingest
+
+    home = Path(args.home).expanduser() if args.home else project_home()
+    started = time.monotonic()
+    sample_dir = home / "sample"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    with _demo_server(sample_dir) as server:
+        url_list = _ensure_sample(sample_dir, server.url)
+        print(f"sample corpus at {sample_dir}, served at {server.url}")
+        out = home / "datasets" / time.strftime("sample-%Y%m%d-%H%M%S")
+        version = ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(out),
+                                      guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
+    _print_summary(version)
+    print(f"demo finished in {time.monotonic() - started:.0f}s; dataset version at {version.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmpipe", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="the whole pipeline on the sample corpus, nothing to start by hand")
+    demo.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
+    demo.set_defaults(func=cmd_demo)
+
+    sample = commands.add_parser("sample", help="the sample corpus").add_subparsers(dest="action", required=True)
+    make = sample.add_parser("make", help="write sample images and urls.parquet")
+    make.add_argument("dir")
+    make.add_argument("--base-url", default=f"http://127.0.0.1:{DEMO_PORT}",
+                      help="where `sample serve` will answer (default %(default)s)")
+    make.add_argument("--synthetic", type=int, default=2000, help="synthetic scenes (default %(default)s)")
+    make.add_argument("--digits", type=int, default=1797, help="scikit-learn digits (default %(default)s)")
+    make.add_argument("--no-photos", action="store_true", help="leave out the bundled photos and LFW subset")
+    make.add_argument("--no-defects", action="store_true", help="leave out the planted bad rows")
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(func=cmd_sample_make)
+    serve = sample.add_parser("serve", help="serve a sample corpus over HTTP")
+    serve.add_argument("dir")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    serve.add_argument("--port", type=int, default=DEMO_PORT, help="default %(default)s")
+    serve.set_defaults(func=cmd_sample_serve)
+
+    ing = commands.add_parser("ingest", help="URL list -> filtered, versioned dataset")
+    ing.add_argument("url_list", help="a .parquet, .csv or .jsonl URL list (or a directory of them)")
+    ing.add_argument("--out", required=True, help="directory of the new dataset version (must not exist)")
+    ing.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: from the extension")
+    ing.add_argument("--url-col", default="url")
+    ing.add_argument("--caption-col", default="caption")
+    ing.add_argument("--allow-network", action="append", metavar="CIDR",
+                     help="let the guard reach this otherwise blocked network (repeatable), e.g. 127.0.0.1/32")
+    ing.add_argument("--work-dir", help="downloads and resume state (default <out>.partial)")
+    ing.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                     help="override any IngestConfig field, e.g. download.image_size=128 (repeatable)")
+    ing.set_defaults(func=cmd_ingest)
+
+    dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
+                                                                                           required=True)
+    show = dataset.add_parser("show", help="print a dataset version's summary")
+    show.add_argument("dir")
+    show.set_defaults(func=cmd_dataset_show)
+    verify = dataset.add_parser("verify", help="check every file against the manifest")
+    verify.add_argument("dir")
+    verify.set_defaults(func=cmd_dataset_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:  # user errors: SchemaError, DatasetError, missing files...
+        print(f"mmpipe: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""img2dataset, driven from here: its reader, resizer and downloader, with the URL guard inside.
+
+We build img2dataset's parts ourselves instead of calling `img2dataset.download` so that
+  - every download process installs the URL guard (pool initializer) before fetching,
+  - a progress bar counts images, not shards (a counting writer feeds a shared counter),
+  - none of its traps apply (STACK_NOTES): no `incremental_mode="overwrite"`, no wandb,
+    no SIGINT handler replaced; finished shards (those with `_stats.json`) are not fetched again.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# albumentations (imported by img2dataset) checks PyPI for updates at import unless told not to.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+from img2dataset.downloader import Downloader  # noqa: E402
+from img2dataset.reader import Reader  # noqa: E402
+from img2dataset.resizer import Resizer  # noqa: E402
+from img2dataset.writer import ParquetSampleWriter  # noqa: E402
+
+from mmcore.config import DownloadConfig, GuardConfig, to_dict
+from mmcore.data import urlguard
+from mmcore.progress import progress_bar
+
+_PROGRESS = None  # the shared row counter, set in each download process
+
+
+def _init_worker(policy: GuardConfig, counter) -> None:
+    """Runs once in every download process, before any fetch."""
+    global _PROGRESS
+    _PROGRESS = counter
+    urlguard.install(policy)
+
+
+class CountingParquetWriter(ParquetSampleWriter):
+    """img2dataset's Parquet writer that also counts rows for the progress bar."""
+
+    def write(self, img_str, key, caption, meta):
+        super().write(img_str, key, caption, meta)
+        with _PROGRESS.get_lock():
+            _PROGRESS.value += 1
+
+
+def _prepare(raw_dir: Path, request: dict) -> None:
+    """Reuse finished shards only when they were made from the same rows and settings."""
+    stamp = raw_dir / "request.json"
+    if raw_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != request):
+        shutil.rmtree(raw_dir)  # made from another URL list or other settings
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(request, indent=2, sort_keys=True))
+
+
+def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardConfig,
+             source_sha256: str) -> Path:
+    """Download `rows` (row, url, caption) into img2dataset Parquet shards under `raw_dir`."""
+    raw_dir = Path(raw_dir).absolute()
+    _prepare(raw_dir, {"source_sha256": source_sha256, "rows": rows.num_rows,
+                       "download": to_dict(cfg), "guard": to_dict(guard)})
+    url_list = raw_dir / "_urls.parquet"
+    pq.write_table(rows, url_list)
+    done = {int(p.name.split("_")[0]) for p in raw_dir.glob("*_stats.json")}
+    (raw_dir / "_tmp").mkdir(exist_ok=True)
+    reader = Reader(str(url_list), "parquet", "url", "caption", None, None, ["row"],
+                    cfg.samples_per_shard, done, str(raw_dir / "_tmp"))
+    resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
+                      encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
+                      min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio)
+    downloader = Downloader(
+        sample_writer_class=CountingParquetWriter, resizer=resizer, thread_count=cfg.threads, save_caption=True,
+        extract_exif=False, output_folder=str(raw_dir), column_list=reader.column_list,
+        timeout=cfg.timeout_s, number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=5,
+        compute_hash=None, verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
+        user_agent_token=cfg.user_agent_token, disallowed_header_directives=cfg.disallowed_header_directives,
+    )
+    shards = list(reader)
+    done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
+    _run(downloader, shards, cfg.processes, guard, total=rows.num_rows, already=done_rows)
+    shutil.rmtree(raw_dir / "_tmp", ignore_errors=True)
+    return raw_dir
+
+
+def _run(downloader, shards: list, processes: int, guard: GuardConfig, total: int, already: int) -> None:
+    """Download shards in a spawn pool (retrying failed shards once) under a progress bar."""
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    with progress_bar("downloading", total=total) as advance_to, \
+            ctx.Pool(processes, initializer=_init_worker, initargs=(guard, counter), maxtasksperchild=5) as pool:
+        for _attempt in range(2):
+            result = pool.map_async(downloader, shards, chunksize=1)
+            while not result.ready():
+                advance_to(already + counter.value)
+                result.wait(0.2)
+            shards = [row for ok, row in result.get() if not ok]
+            if not shards:
+                break
+        advance_to(already + counter.value)

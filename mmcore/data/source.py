@@ -1,0 +1,201 @@
+"""Reading URL lists (parquet / csv / jsonl) and the checks made before any download."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from mmcore.config import GuardConfig, SourceConfig
+from mmcore.data.schema import CURATED_NAMES, SchemaError
+from mmcore.data.urlguard import FetchError, check_url
+
+# Columns mmpipe or img2dataset write themselves; a source column with one of these names is not carried.
+RESERVED = set(CURATED_NAMES) | {"row", "status", "error_message", "original_width", "original_height",
+                                 "exif", "md5", "sha512", "txt", "jpg", "png", "webp"}
+
+
+@dataclass
+class Rejects:
+    """Rows that will not reach the dataset: source row -> (reason, detail)."""
+
+    by_row: dict[int, tuple[str, str]] = field(default_factory=dict)
+
+    def add(self, row: int, reason: str, detail: str) -> None:
+        assert row not in self.by_row, f"row {row} rejected twice"
+        self.by_row[row] = (reason, detail)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for reason, _ in self.by_row.values():
+            out[reason] = out.get(reason, 0) + 1
+        return dict(sorted(out.items()))
+
+
+@dataclass
+class Source:
+    """A URL list read into memory: `table` has row, url, caption and the extra columns."""
+
+    table: pa.Table
+    path: str
+    format: str
+    sha256: str
+    extras: list[str]
+    dropped: list[str]
+    """Source columns not carried because mmpipe reserves their names."""
+
+
+def infer_format(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    formats = {"parquet": "parquet", "csv": "csv", "jsonl": "jsonl", "json": "jsonl", "ndjson": "jsonl"}
+    if suffix not in formats:
+        raise ValueError(f"{path}: cannot tell the format from the extension; set source.format "
+                         "to parquet, csv or jsonl")
+    return formats[suffix]
+
+
+def _files(path: Path, fmt: str | None) -> list[Path]:
+    if not path.exists():
+        raise FileNotFoundError(f"URL list {path} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith((".", "_")))
+    if fmt:
+        files = [p for p in files if infer_format(p) == fmt]
+    if not files:
+        raise ValueError(f"{path}: directory holds no URL list files")
+    return files
+
+
+def _read_jsonl(path: Path, cfg: SourceConfig) -> pa.Table:
+    """JSON lines, one object per line. url and caption are kept as raw bytes (invalid UTF-8
+    rejects the row later); other text columns get U+FFFD for bad bytes."""
+    raw_columns = (cfg.url_col, cfg.caption_col)
+    records = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            text = raw.decode("utf-8", errors="surrogateescape").strip()
+            if not text:
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append({k: _jsonl_cell(v, k in raw_columns) for k, v in record.items()})
+    return pa.Table.from_pylist(records) if records else pa.table({})
+
+
+def _jsonl_cell(value, raw: bool):
+    if not isinstance(value, str):
+        return value
+    data = value.encode("utf-8", "surrogateescape")
+    return data if raw else data.decode("utf-8", "replace")
+
+
+def _read_file(path: Path, fmt: str, cfg: SourceConfig) -> pa.Table:
+    if fmt == "parquet":
+        try:
+            return pq.read_table(path)
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    if fmt == "csv":
+        # url and caption as raw bytes: a bad byte in one row rejects that row, not the file.
+        options = pacsv.ConvertOptions(column_types={cfg.url_col: pa.binary(), cfg.caption_col: pa.binary()})
+        try:
+            return pacsv.read_csv(path, convert_options=options)
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{path}: cannot parse as CSV ({err})") from None
+    return _read_jsonl(path, cfg)
+
+
+def _check_columns(table: pa.Table, path: Path, cfg: SourceConfig) -> None:
+    for role, name in (("url", cfg.url_col), ("caption", cfg.caption_col)):
+        if name not in table.column_names:
+            raise SchemaError(f"{path}: no {role} column {name!r} (columns: {table.column_names}); "
+                              f"set source.{role}_col")
+    for name in cfg.extra_cols or []:
+        if name not in table.column_names:
+            raise SchemaError(f"{path}: extra column {name!r} not found (columns: {table.column_names})")
+        if name in RESERVED:
+            raise SchemaError(f"{path}: extra column {name!r} collides with a column mmpipe writes; rename it")
+
+
+def file_sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_source(cfg: SourceConfig) -> Source:
+    """Read the URL list; missing columns fail here, naming the column and the file."""
+    cfg.validate()
+    root = Path(cfg.path)
+    files = _files(root, cfg.format)
+    fmt = cfg.format or infer_format(files[0])
+    tables = []
+    for path in files:
+        table = _read_file(path, fmt, cfg)
+        _check_columns(table, path, cfg)
+        tables.append(table)
+    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    others = [c for c in table.column_names if c not in (cfg.url_col, cfg.caption_col)]
+    extras = cfg.extra_cols if cfg.extra_cols is not None else [c for c in others if c not in RESERVED]
+    dropped = [c for c in others if c not in extras]
+    columns = {"row": pa.array(range(table.num_rows), pa.int64()),
+               "url": table.column(cfg.url_col), "caption": table.column(cfg.caption_col)}
+    columns.update({name: table.column(name) for name in extras})
+    return Source(table=pa.table(columns), path=str(root), format=fmt, sha256=file_sha256(files),
+                  extras=list(extras), dropped=dropped)
+
+
+def _text(value) -> str | None:
+    """A cell as text; raises UnicodeDecodeError for bytes that are not UTF-8."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    return str(value)
+
+
+def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
+    """Reject rows with a bad URL, a bad caption or a repeated URL; return the rest (row, url, caption)."""
+    rows, urls, captions = [], [], []
+    seen: dict[str, int] = {}
+    for row, url, caption in zip(source.table.column("row").to_pylist(), source.table.column("url").to_pylist(),
+                                 source.table.column("caption").to_pylist()):
+        try:
+            url = _text(url)
+            check_url(url, guard)
+        except UnicodeDecodeError:
+            rejects.add(row, "malformed_url", "the URL is not valid UTF-8")
+            continue
+        except FetchError as err:
+            rejects.add(row, err.reason, err.detail)
+            continue
+        try:
+            caption = (_text(caption) or "").strip()
+        except UnicodeDecodeError as err:
+            rejects.add(row, "caption_not_utf8", f"invalid byte at position {err.start}")
+            continue
+        if not caption:
+            rejects.add(row, "caption_empty", "the caption is missing or blank")
+            continue
+        if url in seen:
+            rejects.add(row, "duplicate_url", f"same URL as row {seen[url]}")
+            continue
+        seen[url] = row
+        rows.append(row)
+        urls.append(url)
+        captions.append(caption)
+    return pa.table({"row": pa.array(rows, pa.int64()), "url": pa.array(urls, pa.string()),
+                     "caption": pa.array(captions, pa.string())})
