@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 import urllib.response
 import warnings
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
@@ -184,9 +184,15 @@ class _GuardedRedirectHandler(urllib.request.HTTPRedirectHandler):
         self.policy = policy
         self.max_redirections = policy.max_redirects
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        check_url(newurl, self.policy)  # the host is checked when the hop connects
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):
+        # Checked before urllib's own handling, which refuses other schemes with a vaguer error;
+        # the new host is checked when the hop connects.
+        location = headers.get("location") or headers.get("uri")
+        if location:
+            check_url(urljoin(req.full_url, location), self.policy)
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 class _ErrorHandler(urllib.request.BaseHandler):
