@@ -1,0 +1,1 @@
+"""Data: URL guard, sample corpus, ingest with img2dataset, filters, dataset versions, tokenizer."""

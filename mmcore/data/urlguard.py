@@ -258,6 +258,9 @@ def read_capped(response, policy: GuardConfig, url: str) -> bytes:
     return b"".join(chunks)
 
 
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"RIFF", b"BM")
+
+
 def check_image(body: bytes, policy: GuardConfig, content_type: str = "") -> None:
     """Refuse bodies that are empty, not images, declare too many pixels, or are truncated."""
     if not body:
@@ -269,6 +272,8 @@ def check_image(body: bytes, policy: GuardConfig, content_type: str = "") -> Non
         except Image.DecompressionBombError as err:
             raise FetchError("too_many_pixels", str(err)) from None
         except Exception:  # noqa: BLE001 - PIL raises many types for non-images
+            if body.startswith(_IMAGE_MAGIC):
+                raise FetchError("truncated_image", f"image header cut short ({len(body)} bytes)") from None
             head = body[:16]
             raise FetchError("not_an_image", f"unrecognised data (Content-Type {content_type!r}, starts {head!r})") from None
         with image:

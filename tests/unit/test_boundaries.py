@@ -1,0 +1,46 @@
+"""Architecture rules from DESIGN.md that a test can hold: import boundaries, no import side effects."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_library_never_imports_the_app_or_prefect():
+    offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & {"prefect", "pipelines"})
+                 for p in (ROOT / "mmcore").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_models_stay_plain_modules():
+    offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & {"ray", "deepspeed", "mlflow", "prefect"})
+                 for p in (ROOT / "mmcore" / "models").rglob("*.py")} if (ROOT / "mmcore" / "models").exists() else {}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_every_module_starts_with_a_docstring():
+    for path in list((ROOT / "mmcore").rglob("*.py")) + list((ROOT / "tests").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert ast.get_docstring(ast.parse(text)), f"{path} has no module docstring"
+
+
+def test_importing_the_library_has_no_side_effects(tmp_path):
+    code = ("import os, mmcore.cli, mmcore.data.ingest, mmcore.data.sample; "
+            "print(sorted(os.listdir('.')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,42 @@
+"""Configs validate at the edge and name the field; the CLI's overrides reach nested fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmcore.cli import apply_overrides
+from mmcore.config import DownloadConfig, FilterConfig, IngestConfig, SourceConfig, SplitConfig, from_dict, to_dict
+
+
+def _cfg(**kw):
+    return IngestConfig(source=SourceConfig(path="list.parquet"), out="out", **kw)
+
+
+@pytest.mark.parametrize("cfg, field", [
+    (_cfg(download=DownloadConfig(resize_mode="stretch")), "download.resize_mode"),
+    (_cfg(download=DownloadConfig(processes=0)), "download.processes"),
+    (_cfg(filters=FilterConfig(languages=["xx"])), "filters.languages"),
+    (_cfg(split=SplitConfig(val_fraction=0.6, test_fraction=0.5)), "split"),
+    (IngestConfig(source=SourceConfig(path="l", format="xml"), out="o"), "source.format"),
+    (_cfg(rows_per_shard=0), "rows_per_shard"),
+])
+def test_invalid_configs_name_the_field(cfg, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        cfg.validate()
+
+
+def test_round_trip_and_unknown_fields():
+    cfg = _cfg()
+    assert from_dict(IngestConfig, to_dict(cfg)) == cfg
+    data = to_dict(cfg)
+    data["download"]["colour"] = 1
+    with pytest.raises(ValueError, match=r"DownloadConfig: unknown field\(s\) \['colour'\]"):
+        from_dict(IngestConfig, data)
+
+
+def test_overrides():
+    cfg = apply_overrides(_cfg(), ["download.image_size=128", "filters.languages=[\"en\", \"fr\"]", "out=elsewhere"])
+    assert cfg.download.image_size == 128 and cfg.filters.languages == ["en", "fr"] and cfg.out == "elsewhere"
+    for bad in ["download.size=1", "nosuch.field=1", "download.image_size"]:
+        with pytest.raises(ValueError, match="--set"):
+            apply_overrides(_cfg(), [bad])

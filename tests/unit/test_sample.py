@@ -1,0 +1,58 @@
+"""The sample corpus: deterministic, captions true to the scenes, defects labelled."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from mmcore.data.reasons import REASONS
+from mmcore.data.sample import COLORS, SampleSpec, make_sample, synthetic_scene
+
+
+def _files(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes(tmp_path):
+    spec = SampleSpec(synthetic=60, digits=20, photos=False)
+    make_sample(tmp_path / "a", "http://127.0.0.1:9", spec)
+    make_sample(tmp_path / "b", "http://127.0.0.1:9", spec)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    make_sample(tmp_path / "c", "http://127.0.0.1:9", SampleSpec(synthetic=60, digits=20, photos=False, seed=5))
+    assert _files(tmp_path / "c") != _files(tmp_path / "a")
+
+
+def test_rows_point_at_files_and_defects_name_real_reasons(tmp_path):
+    url_list = make_sample(tmp_path, "http://127.0.0.1:9", SampleSpec(synthetic=60, digits=30))
+    rows = pq.read_table(url_list).to_pylist()
+    kinds = collections.Counter(r["source"] for r in rows)
+    assert kinds["synthetic"] == 60 and kinds["sklearn-digits"] == 30 and kinds["photo"] == 20 and kinds["lfw"] == 200
+    assert {r["defect"] for r in rows if r["defect"]} <= set(REASONS)
+    for row in rows:
+        if row["defect"] is None:
+            path = tmp_path / row["url"].split("http://127.0.0.1:9/", 1)[1]
+            assert path.exists(), row["url"]
+    digits = [r for r in rows if r["source"] == "sklearn-digits"]
+    assert all(r["caption_kind"] == "templated" and r["label"].isdigit() for r in digits)
+
+
+def test_scene_colours_are_where_the_caption_says():
+    """For 'X left of Y' scenes, X's colour dominates the left half and Y's the right half."""
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(200):
+        image, attrs = synthetic_scene(rng, 128)
+        if attrs.get("relation") != "left of":
+            continue
+        pixels = np.asarray(image).astype(int)
+        def share(color, region):
+            return (np.abs(region - np.array(COLORS[color])).sum(-1) < 40).mean()
+        left, right = pixels[:, :64], pixels[:, 64:]
+        assert share(attrs["color"], left) > share(attrs["color"], right)
+        assert share(attrs["color2"], right) > share(attrs["color2"], left)
+        assert attrs["caption"].startswith(("a ", "an ", "two ", "three "))
+        checked += 1
+    assert checked > 10
