@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, to_dict
+from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, project_home, to_dict
 
 DEMO_PORT = 8765
-
-
-def project_home() -> Path:
-    """Where mmpipe keeps its state by default: $MMPIPE_HOME or ~/.mmpipe."""
-    return Path(os.environ.get("MMPIPE_HOME", "~/.mmpipe")).expanduser()
 
 
 def _parse_value(text: str):
@@ -133,6 +127,30 @@ def cmd_dataset_verify(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+
+    cfg = recipe(args.recipe, args.dataset)
+    overrides = [f"task.stage={json.dumps(args.stage)}"] + (args.set or [])
+    if args.ray_address:
+        overrides.append(f"cluster.address={json.dumps(args.ray_address)}")
+    result = fit(apply_overrides(cfg, overrides))
+    print(json.dumps({"run": result.run_name, "model": result.model_uri, "alias": cfg.tracking.alias,
+                      "mlflow_run_id": result.mlflow_run_id, "run_dir": result.run_dir,
+                      "metrics": {k: result.metrics[k] for k in ("loss", "val_loss", "samples_per_second")
+                                  if k in result.metrics}}, indent=2))
+    return 0
+
+
+def cmd_models_archs(args) -> int:
+    from mmcore.models import list_models, model_config
+
+    for name in list_models():
+        print(f"{name:16} {model_config(name).get('description', '')}")
+    return 0
+
+
 def _demo_server(root: Path):
     from mmcore.data.server import FileServer
 
@@ -208,6 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--set", action="append", metavar="FIELD=VALUE",
                      help="override any IngestConfig field, e.g. download.image_size=128 (repeatable)")
     ing.set_defaults(func=cmd_ingest)
+
+    train = commands.add_parser("train", help="train a stage on a dataset version and register the model")
+    train.add_argument("stage", choices=["contrastive"])
+    train.add_argument("--recipe", default="demo", help="a named RunConfig (mmcore/recipes.py); default %(default)s")
+    train.add_argument("--dataset", required=True, help="dataset version directory")
+    train.add_argument("--ray-address", help="an existing Ray cluster (default: start a local Ray)")
+    train.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="override any RunConfig field, e.g. optim.max_steps=500 (repeatable)")
+    train.set_defaults(func=cmd_train)
+
+    models = commands.add_parser("models", help="architectures and registered models").add_subparsers(
+        dest="action", required=True)
+    archs = models.add_parser("archs", help="list the named architectures")
+    archs.set_defaults(func=cmd_models_archs)
 
     dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
                                                                                            required=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SOURCE_FORMATS = ("parquet", "csv", "jsonl")
@@ -203,6 +205,182 @@ class IngestConfig:
         _check(self.rows_per_shard >= 1, "rows_per_shard", "must be at least 1")
         for part in (self.source, self.guard, self.download, self.filters, self.split, self.tokenizer):
             part.validate()
+
+
+STAGES = ("contrastive",)
+LOSS_NAMES = ("clip", "siglip")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def project_home() -> Path:
+    """Where mmpipe keeps its state by default: $MMPIPE_HOME or ~/.mmpipe (read, never created, here)."""
+    return Path(os.environ.get("MMPIPE_HOME", "~/.mmpipe")).expanduser()
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture to train (models/configs/*.json)."""
+
+    name: str = "clip-demo"
+    """Architecture name; `mmpipe models archs` lists them."""
+
+
+@dataclass
+class TaskConfig:
+    """The training stage and its objective."""
+
+    stage: str = "contrastive"
+    """contrastive (CLIP/SigLIP); fusion and unified come with their stages."""
+    loss: str = "clip"
+    """clip (InfoNCE) or siglip (pairwise sigmoid)."""
+
+    def validate(self) -> None:
+        _check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {STAGES}")
+        _check(self.loss in LOSS_NAMES, "task.loss", f"{self.loss!r} is not one of {LOSS_NAMES}")
+
+
+@dataclass
+class DataConfig:
+    """What to stream from the dataset version."""
+
+    dataset: str = ""
+    """Path of the dataset version (a directory with manifest.json)."""
+    batch_size: int = 64
+    """Global batch: per-worker batch x workers x gradient accumulation."""
+    val_batches: int = 4
+    """Validation batches per evaluation (val split, streamed)."""
+    verify: bool = True
+    """Check every shard's sha256 against the manifest before training starts."""
+
+    def validate(self) -> None:
+        _check(bool(self.dataset), "data.dataset", "no dataset version given")
+        _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
+        _check(self.val_batches >= 0, "data.val_batches", "must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 20
+    max_steps: int = 200
+    """Optimizer steps in the run (epochs repeat the train split as needed)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite losses tolerated (each skipped and counted) before the run stops."""
+
+    def validate(self) -> None:
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(self.max_steps >= 1, "optim.max_steps", "must be at least 1")
+        _check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", "must be in [0, max_steps]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(self.max_bad_steps >= 1, "optim.max_bad_steps", "must be at least 1")
+
+
+@dataclass
+class ParallelConfig:
+    """How DeepSpeed and Ray Train spread the work."""
+
+    num_workers: int = 2
+    """Ray Train workers (one rank each)."""
+    use_gpu: bool | None = None
+    """One GPU per worker; None uses GPUs when the cluster has them."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: str = "auto"
+    """auto = bf16 on CUDA GPUs that support it, fp32 elsewhere; or fp32 / bf16."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    offload_optimizer: bool = False
+    """ZeRO offload of optimizer state to CPU memory (stage >= 1)."""
+    offload_params: bool = False
+    """ZeRO-3 offload of parameters to CPU memory."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (memory for compute)."""
+
+    def validate(self) -> None:
+        _check(self.num_workers >= 1, "parallel.num_workers", "must be at least 1")
+        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
+        _check(self.precision in PRECISIONS, "parallel.precision", f"{self.precision!r} is not one of {PRECISIONS}")
+        _check(self.grad_accum >= 1, "parallel.grad_accum", "must be at least 1")
+        _check(not self.offload_optimizer or self.zero_stage >= 1, "parallel.offload_optimizer", "needs zero_stage >= 1")
+        _check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params", "needs zero_stage 3")
+
+
+@dataclass
+class CheckpointConfig:
+    """Atomic checkpoints for resume."""
+
+    every_steps: int = 50
+    """Save (and report to Ray Train) every this many optimizer steps, and at the end."""
+    keep: int = 2
+    """Newest checkpoints kept."""
+    max_failures: int = 1
+    """Worker-group restarts (from the newest verified checkpoint) before the run fails."""
+
+    def validate(self) -> None:
+        _check(self.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
+        _check(self.keep >= 1, "checkpoint.keep", "must be at least 1")
+        _check(self.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
+
+
+@dataclass
+class TrackingConfig:
+    """Where runs and models are recorded (MLflow)."""
+
+    uri: str = ""
+    """MLflow tracking URI; empty = sqlite:///<home>/mlflow.db with artifacts under <home>/mlartifacts."""
+    experiment: str = "mmpipe"
+    model_name: str = ""
+    """Registered model name; empty = mmpipe-<stage>."""
+    alias: str = "candidate"
+    """Alias set on the new model version."""
+
+
+@dataclass
+class ClusterConfig:
+    """Which Ray to run on."""
+
+    address: str = ""
+    """Address of an existing Ray cluster (ray://host:10001 or host:6379); empty starts a local Ray."""
+    num_cpus: int = 0
+    """Logical CPUs of a local Ray; 0 = max(4, cores), so data tasks are not starved by workers."""
+    storage_path: str = ""
+    """Where runs and checkpoints live (shared by every node); empty = <home>/runs."""
+
+
+@dataclass
+class RunConfig:
+    """One training run of one stage; recipes (mmcore/recipes.py) return these."""
+
+    recipe: str = "custom"
+    """Name of the recipe it came from (part of the stable run name)."""
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> None:
+        for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint):
+            part.validate()
+        step_rows = self.parallel.num_workers * self.parallel.grad_accum
+        _check(self.data.batch_size % step_rows == 0, "data.batch_size",
+               f"{self.data.batch_size} is not divisible by parallel.num_workers x parallel.grad_accum = {step_rows}")
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per worker per forward pass."""
+        return self.data.batch_size // (self.parallel.num_workers * self.parallel.grad_accum)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -1,0 +1,41 @@
+"""Model architectures as data: configs/*.json looked up by name, built into plain nn.Modules."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from torch import nn
+
+from mmcore.config import from_dict
+from mmcore.models.clip import ClipConfig, ClipModel
+from mmcore.models.preprocess import PreprocessConfig
+
+FAMILIES = {"clip": (ClipConfig, ClipModel)}
+
+
+def list_models() -> list[str]:
+    """Every architecture name, e.g. clip-debug, clip-demo, clip-vit-b16."""
+    return sorted(p.name[: -len(".json")] for p in resources.files(__package__).joinpath("configs").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def model_config(name: str) -> dict:
+    """The JSON config of a named architecture; unknown names list the known ones."""
+    path = resources.files(__package__).joinpath("configs", f"{name}.json")
+    if not path.is_file():
+        raise ValueError(f"model.name: unknown architecture {name!r}; known: {list_models()}")
+    return json.loads(path.read_text())
+
+
+def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, PreprocessConfig]:
+    """Model and matching preprocessing from a config dict (a named one or a registered model's)."""
+    data = {k: v for k, v in config.items() if k not in ("family", "description")}
+    family = config.get("family")
+    if family not in FAMILIES:
+        raise ValueError(f"model config: unknown family {family!r}; known: {sorted(FAMILIES)}")
+    cfg_class, model_class = FAMILIES[family]
+    cfg = from_dict(cfg_class, data)
+    cfg.text.vocab_size = vocab_size
+    model = model_class(cfg, eos_id=eos_id)
+    return model, PreprocessConfig(image_size=cfg.vision.image_size, context_length=cfg.text.context_length)

@@ -1,0 +1,51 @@
+"""The two-tower contrastive model (CLIP / SigLIP share it; the loss differs, see losses.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmcore.models.towers import TextConfig, TextTower, VisionConfig, VisionTower
+
+
+@dataclass
+class ClipConfig:
+    """Two towers projected into one embedding space (Radford et al. 2021)."""
+
+    embed_dim: int = 128
+    """Size of the shared embedding."""
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.text.validate()
+
+
+class ClipModel(nn.Module):
+    """Returns unit-norm image and text embeddings; the temperature lives in the loss."""
+
+    family = "clip"
+
+    def __init__(self, cfg: ClipConfig, eos_id: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.text = TextTower(cfg.text, eos_id)
+        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, E), unit norm."""
+        return F.normalize(self.image_proj(self.visual(images)[:, 0]), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, E), unit norm."""
+        return F.normalize(self.text_proj(self.text(tokens)[1]), dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"image_features": self.encode_image(images), "text_features": self.encode_text(tokens)}

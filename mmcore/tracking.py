@@ -1,0 +1,251 @@
+"""The one MLflow-aware module: runs, dataset lineage, metrics, logging/registering/loading models.
+
+A registered model is an MLflow pyfunc (loaded from code, no pickle) whose artifacts are
+  weights.safetensors, model.json (architecture, vocab), tokenizer.json, preprocess.json.
+`load_model("models:/name@alias")` returns the native nn.Module; `mlflow.pyfunc.load_model`
+works in any client that has mmcore installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file, save_file
+
+from mmcore.config import TrackingConfig, project_home
+from mmcore.data.tokenizer import EOS, load_tokenizer
+from mmcore.models import build_model
+from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be reached or refused a request."""
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or f"sqlite:///{project_home() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast, before any worker starts, when the tracking server does not answer."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _quick_http():
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable server
+        raise TrackingError(f"MLflow at {uri} is not reachable: {str(err).splitlines()[0][:300]}") from None
+
+
+@contextlib.contextmanager
+def _quick_http():
+    """Fewer retries and a short timeout for the reachability probe."""
+    keys = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(keys)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the working directory
+        location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, dataset, run_id: str | None = None) -> str:
+    """Create (or reopen, on a re-run) the MLflow run of a training run; log params and dataset lineage."""
+    client = MlflowClient(uri)
+    if run_id is None:
+        experiment_id = _experiment_id(client, cfg.experiment, uri)
+        run = client.create_run(experiment_id, run_name=run_name,
+                                tags={"mmpipe.git_commit": git_commit(), "mmpipe.dataset_id": dataset.id})
+        run_id = run.info.run_id
+        for key, value in flatten(params).items():
+            client.log_param(run_id, key, str(value)[:6000])
+        client.log_text(run_id, json.dumps(dataset.manifest, indent=2), "dataset/manifest.json")
+        mlflow.set_tracking_uri(uri)
+        with mlflow.start_run(run_id=run_id):
+            from mlflow.data.dataset_source_registry import resolve_dataset_source
+            from mlflow.data.meta_dataset import MetaDataset
+
+            source = resolve_dataset_source(str(dataset.path))
+            mlflow.log_input(MetaDataset(source, name=f"mmpipe-{dataset.id}", digest=dataset.id),
+                             context="training")
+    return run_id
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str, run_id: str):
+    """CPU/GPU/memory sampled into the run while the block runs (MLflow's system metrics monitor)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    mlflow.set_tracking_uri(uri)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+class MetricLogger:
+    """Rank 0's metric writer: a failing server is counted and reported, training goes on."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self.failures, self.last_error = 0, ""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        try:
+            with _quick_http():
+                self.client.log_batch(self.run_id, metrics=[
+                    mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+                    for k, v in metrics.items()])
+        except Exception as err:  # noqa: BLE001
+            self.failures += 1
+            self.last_error = str(err).splitlines()[0][:300]
+            print(f"mmpipe: warning: MLflow metric logging failed at step {step} "
+                  f"({self.failures} failures so far): {self.last_error}", flush=True)
+
+
+@dataclass
+class ModelBundle:
+    """A registered model's files, as written by the trainer and read back by load_model."""
+
+    weights: str
+    config: str
+    tokenizer: str
+    preprocess: str
+
+    @classmethod
+    def write(cls, directory: Path, model: torch.nn.Module, config: dict, tokenizer_path: Path,
+              preprocess: PreprocessConfig) -> "ModelBundle":
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, directory / "weights.safetensors")
+        (directory / "model.json").write_text(json.dumps(config, indent=2))
+        (directory / "tokenizer.json").write_text(Path(tokenizer_path).read_text())
+        (directory / "preprocess.json").write_text(json.dumps(asdict(preprocess), indent=2))
+        return cls.at(directory)
+
+    @classmethod
+    def at(cls, directory: Path) -> "ModelBundle":
+        d = Path(directory)
+        return cls(str(d / "weights.safetensors"), str(d / "model.json"), str(d / "tokenizer.json"),
+                   str(d / "preprocess.json"))
+
+    def load(self) -> tuple[torch.nn.Module, Preprocessor]:
+        tokenizer = load_tokenizer(self.tokenizer)
+        config = json.loads(Path(self.config).read_text())
+        model, _ = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+        model.load_state_dict(load_file(self.weights))
+        preprocess = PreprocessConfig(**json.loads(Path(self.preprocess).read_text()))
+        return model.eval(), Preprocessor(preprocess, Path(self.tokenizer).read_text())
+
+
+class PyfuncModel(mlflow.pyfunc.PythonModel):
+    """predict(DataFrame with an `image` (bytes) or a `text` column per row) -> (N, E) embeddings."""
+
+    def load_context(self, context):
+        self.model, self.preprocess = ModelBundle(**context.artifacts).load()
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+        return embed_rows(self.model, self.preprocess, model_input)
+
+
+def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for _, row in rows.iterrows():
+            image, text = row.get("image"), row.get("text")
+            if image is not None and not (isinstance(image, float) and np.isnan(image)):
+                x = torch.from_numpy(preprocess.images([image]))
+                out.append(model.encode_image(x)[0].numpy())
+            elif isinstance(text, str):
+                out.append(model.encode_text(torch.from_numpy(preprocess.tokens([text])))[0].numpy())
+            else:
+                raise ValueError("each row needs an `image` (encoded bytes) or a `text` value")
+    return np.stack(out).astype(np.float32)
+
+
+def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: str, tags: dict[str, str]) -> str:
+    """Log the bundle as a pyfunc model in the run and register it with `alias`; returns the version.
+
+    If registration or aliasing fails, the half-made model version is deleted again.
+    """
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    bundle = ModelBundle.at(bundle_dir)
+    model, preprocess = bundle.load()
+    example = pd.DataFrame({"text": ["a red circle"]})
+    signature = infer_signature(example, embed_rows(model, preprocess, example))
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=asdict(bundle),
+                                       signature=signature, input_example=None)
+    version = None
+    try:
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        client.set_registered_model_alias(name, alias, version.version)
+    except Exception:
+        if version is not None:
+            client.delete_model_version(name, version.version)
+        raise
+    return str(version.version)
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Preprocessor]:
+    """models:/name@alias (or /version) -> (native module in eval mode, its preprocessor)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts"))
+    except Exception as err:  # noqa: BLE001
+        raise TrackingError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
+    return ModelBundle.at(local).load()

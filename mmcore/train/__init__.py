@@ -1,0 +1,1 @@
+"""Training: DeepSpeed config, Ray Train worker loop, atomic checkpoints, fit()."""

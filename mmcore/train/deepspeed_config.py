@@ -1,0 +1,47 @@
+"""The DeepSpeed config, built from the typed RunConfig (never written by hand)."""
+
+from __future__ import annotations
+
+from mmcore.config import RunConfig
+
+
+def resolve_precision(precision: str, cuda: bool, bf16_supported: bool) -> str:
+    """auto -> bf16 on CUDA GPUs with bf16, else fp32 (fp16 is not offered: it fails on CPU)."""
+    if precision == "auto":
+        return "bf16" if cuda and bf16_supported else "fp32"
+    if precision == "bf16" and cuda and not bf16_supported:
+        raise ValueError("parallel.precision: bf16 asked for, but this GPU does not support it")
+    return precision
+
+
+def build_ds_config(cfg: RunConfig, precision: str) -> dict:
+    """DeepSpeed's JSON config: batch sizes, ZeRO stage and offload, precision, AdamW, warmup + cosine."""
+    p, o = cfg.parallel, cfg.optim
+    zero: dict = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if p.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": p.grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+                       # torch's AdamW: no C++ op to JIT-build (DeepSpeed's CPU Adam needs one when offloading)
+                       "torch_adam": not p.offload_optimizer},
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": o.max_steps, "warmup_num_steps": o.warmup_steps,
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1},
+        },
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }

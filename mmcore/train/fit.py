@@ -1,0 +1,147 @@
+"""fit(cfg) -> TrainResult: preflight checks, Ray Train + DeepSpeed, then MLflow registration.
+
+Reads in one screen: check data, open tracking, build streams, run the trainer, register.
+The run name is stable (recipe, stage, dataset id, config hash), so running the same command
+again resumes from the newest verified checkpoint, and a finished run returns its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from mmcore import tracking
+from mmcore.config import RunConfig, project_home, to_dict
+from mmcore.data.dataset import DatasetError, DatasetVersion
+from mmcore.data.schema import check_schema
+from mmcore.data.tokenizer import load_tokenizer
+from mmcore.models import model_config
+from mmcore.models.preprocess import Preprocessor
+from mmcore.tasks import build_task
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced and where to find it."""
+
+    run_name: str
+    run_dir: str
+    dataset_id: str
+    mlflow_run_id: str
+    model_name: str
+    model_version: str
+    model_uri: str
+    metrics: dict
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+
+def open_dataset(cfg: RunConfig) -> DatasetVersion:
+    """Every data problem is found here, before any worker starts."""
+    version = DatasetVersion.open(cfg.data.dataset)
+    if not version.tokenizer_path.exists():
+        raise DatasetError(f"{version.tokenizer_path}: the dataset's tokenizer is missing")
+    load_tokenizer(version.tokenizer_path)
+    for path in version.shard_paths():
+        if path.exists():
+            check_schema(pq.read_schema(path), path)
+    problems = version.verify() if cfg.data.verify else []
+    if problems:
+        raise DatasetError(f"{version.path} fails verification ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
+    for split in ("train", "val"):
+        if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
+            raise DatasetError(f"{version.path}: the {split} split is empty")
+    if version.manifest["splits"]["train"] < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is larger than the train split "
+                         f"({version.manifest['splits']['train']} rows) of {version.path}")
+    return version
+
+
+def run_name(cfg: RunConfig, dataset_id: str) -> str:
+    """Stable across re-runs of the same command; cluster and tracking settings do not change it."""
+    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "tracking")}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
+
+
+def _ray(cfg: RunConfig):
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        if cfg.cluster.address:
+            ray.init(address=cfg.cluster.address)
+        else:
+            ray.init(num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
+                     configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood the log
+    return ray
+
+
+def fit(cfg: RunConfig) -> TrainResult:
+    """Train one stage on a dataset version and register the model with alias `cfg.tracking.alias`."""
+    cfg.validate()
+    version = open_dataset(cfg)
+    arch = model_config(cfg.model.name)
+    uri = tracking.resolve_uri(cfg.tracking)
+    tracking.check_reachable(uri)
+    name = run_name(cfg, version.id)
+    storage = Path(cfg.cluster.storage_path or project_home() / "runs").absolute()
+    run_dir = storage / name
+    if (run_dir / "result.json").exists():
+        return TrainResult(**json.loads((run_dir / "result.json").read_text()))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ray = _ray(cfg)
+    use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    id_file = run_dir / "mlflow_run_id"
+    run_id = tracking.start_run(uri, cfg.tracking, name, to_dict(cfg), version,
+                                run_id=id_file.read_text() if id_file.exists() else None)
+    id_file.write_text(run_id)
+    metrics = _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu)
+    model_name = cfg.tracking.model_name or f"mmpipe-{cfg.task.stage}"
+    tags = {"dataset_id": version.id, "stage": cfg.task.stage, "git_commit": tracking.git_commit(),
+            "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", "")}
+    model_version = tracking.log_and_register(uri, run_id, run_dir / "final", model_name, cfg.tracking.alias, tags)
+    result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,
+                         f"models:/{model_name}/{model_version}", metrics)
+    result.save(run_dir / "result.json")
+    return result
+
+
+def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> dict:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mmcore.data.stream import split_dataset
+    from mmcore.train.loop import train_loop_per_worker
+
+    tokenizer_json = version.tokenizer_path.read_text()
+    _, preprocess = build_task(cfg, arch, tokenizer_json)
+    pre = Preprocessor(preprocess, tokenizer_json)
+    epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
+    datasets = {"train": split_dataset(version, "train", pre, epochs=epochs)}
+    if cfg.data.val_batches:
+        datasets["val"] = split_dataset(version, "val", pre)
+    loop_config = {
+        "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
+        "tokenizer_path": str(version.tokenizer_path), "preprocess": asdict(preprocess),
+        "tracking_uri": uri, "mlflow_run_id": run_id,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu),
+        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
+    )
+    with tracking.system_metrics(uri, run_id):
+        result = trainer.fit()
+    if result.error:
+        raise result.error
+    return json.loads((run_dir / "metrics.json").read_text())

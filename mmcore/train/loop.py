@@ -1,0 +1,227 @@
+"""The per-worker training loop: DeepSpeed engine, streamed batches, guarded steps, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mmcore.config import RunConfig, from_dict
+from mmcore.data.stream import torch_batches
+from mmcore.train import checkpoint
+from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
+from mmcore.train.parallel import apply_activation_checkpointing, param_groups
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss stayed NaN/inf for optim.max_bad_steps micro-batches in a row."""
+
+
+def all_ranks_true(flag: bool, device) -> bool:
+    """The same answer on every rank (a step is skipped everywhere or nowhere)."""
+    value = torch.tensor([0.0 if flag else 1.0], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item() == 0.0
+
+
+def mean_over_ranks(values: dict[str, float], device) -> dict[str, float]:
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return dict(zip(keys, tensor.tolist()))
+
+
+class StepGuard:
+    """Counts non-finite losses: a bad micro-batch is skipped; too many in a row stop the run."""
+
+    def __init__(self, max_bad: int):
+        self.max_bad, self.in_a_row, self.total = max_bad, 0, 0
+
+    def check(self, loss_is_finite: bool, step: int) -> bool:
+        if loss_is_finite:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.max_bad:
+            raise NonFiniteLoss(f"the loss was NaN or infinite for {self.in_a_row} micro-batches in a row at step "
+                                f"{step}; lower optim.lr or check the data (no checkpoint was written for it)")
+        return False
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs in every Ray Train worker; `config` is plain data (see fit.py)."""
+    import deepspeed
+    import ray.train
+    import ray.train.torch
+
+    from mmcore.tasks import build_task
+
+    cfg = from_dict(RunConfig, config["run"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    run_dir = Path(config["run_dir"])
+    task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"])
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(task)
+    cuda = device.type == "cuda"
+    precision = resolve_precision(cfg.parallel.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
+                                      config=build_ds_config(cfg, precision), dist_init_required=False)
+    state = _resume(engine, run_dir / "checkpoints", rank)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    train = torch_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch, device, shuffle=True)
+    metrics = _train(engine, cfg, train, state, dtype, device, run_dir, rank, config)
+    _save_final(engine, cfg, run_dir, rank, config)
+    if rank == 0:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    ray.train.report(metrics)
+
+
+def _resume(engine, root: Path, rank: int) -> dict:
+    """Load the newest verified checkpoint (rank 0 picks it, every rank loads it)."""
+    choice = [str(checkpoint.latest_verified(root) or "") if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if not choice[0]:
+        return {"step": 0, "samples": 0, "resumed_from": None, "bad_steps": 0}
+    path = Path(choice[0])
+    engine.load_checkpoint(str(path), tag="state")
+    state = checkpoint.read_meta(path)["state"]
+    if rank == 0:
+        print(f"mmpipe: resumed from {path} (step {state['step']})", flush=True)
+    return {**state, "resumed_from": state["step"]}
+
+
+def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir: Path, rank: int,
+           config: dict) -> dict:
+    import ray.train
+
+    from mmcore.tracking import MetricLogger
+
+    logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    guard = StepGuard(cfg.optim.max_bad_steps)
+    guard.total = state["bad_steps"]
+    window = {"loss": 0.0, "micro": 0, "wait": 0.0, "start": time.perf_counter()}
+    last: dict = {}
+    while engine.global_steps < cfg.optim.max_steps:
+        batch, waited = next(batches)
+        window["wait"] += waited
+        out = engine({"image": batch["image"].to(dtype), "tokens": batch["tokens"]})
+        if not guard.check(all_ranks_true(bool(torch.isfinite(out["loss"]).all()), device), engine.global_steps):
+            continue
+        engine.backward(out["loss"])
+        before = engine.global_steps
+        engine.step()
+        window["loss"] += out["loss"].item()
+        window["micro"] += 1
+        state["samples"] += cfg.micro_batch * cfg.parallel.num_workers
+        if engine.global_steps == before:
+            continue
+        step = engine.global_steps
+        if step % 10 == 0 or step == cfg.optim.max_steps or step % cfg.checkpoint.every_steps == 0:
+            last = _log_window(engine, cfg, window, step, guard, device, rank, logger, out)
+        if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
+            last.update(_validate(engine, cfg, dtype, device))
+            _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total}, last)
+            if logger:
+                logger.log({k: v for k, v in last.items() if k.startswith("val_")}, step)
+            ray.train.report(last)
+            window["start"] = time.perf_counter()  # throughput counts training, not the pause to save
+    last.update(_validate(engine, cfg, dtype, device))
+    if logger:
+        logger.log({k: v for k, v in last.items() if k.startswith("val_")}, engine.global_steps)
+        last["tracking_failures"] = logger.failures
+    last.update(resumed_from=state["resumed_from"] or 0, bad_steps=guard.total, samples=state["samples"])
+    return last
+
+
+def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> dict:
+    elapsed = time.perf_counter() - window["start"]
+    local = {"loss": window["loss"] / max(window["micro"], 1), "data_wait_fraction": window["wait"] / elapsed}
+    metrics = mean_over_ranks(local, device)
+    rows = window["micro"] * cfg.micro_batch * cfg.parallel.num_workers
+    metrics.update(step=step, lr=engine.get_lr()[0], samples_per_second=rows / elapsed,
+                   bad_steps=guard.total, logit_scale=float(out["logit_scale"]))
+    if rank == 0:
+        print(f"step {step}/{cfg.optim.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
+              f"samples/s {metrics['samples_per_second']:.0f} data wait {100 * metrics['data_wait_fraction']:.0f}%",
+              flush=True)
+        logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
+    window.update(loss=0.0, micro=0, wait=0.0, start=time.perf_counter())
+    return metrics
+
+
+def _validate(engine, cfg: RunConfig, dtype, device) -> dict:
+    """Mean loss over val_batches batches of each worker's val shard."""
+    import ray.train
+
+    if cfg.data.val_batches == 0:
+        return {}
+    shard = ray.train.get_dataset_shard("val")
+    losses = []
+    engine.eval()
+    with torch.no_grad():
+        for batch, _ in torch_batches(shard, cfg.micro_batch, device, shuffle=False, epochs=1):
+            losses.append(engine({"image": batch["image"].to(dtype), "tokens": batch["tokens"]})["loss"].item())
+            if len(losses) == cfg.data.val_batches:
+                break
+    engine.train()
+    local = {"val_loss": sum(losses) / len(losses) if losses else 0.0, "val_batches": float(len(losses))}
+    return mean_over_ranks(local, device)
+
+
+def _params_finite(engine, device) -> bool:
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    return all_ranks_true(local, device)
+
+
+def _checkpoint(engine, cfg: RunConfig, run_dir: Path, rank: int, state: dict, metrics: dict) -> None:
+    """Every rank writes into the staging dir; rank 0 seals it (manifest + rename); then Ray is told."""
+    import ray.train
+
+    if not _params_finite(engine, next(engine.module.parameters()).device):
+        raise NonFiniteLoss(f"parameters are not finite at step {state['step']}; refusing to write a checkpoint")
+    root = run_dir / "checkpoints"
+    staging = checkpoint.staging_dir(root, state["step"])
+    engine.save_checkpoint(str(staging), tag="state", save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        final = checkpoint.seal(root, state["step"], {"state": state, "metrics": metrics})
+        checkpoint.prune(root, cfg.checkpoint.keep)
+        print(f"mmpipe: checkpoint {final}", flush=True)
+    dist.barrier()
+
+
+def _save_final(engine, cfg: RunConfig, run_dir: Path, rank: int, config: dict) -> None:
+    """Consolidated fp32 weights (ZeRO-3 gathered) as a model bundle, written by rank 0."""
+    import deepspeed
+
+    from mmcore.models.preprocess import PreprocessConfig
+    from mmcore.tracking import ModelBundle
+
+    params = list(engine.module.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if cfg.parallel.zero_stage == 3 \
+        else contextlib.nullcontext()
+    with gather:
+        if rank == 0:
+            staging = run_dir / ".final.tmp"
+            ModelBundle.write(staging, engine.module.model, config["model_config"], Path(config["tokenizer_path"]),
+                              PreprocessConfig(**config["preprocess"]))
+            final = run_dir / "final"
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+    if dist.is_initialized():
+        dist.barrier()
+
