@@ -140,6 +140,12 @@ class FilterConfig:
     """Drop rows whose stored image bytes equal an earlier row's (same sha256)."""
     near_dup_max_distance: int = 4
     """Perceptual-hash Hamming distance (of 64 bits) at or below which images are near duplicates; -1 disables."""
+    model_score_uri: str = ""
+    """A registered contrastive model (models:/name@alias) scoring image-caption agreement; empty disables."""
+    model_score_threshold: float | None = None
+    """Keep pairs whose cosine similarity is at least this (DataComp "CLIP score" filtering)."""
+    model_score_top_fraction: float | None = None
+    """Or keep this fraction of best-scoring pairs (within each chunk of download.samples_per_shard rows)."""
 
     def validate(self) -> None:
         _check(self.caption_min_words >= 0, "filters.caption_min_words", "must be >= 0")
@@ -148,6 +154,11 @@ class FilterConfig:
         missing = [code for code in self.languages if code not in self.language_candidates]
         _check(not missing, "filters.languages", f"{missing} must also be in language_candidates")
         _check(-1 <= self.near_dup_max_distance <= 32, "filters.near_dup_max_distance", "must be in [-1, 32]")
+        if self.model_score_uri:
+            _check((self.model_score_threshold is None) != (self.model_score_top_fraction is None),
+                   "filters.model_score_threshold", "set exactly one of model_score_threshold / _top_fraction")
+            _check(self.model_score_top_fraction is None or 0 < self.model_score_top_fraction <= 1,
+                   "filters.model_score_top_fraction", "must be in (0, 1]")
 
 
 @dataclass

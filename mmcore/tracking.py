@@ -98,7 +98,10 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, dataset, run_id: str | None = None) -> str:
-    """Create (or reopen, on a re-run) the MLflow run of a training run; log params and dataset lineage."""
+    """Create (or reopen, on a re-run) the MLflow run of a training run; log params and dataset lineage.
+
+    The run stays RUNNING until `end_run`: MLflow's system-metrics monitor stops at any other status.
+    """
     client = MlflowClient(uri)
     if run_id is None:
         experiment_id = _experiment_id(client, cfg.experiment, uri)
@@ -108,15 +111,20 @@ def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, datase
         for key, value in flatten(params).items():
             client.log_param(run_id, key, str(value)[:6000])
         client.log_text(run_id, json.dumps(dataset.manifest, indent=2), "dataset/manifest.json")
-        mlflow.set_tracking_uri(uri)
-        with mlflow.start_run(run_id=run_id):
-            from mlflow.data.dataset_source_registry import resolve_dataset_source
-            from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
 
-            source = resolve_dataset_source(str(dataset.path))
-            mlflow.log_input(MetaDataset(source, name=f"mmpipe-{dataset.id}", digest=dataset.id),
-                             context="training")
+        meta = MetaDataset(resolve_dataset_source(str(dataset.path)), name=f"mmpipe-{dataset.id}", digest=dataset.id)
+        client.log_inputs(run_id, datasets=[DatasetInput(meta._to_mlflow_entity(),
+                                                         tags=[InputTag("mlflow.data.context", "training")])])
+    else:
+        client.update_run(run_id, status="RUNNING")
     return run_id
+
+
+def end_run(uri: str, run_id: str, ok: bool) -> None:
+    MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
 
 @contextlib.contextmanager
@@ -213,19 +221,25 @@ def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarra
     return np.stack(out).astype(np.float32)
 
 
+def _signature(embed_dim: int):
+    """Input: per row an `image` (encoded bytes) or a `text`; output: (N, embed_dim) float32 embeddings."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]))
+
+
 def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: str, tags: dict[str, str]) -> str:
     """Log the bundle as a pyfunc model in the run and register it with `alias`; returns the version.
 
     If registration or aliasing fails, the half-made model version is deleted again.
     """
-    from mlflow.models import infer_signature
-
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     bundle = ModelBundle.at(bundle_dir)
-    model, preprocess = bundle.load()
-    example = pd.DataFrame({"text": ["a red circle"]})
-    signature = infer_signature(example, embed_rows(model, preprocess, example))
+    model, _ = bundle.load()
+    signature = _signature(model.cfg.embed_dim)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=asdict(bundle),
                                        signature=signature, input_example=None)

@@ -4,13 +4,14 @@ A filter is any callable `(rows: pa.Table) -> list[None | (reason, detail)]`: pe
 keeps it, a pair rejects it under `reason` (reasons.REASONS). Rows reach a filter only if
 every earlier filter kept them; stateful filters (dedup) keep the first occurrence.
 `rows` has the columns row, url, caption, image, width, height, sha256 and the extras.
-A model-score filter (the CLIP-score filter of the contrastive stage) is one more callable,
-passed to `ingest(..., extra_filters=[...])`, and runs last.
+The model-score filter (filters.model_score_uri: a registered contrastive model) runs last;
+`ingest(..., extra_filters=[...])` appends any other callable after it.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import imagehash
@@ -139,6 +140,42 @@ class NearDuplicateFilter:
         return best
 
 
+class ModelScoreFilter:
+    """DataComp-style filtering: cosine similarity of a contrastive model's image and caption
+    embeddings (Gadre et al. 2023, "DataComp"); here the model is one this pipeline trained."""
+
+    def __init__(self, model, preprocess, threshold: float | None = None, top_fraction: float | None = None,
+                 batch_size: int = 256):
+        self.model, self.preprocess = model.eval(), preprocess
+        self.threshold, self.top_fraction, self.batch_size = threshold, top_fraction, batch_size
+
+    def scores(self, rows: pa.Table) -> np.ndarray:
+        import torch
+
+        images, captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(images), self.batch_size):
+                end = start + self.batch_size
+                image = self.model.encode_image(torch.from_numpy(self.preprocess.images(images[start:end])))
+                text = self.model.encode_text(torch.from_numpy(self.preprocess.tokens(captions[start:end])))
+                out.append((image * text).sum(-1).numpy())
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def __call__(self, rows: pa.Table) -> list[Verdict]:
+        scores = self.scores(rows)
+        if self.threshold is not None:
+            cut = self.threshold
+            keep = scores >= cut
+        else:
+            kept = max(1, math.ceil(self.top_fraction * len(scores)))
+            order = np.argsort(-scores, kind="stable")
+            keep = np.zeros(len(scores), bool)
+            keep[order[:kept]] = True
+            cut = float(scores[order[kept - 1]])
+        return [None if k else ("model_score", f"score {s:.3f} < {cut:.3f}") for s, k in zip(scores, keep)]
+
+
 def build_filters(cfg: FilterConfig) -> list[Filter]:
     """The configured chain, cheapest first."""
     chain: list[Filter] = [CaptionFilter(cfg.caption_min_words, cfg.caption_max_chars)]
@@ -148,6 +185,11 @@ def build_filters(cfg: FilterConfig) -> list[Filter]:
         chain.append(ExactDuplicateFilter())
     if cfg.near_dup_max_distance >= 0:
         chain.append(NearDuplicateFilter(cfg.near_dup_max_distance))
+    if cfg.model_score_uri:
+        from mmcore.tracking import load_model
+
+        model, preprocess = load_model(cfg.model_score_uri)
+        chain.append(ModelScoreFilter(model, preprocess, cfg.model_score_threshold, cfg.model_score_top_fraction))
     return chain
 
 

@@ -44,8 +44,8 @@ def check_schema(schema: pa.Schema, where: str | Path) -> None:
             raise SchemaError(f"{where}: column {expected.name!r} has type {actual}, expected {expected.type}")
 
 
-def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
-    """Read one curated shard, validating its schema; errors name the file."""
+def open_shard(path: str | Path) -> pq.ParquetFile:
+    """Open one curated shard and validate its schema (footer only); errors name the file."""
     try:
         parquet = pq.ParquetFile(path)
     except FileNotFoundError:
@@ -53,6 +53,12 @@ def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     except (pa.ArrowException, OSError) as err:
         raise SchemaError(f"{path}: not a readable Parquet file ({err})") from None
     check_schema(parquet.schema_arrow, path)
+    return parquet
+
+
+def read_shard(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Read one curated shard, validating its schema; errors name the file."""
+    parquet = open_shard(path)
     try:
         return parquet.read(columns=columns)
     except (pa.ArrowException, OSError) as err:

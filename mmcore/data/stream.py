@@ -21,7 +21,7 @@ def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor,
     paths = [str(p) for p in version.shard_paths(split)]
     if not paths:
         raise ValueError(f"{version.path}: split {split!r} has no shards")
-    dataset = ray.data.read_parquet(paths * epochs, columns=["image", "caption"])
+    dataset = ray.data.read_parquet(paths * epochs).select_columns(["image", "caption"])
     if split == "train":
         dataset = dataset.randomize_block_order()
     return dataset.map_batches(preprocess, batch_format="numpy", batch_size=256)

@@ -14,12 +14,10 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from mmcore import tracking
 from mmcore.config import RunConfig, project_home, to_dict
 from mmcore.data.dataset import DatasetError, DatasetVersion
-from mmcore.data.schema import check_schema
+from mmcore.data.schema import open_shard
 from mmcore.data.tokenizer import load_tokenizer
 from mmcore.models import model_config
 from mmcore.models.preprocess import Preprocessor
@@ -49,12 +47,11 @@ def open_dataset(cfg: RunConfig) -> DatasetVersion:
     if not version.tokenizer_path.exists():
         raise DatasetError(f"{version.tokenizer_path}: the dataset's tokenizer is missing")
     load_tokenizer(version.tokenizer_path)
-    for path in version.shard_paths():
-        if path.exists():
-            check_schema(pq.read_schema(path), path)
     problems = version.verify() if cfg.data.verify else []
     if problems:
         raise DatasetError(f"{version.path} fails verification ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
+    for path in version.shard_paths():
+        open_shard(path)
     for split in ("train", "val"):
         if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
             raise DatasetError(f"{version.path}: the {split} split is empty")
@@ -104,11 +101,17 @@ def fit(cfg: RunConfig) -> TrainResult:
     run_id = tracking.start_run(uri, cfg.tracking, name, to_dict(cfg), version,
                                 run_id=id_file.read_text() if id_file.exists() else None)
     id_file.write_text(run_id)
-    metrics = _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu)
     model_name = cfg.tracking.model_name or f"mmpipe-{cfg.task.stage}"
     tags = {"dataset_id": version.id, "stage": cfg.task.stage, "git_commit": tracking.git_commit(),
             "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", "")}
-    model_version = tracking.log_and_register(uri, run_id, run_dir / "final", model_name, cfg.tracking.alias, tags)
+    try:
+        metrics = _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu)
+        model_version = tracking.log_and_register(uri, run_id, run_dir / "final", model_name, cfg.tracking.alias,
+                                                  tags)
+    except BaseException:
+        tracking.end_run(uri, run_id, ok=False)
+        raise
+    tracking.end_run(uri, run_id, ok=True)
     result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,
                          f"models:/{model_name}/{model_version}", metrics)
     result.save(run_dir / "result.json")

@@ -1,0 +1,178 @@
+"""The contrastive stage for real: local Ray, 2 CPU workers, DeepSpeed ZeRO, MLflow on sqlite."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mmcore.cli import apply_overrides
+from mmcore.config import FilterConfig, GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.dataset import DatasetError
+from mmcore.data.ingest import ingest
+from mmcore.recipes import recipe
+from mmcore.tracking import ModelBundle, TrackingError
+from mmcore.train import checkpoint
+from mmcore.train.fit import fit
+
+pytestmark = pytest.mark.integration
+
+
+def _cfg(dataset, *overrides):
+    base = ["optim.max_steps=80", "optim.lr=0.003", "checkpoint.every_steps=40", "optim.warmup_steps=5"]
+    return apply_overrides(recipe("debug", str(dataset.path)), base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def trained(train_dataset, local_ray, mmpipe_home):
+    return fit(_cfg(train_dataset))
+
+
+def test_zero2_run_learns(trained):
+    chance = math.log(32)  # global batch 32: the loss of a model that has learned nothing
+    assert trained.metrics["loss"] < 0.85 * chance
+    assert trained.metrics["val_loss"] < 0.9 * chance
+    assert trained.metrics["step"] == 80 and trained.metrics["bad_steps"] == 0
+    assert trained.metrics["tracking_failures"] == 0
+
+
+def test_run_is_tracked_and_registered(trained, train_dataset, mmpipe_home):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    version = client.get_model_version_by_alias(trained.model_name, "candidate")
+    assert str(version.version) == trained.model_version and version.run_id == trained.mlflow_run_id
+    assert version.tags["dataset_id"] == train_dataset.id and version.tags["stage"] == "contrastive"
+    run = client.get_run(trained.mlflow_run_id)
+    assert run.data.params["optim.max_steps"] == "80" and run.data.params["parallel.zero_stage"] == "2"
+    assert run.data.tags["mmpipe.dataset_id"] == train_dataset.id
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [train_dataset.id]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert any(key.startswith("system/") for key in run.data.metrics), "system metrics are recorded"
+
+
+def test_checkpoints_are_sealed(trained):
+    root = Path(trained.run_dir) / "checkpoints"
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["step-00000040"]
+    assert checkpoint.verify(root / "step-00000040")
+
+
+def test_a_fresh_process_loads_the_same_model_by_alias(trained, train_dataset, mmpipe_home):
+    import numpy as np
+    import torch
+
+    model, pre = ModelBundle.at(Path(trained.run_dir) / "final").load()
+    val = train_dataset.read("val").slice(0, 4)
+    with torch.no_grad():
+        expected = torch.cat([model.encode_image(torch.from_numpy(pre.images(val.column("image").to_pylist()))),
+                              model.encode_text(torch.from_numpy(pre.tokens(val.column("caption").to_pylist())))])
+    probe = Path(trained.run_dir) / "probe.parquet"
+    val.select(["image", "caption"]).to_pandas().to_parquet(probe)
+    code = f"""
+import json, mlflow, numpy as np, pandas as pd, torch
+from mmcore.tracking import load_model
+mlflow.set_tracking_uri("sqlite:///{mmpipe_home / 'mlflow.db'}")
+rows = pd.read_parquet("{probe}")
+model, pre = load_model("models:/{trained.model_name}@candidate")
+with torch.no_grad():
+    native = torch.cat([model.encode_image(torch.from_numpy(pre.images(list(rows.image)))),
+                        model.encode_text(torch.from_numpy(pre.tokens(list(rows.caption))))]).numpy()
+pyfunc = mlflow.pyfunc.load_model("models:/{trained.model_name}@candidate")
+frame = pd.concat([pd.DataFrame({{"image": list(rows.image)}}), pd.DataFrame({{"text": list(rows.caption)}})],
+                  ignore_index=True)
+print(json.dumps({{"native": native.tolist(), "pyfunc": np.asarray(pyfunc.predict(frame)).tolist()}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert np.allclose(np.array(got["native"]), expected.numpy(), atol=1e-5)
+    assert np.allclose(np.array(got["pyfunc"]), expected.numpy(), atol=1e-5)
+
+
+def test_rerunning_the_same_command_returns_the_finished_run(trained, train_dataset):
+    started = time.monotonic()
+    again = fit(_cfg(train_dataset))
+    assert again == trained and time.monotonic() - started < 30
+
+
+def test_model_score_filter_uses_the_registered_model(trained, served_dir, tmp_path, mmpipe_home):
+    server, root = served_dir
+    url_list = root / "train-corpus" / "urls.parquet"
+    version = ingest(IngestConfig(
+        source=SourceConfig(str(url_list)), out=str(tmp_path / "scored"),
+        guard=GuardConfig(allow_networks=["127.0.0.1/32"]),
+        filters=FilterConfig(model_score_uri=f"models:/{trained.model_name}@candidate",
+                             model_score_top_fraction=0.8)))
+    rows = version.manifest["rows"]
+    assert rows["in"] == rows["kept"] + sum(rows["rejected"].values())
+    scored = rows["in"] - sum(v for k, v in rows["rejected"].items() if k != "model_score")
+    assert rows["rejected"]["model_score"] == pytest.approx(0.2 * scored, abs=3)
+    assert version.manifest["config"]["filters"]["model_score_uri"].endswith("@candidate")
+
+
+def _ray_train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_ray, mmpipe_home):
+    cfg = _cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
+               'tracking.model_name="mmpipe-resume-test"')
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+    thread.start()
+    runs = Path(mmpipe_home) / "runs"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(runs.glob("debug-*/checkpoints/step-00000020")):
+        time.sleep(0.5)
+    pids = _ray_train_worker_pids()
+    assert pids, "training workers should be running"
+    import os
+    import signal
+
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    result = outcome["result"]
+    assert result.metrics["step"] == 80
+    assert result.metrics["resumed_from"] >= 20, "the restarted workers resume from a checkpoint"
+    assert result.model_version == "1"
+
+
+def test_preflight_errors_come_before_any_worker(train_dataset, tmp_path, mmpipe_home):
+    runs_before = set((Path(mmpipe_home) / "runs").glob("*")) if (Path(mmpipe_home) / "runs").exists() else set()
+    with pytest.raises(DatasetError, match="no dataset version here"):
+        fit(_cfg(train_dataset, f'data.dataset="{tmp_path / "missing"}"'))
+
+    tampered = tmp_path / "tampered"
+    shutil.copytree(train_dataset.path, tampered)
+    shard = sorted((tampered / "shards").glob("train-*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100] + b"x" * 100)
+    with pytest.raises(DatasetError, match=f"fails verification.*{shard.name}"):
+        fit(_cfg(train_dataset, f'data.dataset="{tampered}"'))
+
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(train_dataset.path, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    with pytest.raises(DatasetError, match="tokenizer is missing"):
+        fit(_cfg(train_dataset, f'data.dataset="{no_tokenizer}"'))
+
+    for overrides, error, match in [
+        (['model.name="clip-huge"'], ValueError, "model.name: unknown architecture"),
+        (["parallel.zero_stage=5"], ValueError, "parallel.zero_stage"),
+        (["data.batch_size=33"], ValueError, "data.batch_size"),
+        (['tracking.uri="http://127.0.0.1:9"'], TrackingError, "MLflow at http://127.0.0.1:9 is not reachable"),
+    ]:
+        with pytest.raises(error, match=match):
+            fit(_cfg(train_dataset, *overrides))
+    runs_after = set((Path(mmpipe_home) / "runs").glob("*")) if (Path(mmpipe_home) / "runs").exists() else set()
+    assert runs_after == runs_before

@@ -1,0 +1,70 @@
+"""Architectures as data: every named config builds; shapes, registers, pooling, preprocessing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmcore.config import TokenizerConfig
+from mmcore.data.tokenizer import train_tokenizer
+from mmcore.models import build_model, list_models, model_config
+from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+from mmcore.models.towers import VisionConfig, VisionTower
+
+
+def test_every_family_has_a_debug_flavour_and_names_resolve():
+    names = list_models()
+    families = {model_config(n)["family"] for n in names}
+    assert all(f"{family}-debug" in names for family in families)
+    with pytest.raises(ValueError, match="model.name: unknown architecture 'clip-huge'"):
+        model_config("clip-huge")
+
+
+def test_debug_model_shapes_and_unit_norm():
+    model, pre = build_model(model_config("clip-debug"), vocab_size=300, eos_id=3)
+    images = torch.randn(5, 3, pre.image_size, pre.image_size)
+    tokens = torch.randint(5, 300, (5, pre.context_length))
+    tokens[:, 7] = 3
+    out = model(images, tokens)
+    for key in ("image_features", "text_features"):
+        assert out[key].shape == (5, 32)
+        assert torch.allclose(out[key].norm(dim=-1), torch.ones(5), atol=1e-5)
+
+
+def test_text_pools_at_eos_so_padding_does_not_matter():
+    model, pre = build_model(model_config("clip-debug"), vocab_size=300, eos_id=3)
+    model.eval()
+    a = torch.tensor([[2, 10, 11, 3] + [0] * (pre.context_length - 4)])
+    b = a.clone()
+    b[0, 6:] = 17  # different tokens after <eos> (causal attention cannot see them)
+    assert torch.allclose(model.encode_text(a), model.encode_text(b), atol=1e-6)
+
+
+def test_register_tokens_are_dropped_from_the_output():
+    tower = VisionTower(VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, registers=4))
+    assert tower(torch.randn(2, 3, 32, 32)).shape == (2, 1 + 16, 32)
+
+
+def test_vision_config_validation():
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        build_model({**model_config("clip-debug"), "vision": {"image_size": 30, "patch_size": 8, "width": 32,
+                                                             "layers": 1, "heads": 2}}, 300, 3)
+
+
+def test_preprocessor_matches_the_model_and_pickles():
+    import pickle
+
+    tokenizer = train_tokenizer(["a red circle", "two blue squares"] * 20, TokenizerConfig(vocab_size=300))
+    pre = Preprocessor(PreprocessConfig(image_size=32, context_length=8), tokenizer.to_str())
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(buffer, "JPEG")
+    batch = pickle.loads(pickle.dumps(pre))({"image": [buffer.getvalue()] * 2,
+                                              "caption": ["a red circle", "two blue squares and more words"]})
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == np.float32
+    assert batch["image"][0, 0].mean() == pytest.approx(1.0, abs=0.02)  # red, normalized to [-1, 1]
+    assert batch["tokens"].shape == (2, 8) and batch["tokens"][0, 0] == 2  # <bos>
+    assert 3 in batch["tokens"][1]  # <eos> survives truncation

@@ -1,0 +1,98 @@
+"""Training parts without a cluster: configs, DeepSpeed config, checkpoints, the step guard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmcore.config import DataConfig, ParallelConfig, RunConfig
+from mmcore.recipes import RECIPES, recipe
+from mmcore.train import checkpoint
+from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
+from mmcore.train.loop import NonFiniteLoss, StepGuard
+
+
+def _cfg(**kw):
+    return RunConfig(data=DataConfig(dataset="d", batch_size=kw.pop("batch", 64)), **kw)
+
+
+@pytest.mark.parametrize("cfg, field", [
+    (_cfg(parallel=ParallelConfig(zero_stage=5)), "parallel.zero_stage"),
+    (_cfg(batch=63, parallel=ParallelConfig(num_workers=2)), "data.batch_size"),
+    (_cfg(batch=64, parallel=ParallelConfig(num_workers=2, grad_accum=3)), "data.batch_size"),
+    (_cfg(parallel=ParallelConfig(offload_params=True, zero_stage=2)), "parallel.offload_params"),
+    (_cfg(parallel=ParallelConfig(precision="fp16")), "parallel.precision"),
+    (RunConfig(), "data.dataset"),
+])
+def test_invalid_run_configs_name_the_field(cfg, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        cfg.validate()
+
+
+def test_every_recipe_is_valid():
+    for name in RECIPES:
+        recipe(name, "some/dataset").validate()
+    with pytest.raises(ValueError, match="unknown recipe"):
+        recipe("nope", "d")
+
+
+def test_deepspeed_config_follows_the_run_config():
+    cfg = _cfg(batch=64, parallel=ParallelConfig(num_workers=2, grad_accum=2, zero_stage=3, offload_optimizer=True,
+                                                 offload_params=True))
+    ds = build_ds_config(cfg, "bf16")
+    assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 16
+    assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # CPU offload needs DeepSpeed's CPU Adam
+    assert build_ds_config(_cfg(), "fp32")["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", cuda=False, bf16_supported=False) == "fp32"
+    assert resolve_precision("auto", cuda=True, bf16_supported=True) == "bf16"
+    assert resolve_precision("auto", cuda=True, bf16_supported=False) == "fp32"
+    with pytest.raises(ValueError, match="parallel.precision"):
+        resolve_precision("bf16", cuda=True, bf16_supported=False)
+
+
+def _write_checkpoint(root, step, payload=b"weights"):
+    staging = checkpoint.staging_dir(root, step)
+    (staging / "state").mkdir(parents=True)
+    (staging / "state" / "rank0.pt").write_bytes(payload)
+    return checkpoint.seal(root, step, {"state": {"step": step}})
+
+
+def test_checkpoints_are_sealed_atomically_and_corrupt_ones_skipped(tmp_path):
+    root = tmp_path / "checkpoints"
+    _write_checkpoint(root, 10)
+    newest = _write_checkpoint(root, 20)
+    assert checkpoint.latest_verified(root) == newest
+    (newest / "state" / "rank0.pt").write_bytes(b"torn write")
+    assert checkpoint.latest_verified(root).name == "step-00000010"
+    checkpoint.staging_dir(root, 30).mkdir()  # a crash mid-save leaves only a hidden staging dir
+    assert checkpoint.latest_verified(root).name == "step-00000010"
+    assert json.loads((root / "step-00000010" / "manifest.json").read_text())["state"]["step"] == 10
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (10, 20, 30):
+        _write_checkpoint(root, step)
+    checkpoint.staging_dir(root, 40).mkdir()
+    checkpoint.prune(root, keep=2)
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["step-00000030", "step-00000020"]
+    assert not checkpoint.staging_dir(root, 40).exists()
+
+
+def test_step_guard_skips_then_stops():
+    guard = StepGuard(max_bad=3)
+    assert guard.check(True, 1)
+    assert not guard.check(False, 2) and not guard.check(False, 2)
+    assert guard.check(True, 2) and guard.total == 2
+    guard.check(False, 3)
+    guard.check(False, 3)
+    with pytest.raises(NonFiniteLoss, match="3 micro-batches in a row at step 3"):
+        guard.check(False, 3)
