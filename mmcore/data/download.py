@@ -9,6 +9,7 @@ We build img2dataset's parts ourselves instead of calling `img2dataset.download`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -81,9 +82,26 @@ def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardCon
     )
     shards = list(reader)
     done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
-    _run(downloader, shards, cfg.processes, guard, total=rows.num_rows, already=done_rows)
+    with _scratch_tmpdir(raw_dir / "_scratch"):
+        _run(downloader, shards, cfg.processes, guard, total=rows.num_rows, already=done_rows)
     shutil.rmtree(raw_dir / "_tmp", ignore_errors=True)
     return raw_dir
+
+
+@contextlib.contextmanager
+def _scratch_tmpdir(path: Path):
+    """TMPDIR for the download processes: img2dataset imports wandb, which makes temp dirs at import
+    that pool workers never clean up; inside the work dir they go when ingest finishes."""
+    path.mkdir(exist_ok=True)
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = saved
 
 
 def _run(downloader, shards: list, processes: int, guard: GuardConfig, total: int, already: int) -> None:

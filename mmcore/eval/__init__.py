@@ -1,0 +1,1 @@
+"""Evaluation suites over registered models and dataset versions."""

@@ -1,0 +1,55 @@
+"""Image-to-text and text-to-image retrieval recall@k, with the chance level for comparison.
+
+Captions repeat in templated and synthetic data ("a red circle" describes many images), so a
+retrieved caption counts as right when its text equals the image's caption, and a retrieved
+image when its caption equals the query; chance@k is computed the same way.
+"""
+
+from __future__ import annotations
+
+from math import comb
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+def embed(model, preprocess, table: pa.Table, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(image embeddings (N, E), caption embeddings (N, E)) of a table with image and caption columns."""
+    images, captions = table.column("image").to_pylist(), table.column("caption").to_pylist()
+    out_i, out_t = [], []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            end = start + batch_size
+            out_i.append(model.encode_image(torch.from_numpy(preprocess.images(images[start:end]))).numpy())
+            out_t.append(model.encode_text(torch.from_numpy(preprocess.tokens(captions[start:end]))).numpy())
+    return np.concatenate(out_i), np.concatenate(out_t)
+
+
+def _recall(similarity: np.ndarray, same: np.ndarray, k: int) -> float:
+    top = np.argsort(-similarity, axis=1, kind="stable")[:, :k]
+    return float(np.take_along_axis(same, top, axis=1).any(axis=1).mean())
+
+
+def _chance(same: np.ndarray, k: int) -> float:
+    n = same.shape[1]
+    matches = same.sum(axis=1)
+    return float(np.mean([1 - comb(n - m, k) / comb(n, k) for m in matches]))
+
+
+def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, captions: list[str],
+                     ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """recall@k both ways, and chance@k, over N images and their N captions."""
+    codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    ids = np.array([codes[c] for c in captions])
+    same = ids[:, None] == ids[None, :]  # (N, N): caption j is a right answer for image i
+    similarity = image_emb @ text_emb.T
+    out = {}
+    for k in ks:
+        if k > len(captions):
+            continue
+        out[f"image_to_text_r@{k}"] = _recall(similarity, same, k)
+        out[f"text_to_image_r@{k}"] = _recall(similarity.T, same.T, k)
+        out[f"chance_r@{k}"] = _chance(same, k)
+    out["n"] = float(len(captions))
+    return out
