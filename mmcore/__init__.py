@@ -1,1 +1,8 @@
-"""mmpipe core library."""
+"""mmpipe core library: data, models, losses, tasks, training, evaluation, tracking."""
+
+
+def load_model(uri: str):
+    """The native nn.Module of a registered model, e.g. load_model("models:/mmpipe-contrastive@champion")."""
+    from mmcore.tracking import load_model as load
+
+    return load(uri)[0]

@@ -15,16 +15,19 @@ from mmcore.models.preprocess import Preprocessor
 def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1) -> ray.data.Dataset:
     """Lazily read one split's shards, decode + tokenize in `map_batches` tasks.
 
-    Several epochs are one stream (the shard list repeated, block order shuffled): restarting
-    the pipeline at every epoch boundary stalls training for seconds while it spins up again.
+    Several epochs are one stream (a union of the split with itself; each copy's block order
+    shuffled): restarting the pipeline at every epoch boundary stalls training for seconds while
+    it spins up again. (Repeating the file list does not work: Ray Data drops duplicate paths.)
     """
     paths = [str(p) for p in version.shard_paths(split)]
     if not paths:
         raise ValueError(f"{version.path}: split {split!r} has no shards")
-    dataset = ray.data.read_parquet(paths * epochs).select_columns(["image", "caption"])
+    dataset = ray.data.read_parquet(paths).select_columns(["image", "caption"])
     if split == "train":
         dataset = dataset.randomize_block_order()
-    return dataset.map_batches(preprocess, batch_format="numpy", batch_size=256)
+    if epochs > 1:
+        dataset = dataset.union(*[dataset] * (epochs - 1))
+    return dataset.map_batches(preprocess.for_split(split), batch_format="numpy", batch_size=256)
 
 
 def torch_batches(shard, batch_size: int, device: torch.device, shuffle: bool,

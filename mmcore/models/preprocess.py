@@ -20,6 +20,9 @@ class PreprocessConfig:
     context_length: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    train_crop_scale: float = 0.9
+    """Training images are randomly cropped to a square of this fraction of the side (or more), then
+    resized. No flips: captions say "left of" and "right of"."""
 
 
 class Preprocessor:
@@ -28,9 +31,11 @@ class Preprocessor:
     Picklable (the tokenizer travels as its JSON) so Ray Data can run it in `map_batches`.
     """
 
-    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str):
+    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False):
         self.cfg = cfg
         self.tokenizer_json = tokenizer_json
+        self.augment = augment
+        self._rng = np.random.default_rng()
         self._tokenizer: Tokenizer | None = None
         self.mean = np.array(cfg.mean, np.float32).reshape(3, 1, 1)
         self.std = np.array(cfg.std, np.float32).reshape(3, 1, 1)
@@ -45,17 +50,34 @@ class Preprocessor:
             self._tokenizer = tokenizer
         return self._tokenizer
 
+    def for_split(self, split: str) -> "Preprocessor":
+        """The same preprocessing, with augmentation on the train split only."""
+        return Preprocessor(self.cfg, self.tokenizer_json, augment=split == "train")
+
     def __getstate__(self):
-        return {**self.__dict__, "_tokenizer": None}
+        return {**self.__dict__, "_tokenizer": None, "_rng": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._rng = np.random.default_rng()  # a fresh stream in every Ray Data worker
 
     def image(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> (3, S, S) float32, normalized."""
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
+            if self.augment:
+                image = self._random_crop(image)
             if image.size != (self.cfg.image_size, self.cfg.image_size):
                 image = image.resize((self.cfg.image_size, self.cfg.image_size), Image.BICUBIC)
             pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
         return (pixels - self.mean) / self.std
+
+    def _random_crop(self, image: Image.Image) -> Image.Image:
+        side = min(image.size)
+        crop = int(side * self._rng.uniform(self.cfg.train_crop_scale, 1.0))
+        left = int(self._rng.integers(0, image.size[0] - crop + 1))
+        top = int(self._rng.integers(0, image.size[1] - crop + 1))
+        return image.crop((left, top, left + crop, top + crop))
 
     def images(self, blobs) -> np.ndarray:
         return np.stack([self.image(bytes(b)) for b in blobs]) if len(blobs) else \

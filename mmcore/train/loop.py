@@ -136,7 +136,6 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
             _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total}, last)
             if logger:
                 logger.log({k: v for k, v in last.items() if k.startswith("val_")}, step)
-            ray.train.report(last)
             window["start"] = time.perf_counter()  # throughput counts training, not the pause to save
     last.update(_validate(engine, cfg, dtype, device))
     if logger:
@@ -187,7 +186,7 @@ def _params_finite(engine, device) -> bool:
 
 
 def _checkpoint(engine, cfg: RunConfig, run_dir: Path, rank: int, state: dict, metrics: dict) -> None:
-    """Every rank writes into the staging dir; rank 0 seals it (manifest + rename); then Ray is told."""
+    """Every rank writes into the staging dir; rank 0 seals it (manifest + rename); then Ray Train is told."""
     import ray.train
 
     if not _params_finite(engine, next(engine.module.parameters()).device):
@@ -196,11 +195,16 @@ def _checkpoint(engine, cfg: RunConfig, run_dir: Path, rank: int, state: dict, m
     staging = checkpoint.staging_dir(root, state["step"])
     engine.save_checkpoint(str(staging), tag="state", save_latest=False)
     dist.barrier()
+    sealed = None
     if rank == 0:
         final = checkpoint.seal(root, state["step"], {"state": state, "metrics": metrics})
         checkpoint.prune(root, cfg.checkpoint.keep)
         print(f"mmpipe: checkpoint {final}", flush=True)
+        sealed = ray.train.Checkpoint(str(final))
     dist.barrier()
+    # Ray Train records the sealed directory as it is (already on shared storage: no copy, no deletion).
+    ray.train.report(metrics, checkpoint=sealed, checkpoint_upload_fn=lambda ckpt, _name: ckpt,
+                     delete_local_checkpoint_after_upload=False)
 
 
 def _save_final(engine, cfg: RunConfig, run_dir: Path, rank: int, config: dict) -> None:

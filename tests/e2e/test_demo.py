@@ -10,10 +10,12 @@ from pathlib import Path
 from mmcore.data.dataset import DatasetVersion
 
 
-def test_demo_builds_a_verified_dataset_from_the_sample_corpus(tmp_path):
+def test_demo_builds_a_dataset_and_registers_a_model(tmp_path):
+    """The demo as the README runs it, with the quicker debug recipe to keep CI short."""
     cli = Path(sys.executable).with_name("mmpipe")
     env = dict(os.environ, MMPIPE_HOME=str(tmp_path / "home"), COLUMNS="120")
-    result = subprocess.run([str(cli), "demo"], capture_output=True, text=True, timeout=900, env=env)
+    result = subprocess.run([str(cli), "demo", "--recipe", "debug"], capture_output=True, text=True, timeout=900,
+                            env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     datasets = list((tmp_path / "home" / "datasets").iterdir())
     assert len(datasets) == 1
@@ -23,3 +25,5 @@ def test_demo_builds_a_verified_dataset_from_the_sample_corpus(tmp_path):
     assert rows["kept"] > 3800 and rows["in"] == 4054
     assert version.id in result.stdout and "rejected rows by reason" in result.stdout
     assert set(version.manifest["splits"]) == {"train", "val", "test"}
+    assert "models:/mmpipe-contrastive/1 (alias candidate)" in result.stdout
+    assert (tmp_path / "home" / "mlflow.db").exists()
