@@ -159,7 +159,7 @@ def main() -> None:
         f"Filter chain alone (caption, language, exact + near dedup): median "
         f"{median(filter_rates):.0f} rows/s (reps: {', '.join(f'{r:.0f}' for r in filter_rates)}).",
         f"1-minute load average: {load_before:.2f} before the run, {load_after:.2f} after "
-        f"({os.cpu_count()} cores; above that, other work shared the machine).",
+        f"({os.cpu_count()} cores; the figure after counts this run's own download threads too).",
         "Target (issue 2): our ingest at 0.9 or more of raw img2dataset's throughput.",
     ]
     body = "\n".join(lines)

@@ -123,7 +123,8 @@ def data_stall(cfg: RunConfig, version, tmp: Path) -> dict:
     _, pre = build_task(cfg, arch, tokenizer_json)
     out = tmp / "stall.json"
     trainer = TorchTrainer(
-        stall_loop, datasets={"train": split_dataset(version, "train", Preprocessor(pre, tokenizer_json), epochs=3)},
+        stall_loop, datasets={"train": split_dataset(version, "train", Preprocessor(pre, tokenizer_json), epochs=3,
+                                                     augment=cfg.data.augment)},
         train_loop_config={"run": to_dict(cfg), "model_config": arch, "tokenizer_json": tokenizer_json,
                            "out": str(out)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers),

@@ -262,6 +262,8 @@ class DataConfig:
     """Validation batches per evaluation (val split, streamed)."""
     verify: bool = True
     """Check every shard's sha256 against the manifest before training starts."""
+    augment: bool = True
+    """Random crops on the train split (never flips: captions say left and right)."""
 
     def validate(self) -> None:
         _check(bool(self.dataset), "data.dataset", "no dataset version given")

@@ -12,7 +12,8 @@ from mmcore.data.dataset import DatasetVersion
 from mmcore.models.preprocess import Preprocessor
 
 
-def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1) -> ray.data.Dataset:
+def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1,
+                  augment: bool = False) -> ray.data.Dataset:
     """Lazily read one split's shards, decode + tokenize in `map_batches` tasks.
 
     Several epochs are one stream (a union of the split with itself; each copy's block order
@@ -27,7 +28,7 @@ def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor,
         dataset = dataset.randomize_block_order()
     if epochs > 1:
         dataset = dataset.union(*[dataset] * (epochs - 1))
-    return dataset.map_batches(preprocess.for_split(split), batch_format="numpy", batch_size=256)
+    return dataset.map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=256)
 
 
 def torch_batches(shard, batch_size: int, device: torch.device, shuffle: bool,

@@ -50,9 +50,9 @@ class Preprocessor:
             self._tokenizer = tokenizer
         return self._tokenizer
 
-    def for_split(self, split: str) -> "Preprocessor":
-        """The same preprocessing, with augmentation on the train split only."""
-        return Preprocessor(self.cfg, self.tokenizer_json, augment=split == "train")
+    def for_split(self, split: str, augment: bool) -> "Preprocessor":
+        """The same preprocessing, with augmentation (if asked for) on the train split only."""
+        return Preprocessor(self.cfg, self.tokenizer_json, augment=augment and split == "train")
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None, "_rng": None}
