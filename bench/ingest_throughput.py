@@ -27,7 +27,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from common import DOC, median, write_section  # noqa: E402
 
 from mmcore.config import DownloadConfig, FilterConfig, GuardConfig, IngestConfig, SourceConfig  # noqa: E402
-from mmcore.data.download import download  # noqa: E402
+from mmcore.data.download import download, scratch_tmpdir  # noqa: E402
 from mmcore.data.filters import build_filters, run_filters  # noqa: E402
 from mmcore.data.ingest import ingest  # noqa: E402
 from mmcore.data.sample import SampleSpec, make_sample  # noqa: E402
@@ -45,17 +45,8 @@ def successes(folder: Path) -> int:
 def run_raw(url_list: Path, out: Path, cfg: DownloadConfig) -> int:
     import img2dataset
 
-    # Its spawned workers import wandb, which leaves temp dirs behind: keep them inside `out`
-    # (our download() does the same for its own workers).
-    (out / "_scratch").mkdir(parents=True)
-    saved, os.environ["TMPDIR"] = os.environ.get("TMPDIR"), str(out / "_scratch")
-    try:
+    with scratch_tmpdir(out / "_scratch"):  # its workers import wandb, which leaves temp dirs behind
         _raw_download(img2dataset, url_list, out, cfg)
-    finally:
-        if saved is None:
-            del os.environ["TMPDIR"]
-        else:
-            os.environ["TMPDIR"] = saved
     return successes(out)
 
 

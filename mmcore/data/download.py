@@ -82,17 +82,17 @@ def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardCon
     )
     shards = list(reader)
     done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
-    with _scratch_tmpdir(raw_dir / "_scratch"):
+    with scratch_tmpdir(raw_dir / "_scratch"):
         _run(downloader, shards, cfg.processes, guard, total=rows.num_rows, already=done_rows)
     shutil.rmtree(raw_dir / "_tmp", ignore_errors=True)
     return raw_dir
 
 
 @contextlib.contextmanager
-def _scratch_tmpdir(path: Path):
+def scratch_tmpdir(path: Path):
     """TMPDIR for the download processes: img2dataset imports wandb, which makes temp dirs at import
     that pool workers never clean up; inside the work dir they go when ingest finishes."""
-    path.mkdir(exist_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
     saved = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(path)
     try:
