@@ -144,6 +144,61 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from mmcore.eval.run import evaluate
+
+    report = evaluate(args.uri, args.dataset, args.suite)
+    _print_report(report)
+    return 0 if report.ok else 1
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report.model_name} v{report.model_version} on dataset {report.dataset_id} "
+                        f"(MLflow run {report.mlflow_run_id})")
+    for column in ("suite", "metric", "value"):
+        table.add_column(column)
+    for suite_name, metrics in report.metrics.items():
+        for key, value in metrics.items():
+            primary = " *" if key == report.primaries[suite_name] else ""
+            table.add_row(suite_name, key + primary, f"{value:.4f}")
+    for suite_name, error in report.errors.items():
+        table.add_row(suite_name, "FAILED", error[:200])
+    Console().print(table)
+
+
+def cmd_promote(args) -> int:
+    from mmcore.config import GateConfig
+    from mmcore.eval.gate import promote
+
+    decision = promote(args.name, args.dataset, GateConfig(primary=args.primary, margin=args.margin), args.suite)
+    word = "PROMOTED" if decision.promoted else "REFUSED"
+    print(f"{word}: {decision.model_name} v{decision.candidate_version} "
+          f"(champion was {decision.champion_version or 'none'}): {decision.reason}")
+    return 0 if decision.promoted else 3
+
+
+def cmd_models_list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmcore import tracking
+    from mmcore.config import TrackingConfig
+
+    uri = tracking.resolve_uri(TrackingConfig())
+    tracking.check_reachable(uri)
+    table = Table(title=f"registered models in {uri}")
+    columns = ("name", "version", "aliases", "stage", "dataset", "parent", "eval", "gate")
+    for column in columns:
+        table.add_column(column)
+    for row in tracking.registry_overview(uri):
+        table.add_row(*(row[c] for c in columns))
+    Console().print(table)
+    return 0
+
+
 def cmd_models_archs(args) -> int:
     from mmcore.models import list_models, model_config
 
@@ -209,8 +264,8 @@ def _print_training(result, version) -> None:
     table = Table(title="contrastive model", show_header=False)
     table.add_row("registered", f"{result.model_uri} (alias candidate)")
     table.add_row("train / val loss", f"{result.metrics['loss']:.3f} / {result.metrics.get('val_loss', float('nan')):.3f}")
-    table.add_row("val image->text R@5", f"{scores['image_to_text_r@5']:.3f} (chance {scores['chance_r@5']:.3f})")
-    table.add_row("val text->image R@5", f"{scores['text_to_image_r@5']:.3f}")
+    table.add_row("val image->text R@5", f"{scores['image_to_text_recall_5']:.3f} (chance {scores['chance_recall_5']:.3f})")
+    table.add_row("val text->image R@5", f"{scores['text_to_image_recall_5']:.3f}")
     table.add_row("MLflow", f"{result.mlflow_run_id} in {os.environ['MMPIPE_HOME']}/mlflow.db")
     table.add_row("run directory", result.run_dir)
     Console().print(table)
@@ -268,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True)
     archs = models.add_parser("archs", help="list the named architectures")
     archs.set_defaults(func=cmd_models_archs)
+    listing = models.add_parser("list", help="registered models: versions, aliases, lineage, last evaluation")
+    listing.set_defaults(func=cmd_models_list)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a registered model on a dataset version")
+    evaluate.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--suite", action="append", help="a suite to run (repeatable; default: all that fit)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    gate = commands.add_parser("promote", help="evaluate @candidate against @champion and promote on a clear win")
+    gate.add_argument("name", help="registered model name, e.g. mmpipe-contrastive")
+    gate.add_argument("--dataset", required=True)
+    gate.add_argument("--suite", action="append", help="suites to compare on (default: all that fit)")
+    gate.add_argument("--primary", default="retrieval.image_to_text_recall_5", help="suite.metric (default %(default)s)")
+    gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default %(default)s)")
+    gate.set_defaults(func=cmd_promote)
 
     dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
                                                                                            required=True)

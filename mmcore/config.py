@@ -396,6 +396,26 @@ class RunConfig:
         return self.data.batch_size // (self.parallel.num_workers * self.parallel.grad_accum)
 
 
+@dataclass
+class GateConfig:
+    """When a candidate replaces the champion."""
+
+    primary: str = "retrieval.image_to_text_recall_5"
+    """suite.metric compared between candidate and champion (higher is better)."""
+    margin: float = 0.0
+    """The candidate must beat the champion by at least this much (and strictly)."""
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+    previous_alias: str = "previous-champion"
+    """The champion being replaced keeps this alias, for rollback."""
+
+    def validate(self) -> None:
+        _check("." in self.primary, "gate.primary", f"{self.primary!r} is not suite.metric")
+        _check(self.margin >= 0, "gate.margin", "must be >= 0")
+        aliases = {self.candidate_alias, self.champion_alias, self.previous_alias}
+        _check(len(aliases) == 3, "gate", "candidate, champion and previous aliases must differ")
+
+
 def to_dict(cfg: Any) -> dict:
     """A config as plain JSON-able data (for manifests and run params)."""
     return dataclasses.asdict(cfg)

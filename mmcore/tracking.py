@@ -263,3 +263,107 @@ def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Modu
     except Exception as err:  # noqa: BLE001
         raise TrackingError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
     return ModelBundle.at(local).load()
+
+
+# ----- registry queries and evaluation records (used by mmcore.eval) -----
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/name@alias or models:/name/version -> (name, alias, version)."""
+    if not uri.startswith("models:/") or len(uri) <= len("models:/"):
+        raise ValueError(f"{uri!r} is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION")
+    rest = uri[len("models:/"):].strip("/")
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, alias, None
+    name, _, version = rest.partition("/")
+    if not version:
+        raise ValueError(f"{uri!r} names no version or alias; use models:/{name}@champion or models:/{name}/1")
+    return name, None, version
+
+
+def resolve_version(uri: str, tracking_uri: str) -> tuple[str, str]:
+    """(name, version) a registry URI points at, with a clear error for unknown names, versions, aliases."""
+    name, alias, version = parse_model_uri(uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        with _quick_http():
+            client.get_registered_model(name)
+    except Exception as err:  # noqa: BLE001
+        if "RESOURCE_DOES_NOT_EXIST" in str(err) or "not found" in str(err).lower():
+            raise ValueError(f"no registered model named {name!r} in {tracking_uri}") from None
+        raise TrackingError(f"MLflow at {tracking_uri} is not reachable: {str(err).splitlines()[0][:300]}") from None
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except Exception:  # noqa: BLE001
+        what = f"alias {alias!r}" if alias else f"version {version}"
+        raise ValueError(f"registered model {name!r} has no {what}") from None
+    return name, str(found.version)
+
+
+def alias_version(name: str, alias: str, tracking_uri: str) -> str | None:
+    try:
+        return str(MlflowClient(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001 - no such alias
+        return None
+
+
+def set_alias(name: str, alias: str, version: str, tracking_uri: str) -> None:
+    MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def tag_version(name: str, version: str, tags: dict[str, str], tracking_uri: str) -> None:
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def log_evaluation(tracking_uri: str, experiment: str, name: str, version: str, dataset, results: dict) -> str:
+    """One MLflow run per evaluation: metrics per suite, a table per suite, figures; linked to the version."""
+    client = MlflowClient(tracking_uri)
+    run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=f"eval-{name}-v{version}",
+                            tags={"mmpipe.model_name": name, "mmpipe.model_version": version,
+                                  "mmpipe.dataset_id": dataset.id, "mmpipe.kind": "evaluation"})
+    run_id = run.info.run_id
+    client.log_param(run_id, "model_uri", f"models:/{name}/{version}")
+    client.log_param(run_id, "dataset", str(dataset.path))
+    for suite_name, outcome in results.items():
+        if outcome.get("error"):
+            client.set_tag(run_id, f"suite.{suite_name}.error", outcome["error"][:5000])
+            continue
+        result = outcome["result"]
+        for key, value in result.metrics.items():
+            client.log_metric(run_id, f"{suite_name}.{key}", float(value))
+        for table_name, frame in result.tables.items():
+            client.log_table(run_id, data=frame, artifact_file=f"{suite_name}/{table_name}.json")
+        for file_name, png in result.figures.items():
+            _log_bytes(client, run_id, png, f"{suite_name}/{file_name}")
+    ok = all(not outcome.get("error") for outcome in results.values())
+    client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+    return run_id
+
+
+def _log_bytes(client: MlflowClient, run_id: str, data: bytes, artifact_path: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_path).name
+        path.write_bytes(data)
+        client.log_artifact(run_id, str(path), str(Path(artifact_path).parent))
+
+
+def registry_overview(tracking_uri: str) -> list[dict]:
+    """Every registered model version with aliases, lineage tags and last evaluation."""
+    client = MlflowClient(tracking_uri)
+    out = []
+    for model in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for version in client.search_model_versions(f"name='{model.name}'"):
+            tags = version.tags or {}
+            out.append({"name": model.name, "version": str(version.version),
+                        "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
+                        "stage": tags.get("stage", ""), "dataset": tags.get("dataset_id", ""),
+                        "parent": tags.get("parent_version", ""), "eval": tags.get("eval.summary", ""),
+                        "gate": tags.get("gate.decision", "")})
+    return sorted(out, key=lambda r: (r["name"], -int(r["version"])))

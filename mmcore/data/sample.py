@@ -104,7 +104,7 @@ def _row(**values) -> dict:
     return {name: values.get(name) for name in COLUMNS}
 
 
-def _phrase(count: int, color: str, shape: str) -> str:
+def phrase(count: int, color: str, shape: str) -> str:
     number = ("an" if color[0] in "aeiou" else "a") if count == 1 else NUMBER_WORDS[count]
     return f"{number} {color} {shape}{'s' if count > 1 else ''}"
 
@@ -157,7 +157,7 @@ def synthetic_scene(rng: np.random.Generator, px: int) -> tuple[Image.Image, dic
         count = int(rng.integers(1, 4))
         _place_group(draw, rng, shape, color, count, (0.05, 0.1, 0.95, 0.9), px)
         attrs = dict(shape=shape, color=color, count=count, label=f"{color} {shape}",
-                     caption=_phrase(count, color, shape))
+                     caption=phrase(count, color, shape))
         return image, attrs
     shape2 = str(rng.choice(SHAPES))
     color2 = str(rng.choice([c for c in COLORS if c != color]))
@@ -166,7 +166,7 @@ def synthetic_scene(rng: np.random.Generator, px: int) -> tuple[Image.Image, dic
     first, second = _REGIONS[relation]
     _place_group(draw, rng, shape, color, count, first, px)
     _place_group(draw, rng, shape2, color2, count2, second, px)
-    caption = f"{_phrase(count, color, shape)} {relation} {_phrase(count2, color2, shape2)}"
+    caption = f"{phrase(count, color, shape)} {relation} {phrase(count2, color2, shape2)}"
     attrs = dict(shape=shape, color=color, count=count, relation=relation, shape2=shape2,
                  color2=color2, count2=count2, label=f"{color} {shape}", caption=caption)
     return image, attrs

@@ -14,16 +14,24 @@ import pyarrow as pa
 import torch
 
 
-def embed(model, preprocess, table: pa.Table, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(image embeddings (N, E), caption embeddings (N, E)) of a table with image and caption columns."""
-    images, captions = table.column("image").to_pylist(), table.column("caption").to_pylist()
-    out_i, out_t = [], []
+def embed_images(model, preprocess, images: list[bytes], batch_size: int = 256) -> np.ndarray:
+    """Encoded image bytes -> (N, E) unit-norm embeddings."""
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            end = start + batch_size
-            out_i.append(model.encode_image(torch.from_numpy(preprocess.images(images[start:end]))).numpy())
-            out_t.append(model.encode_text(torch.from_numpy(preprocess.tokens(captions[start:end]))).numpy())
-    return np.concatenate(out_i), np.concatenate(out_t)
+        return np.concatenate([model.encode_image(torch.from_numpy(preprocess.images(images[i:i + batch_size])))
+                               .numpy() for i in range(0, len(images), batch_size)])
+
+
+def embed_texts(model, preprocess, texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Texts -> (N, E) unit-norm embeddings."""
+    with torch.no_grad():
+        return np.concatenate([model.encode_text(torch.from_numpy(preprocess.tokens(texts[i:i + batch_size])))
+                               .numpy() for i in range(0, len(texts), batch_size)])
+
+
+def embed(model, preprocess, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """(image embeddings (N, E), caption embeddings (N, E)) of a table with image and caption columns."""
+    return (embed_images(model, preprocess, table.column("image").to_pylist()),
+            embed_texts(model, preprocess, table.column("caption").to_pylist()))
 
 
 def _recall(similarity: np.ndarray, same: np.ndarray, k: int) -> float:
@@ -48,8 +56,8 @@ def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, captions: list
     for k in ks:
         if k > len(captions):
             continue
-        out[f"image_to_text_r@{k}"] = _recall(similarity, same, k)
-        out[f"text_to_image_r@{k}"] = _recall(similarity.T, same.T, k)
-        out[f"chance_r@{k}"] = _chance(same, k)
+        out[f"image_to_text_recall_{k}"] = _recall(similarity, same, k)
+        out[f"text_to_image_recall_{k}"] = _recall(similarity.T, same.T, k)
+        out[f"chance_recall_{k}"] = _chance(same, k)
     out["n"] = float(len(captions))
     return out

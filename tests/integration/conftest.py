@@ -45,3 +45,26 @@ def local_ray():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def debug_config(dataset, *overrides):
+    """The debug recipe, long enough to learn: 80 steps, checkpoint at 40."""
+    from mmcore.cli import apply_overrides
+    from mmcore.recipes import recipe
+
+    base = ["optim.max_steps=80", "optim.lr=0.003", "checkpoint.every_steps=40", "optim.warmup_steps=5"]
+    return apply_overrides(recipe("debug", str(dataset.path)), base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def debug_cfg():
+    """debug_config, for tests that train with extra overrides."""
+    return debug_config
+
+
+@pytest.fixture(scope="session")
+def trained(train_dataset, local_ray, mmpipe_home):
+    """A debug CLIP trained with ZeRO-2 on 2 workers, registered as mmpipe-contrastive@candidate."""
+    from mmcore.train.fit import fit
+
+    return fit(debug_config(train_dataset))

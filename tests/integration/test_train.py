@@ -13,26 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from mmcore.cli import apply_overrides
 from mmcore.config import FilterConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import DatasetError
 from mmcore.data.ingest import ingest
-from mmcore.recipes import recipe
 from mmcore.tracking import ModelBundle, TrackingError
 from mmcore.train import checkpoint
 from mmcore.train.fit import fit
 
 pytestmark = pytest.mark.integration
-
-
-def _cfg(dataset, *overrides):
-    base = ["optim.max_steps=80", "optim.lr=0.003", "checkpoint.every_steps=40", "optim.warmup_steps=5"]
-    return apply_overrides(recipe("debug", str(dataset.path)), base + list(overrides))
-
-
-@pytest.fixture(scope="module")
-def trained(train_dataset, local_ray, mmpipe_home):
-    return fit(_cfg(train_dataset))
 
 
 def test_zero2_run_learns(trained):
@@ -97,9 +85,9 @@ print(json.dumps({{"native": native.tolist(), "pyfunc": np.asarray(pyfunc.predic
     assert np.allclose(np.array(got["pyfunc"]), expected.numpy(), atol=1e-5)
 
 
-def test_rerunning_the_same_command_returns_the_finished_run(trained, train_dataset):
+def test_rerunning_the_same_command_returns_the_finished_run(trained, train_dataset, debug_cfg):
     started = time.monotonic()
-    again = fit(_cfg(train_dataset))
+    again = fit(debug_cfg(train_dataset))
     assert again == trained and time.monotonic() - started < 30
 
 
@@ -125,8 +113,8 @@ def _ray_train_worker_pids() -> list[int]:
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_ray, mmpipe_home):
-    cfg = _cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
+def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_ray, mmpipe_home, debug_cfg):
+    cfg = debug_cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                'tracking.model_name="mmpipe-resume-test"')
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
@@ -148,7 +136,8 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_r
     assert result.model_version == "1"
 
 
-def test_preflight_errors_come_before_any_worker(train_dataset, tmp_path, mmpipe_home):
+def test_preflight_errors_come_before_any_worker(train_dataset, tmp_path, mmpipe_home, debug_cfg):
+    _cfg = debug_cfg
     runs_before = set((Path(mmpipe_home) / "runs").glob("*")) if (Path(mmpipe_home) / "runs").exists() else set()
     with pytest.raises(DatasetError, match="no dataset version here"):
         fit(_cfg(train_dataset, f'data.dataset="{tmp_path / "missing"}"'))

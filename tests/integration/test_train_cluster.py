@@ -16,12 +16,11 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def two_node_cluster(monkeypatch):
+def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
     ray.shutdown()  # the session's local Ray, if any; it is not used again after this module
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway cluster inside this test only
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
     cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()

@@ -13,10 +13,10 @@ def test_perfect_and_reversed_retrieval():
     captions = [f"caption {i}" for i in range(20)]
     emb = np.eye(20, dtype=np.float32)
     perfect = retrieval_recall(emb, emb, captions)
-    assert perfect["image_to_text_r@1"] == 1.0 and perfect["text_to_image_r@1"] == 1.0
-    assert perfect["chance_r@1"] == pytest.approx(1 / 20) and perfect["chance_r@5"] == pytest.approx(5 / 20)
+    assert perfect["image_to_text_recall_1"] == 1.0 and perfect["text_to_image_recall_1"] == 1.0
+    assert perfect["chance_recall_1"] == pytest.approx(1 / 20) and perfect["chance_recall_5"] == pytest.approx(5 / 20)
     shifted = retrieval_recall(emb, np.roll(emb, 1, axis=0), captions)
-    assert shifted["image_to_text_r@1"] == 0.0
+    assert shifted["image_to_text_recall_1"] == 0.0
 
 
 def test_repeated_captions_count_as_right():
@@ -25,8 +25,8 @@ def test_repeated_captions_count_as_right():
     images = np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32)
     texts = np.array([[1, 0.1], [1, 0], [0, 1]], dtype=np.float32)
     scores = retrieval_recall(images, texts, captions, ks=(1,))
-    assert scores["image_to_text_r@1"] == 1.0
-    assert scores["chance_r@1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+    assert scores["image_to_text_recall_1"] == 1.0
+    assert scores["chance_recall_1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
 
 
 def test_metric_logging_failures_are_counted_not_raised(capsys):

@@ -1,0 +1,71 @@
+"""evaluate(uri, dataset) -> EvalReport: a registered model, loaded from MLflow alone, through suites."""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+
+from mmcore import tracking
+from mmcore.config import TrackingConfig
+from mmcore.data.dataset import DatasetVersion
+from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
+from mmcore.eval.suites import default_suites, get_suite
+
+EVAL_EXPERIMENT = "mmpipe-eval"
+
+
+@dataclass
+class EvalReport:
+    """What an evaluation found; `ok` is False if any suite failed (the gate then refuses)."""
+
+    model_name: str
+    model_version: str
+    dataset_id: str
+    mlflow_run_id: str
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """suite -> metric -> value, for the suites that ran."""
+    primaries: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    """suite -> error, for the suites that failed."""
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def metric(self, dotted: str) -> float | None:
+        suite_name, _, key = dotted.partition(".")
+        return self.metrics.get(suite_name, {}).get(key)
+
+    def summary(self) -> str:
+        return "; ".join(f"{s}.{p}={self.metrics[s][p]:.4f}" for s, p in self.primaries.items())
+
+
+def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
+             tracking_cfg: TrackingConfig | None = None) -> EvalReport:
+    """Load `uri` (models:/name@alias or /version) from the registry and run the suites on `dataset`.
+
+    Unknown models, aliases or suites, a suite the model's family cannot run, or an unreachable
+    MLflow fail before anything runs; a suite that fails while running is recorded in the report.
+    """
+    tracking_uri = tracking.resolve_uri(tracking_cfg or TrackingConfig())
+    tracking.check_reachable(tracking_uri)
+    name, version = tracking.resolve_version(uri, tracking_uri)
+    data = DatasetVersion.open(dataset)
+    model, preprocess = tracking.load_model(f"models:/{name}/{version}", tracking_uri)
+    selected = [get_suite(s, model.family) for s in (suites or default_suites(model.family))]
+    results = {}
+    for suite in selected:
+        try:
+            results[suite.name] = {"result": suite.run(model, preprocess, data)}
+        except Exception as err:  # noqa: BLE001 - recorded, and the gate refuses a partial evaluation
+            results[suite.name] = {"error": f"{type(err).__name__}: {err}"}
+            traceback.print_exc()
+    run_id = tracking.log_evaluation(tracking_uri, EVAL_EXPERIMENT, name, version, data, results)
+    report = EvalReport(name, version, data.id, run_id,
+                        metrics={k: v["result"].metrics for k, v in results.items() if "result" in v},
+                        primaries={k: v["result"].primary for k, v in results.items() if "result" in v},
+                        errors={k: v["error"] for k, v in results.items() if "error" in v})
+    tracking.tag_version(name, version, {"eval.run_id": run_id, "eval.dataset_id": data.id,
+                                         "eval.summary": report.summary() or "-",
+                                         "eval.ok": str(report.ok).lower()}, tracking_uri)
+    return report

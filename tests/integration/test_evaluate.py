@@ -1,0 +1,119 @@
+"""Evaluation from the registry and the promotion gate, against a real MLflow registry on sqlite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmcore import tracking
+from mmcore.config import GateConfig, TrackingConfig
+from mmcore.data.tokenizer import EOS, load_tokenizer
+from mmcore.eval.gate import promote
+from mmcore.eval.run import evaluate
+from mmcore.models import build_model, model_config
+from mmcore.tracking import ModelBundle, TrackingError
+
+pytestmark = pytest.mark.integration
+
+
+def _client(home):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+
+
+def test_evaluate_by_alias_in_a_fresh_process(trained, train_dataset, mmpipe_home):
+    cli = Path(sys.executable).with_name("mmpipe")
+    out = subprocess.run([str(cli), "evaluate", "models:/mmpipe-contrastive@candidate", "--dataset",
+                          str(train_dataset.path)], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, MMPIPE_HOME=str(mmpipe_home), COLUMNS="150"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    for name in ("zeroshot-shapes", "zeroshot-digits", "retrieval", "compositional"):
+        assert name in out.stdout
+    client = _client(mmpipe_home)
+    version = client.get_model_version("mmpipe-contrastive", trained.model_version)
+    run = client.get_run(version.tags["eval.run_id"])
+    assert run.data.tags["mmpipe.model_version"] == trained.model_version and run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["retrieval.image_to_text_recall_5"] > 2 * metrics["retrieval.chance_recall_5"]
+    artifacts = {a.path for folder in ("zeroshot-shapes", "retrieval") for a in client.list_artifacts(run.info.run_id,
+                                                                                                      folder)}
+    assert {"zeroshot-shapes/confusion_matrix.png", "zeroshot-shapes/per_class.json",
+            "retrieval/examples.png", "retrieval/recall.json"} <= artifacts
+    assert "retrieval.image_to_text_recall_5=" in version.tags["eval.summary"]
+
+
+def _register(bundle: Path, name: str, home: Path) -> str:
+    uri = tracking.resolve_uri(TrackingConfig())
+    client = _client(home)
+    experiment = client.get_experiment_by_name("mmpipe") or client.get_experiment(client.create_experiment("mmpipe"))
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    return tracking.log_and_register(uri, run_id, bundle, name, "candidate", {"stage": "contrastive"})
+
+
+def _untrained_bundle(dataset, directory: Path) -> Path:
+    tokenizer = load_tokenizer(dataset.tokenizer_path)
+    config = model_config("clip-debug")
+    model, pre = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+    ModelBundle.write(directory, model, config, dataset.tokenizer_path, pre)
+    return directory
+
+
+def test_gate_promotes_better_models_and_refuses_worse(trained, train_dataset, mmpipe_home, tmp_path):
+    name, data = "mmpipe-gate-test", str(train_dataset.path)
+    client = _client(mmpipe_home)
+    untrained = _untrained_bundle(train_dataset, tmp_path / "untrained")
+
+    assert _register(untrained, name, mmpipe_home) == "1"
+    first = promote(name, data)
+    assert first.promoted and "no 'champion' yet" in first.reason
+
+    assert _register(Path(trained.run_dir) / "final", name, mmpipe_home) == "2"
+    second = promote(name, data)
+    assert second.promoted, second.reason
+    assert second.candidate.metric("retrieval.image_to_text_recall_5") > second.champion.metric(
+        "retrieval.image_to_text_recall_5")
+    assert client.get_model_version_by_alias(name, "champion").version in ("2", 2)
+    assert str(client.get_model_version_by_alias(name, "previous-champion").version) == "1"
+
+    assert _register(untrained, name, mmpipe_home) == "3"
+    third = promote(name, data)
+    assert not third.promoted and "not better" in third.reason
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert client.get_model_version(name, "3").tags["gate.decision"] == "refused"
+
+
+def test_gate_never_moves_an_alias_on_a_partial_evaluation(trained, train_dataset, mmpipe_home, tmp_path):
+    name = "mmpipe-gate-partial"
+    _register(Path(trained.run_dir) / "final", name, mmpipe_home)
+    bare = tmp_path / "no-labels"
+    shutil.copytree(train_dataset.path, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["source"]["extras"] = []  # as if the list had no label columns
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    decision = promote(name, str(bare))
+    assert not decision.promoted and "candidate evaluation failed" in decision.reason
+    assert "zeroshot-shapes" in decision.candidate.errors
+    assert tracking.alias_version(name, "champion", tracking.resolve_uri(TrackingConfig())) is None
+
+
+def test_registry_errors_are_clear(trained, train_dataset, mmpipe_home):
+    data = str(train_dataset.path)
+    with pytest.raises(ValueError, match="no registered model named 'nope'"):
+        evaluate("models:/nope@candidate", data)
+    with pytest.raises(ValueError, match="has no alias 'gold'"):
+        evaluate("models:/mmpipe-contrastive@gold", data)
+    with pytest.raises(ValueError, match="has no version 99"):
+        evaluate("models:/mmpipe-contrastive/99", data)
+    with pytest.raises(ValueError, match="not a registry URI"):
+        evaluate("runs:/abc/model", data)
+    with pytest.raises(TrackingError, match="not reachable"):
+        evaluate("models:/mmpipe-contrastive@candidate", data, tracking_cfg=TrackingConfig(uri="http://127.0.0.1:9"))
+    with pytest.raises(ValueError, match="gate.margin"):
+        promote("mmpipe-contrastive", data, GateConfig(margin=-1))

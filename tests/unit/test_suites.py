@@ -1,0 +1,172 @@
+"""Every suite on tiny models whose right answers are known by construction (oracles)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from mmcore.config import SplitConfig, TokenizerConfig
+from mmcore.data.dataset import DatasetVersion, ShardWriter, build_manifest
+from mmcore.data.sample import DIGIT_WORDS, synthetic_scene
+from mmcore.data.tokenizer import train_tokenizer
+from mmcore.eval.contrastive import foils
+from mmcore.eval.suites import SUITES, SuiteError, get_suite, suite
+from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+
+EXTRAS = pa.schema([("source", pa.string()), ("label", pa.string()), ("relation", pa.string()),
+                    ("count", pa.int32()), ("color", pa.string()), ("shape", pa.string()),
+                    ("count2", pa.int32()), ("color2", pa.string()), ("shape2", pa.string())])
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory):
+    """Synthetic scenes and digit-like images, all in the test split."""
+    root = tmp_path_factory.mktemp("suite-data") / "v"
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(60):
+        image, attrs = synthetic_scene(rng, 64)
+        records.append({"url": f"http://e.com/s{i}.png", "caption": attrs["caption"], "image": _png(image),
+                        "source": "synthetic", **{k: attrs.get(k) for k in EXTRAS.names if k != "source"}})
+    for digit in range(10):
+        for j in range(3):
+            pixels = rng.integers(0, 255, (16, 16), dtype=np.uint8)
+            records.append({"url": f"http://e.com/d{digit}-{j}.png", "caption": f"a handwritten digit {DIGIT_WORDS[digit]}",
+                            "image": _png(Image.fromarray(pixels)), "source": "sklearn-digits", "label": str(digit)})
+    rows = pa.Table.from_pylist([{**{k: None for k in EXTRAS.names}, **r, "row": i, "width": 64, "height": 64,
+                                  "sha256": hashlib.sha256(r["image"]).hexdigest()} for i, r in enumerate(records)])
+    rows = rows.set_column(rows.schema.get_field_index("width"), "width", rows.column("width").cast(pa.int32()))
+    rows = rows.set_column(rows.schema.get_field_index("height"), "height", rows.column("height").cast(pa.int32()))
+    for name in ("count", "count2"):
+        rows = rows.set_column(rows.schema.get_field_index(name), name, rows.column(name).cast(pa.int32()))
+    root.mkdir()
+    writer = ShardWriter(root, EXTRAS, 1000, SplitConfig(val_fraction=0.0, test_fraction=0.999999))
+    writer.write(rows)
+    shards = writer.close()
+    tokenizer = train_tokenizer([r["caption"] for r in records] * 3, TokenizerConfig(vocab_size=400))
+    tokenizer.save(str(root / "tokenizer.json"))
+    pq.write_table(pa.table({"row": pa.array([], pa.int64())}), root / "rejects.parquet")
+    manifest = build_manifest(root, shards, {"in": len(records), "kept": len(records), "rejected": {}},
+                              {"extras": EXTRAS.names}, {}, writer.schema, 400)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return DatasetVersion.open(root)
+
+
+class Oracle(torch.nn.Module):
+    """A 'model' that maps each image to the vector of a chosen text: its answers are known in advance."""
+
+    family = "clip"
+
+    def __init__(self, preprocess: Preprocessor, image_texts: dict[bytes, str], classes: list[str] = ()):
+        super().__init__()
+        self.preprocess, self.classes = preprocess, sorted(classes, key=len, reverse=True)
+        self.by_pixels = {hashlib.sha1(preprocess.images([b])[0].tobytes()).digest(): t
+                          for b, t in image_texts.items()}
+
+    def vector(self, text: str) -> torch.Tensor:
+        key = next((c for c in self.classes if c in text), text)  # a class name in the text stands for it
+        seed = int.from_bytes(hashlib.sha1(key.encode()).digest()[:4], "big")
+        v = torch.from_numpy(np.random.default_rng(seed).normal(size=64).astype(np.float32))
+        return v / v.norm()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.vector(self.by_pixels[hashlib.sha1(x.numpy().tobytes()).digest()]) for x in images])
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        texts = self.preprocess.tokenizer.decode_batch(tokens.tolist())
+        return torch.stack([self.vector(t.strip()) for t in texts])
+
+
+def _preprocess(version):
+    return Preprocessor(PreprocessConfig(image_size=32, context_length=24), version.tokenizer_path.read_text())
+
+
+def _table(version):
+    return version.read("test").to_pylist()
+
+
+def test_zero_shot_suites_score_an_oracle_right_and_a_shifted_one_wrong(version):
+    pre = _preprocess(version)
+    rows = _table(version)
+    shapes = [r for r in rows if r["source"] == "synthetic" and r["relation"] is None]
+    classes = sorted({r["label"] for r in shapes})
+    oracle = Oracle(pre, {r["image"]: r["label"] for r in shapes}, classes)
+    result = get_suite("zeroshot-shapes", "clip").run(oracle, pre, version)
+    assert result.metrics["accuracy"] == 1.0 and result.metrics["chance"] == pytest.approx(1 / len(classes))
+    assert result.figures["confusion_matrix.png"].startswith(b"\x89PNG")
+    shifted = Oracle(pre, {r["image"]: classes[(classes.index(r["label"]) + 1) % len(classes)] for r in shapes},
+                     classes)
+    assert get_suite("zeroshot-shapes", "clip").run(shifted, pre, version).metrics["accuracy"] == 0.0
+
+    digits = [r for r in rows if r["source"] == "sklearn-digits"]
+    words = {str(d): DIGIT_WORDS[d] for d in range(10)}
+    oracle = Oracle(pre, {r["image"]: words[r["label"]] for r in digits}, list(words.values()))
+    assert get_suite("zeroshot-digits", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
+
+
+def test_retrieval_suite_on_an_oracle(version):
+    pre = _preprocess(version)
+    rows = _table(version)
+    oracle = Oracle(pre, {r["image"]: r["caption"] for r in rows})
+    result = get_suite("retrieval", "clip").run(oracle, pre, version)
+    assert result.metrics["image_to_text_recall_1"] == 1.0 and result.metrics["text_to_image_recall_1"] == 1.0
+    assert result.metrics["chance_recall_1"] < 0.2
+    assert result.figures["examples.png"].startswith(b"\x89PNG")
+
+
+def test_compositional_probe_prefers_what_the_model_sees(version):
+    pre = _preprocess(version)
+    pairs = [r for r in _table(version) if r["relation"]]
+    truthful = Oracle(pre, {r["image"]: r["caption"] for r in pairs})
+    result = get_suite("compositional", "clip").run(truthful, pre, version)
+    assert result.metrics["accuracy"] == 1.0 and result.metrics["n"] == len(pairs)
+    fooled = Oracle(pre, {r["image"]: foils(r)["swap_relation"] for r in pairs})
+    fooled_result = get_suite("compositional", "clip").run(fooled, pre, version)
+    assert fooled_result.metrics["swap_relation_accuracy"] == 0.0
+
+
+def test_foils_keep_the_words_and_change_the_meaning():
+    row = {"count": 1, "color": "red", "shape": "circle", "relation": "left of", "count2": 2, "color2": "blue",
+           "shape2": "square", "caption": "a red circle left of two blue squares"}
+    assert foils(row) == {"swap_attributes": "a blue circle left of two red squares",
+                          "swap_relation": "a red circle right of two blue squares"}
+
+
+def test_suite_registry_is_open_and_checks_the_family(version):
+    @suite("always-one", {"fusion"}, "a suite for another family")
+    def always_one(model, preprocess, data):  # pragma: no cover - never run here
+        raise AssertionError
+
+    try:
+        with pytest.raises(SuiteError, match="evaluates \\['fusion'\\] models, not a 'clip' model"):
+            get_suite("always-one", "clip")
+        with pytest.raises(SuiteError, match="unknown suite 'nope'"):
+            get_suite("nope", "clip")
+    finally:
+        SUITES.pop("always-one")
+
+
+def test_a_dataset_without_labels_is_a_suite_error(tmp_path, version):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(version.path, bare)
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest["source"]["extras"] = []
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SuiteError, match="no column\\(s\\) \\['label', 'source', 'relation'\\]"):
+        get_suite("zeroshot-shapes", "clip").run(None, None, DatasetVersion.open(bare))
