@@ -183,10 +183,10 @@ def main() -> None:
         steady = steady_samples_per_second(result)
         wait = logged(result, "data_wait_fraction")
         steady_wait = sum(wait) / len(wait)
-        report_ = quality(result, version)
+        evaluation = quality(result, version)
         stall = data_stall(cfg, version, Path(tmp))
         plain = plain_pytorch(cfg, version)
-    body = report(args, cfg, version, result, wall, steady, steady_wait, report_, stall, plain)
+    body = report(args, cfg, version, result, wall, steady, steady_wait, evaluation, stall, plain)
     print(body)
     write_section("train-contrastive", body, **({"doc": args.out} if args.out else {}))
 
@@ -226,20 +226,20 @@ def report(args, cfg, version, result, wall, steady, steady_wait, evaluation, st
         "|---|---|---|---|",
     ]
     m = evaluation.metrics
-    rows_ = [("zeroshot-shapes", "accuracy (colour + shape, single-group scenes)", m["zeroshot-shapes"]["accuracy"],
+    table_rows = [("zeroshot-shapes", "accuracy (colour + shape, single-group scenes)", m["zeroshot-shapes"]["accuracy"],
               m["zeroshot-shapes"]["chance"]),
              ("zeroshot-digits", "accuracy (held-out scikit-learn digits)", m["zeroshot-digits"]["accuracy"],
               m["zeroshot-digits"]["chance"])]
     for k in (1, 5, 10):
-        rows_.append(("retrieval", f"image->text R@{k}", m["retrieval"][f"image_to_text_recall_{k}"],
+        table_rows.append(("retrieval", f"image->text R@{k}", m["retrieval"][f"image_to_text_recall_{k}"],
                       m["retrieval"][f"chance_recall_{k}"]))
-        rows_.append(("retrieval", f"text->image R@{k}", m["retrieval"][f"text_to_image_recall_{k}"],
+        table_rows.append(("retrieval", f"text->image R@{k}", m["retrieval"][f"text_to_image_recall_{k}"],
                       m["retrieval"][f"chance_recall_{k}"]))
     for key, label in (("swap_attributes_accuracy", "true caption over colours-swapped foil"),
                        ("swap_relation_accuracy", "true caption over relation-reversed foil"),
                        ("accuracy", "mean of the two")):
-        rows_.append(("compositional", label, m["compositional"][key], 0.5))
-    lines += [f"| {suite_} | {label} | {value:.3f} | {chance:.3f} |" for suite_, label, value, chance in rows_]
+        table_rows.append(("compositional", label, m["compositional"][key], 0.5))
+    lines += [f"| {suite_name} | {label} | {value:.3f} | {chance:.3f} |" for suite_name, label, value, chance in table_rows]
     lines += ["", f"Test rows: retrieval {int(m['retrieval']['n'])}, zero-shot shapes {int(m['zeroshot-shapes']['n'])}, "
                   f"digits {int(m['zeroshot-digits']['n'])}, compositional {int(m['compositional']['n'])}."]
     lines += ["", "Measured on CPU only: no CUDA GPU was lent to this session, so bf16 samples/s and MFU for "
