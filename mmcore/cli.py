@@ -228,8 +228,9 @@ def _ensure_sample(root: Path, base_url: str) -> Path:
 
 
 def cmd_demo(args) -> int:
-    """Sample corpus on loopback -> ingest -> contrastive training -> registered model @candidate."""
+    """Sample corpus on loopback -> ingest -> contrastive training -> registration -> evaluation -> gate."""
     from mmcore.data.ingest import ingest
+    from mmcore.eval.gate import promote
     from mmcore.recipes import recipe
     from mmcore.train.fit import fit
 
@@ -246,29 +247,14 @@ def cmd_demo(args) -> int:
                                       guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
     _print_summary(version)
     result = fit(recipe(args.recipe, str(version.path)))
-    _print_training(result, version)
-    print(f"demo finished in {time.monotonic() - started:.0f}s; everything is under {home}")
+    print(f"trained and registered {result.model_uri} (alias candidate); run directory {result.run_dir}")
+    decision = promote(result.model_name, str(version.path))
+    _print_report(decision.candidate)
+    word = "promoted to champion" if decision.promoted else "not promoted"
+    print(f"{result.model_name} v{decision.candidate_version} {word}: {decision.reason}")
+    print(f"demo finished in {time.monotonic() - started:.0f}s; everything is under {home} "
+          f"(MLflow: sqlite:///{home / 'mlflow.db'})")
     return 0
-
-
-def _print_training(result, version) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from mmcore.eval.retrieval import embed, retrieval_recall
-    from mmcore.tracking import ModelBundle
-
-    model, pre = ModelBundle.at(Path(result.run_dir) / "final").load()
-    val = version.read("val", columns=["image", "caption", "key", "url", "split"])
-    scores = retrieval_recall(*embed(model, pre, val), val.column("caption").to_pylist())
-    table = Table(title="contrastive model", show_header=False)
-    table.add_row("registered", f"{result.model_uri} (alias candidate)")
-    table.add_row("train / val loss", f"{result.metrics['loss']:.3f} / {result.metrics.get('val_loss', float('nan')):.3f}")
-    table.add_row("val image->text R@5", f"{scores['image_to_text_recall_5']:.3f} (chance {scores['chance_recall_5']:.3f})")
-    table.add_row("val text->image R@5", f"{scores['text_to_image_recall_5']:.3f}")
-    table.add_row("MLflow", f"{result.mlflow_run_id} in {os.environ['MMPIPE_HOME']}/mlflow.db")
-    table.add_row("run directory", result.run_dir)
-    Console().print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:

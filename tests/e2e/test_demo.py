@@ -10,7 +10,7 @@ from pathlib import Path
 from mmcore.data.dataset import DatasetVersion
 
 
-def test_demo_builds_a_dataset_and_registers_a_model(tmp_path):
+def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     """The demo as the README runs it, with the quicker debug recipe to keep CI short."""
     cli = Path(sys.executable).with_name("mmpipe")
     env = dict(os.environ, MMPIPE_HOME=str(tmp_path / "home"), COLUMNS="120")
@@ -25,5 +25,10 @@ def test_demo_builds_a_dataset_and_registers_a_model(tmp_path):
     assert rows["kept"] > 3800 and rows["in"] == 4054
     assert version.id in result.stdout and "rejected rows by reason" in result.stdout
     assert set(version.manifest["splits"]) == {"train", "val", "test"}
-    assert "models:/mmpipe-contrastive/1 (alias candidate)" in result.stdout
-    assert (tmp_path / "home" / "mlflow.db").exists()
+    assert "registered models:/mmpipe-contrastive/1 (alias candidate)" in result.stdout
+    assert "mmpipe-contrastive v1 promoted to champion: no 'champion' yet" in result.stdout
+    assert "zeroshot-digits" in result.stdout and "compositional" in result.stdout
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    assert str(client.get_model_version_by_alias("mmpipe-contrastive", "champion").version) == "1"
