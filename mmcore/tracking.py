@@ -21,6 +21,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file, save_file
 
@@ -108,13 +111,8 @@ def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, datase
         run = client.create_run(experiment_id, run_name=run_name,
                                 tags={"mmpipe.git_commit": git_commit(), "mmpipe.dataset_id": dataset.id})
         run_id = run.info.run_id
-        for key, value in flatten(params).items():
-            client.log_param(run_id, key, str(value)[:6000])
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
         client.log_text(run_id, json.dumps(dataset.manifest, indent=2), "dataset/manifest.json")
-        from mlflow.data.dataset_source_registry import resolve_dataset_source
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.entities import DatasetInput, InputTag
-
         meta = MetaDataset(resolve_dataset_source(str(dataset.path)), name=f"mmpipe-{dataset.id}", digest=dataset.id)
         client.log_inputs(run_id, datasets=[DatasetInput(meta._to_mlflow_entity(),
                                                          tags=[InputTag("mlflow.data.context", "training")])])
@@ -152,7 +150,7 @@ class MetricLogger:
         try:
             with _quick_http():
                 self.client.log_batch(self.run_id, metrics=[
-                    mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+                    Metric(k, float(v), int(1000 * time.time()), step)
                     for k, v in metrics.items()])
         except Exception as err:  # noqa: BLE001
             self.failures += 1
@@ -207,17 +205,18 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
 
 
 def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarray:
+    """One embedding per row: of its `image` (encoded bytes) if it has one, else of its `text`."""
+    from mmcore.models.encode import embed_images, embed_texts
+
     out = []
-    with torch.no_grad():
-        for _, row in rows.iterrows():
-            image, text = row.get("image"), row.get("text")
-            if image is not None and not (isinstance(image, float) and np.isnan(image)):
-                x = torch.from_numpy(preprocess.images([image]))
-                out.append(model.encode_image(x)[0].numpy())
-            elif isinstance(text, str):
-                out.append(model.encode_text(torch.from_numpy(preprocess.tokens([text])))[0].numpy())
-            else:
-                raise ValueError("each row needs an `image` (encoded bytes) or a `text` value")
+    for _, row in rows.iterrows():
+        image, text = row.get("image"), row.get("text")
+        if isinstance(image, (bytes, bytearray)):
+            out.append(embed_images(model, preprocess, [bytes(image)])[0])
+        elif isinstance(text, str):
+            out.append(embed_texts(model, preprocess, [text])[0])
+        else:
+            raise ValueError("each row needs an `image` (encoded bytes) or a `text` value")
     return np.stack(out).astype(np.float32)
 
 

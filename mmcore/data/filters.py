@@ -150,17 +150,12 @@ class ModelScoreFilter:
         self.threshold, self.top_fraction, self.batch_size = threshold, top_fraction, batch_size
 
     def scores(self, rows: pa.Table) -> np.ndarray:
-        import torch
+        """Cosine similarity of each row's image and caption embeddings."""
+        from mmcore.models.encode import embed_images, embed_texts
 
-        images, captions = rows.column("image").to_pylist(), rows.column("caption").to_pylist()
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(images), self.batch_size):
-                end = start + self.batch_size
-                image = self.model.encode_image(torch.from_numpy(self.preprocess.images(images[start:end])))
-                text = self.model.encode_text(torch.from_numpy(self.preprocess.tokens(captions[start:end])))
-                out.append((image * text).sum(-1).numpy())
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        images = embed_images(self.model, self.preprocess, rows.column("image").to_pylist(), self.batch_size)
+        texts = embed_texts(self.model, self.preprocess, rows.column("caption").to_pylist(), self.batch_size)
+        return (images * texts).sum(-1)
 
     def __call__(self, rows: pa.Table) -> list[Verdict]:
         scores = self.scores(rows)

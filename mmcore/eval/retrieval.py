@@ -11,21 +11,8 @@ from math import comb
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-
-def embed_images(model, preprocess, images: list[bytes], batch_size: int = 256) -> np.ndarray:
-    """Encoded image bytes -> (N, E) unit-norm embeddings."""
-    with torch.no_grad():
-        return np.concatenate([model.encode_image(torch.from_numpy(preprocess.images(images[i:i + batch_size])))
-                               .numpy() for i in range(0, len(images), batch_size)])
-
-
-def embed_texts(model, preprocess, texts: list[str], batch_size: int = 256) -> np.ndarray:
-    """Texts -> (N, E) unit-norm embeddings."""
-    with torch.no_grad():
-        return np.concatenate([model.encode_text(torch.from_numpy(preprocess.tokens(texts[i:i + batch_size])))
-                               .numpy() for i in range(0, len(texts), batch_size)])
+from mmcore.models.encode import embed_images, embed_texts
 
 
 def embed(model, preprocess, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:

@@ -150,8 +150,8 @@ def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> 
     local = {"loss": window["loss"] / max(window["micro"], 1), "data_wait_fraction": window["wait"] / elapsed}
     metrics = mean_over_ranks(local, device)
     rows = window["micro"] * cfg.micro_batch * cfg.parallel.num_workers
-    metrics.update(step=step, lr=engine.get_lr()[0], samples_per_second=rows / elapsed,
-                   bad_steps=guard.total, logit_scale=float(out["logit_scale"]))
+    metrics.update(step=step, lr=engine.get_lr()[0], samples_per_second=rows / elapsed, bad_steps=guard.total,
+                   **{k: float(v) for k, v in out.items() if k != "loss" and v.numel() == 1})  # e.g. logit_scale
     if rank == 0:
         print(f"step {step}/{cfg.optim.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
               f"samples/s {metrics['samples_per_second']:.0f} data wait {100 * metrics['data_wait_fraction']:.0f}%",
