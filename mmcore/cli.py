@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import time
-from pathlib import Path
 
-from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, project_home, to_dict
+from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, to_dict
 
 DEMO_PORT = 8765
 
@@ -41,7 +37,7 @@ def apply_overrides(cfg, overrides: list[str]):
     return from_dict(type(cfg), data)
 
 
-def _print_summary(version) -> None:
+def print_summary(version) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -102,14 +98,14 @@ def cmd_ingest(args) -> int:
         out=args.out, work_dir=args.work_dir, guard=GuardConfig(allow_networks=args.allow_network or []),
     )
     version = ingest(apply_overrides(cfg, args.set or []))
-    _print_summary(version)
+    print_summary(version)
     return 0
 
 
 def cmd_dataset_show(args) -> int:
     from mmcore.data.dataset import DatasetVersion
 
-    _print_summary(DatasetVersion.open(args.dir))
+    print_summary(DatasetVersion.open(args.dir))
     return 0
 
 
@@ -148,11 +144,11 @@ def cmd_evaluate(args) -> int:
     from mmcore.eval.run import evaluate
 
     report = evaluate(args.uri, args.dataset, args.suite)
-    _print_report(report)
+    print_report(report)
     return 0 if report.ok else 1
 
 
-def _print_report(report) -> None:
+def print_report(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -207,64 +203,10 @@ def cmd_models_archs(args) -> int:
     return 0
 
 
-def _demo_server(root: Path):
-    from mmcore.data.server import FileServer
-
-    try:
-        return FileServer(root, port=DEMO_PORT)
-    except OSError:
-        return FileServer(root, port=0)  # the usual port is taken: any free one
-
-
-def _ensure_sample(root: Path, base_url: str) -> Path:
-    """Reuse the sample corpus if it was made for this address, else (re)make it."""
-    from mmcore.data.sample import make_sample
-
-    info = root / "sample.json"
-    if info.exists() and json.loads(info.read_text()).get("base_url") == base_url:
-        return root / "urls.parquet"
-    shutil.rmtree(root, ignore_errors=True)
-    return make_sample(root, base_url)
-
-
-def cmd_demo(args) -> int:
-    """Sample corpus on loopback -> ingest -> contrastive training -> registration -> evaluation -> gate."""
-    from mmcore.data.ingest import ingest
-    from mmcore.eval.gate import promote
-    from mmcore.recipes import recipe
-    from mmcore.train.fit import fit
-
-    home = Path(args.home).expanduser() if args.home else project_home()
-    os.environ["MMPIPE_HOME"] = str(home)  # one project home for the dataset, runs and MLflow
-    started = time.monotonic()
-    sample_dir = home / "sample"
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    with _demo_server(sample_dir) as server:
-        url_list = _ensure_sample(sample_dir, server.url)
-        print(f"sample corpus at {sample_dir}, served at {server.url}")
-        out = home / "datasets" / time.strftime("sample-%Y%m%d-%H%M%S")
-        version = ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(out),
-                                      guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
-    _print_summary(version)
-    result = fit(recipe(args.recipe, str(version.path)))
-    print(f"trained and registered {result.model_uri} (alias candidate); run directory {result.run_dir}")
-    decision = promote(result.model_name, str(version.path))
-    _print_report(decision.candidate)
-    word = "promoted to champion" if decision.promoted else "not promoted"
-    print(f"{result.model_name} v{decision.candidate_version} {word}: {decision.reason}")
-    print(f"demo finished in {time.monotonic() - started:.0f}s; everything is under {home} "
-          f"(MLflow: sqlite:///{home / 'mlflow.db'})")
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The library's commands; the app (pipelines/cli.py) adds the orchestration ones to `commands`."""
     parser = argparse.ArgumentParser(prog="mmpipe", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-
-    demo = commands.add_parser("demo", help="the whole pipeline on the sample corpus, nothing to start by hand")
-    demo.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
-    demo.add_argument("--recipe", default="demo", help="training recipe (default %(default)s; debug is quicker)")
-    demo.set_defaults(func=cmd_demo)
 
     sample = commands.add_parser("sample", help="the sample corpus").add_subparsers(dest="action", required=True)
     make = sample.add_parser("make", help="write sample images and urls.parquet")
@@ -334,16 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     verify = dataset.add_parser("verify", help="check every file against the manifest")
     verify.add_argument("dir")
     verify.set_defaults(func=cmd_dataset_verify)
-    return parser
+    return parser, commands
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command; user errors become one line on stderr and exit status 2."""
     try:
         return args.func(args)
     except (ValueError, OSError) as err:  # user errors: SchemaError, DatasetError, missing files...
         print(f"mmpipe: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser()[0].parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -347,7 +347,8 @@ class TrackingConfig:
     """Where runs and models are recorded (MLflow)."""
 
     uri: str = ""
-    """MLflow tracking URI; empty = sqlite:///<home>/mlflow.db with artifacts under <home>/mlartifacts."""
+    """MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db
+    (artifacts in <home>/mlartifacts)."""
     experiment: str = "mmpipe"
     model_name: str = ""
     """Registered model name; empty = mmpipe-<stage>."""
@@ -360,7 +361,7 @@ class ClusterConfig:
     """Which Ray to run on."""
 
     address: str = ""
-    """Address of an existing Ray cluster (ray://host:10001 or host:6379); empty starts a local Ray."""
+    """Address of an existing Ray cluster (ray://host:10001 or host:6379); empty: $RAY_ADDRESS, else a local Ray."""
     num_cpus: int = 0
     """Logical CPUs of a local Ray; 0 = max(4, cores), so data tasks are not starved by workers."""
     storage_path: str = ""

@@ -1,4 +1,9 @@
-"""Progress bars for long work (rich), one helper so every stage looks the same."""
+"""Progress bars for long work (rich), one helper so every stage looks the same.
+
+Listeners (`progress_listener`) see the same updates, so an orchestrator can mirror a bar
+somewhere else (the Prefect flows turn them into progress artifacts) without this library
+knowing about it.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 console = Console(stderr=True)
 
+Listener = Callable[[str, int, int], None]
+"""Called as listener(description, done, total) on every update of every bar."""
+_listeners: list[Listener] = []
+
+
+@contextlib.contextmanager
+def progress_listener(listener: Listener) -> Iterator[None]:
+    """Send every progress update to `listener` while the block runs."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -19,4 +38,12 @@ def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]
                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda done: progress.update(task, completed=min(done, total))
+
+        def advance_to(done: int) -> None:
+            done = min(done, total)
+            progress.update(task, completed=done)
+            for listener in list(_listeners):
+                listener(description, done, total)
+
+        advance_to(0)
+        yield advance_to

@@ -40,7 +40,8 @@ class TrackingError(RuntimeError):
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
-    return cfg.uri or f"sqlite:///{project_home() / 'mlflow.db'}"
+    """The configured URI, else $MLFLOW_TRACKING_URI (a server, e.g. from `mmpipe up`), else the project's sqlite."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_home() / 'mlflow.db'}"
 
 
 def check_reachable(uri: str) -> None:
@@ -366,3 +367,16 @@ def registry_overview(tracking_uri: str) -> list[dict]:
                         "parent": tags.get("parent_version", ""), "eval": tags.get("eval.summary", ""),
                         "gate": tags.get("gate.decision", "")})
     return sorted(out, key=lambda r: (r["name"], -int(r["version"])))
+
+
+def ui_links(tracking_uri: str, run_id: str | None = None, model: tuple[str, str] | None = None) -> dict[str, str]:
+    """Where to look in the MLflow UI: links for a server, the command that opens a local store otherwise."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return {"MLflow UI": f"`mlflow ui --backend-store-uri {tracking_uri}`"}
+    base, links = tracking_uri.rstrip("/"), {}
+    if run_id:
+        experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+        links["MLflow run"] = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    if model:
+        links["model version"] = f"{base}/#/models/{model[0]}/versions/{model[1]}"
+    return links

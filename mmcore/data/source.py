@@ -136,6 +136,11 @@ def file_sha256(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def source_sha256(cfg: SourceConfig) -> str:
+    """The sha256 of the URL list's files (what a dataset manifest records as `source.sha256`)."""
+    return file_sha256(_files(Path(cfg.path), cfg.format))
+
+
 def read_source(cfg: SourceConfig) -> Source:
     """Read the URL list; missing columns fail here, naming the column and the file."""
     cfg.validate()

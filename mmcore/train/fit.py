@@ -7,10 +7,12 @@ again resumes from the newest verified checkpoint, and a finished run returns it
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from mmcore.data.schema import open_shard
 from mmcore.data.tokenizer import load_tokenizer
 from mmcore.models import model_config
 from mmcore.models.preprocess import Preprocessor
+from mmcore.progress import progress_bar
 from mmcore.tasks import build_task
 
 
@@ -72,9 +75,10 @@ def _ray(cfg: RunConfig):
     import ray
     import ray.data
 
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if not ray.is_initialized():
-        if cfg.cluster.address:
-            ray.init(address=cfg.cluster.address)
+        if address:
+            ray.init(address=address)
         else:
             ray.init(num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
                      configure_logging=False)
@@ -143,8 +147,30 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
-    with tracking.system_metrics(uri, run_id):
+    with tracking.system_metrics(uri, run_id), _training_bar(run_dir, cfg.optim.max_steps):
         result = trainer.fit()
     if result.error:
         raise result.error
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+@contextlib.contextmanager
+def _training_bar(run_dir: Path, max_steps: int):
+    """A progress bar of optimizer steps, fed from the `progress.json` that rank 0 writes."""
+    done = threading.Event()
+
+    def watch(advance_to) -> None:
+        while not done.wait(2.0):
+            with contextlib.suppress(OSError, ValueError):
+                advance_to(json.loads((run_dir / "progress.json").read_text())["step"])
+
+    with progress_bar("training", max_steps) as advance_to:
+        watcher = threading.Thread(target=watch, args=(advance_to,), name="mmpipe-training-bar", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            done.set()
+            watcher.join()
+            with contextlib.suppress(OSError, ValueError):
+                advance_to(json.loads((run_dir / "progress.json").read_text())["step"])

@@ -131,6 +131,8 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
         step = engine.global_steps
         if step % 10 == 0 or step == cfg.optim.max_steps or step % cfg.checkpoint.every_steps == 0:
             last = _log_window(engine, cfg, window, step, guard, device, rank, logger, out)
+            if rank == 0:
+                write_progress(run_dir, step, cfg.optim.max_steps)
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
             last.update(_validate(engine, cfg, dtype, device))
             _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total}, last)
@@ -143,6 +145,13 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
         last["tracking_failures"] = logger.failures
     last.update(resumed_from=state["resumed_from"] or 0, bad_steps=guard.total, samples=state["samples"])
     return last
+
+
+def write_progress(run_dir: Path, step: int, max_steps: int) -> None:
+    """`progress.json` for the driver's progress bar (renamed into place, so never read half-written)."""
+    tmp = run_dir / ".progress.json.tmp"
+    tmp.write_text(json.dumps({"step": step, "max_steps": max_steps}))
+    tmp.replace(run_dir / "progress.json")
 
 
 def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> dict:

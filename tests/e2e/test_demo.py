@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ from mmcore.data.dataset import DatasetVersion
 
 
 def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
-    """The demo as the README runs it, with the quicker debug recipe to keep CI short."""
+    """The demo as the README runs it (a Prefect `retrain` flow run), with the quicker debug recipe."""
     cli = Path(sys.executable).with_name("mmpipe")
-    env = dict(os.environ, MMPIPE_HOME=str(tmp_path / "home"), COLUMNS="120")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(MMPIPE_HOME=str(tmp_path / "home"), COLUMNS="120")
     result = subprocess.run([str(cli), "demo", "--recipe", "debug"], capture_output=True, text=True, timeout=900,
                             env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,3 +34,10 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("mmpipe-contrastive", "champion").version) == "1"
+    # The demo ran as Prefect flow runs, recorded in the project home's Prefect database (what `mmpipe up` shows).
+    with sqlite3.connect(tmp_path / "home" / "prefect" / "prefect.db") as db:
+        runs = db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = "
+                          "flow_run.flow_id").fetchall()
+        tasks = {name.split("-")[0] for (name,) in db.execute("select name from task_run")}
+    assert runs == [("retrain", "COMPLETED")]
+    assert {"ingest", "train", "promote"} <= tasks

@@ -1,0 +1,121 @@
+"""`mmpipe`: the library's commands (mmcore/cli.py) plus the app's: demo, serve, and the local stack."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from mmcore import cli as library_cli
+from mmcore.config import project_home
+from pipelines import stack
+
+
+def _home(args) -> Path:
+    """The project home for this command; exported so the library, MLflow and Prefect all use it."""
+    home = Path(args.home).expanduser().absolute() if getattr(args, "home", None) else project_home()
+    os.environ["MMPIPE_HOME"] = str(home)
+    # Flow-run records go beside the datasets and models (read at prefect's first import, which is later).
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    return home
+
+
+def _demo_server(root: Path):
+    from mmcore.data.server import FileServer
+
+    try:
+        return FileServer(root, port=library_cli.DEMO_PORT)
+    except OSError:
+        return FileServer(root, port=0)  # the usual port is taken: any free one
+
+
+def _ensure_sample(root: Path, base_url: str) -> Path:
+    """Reuse the sample corpus if it was made for this address, else (re)make it."""
+    from mmcore.data.sample import make_sample
+
+    info = root / "sample.json"
+    if info.exists() and json.loads(info.read_text()).get("base_url") == base_url:
+        return root / "urls.parquet"
+    shutil.rmtree(root, ignore_errors=True)
+    return make_sample(root, base_url)
+
+
+def cmd_demo(args) -> int:
+    """Sample corpus on loopback -> the `retrain` flow (ingest, train, register, evaluate, promote)."""
+    home = _home(args)
+    from mmcore.config import TrackingConfig
+    from mmcore.data.dataset import DatasetVersion
+    from mmcore.tracking import resolve_uri
+    from pipelines.flows import retrain_flow
+    from pipelines.params import IngestParams, RetrainParams, TrainSettings
+
+    started = time.monotonic()
+    sample_dir = home / "sample"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    with _demo_server(sample_dir) as server:
+        url_list = _ensure_sample(sample_dir, server.url)
+        print(f"sample corpus at {sample_dir}, served at {server.url}")
+        result = retrain_flow(RetrainParams(
+            source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
+            train=TrainSettings(recipe=args.recipe)))
+    library_cli.print_summary(DatasetVersion.open(result.dataset["path"]))
+    trained, decision = result.trained, result.decision
+    print(f"trained and registered {trained['model_uri']} (alias candidate); run directory {trained['run_dir']}")
+    library_cli.print_report(decision.candidate)
+    word = "promoted to champion" if decision.promoted else "not promoted"
+    print(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
+    print(f"demo finished in {time.monotonic() - started:.0f}s as Prefect flow run 'retrain'; everything is under "
+          f"{home}\n  MLflow: {resolve_uri(TrackingConfig())}\n  Prefect flow runs: {os.environ['PREFECT_HOME']}\n"
+          f"  see both in their UIs with `mmpipe up`")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Register the deployments and run what they schedule, against the Prefect server of `mmpipe up`."""
+    home = _home(args)
+    for key, value in stack.client_env(home).items():
+        os.environ.setdefault(key, value)  # the running local stack, unless the caller points elsewhere
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("mmpipe serve needs a Prefect server: start the local stack with `mmpipe up`, "
+                         "or set PREFECT_API_URL to yours")
+    from pipelines.deployments import serve_deployments
+
+    print(f"serving deployments ingest/mmpipe, train/mmpipe, evaluate/mmpipe, retrain/mmpipe on "
+          f"{os.environ['PREFECT_API_URL']} (retrain: cron {args.retrain_cron or 'off'}, on dataset.landed "
+          f"{'on' if not args.no_retrain_on_landing else 'off'}, recipe {args.retrain_recipe}); Ctrl-C stops",
+          flush=True)
+    serve_deployments(args.retrain_cron, not args.no_retrain_on_landing, args.retrain_recipe, args.limit)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser, commands = library_cli.build_parser()
+    demo = commands.add_parser("demo", help="the whole pipeline on the sample corpus as Prefect flow runs, "
+                                            "nothing to start by hand")
+    demo.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
+    demo.add_argument("--recipe", default="demo", help="training recipe (default %(default)s; debug is quicker)")
+    demo.set_defaults(func=cmd_demo)
+
+    serve = commands.add_parser("serve", help="register the flows as deployments (Prefect UI: Run) and run them")
+    serve.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
+    serve.add_argument("--retrain-cron", default="", metavar="CRON",
+                       help="schedule retrain, e.g. '0 3 * * 1' (default: no schedule)")
+    serve.add_argument("--no-retrain-on-landing", action="store_true",
+                       help="do not start retrain when a dataset version lands (event dataset.landed)")
+    serve.add_argument("--retrain-recipe", default="demo", help="recipe of triggered retrains (default %(default)s)")
+    serve.add_argument("--limit", type=int, default=1, help="flow runs at a time (default %(default)s)")
+    serve.set_defaults(func=cmd_serve)
+    stack.add_stack_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_cli.run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""Prefect flows: ingest, train, evaluate (with the promotion gate) and retrain = all of them in a row.
+
+Thin on purpose: each task calls one mmcore function and leaves a markdown artifact; flows add
+orchestration (retries where a network or a cluster is touched, events, artifacts), nothing else.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.events import emit_event
+
+from mmcore import tracking
+from mmcore.config import TrackingConfig
+from mmcore.data.dataset import DatasetVersion
+from mmcore.data.ingest import ingest
+from mmcore.eval.gate import GateDecision, promote
+from mmcore.eval.run import EvalReport, evaluate
+from mmcore.progress import progress_listener
+from mmcore.train.fit import fit
+from mmcore.train.loop import NonFiniteLoss
+from pipelines import report
+from pipelines.params import EvaluateParams, GateParams, IngestParams, RetrainParams, TrainParams
+
+DATASET_LANDED = "dataset.landed"
+USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NonFiniteLoss)
+"""Failures a retry cannot fix: bad parameters, bad files, a diverging run. Anything else is retried."""
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    try:
+        state.result()
+    except USER_ERRORS:
+        return False
+    except Exception:  # noqa: BLE001 - a network, cluster or server failure: worth another try
+        return True
+    return False
+
+
+# Retries only where a network (downloads, MLflow) or a cluster (Ray) is touched, with backoff.
+infrastructure = dict(retries=2, retry_delay_seconds=[15, 60], retry_condition_fn=_retry_unless_user_error)
+
+
+class ProgressArtifacts:
+    """Mirrors mmcore's progress bars as Prefect progress artifacts, one per bar, every few seconds."""
+
+    def __init__(self, every_s: float = 3.0):
+        self.context = contextvars.copy_context()  # the task run's, for updates from a watcher thread
+        self.every_s, self.ids, self.sent = every_s, {}, {}
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        last = self.sent.get(description)
+        if last is not None and done < total and time.monotonic() - last < self.every_s:
+            return
+        self.sent[description] = time.monotonic()
+        try:
+            self.context.run(self._send, description, 100.0 * done / max(total, 1))
+        except Exception as err:  # noqa: BLE001 - a lost progress update never fails the work
+            print(f"progress artifact not updated: {err}")
+
+    def _send(self, description: str, percent: float) -> None:
+        if description in self.ids:
+            update_progress_artifact(self.ids[description], percent)
+        else:
+            self.ids[description] = create_progress_artifact(percent, description=description)
+
+
+@task(name="ingest", **infrastructure)
+def ingest_task(params: IngestParams) -> dict:
+    """Download, filter and version a URL list (mmcore.data.ingest); the same list and settings are reused."""
+    cfg = params.to_config()
+    out = Path(cfg.out)
+    if not params.out and out.exists():
+        version = DatasetVersion.open(out)
+        problems = version.verify()
+        if problems:
+            raise ValueError(f"{out} exists but fails verification: {problems[:3]}; remove it to ingest again")
+        get_run_logger().info("%s was ingested before from the same list and settings: reusing it", out)
+    else:
+        with progress_listener(ProgressArtifacts()):
+            version = ingest(cfg)
+    summary = report.dataset_summary(version)
+    create_markdown_artifact(report.dataset_markdown(summary), key="mmpipe-dataset",
+                             description=f"dataset {version.id}")
+    return summary
+
+
+@task(name="train", **infrastructure)
+def train_task(params: TrainParams) -> dict:
+    """Train a stage on Ray Train + DeepSpeed and register the model (mmcore.train.fit)."""
+    cfg = params.to_config(params.dataset)
+    with progress_listener(ProgressArtifacts()):
+        result = asdict(fit(cfg))
+    uri = tracking.resolve_uri(cfg.tracking)
+    links = tracking.ui_links(uri, result["mlflow_run_id"], (result["model_name"], result["model_version"]))
+    create_markdown_artifact(report.training_markdown(result, cfg.tracking.alias, links), key="mmpipe-training",
+                             description=f"{result['model_uri']} ({result['run_name']})")
+    return result
+
+
+@task(name="evaluate", **infrastructure)
+def evaluate_task(model_uri: str, dataset: str, suites: list[str]) -> EvalReport:
+    """Run the eval suites on a registered model, loaded from the registry alone (mmcore.eval.run)."""
+    evaluation = evaluate(model_uri, dataset, suites or None)
+    create_markdown_artifact(report.evaluation_markdown(evaluation, _links(evaluation)), key="mmpipe-evaluation",
+                             description=f"{evaluation.model_name} v{evaluation.model_version}")
+    return evaluation
+
+
+@task(name="promote", **infrastructure)
+def promote_task(model_name: str, dataset: str, gate: GateParams) -> GateDecision:
+    """Evaluate @candidate and @champion on the same data; move `champion` only on a clear win."""
+    decision = promote(model_name, dataset, gate.to_config(), gate.suites or None)
+    create_markdown_artifact(report.gate_markdown(decision, _links(decision.candidate)), key="mmpipe-evaluation",
+                             description=f"{model_name} v{decision.candidate_version}: "
+                                         f"{'promoted' if decision.promoted else 'refused'}")
+    return decision
+
+
+def _links(evaluation: EvalReport) -> dict[str, str]:
+    uri = tracking.resolve_uri(TrackingConfig())
+    return tracking.ui_links(uri, evaluation.mlflow_run_id, (evaluation.model_name, evaluation.model_version))
+
+
+@flow(name="ingest", log_prints=True)
+def ingest_flow(params: IngestParams) -> dict:
+    """URL list -> guarded img2dataset download -> filters -> dataset version; announces `dataset.landed`."""
+    summary = ingest_task(params)
+    emit_event(DATASET_LANDED, resource={"prefect.resource.id": f"mmpipe.dataset.{summary['id']}",
+                                         "prefect.resource.name": summary["path"]},
+               payload={"path": summary["path"], "id": summary["id"], "rows": summary["rows"]})
+    return summary
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params: TrainParams) -> dict:
+    """Train one stage on a dataset version; the model is registered with alias `candidate`."""
+    return train_task(params)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: EvaluateParams) -> dict:
+    """Evaluate `model@candidate`; with `promote`, run the gate against `model@champion`."""
+    if params.promote:
+        decision = promote_task(params.model, params.dataset, params)
+        return report.decision_summary(decision)
+    evaluation = evaluate_task(f"models:/{params.model}@candidate", params.dataset, params.suites)
+    return report.evaluation_summary(evaluation)
+
+
+@dataclass
+class RetrainResult:
+    dataset: dict
+    """dataset_summary() of the version trained on."""
+    trained: dict
+    """The TrainResult, as a dict."""
+    decision: GateDecision
+
+
+@flow(name="retrain", log_prints=True)
+def retrain_flow(params: RetrainParams) -> RetrainResult:
+    """ingest (or a landed dataset) -> train -> evaluate -> promote. Later stages slot in as further steps."""
+    dataset = ingest_task(params.source) if params.source else report.dataset_summary(
+        DatasetVersion.open(params.dataset))
+    trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))
+    decision = promote_task(trained["model_name"], dataset["path"], params.gate)
+    return RetrainResult(dataset, trained, decision)

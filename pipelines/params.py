@@ -1,0 +1,133 @@
+"""Flow parameters: typed pydantic models, so the Prefect UI shows a validated form for each flow.
+
+Each model turns into the library's dataclass config (`to_config`); the limits here are the
+ones a form can check, the configs' own `validate()` still runs inside the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mmcore.cli import apply_overrides
+from mmcore.config import GateConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, project_home, to_dict
+from mmcore.data.source import source_sha256
+from mmcore.recipes import RECIPES, recipe
+
+RecipeName = Literal[tuple(RECIPES)]  # a choice in the UI form
+Stage = Literal["contrastive"]  # fusion and unified join with their stages
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is refused, not ignored
+
+
+class IngestParams(_Params):
+    """URL list -> filtered, versioned dataset (the `ingest` flow)."""
+
+    url_list: str = Field(description="A .parquet, .csv or .jsonl URL list, or a directory of them.")
+    out: str = Field("", description="Dataset version directory to create. Empty: <home>/datasets/<list>-<hash of "
+                                     "the list and settings>, so a re-run resumes or reuses it.")
+    url_col: str = Field("url", description="Column holding the image URL.")
+    caption_col: str = Field("caption", description="Column holding the caption.")
+    allow_networks: list[str] = Field(default_factory=list, description="CIDRs the URL guard may reach although "
+                                      "private or loopback, e.g. 127.0.0.1/32 for a loopback server.")
+    image_size: int = Field(64, ge=8, le=4096, description="Side of the stored images in pixels.")
+    languages: list[str] = Field(default_factory=lambda: ["en"], description="Caption languages to keep "
+                                 "(ISO 639-1); empty keeps every language.")
+    overrides: list[str] = Field(default_factory=list, description="Any other IngestConfig field as field=value "
+                                 "(JSON value), e.g. filters.near_dup_max_distance=2.")
+
+    def to_config(self) -> IngestConfig:
+        cfg = IngestConfig(source=SourceConfig(self.url_list, url_col=self.url_col, caption_col=self.caption_col),
+                           out=self.out or "-", guard=GuardConfig(allow_networks=list(self.allow_networks)))
+        settings = [f"download.image_size={self.image_size}", f"filters.languages={json.dumps(self.languages)}"]
+        cfg = apply_overrides(cfg, settings + list(self.overrides))
+        if not self.out:
+            cfg.out = str(default_out(cfg))
+        cfg.validate()
+        return cfg
+
+
+def default_out(cfg: IngestConfig) -> Path:
+    """<home>/datasets/<list name>-<hash>: the same list and settings always map to the same directory."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "work_dir")}
+    digest = hashlib.sha256(json.dumps([source_sha256(cfg.source), settings], sort_keys=True).encode())
+    return project_home() / "datasets" / f"{Path(cfg.source.path).stem}-{digest.hexdigest()[:12]}"
+
+
+class TrainSettings(_Params):
+    """How to train: a recipe and the knobs people change most (the rest via `overrides`)."""
+
+    stage: Stage = Field("contrastive", description="Training stage.")
+    recipe: RecipeName = Field("demo", description="Named RunConfig (mmcore/recipes.py); debug is the quickest.")
+    batch_size: int | None = Field(None, ge=1, le=1_048_576, description="Global batch; empty: the recipe's.")
+    max_steps: int | None = Field(None, ge=1, le=100_000_000, description="Optimizer steps; empty: the recipe's.")
+    zero_stage: int | None = Field(None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3; empty: the recipe's.")
+    num_workers: int | None = Field(None, ge=1, le=4096, description="Ray Train workers; empty: the recipe's.")
+    ray_address: str = Field("", description="An existing Ray cluster (ray://head:10001 or head:6379); empty: "
+                                             "$RAY_ADDRESS, else a local Ray.")
+    overrides: list[str] = Field(default_factory=list, description="Any other RunConfig field as field=value "
+                                 "(JSON value), e.g. optim.lr=0.0005.")
+
+    def to_config(self, dataset: str) -> RunConfig:
+        picked = {"data.batch_size": self.batch_size, "optim.max_steps": self.max_steps,
+                  "parallel.zero_stage": self.zero_stage, "parallel.num_workers": self.num_workers,
+                  "cluster.address": self.ray_address or None}
+        settings = [f"task.stage={json.dumps(self.stage)}"]
+        settings += [f"{k}={json.dumps(v)}" for k, v in picked.items() if v is not None]
+        cfg = apply_overrides(recipe(self.recipe, dataset), settings + list(self.overrides))
+        if cfg.optim.warmup_steps > cfg.optim.max_steps:  # a short run keeps the recipe's schedule shape
+            cfg.optim.warmup_steps = cfg.optim.max_steps // 10
+        cfg.validate()
+        return cfg
+
+
+class TrainParams(TrainSettings):
+    """Train a stage on a dataset version and register the model (the `train` flow)."""
+
+    dataset: str = Field(description="Dataset version directory (made by ingest).")
+
+
+class GateParams(_Params):
+    """How the promotion gate compares candidate and champion."""
+
+    suites: list[str] = Field(default_factory=list, description="Suites to run; empty: every suite the model fits.")
+    primary: str = Field("retrieval.image_to_text_recall_5", pattern=r"^[\w-]+\.\w+$",
+                         description="suite.metric compared between candidate and champion (higher is better).")
+    margin: float = Field(0.0, ge=0, le=1, description="Improvement the candidate needs over the champion.")
+
+    def to_config(self) -> GateConfig:
+        cfg = GateConfig(primary=self.primary, margin=self.margin)
+        cfg.validate()
+        return cfg
+
+
+class EvaluateParams(GateParams):
+    """Evaluate a registered model and, for an @candidate, run the promotion gate (the `evaluate` flow)."""
+
+    model: str = Field("mmpipe-contrastive", description="Registered model name.")
+    dataset: str = Field(description="Dataset version directory to evaluate on (its test split).")
+    promote: bool = Field(True, description="Compare @candidate with @champion and move the alias on a clear win; "
+                                            "off: only evaluate @candidate.")
+
+
+class RetrainParams(_Params):
+    """Ingest (or take a landed dataset) -> train -> evaluate -> promote (the `retrain` flow)."""
+
+    source: IngestParams | None = Field(None, description="A URL list to ingest first; or leave empty and set "
+                                                          "`dataset`.")
+    dataset: str = Field("", description="An existing dataset version to train on (the dataset.landed trigger "
+                                         "fills this in).")
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    gate: GateParams = Field(default_factory=GateParams)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> RetrainParams:
+        if (self.source is None) == (not self.dataset):
+            raise ValueError("set exactly one of `source` (a URL list to ingest) and `dataset` (an existing version)")
+        return self

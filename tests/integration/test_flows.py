@@ -1,0 +1,185 @@
+"""The Prefect flows on a real Prefect API (test harness): in-process runs, and deployments served by
+`mmpipe serve` in another process and started through the API, as the UI's Run button does."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mmcore.data.dataset import DatasetVersion
+from mmcore.data.sample import SampleSpec, make_sample
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory, mmpipe_home):
+    """A real Prefect API server (sqlite in a temp dir) for this module; yields its URL."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("PREFECT_HOME", str(tmp_path_factory.mktemp("prefect-home")))
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):  # the 30 s default is tight on 2 cores
+        yield PREFECT_API_URL.value()
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def small_list(served_dir):
+    server, root = served_dir
+    return make_sample(root / "flow-corpus", f"{server.url}/flow-corpus",
+                       SampleSpec(synthetic=120, digits=60, photos=False, defects=True, seed=3))
+
+
+def _artifacts(flow_run_id) -> dict[str, str]:
+    """key-or-type -> data of the artifacts a flow run (and its tasks) left."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key or f"{a.type}:{a.id}": a.data for a in found}
+
+
+def test_ingest_flow_versions_the_list_leaves_artifacts_and_reuses_it(prefect_api, small_list, served_dir):
+    from pipelines.flows import ingest_flow
+    from pipelines.params import IngestParams
+
+    server, _ = served_dir
+    params = IngestParams(url_list=str(small_list), allow_networks=["127.0.0.1/32"])
+    state = ingest_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    version = DatasetVersion.open(summary["path"])
+    assert version.verify() == []
+    rows = summary["rows"]
+    assert rows["in"] == rows["kept"] + sum(rows["rejected"].values()) and rows["rejected"]
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert version.id in artifacts["mmpipe-dataset"] and "Rejected rows by reason" in artifacts["mmpipe-dataset"]
+    progress = [v for k, v in artifacts.items() if k.startswith("progress:")]
+    assert progress and max(progress) == 100.0, "the download and filter bars reached the UI as progress artifacts"
+
+    requests_before = len(server.requests)
+    again = ingest_flow(params, return_state=True)
+    assert again.is_completed() and again.result()["path"] == summary["path"]
+    assert len(server.requests) == requests_before, "a re-run reuses the finished version, nothing is downloaded"
+
+
+def test_a_failing_task_fails_the_run_with_the_reason_and_writes_nothing(prefect_api, tmp_path):
+    from pipelines.flows import ingest_flow
+    from pipelines.params import IngestParams
+
+    missing = tmp_path / "nowhere" / "urls.parquet"
+    state = ingest_flow(IngestParams(url_list=str(missing), out=str(tmp_path / "v1")), return_state=True)
+    assert state.is_failed()
+    assert str(missing) in state.message
+    assert not (tmp_path / "v1").exists()
+
+
+def test_flow_parameters_are_validated_before_a_run_starts():
+    from pydantic import ValidationError
+
+    from pipelines.params import IngestParams, RetrainParams, TrainParams
+
+    with pytest.raises(ValidationError, match="image_size"):
+        IngestParams(url_list="urls.parquet", image_size=2)
+    with pytest.raises(ValidationError, match="zero_stage"):
+        TrainParams(dataset="d", zero_stage=5)
+    with pytest.raises(ValidationError, match="recipe"):
+        TrainParams(dataset="d", recipe="no-such-recipe")
+    with pytest.raises(ValidationError, match="exactly one"):
+        RetrainParams()
+
+
+@pytest.fixture(scope="module")
+def served(prefect_api, mmpipe_home, tmp_path_factory):
+    """`mmpipe serve` in its own process against the harness's API; yields its log path."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, MMPIPE_HOME=str(mmpipe_home))
+    cli = Path(sys.executable).with_name("mmpipe")
+    with open(log, "w") as out:
+        process = subprocess.Popen([str(cli), "serve", "--no-retrain-on-landing"], stdout=out,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_for_deployments(["ingest/mmpipe", "train/mmpipe", "evaluate/mmpipe", "retrain/mmpipe"], log, process)
+        yield log
+    finally:
+        _stop(process)
+
+
+def _stop(process) -> None:
+    """Ctrl-C, as a user stops `mmpipe serve`; then the whole process group if it lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def _wait_for_deployments(names: list[str], log: Path, process, timeout_s: float = 180) -> None:
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"mmpipe serve exited: {log.read_text()[-3000:]}"
+            try:
+                for name in names:
+                    client.read_deployment_by_name(name)
+                return
+            except Exception:  # noqa: BLE001 - not registered yet
+                time.sleep(2)
+    raise AssertionError(f"deployments not registered in {timeout_s}s: {log.read_text()[-3000:]}")
+
+
+def test_served_ingest_deployment_runs_from_the_api_to_completion(served, small_list, tmp_path):
+    from prefect.deployments import run_deployment
+
+    out = tmp_path / "via-deployment"
+    run = run_deployment("ingest/mmpipe", timeout=600, parameters={"params": {
+        "url_list": str(small_list), "out": str(out), "allow_networks": ["127.0.0.1/32"]}})
+    assert run.state.is_completed(), f"{run.state.message}\n{served.read_text()[-3000:]}"
+    assert DatasetVersion.open(out).verify() == []
+    artifacts = _artifacts(run.id)
+    assert DatasetVersion.open(out).id in artifacts["mmpipe-dataset"]
+
+
+def test_the_server_refuses_invalid_parameters_with_the_reason(served):
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("train/mmpipe")
+        for params, field in [({"dataset": "d", "zero_stage": 5}, "zero_stage"),
+                              ({"dataset": "d", "recipe": "huge"}, "recipe"),
+                              ({"zero_stage": 1}, "dataset")]:
+            with pytest.raises(PrefectHTTPStatusError) as refused:
+                client.create_flow_run_from_deployment(deployment.id, parameters={"params": params})
+            assert field in refused.value.response.text
+
+
+def test_a_failed_training_run_shows_the_error_and_registers_nothing(served, tmp_path, mmpipe_home):
+    from mlflow.tracking import MlflowClient
+    from prefect.deployments import run_deployment
+
+    client = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    before = len(client.search_model_versions())
+    missing = tmp_path / "no-dataset"
+    run = run_deployment("train/mmpipe", timeout=600,
+                         parameters={"params": {"dataset": str(missing), "recipe": "debug"}})
+    assert run.state.is_failed()
+    assert str(missing) in run.state.message
+    assert len(client.search_model_versions()) == before

@@ -1,0 +1,216 @@
+"""`mmpipe up` / `status` / `down` against the real servers: health, clients, port clashes, no strays."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import psutil
+import pytest
+
+from pipelines import stack
+
+pytestmark = pytest.mark.integration
+
+
+def free_ports() -> dict[str, int]:
+    """A free port per stack port, picked by the OS so leftover or parallel servers do not clash."""
+    socks = []
+    try:
+        for _ in stack.DEFAULT_PORTS:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return {key: sock.getsockname()[1] for key, sock in zip(stack.DEFAULT_PORTS, socks)}
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def session_tree(home: Path) -> set[tuple[int, float]]:
+    """(pid, create_time) of every process the recorded leaders started: descendants and session members."""
+    state = stack.read_state(home)
+    leaders = {entry["pid"] for entry in state["services"].values()}
+    found = set()
+    for proc in psutil.process_iter():
+        try:
+            in_session = os.getsid(proc.pid) in leaders
+            if proc.pid in leaders or in_session:
+                found.add((proc.pid, proc.create_time()))
+        except (OSError, psutil.Error):
+            continue
+    for pid in leaders:
+        for child in psutil.Process(pid).children(recursive=True):
+            found.add((child.pid, child.create_time()))
+    return found
+
+
+def still_running(procs: set[tuple[int, float]]) -> list[int]:
+    alive = []
+    for pid, created in procs:
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == created and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def strays(home: Path) -> list[str]:
+    """Processes that mention this home (command line or the stack's environment marker)."""
+    marks = (str(home), str(stack.ray_temp_dir(home)))
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            marked = proc.environ().get(stack.MARKER_ENV, "").startswith(str(home))
+            if marked or any(mark in cmdline for mark in marks):
+                found.append(f"{proc.pid} {cmdline[:120]}")
+        except psutil.Error:
+            continue
+    return found
+
+
+def client_env(home: Path) -> dict[str, str]:
+    """What `source <home>/stack/env` would export."""
+    env = {}
+    for line in (home / "stack" / "env").read_text().splitlines():
+        if line.startswith("export "):
+            key, _, value = shlex.split(line[len("export "):])[0].partition("=")
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("stack-home").resolve()
+    ports = free_ports()
+    started = time.monotonic()
+    urls = stack.up(home, ports=ports, timeout_s=180)
+    print(f"stack up in {time.monotonic() - started:.1f} s")
+    yield SimpleNamespace(home=home, ports=ports, urls=urls, procs=session_tree(home))
+    stack.down(home)  # a no-op after test_down_stops_everything; cleans up if an earlier test failed
+    shutil.rmtree(stack.ray_temp_dir(home), ignore_errors=True)  # Ray's session logs, outside tmp_path
+
+
+def test_up_starts_three_healthy_servers(running_stack):
+    home, urls, ports = running_stack.home, running_stack.urls, running_stack.ports
+    assert httpx.get(f"{urls['prefect_api']}/health").status_code == 200
+    assert httpx.get(f"{urls['mlflow_ui']}/health").status_code == 200
+    assert httpx.get(f"{urls['ray_dashboard']}/api/gcs_healthz").status_code == 200
+    assert urls["prefect_ui"] == f"http://127.0.0.1:{ports['prefect']}"
+    assert urls["ray_address"] == f"127.0.0.1:{ports['ray']}"
+    state = stack.read_state(home)
+    assert set(state["services"]) == {"prefect", "mlflow", "ray"}
+    for name, entry in state["services"].items():
+        assert Path(entry["log"]) == home / "stack" / "logs" / f"{name}.log"
+        assert Path(entry["log"]).stat().st_size > 0
+    assert (home / "stack" / "logs" / "ray-session" / "raylet.out").exists()
+    rows = stack.status(home)
+    assert [r["service"] for r in rows] == ["prefect", "mlflow", "ray"]
+    assert all(r["running"] and r["healthy"] and r["pid"] for r in rows), rows
+    env = client_env(home)
+    assert env["PREFECT_API_URL"] == f"http://127.0.0.1:{ports['prefect']}/api"
+    assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{ports['mlflow']}"
+    assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o077 == 0
+
+
+def test_prefect_api_answers_a_client(running_stack):
+    response = httpx.post(f"{running_stack.urls['prefect_api']}/flows/filter", json={})
+    assert response.status_code == 200 and response.json() == []
+
+
+def test_mlflow_serves_runs_logged_through_it_and_straight_to_sqlite(running_stack):
+    from mlflow import MlflowClient
+
+    home, server_url = running_stack.home, running_stack.urls["mlflow_ui"]
+    via_server = MlflowClient(server_url)
+    assert [e.name for e in via_server.search_experiments()] == ["Default"]
+    run = via_server.create_run(via_server.create_experiment("via-server"))
+    via_server.log_text(run.info.run_id, "through the server", "note.txt")
+    assert list((home / "mlartifacts").glob(f"*/{run.info.run_id}/artifacts/note.txt"))
+
+    # What the library does without a server: sqlite + file://<home>/mlartifacts/<experiment>.
+    direct = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    location = (home / "mlartifacts" / "direct").as_uri()
+    run = direct.create_run(direct.create_experiment("direct", artifact_location=location))
+    direct.log_text(run.info.run_id, "straight to sqlite", "note.txt")
+    response = httpx.get(f"{server_url}/get-artifact", params={"path": "note.txt", "run_uuid": run.info.run_id})
+    assert response.status_code == 200 and response.text == "straight to sqlite"
+
+
+def test_ray_head_requires_its_token_and_runs_tasks(running_stack):
+    home, dashboard = running_stack.home, running_stack.urls["ray_dashboard"]
+    env = client_env(home)
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    assert httpx.get(f"{dashboard}/api/version").status_code == 401
+    assert httpx.get(f"{dashboard}/api/version", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    driver = textwrap.dedent("""
+        import ray
+        ray.init(configure_logging=False, log_to_driver=False)   # RAY_ADDRESS from the env file
+
+        @ray.remote
+        def double(x):
+            return 2 * x
+
+        print("answer", ray.get(double.remote(21)))
+    """)
+    result = subprocess.run([sys.executable, "-c", driver], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=180)
+    assert "answer 42" in result.stdout, result.stderr[-3000:]
+
+
+def test_up_again_reports_the_running_stack(running_stack):
+    before = stack.read_state(running_stack.home)
+    assert stack.up(running_stack.home, ports=running_stack.ports) == running_stack.urls
+    assert stack.read_state(running_stack.home) == before
+
+
+def test_down_stops_everything(running_stack):
+    home = running_stack.home
+    procs = running_stack.procs | session_tree(home)  # now including Ray workers the driver started
+    assert len(procs) > 10  # leaders, uvicorn, gcs_server, raylet, dashboard, agents, workers
+    started = time.monotonic()
+    assert sorted(stack.down(home)) == ["mlflow", "prefect", "ray"]
+    print(f"stack down in {time.monotonic() - started:.1f} s")
+    assert still_running(procs) == []
+    assert strays(home) == []
+    for key, port in running_stack.ports.items():
+        assert stack.port_free("127.0.0.1", port), key
+    assert not (home / "stack" / "state.json").exists()
+    assert [r["running"] for r in stack.status(home)] == [False, False, False]
+    assert stack.down(home) == []  # idempotent
+
+
+def test_port_taken_names_it_and_starts_nothing(tmp_path):
+    home = tmp_path.resolve()
+    ports = free_ports()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports["mlflow"]))
+        squatter.listen()
+        with pytest.raises(stack.StackError, match=rf"port {ports['mlflow']} \(mlflow\) .*--mlflow-port"):
+            stack.up(home, ports=ports)
+    assert stack.read_state(home) is None
+    assert strays(home) == []
+
+
+def test_server_that_never_gets_healthy_leaves_nothing_running(tmp_path):
+    home = tmp_path.resolve()
+    with pytest.raises(stack.StackError, match=r"prefect.* did not become healthy within 3 s"):
+        stack.up(home, ports=free_ports(), timeout_s=3)  # Prefect needs ~25 s here
+    shutil.rmtree(stack.ray_temp_dir(home), ignore_errors=True)
+    assert stack.read_state(home) is None
+    assert strays(home) == []
+    assert "prefect server start" in (home / "stack" / "logs" / "prefect.log").read_text()
