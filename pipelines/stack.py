@@ -226,6 +226,8 @@ def _ray_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
                "--include-dashboard", "true", "--temp-dir", str(ray_temp_dir(home)),
                # 0 = any free port: the default 52365 clashes with any other Ray on this machine.
                "--dashboard-agent-listen-port", "0",
+               # Logical CPUs as for a local Ray (STACK_NOTES): data tasks beside the training workers.
+               "--num-cpus", str(max(4, os.cpu_count() or 1)),
                "--disable-usage-stats", "--log-style", "record", "--log-color", "false"]
     if host not in ("0.0.0.0", "::", ""):
         command += ["--node-ip-address", host]
