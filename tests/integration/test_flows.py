@@ -85,21 +85,6 @@ def test_a_failing_task_fails_the_run_with_the_reason_and_writes_nothing(prefect
     assert not (tmp_path / "v1").exists()
 
 
-def test_flow_parameters_are_validated_before_a_run_starts():
-    from pydantic import ValidationError
-
-    from pipelines.params import IngestParams, RetrainParams, TrainParams
-
-    with pytest.raises(ValidationError, match="image_size"):
-        IngestParams(url_list="urls.parquet", image_size=2)
-    with pytest.raises(ValidationError, match="zero_stage"):
-        TrainParams(dataset="d", zero_stage=5)
-    with pytest.raises(ValidationError, match="recipe"):
-        TrainParams(dataset="d", recipe="no-such-recipe")
-    with pytest.raises(ValidationError, match="exactly one"):
-        RetrainParams()
-
-
 @pytest.fixture(scope="module")
 def served(prefect_api, mmpipe_home, tmp_path_factory):
     """`mmpipe serve` in its own process against the harness's API; yields its log path."""

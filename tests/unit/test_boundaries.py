@@ -33,7 +33,7 @@ def test_models_stay_plain_modules():
 
 
 def test_every_module_starts_with_a_docstring():
-    for path in list((ROOT / "mmcore").rglob("*.py")) + list((ROOT / "tests").rglob("*.py")):
+    for path in [p for top in ("mmcore", "pipelines", "tests", "bench") for p in (ROOT / top).rglob("*.py")]:
         text = path.read_text(encoding="utf-8")
         assert ast.get_docstring(ast.parse(text)), f"{path} has no module docstring"
 

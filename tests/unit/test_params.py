@@ -1,0 +1,48 @@
+"""Flow parameters: what the Prefect form refuses, and the configs they turn into."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from pydantic import ValidationError
+
+from pipelines.params import IngestParams, RetrainParams, TrainParams
+
+
+def test_the_form_refuses_values_out_of_range_naming_the_field():
+    with pytest.raises(ValidationError, match="image_size"):
+        IngestParams(url_list="urls.parquet", image_size=2)
+    with pytest.raises(ValidationError, match="zero_stage"):
+        TrainParams(dataset="d", zero_stage=5)
+    with pytest.raises(ValidationError, match="recipe"):
+        TrainParams(dataset="d", recipe="no-such-recipe")
+    with pytest.raises(ValidationError, match="batch_size"):
+        TrainParams(dataset="d", batch_size=0)
+    with pytest.raises(ValidationError, match="zero_stag"):
+        TrainParams.model_validate({"dataset": "d", "zero_stag": 2})  # a misspelt field is not ignored
+    with pytest.raises(ValidationError, match="exactly one"):
+        RetrainParams()
+
+
+def test_train_params_become_the_recipe_with_the_fields_changed():
+    cfg = TrainParams(dataset="/data/v1", recipe="debug", batch_size=64, max_steps=3, zero_stage=3,
+                      overrides=["optim.lr=0.01"]).to_config("/data/v1")
+    assert (cfg.recipe, cfg.model.name, cfg.data.dataset) == ("debug", "clip-debug", "/data/v1")
+    assert (cfg.data.batch_size, cfg.optim.max_steps, cfg.parallel.zero_stage, cfg.optim.lr) == (64, 3, 3, 0.01)
+    assert cfg.optim.warmup_steps <= cfg.optim.max_steps
+    with pytest.raises(ValueError, match="data.batch_size"):  # the library's own validation still runs
+        TrainParams(dataset="d", recipe="debug", batch_size=33).to_config("d")
+
+
+def test_ingest_default_out_is_stable_for_the_same_list_and_settings(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMPIPE_HOME", str(tmp_path / "home"))
+    urls = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://example.com/a.jpg"], "caption": ["a red circle"]}), urls)
+    first = IngestParams(url_list=str(urls)).to_config()
+    assert first.out == IngestParams(url_list=str(urls)).to_config().out
+    assert first.out.startswith(str(tmp_path / "home" / "datasets" / "urls-"))
+    assert IngestParams(url_list=str(urls), image_size=32).to_config().out != first.out
+    pq.write_table(pa.table({"url": ["http://example.com/b.jpg"], "caption": ["a blue square"]}), urls)
+    assert IngestParams(url_list=str(urls)).to_config().out != first.out
+    assert IngestParams(url_list=str(urls), out=str(tmp_path / "v1")).to_config().out == str(tmp_path / "v1")
