@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml Makefile
 demo: setup
 	$(BIN)/mmpipe demo
 
-test: setup
+# The browser test of the UIs drives Debian's Chromium: browser builds cannot be downloaded here.
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(BROWSER):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver
+
+test: setup $(BROWSER)
 	$(BIN)/python -m pytest -q
 
 bench: setup

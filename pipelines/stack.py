@@ -196,7 +196,9 @@ def _ray_token(home: Path) -> str:
 def _prefect_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
     return {
         "command": [_executable("prefect"), "server", "start", "--host", host, "--port", str(ports["prefect"])],
-        "env": {"PREFECT_HOME": str(Path(home) / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+        # The UI calls the API at this address (by default :4200, whatever --port says).
+        "env": {"PREFECT_HOME": str(Path(home) / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_UI_API_URL": f"http://{_url_host(host)}:{ports['prefect']}/api"},
         "health": f"http://{_url_host(host)}:{ports['prefect']}/api/health",
         "port": ports["prefect"],
         "stop": "group",

@@ -89,7 +89,8 @@ def test_a_failing_task_fails_the_run_with_the_reason_and_writes_nothing(prefect
 def served(prefect_api, mmpipe_home, tmp_path_factory):
     """`mmpipe serve` in its own process against the harness's API; yields its log path."""
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = dict(os.environ, PREFECT_API_URL=prefect_api, MMPIPE_HOME=str(mmpipe_home))
+    env = dict(os.environ, PREFECT_API_URL=prefect_api, MMPIPE_HOME=str(mmpipe_home),
+               PREFECT_RUNNER_POLL_FREQUENCY="2")  # default 10 s
     cli = Path(sys.executable).with_name("mmpipe")
     with open(log, "w") as out:
         process = subprocess.Popen([str(cli), "serve", "--no-retrain-on-landing"], stdout=out,
@@ -102,13 +103,11 @@ def served(prefect_api, mmpipe_home, tmp_path_factory):
 
 
 def _stop(process) -> None:
-    """Ctrl-C, as a user stops `mmpipe serve`; then the whole process group if it lingers."""
+    """SIGTERM, before the API goes away (serve pauses its deployments on exit); then the whole group."""
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
+        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=15)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()

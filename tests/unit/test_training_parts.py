@@ -96,3 +96,16 @@ def test_step_guard_skips_then_stops():
     guard.check(False, 3)
     with pytest.raises(NonFiniteLoss, match="3 micro-batches in a row at step 3"):
         guard.check(False, 3)
+
+
+def test_progress_listeners_see_every_bar_until_their_block_ends():
+    from mmcore.progress import progress_bar, progress_listener
+
+    seen = []
+    with progress_listener(lambda *update: seen.append(update)):
+        with progress_bar("downloading", total=3) as advance_to:
+            advance_to(2)
+            advance_to(5)  # clamped to the total
+    with progress_bar("filtering", total=1) as advance_to:
+        advance_to(1)
+    assert seen == [("downloading", 0, 3), ("downloading", 2, 3), ("downloading", 3, 3)]
