@@ -81,10 +81,12 @@ def ingest_task(params: IngestParams) -> dict:
         if problems:
             raise ValueError(f"{out} exists but fails verification: {problems[:3]}; remove it to ingest again")
         get_run_logger().info("%s was ingested before from the same list and settings: reusing it", out)
+        new = False
     else:
         with progress_listener(ProgressArtifacts()):
             version = ingest(cfg)
-    summary = report.dataset_summary(version)
+        new = True
+    summary = {**report.dataset_summary(version), "new": new}
     create_markdown_artifact(report.dataset_markdown(summary), key="mmpipe-dataset",
                              description=f"dataset {version.id}")
     return summary
@@ -129,11 +131,15 @@ def _links(evaluation: EvalReport) -> dict[str, str]:
 
 @flow(name="ingest", log_prints=True)
 def ingest_flow(params: IngestParams) -> dict:
-    """URL list -> guarded img2dataset download -> filters -> dataset version; announces `dataset.landed`."""
+    """URL list -> guarded img2dataset download -> filters -> dataset version; announces `dataset.landed`.
+
+    Only a new version is announced: a re-run that reuses one does not start another retrain.
+    """
     summary = ingest_task(params)
-    emit_event(DATASET_LANDED, resource={"prefect.resource.id": f"mmpipe.dataset.{summary['id']}",
-                                         "prefect.resource.name": summary["path"]},
-               payload={"path": summary["path"], "id": summary["id"], "rows": summary["rows"]})
+    if summary["new"]:
+        emit_event(DATASET_LANDED, resource={"prefect.resource.id": f"mmpipe.dataset.{summary['id']}",
+                                             "prefect.resource.name": summary["path"]},
+                   payload={"path": summary["path"], "id": summary["id"], "rows": summary["rows"]})
     return summary
 
 

@@ -50,6 +50,20 @@ def _artifacts(flow_run_id) -> dict[str, str]:
     return {a.key or f"{a.type}:{a.id}": a.data for a in found}
 
 
+def _landed_events(api_url: str, dataset_id: str, expected: int, wait_s: float = 30) -> int:
+    """How many dataset.landed events the API recorded for this version (persisted asynchronously)."""
+    import httpx
+
+    body = {"filter": {"event": {"name": ["dataset.landed"]},
+                       "resource": {"id": [f"mmpipe.dataset.{dataset_id}"]}}, "limit": 50}
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = httpx.post(f"{api_url}/events/filter", json=body, timeout=30).json()["events"]
+        if len(found) >= expected or time.monotonic() > deadline:
+            return len(found)
+        time.sleep(1)
+
+
 def test_ingest_flow_versions_the_list_leaves_artifacts_and_reuses_it(prefect_api, small_list, served_dir):
     from pipelines.flows import ingest_flow
     from pipelines.params import IngestParams
@@ -72,6 +86,8 @@ def test_ingest_flow_versions_the_list_leaves_artifacts_and_reuses_it(prefect_ap
     again = ingest_flow(params, return_state=True)
     assert again.is_completed() and again.result()["path"] == summary["path"]
     assert len(server.requests) == requests_before, "a re-run reuses the finished version, nothing is downloaded"
+    # The new version was announced once; the reuse is not a new landing (no second retrain).
+    assert _landed_events(prefect_api, version.id, expected=2, wait_s=15) == 1
 
 
 def test_a_failing_task_fails_the_run_with_the_reason_and_writes_nothing(prefect_api, tmp_path):
