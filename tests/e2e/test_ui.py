@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import pytest
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.sample import SampleSpec, make_sample
 from pipelines import stack
+from tests.serving import stop_served
 from tests.e2e.browser import chromium_driver, mlflow_ui_model_aliases, run_deployment_from_ui, wait_for_run_state
 
 CLI = str(Path(sys.executable).with_name("mmpipe"))
@@ -80,13 +80,7 @@ def served(stack_home, tmp_path):
     try:
         yield stack.client_env(stack_home), log
     finally:
-        if process.poll() is None:  # SIGTERM, before the API goes away: serve pauses its deployments on exit
-            os.killpg(process.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_served(process)  # before the stack goes down
 
 
 def test_ingest_from_the_prefect_form_triggers_retrain_and_mlflow_shows_the_model(stack_home, served, served_dir,

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +13,7 @@ import pytest
 
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.sample import SampleSpec, make_sample
+from tests.serving import stop_served
 
 pytestmark = pytest.mark.integration
 
@@ -115,18 +114,7 @@ def served(prefect_api, mmpipe_home, tmp_path_factory):
         _wait_for_deployments(["ingest/mmpipe", "train/mmpipe", "evaluate/mmpipe", "retrain/mmpipe"], log, process)
         yield log
     finally:
-        _stop(process)
-
-
-def _stop(process) -> None:
-    """SIGTERM, before the API goes away (serve pauses its deployments on exit); then the whole group."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+        stop_served(process)
 
 
 def _wait_for_deployments(names: list[str], log: Path, process, timeout_s: float = 180) -> None:
