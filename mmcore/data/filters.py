@@ -153,6 +153,8 @@ class ModelScoreFilter:
         """Cosine similarity of each row's image and caption embeddings."""
         from mmcore.models.encode import embed_images, embed_texts
 
+        if rows.num_rows == 0:  # a chunk the earlier filters emptied
+            return np.zeros(0, np.float32)
         images = embed_images(self.model, self.preprocess, rows.column("image").to_pylist(), self.batch_size)
         texts = embed_texts(self.model, self.preprocess, rows.column("caption").to_pylist(), self.batch_size)
         return (images * texts).sum(-1)

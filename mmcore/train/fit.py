@@ -159,10 +159,13 @@ def _training_bar(run_dir: Path, max_steps: int):
     """A progress bar of optimizer steps, fed from the `progress.json` that rank 0 writes."""
     done = threading.Event()
 
+    def show_step(advance_to) -> None:
+        with contextlib.suppress(OSError, ValueError):  # not written yet
+            advance_to(json.loads((run_dir / "progress.json").read_text())["step"])
+
     def watch(advance_to) -> None:
         while not done.wait(2.0):
-            with contextlib.suppress(OSError, ValueError):
-                advance_to(json.loads((run_dir / "progress.json").read_text())["step"])
+            show_step(advance_to)
 
     with progress_bar("training", max_steps) as advance_to:
         watcher = threading.Thread(target=watch, args=(advance_to,), name="mmpipe-training-bar", daemon=True)
@@ -172,5 +175,4 @@ def _training_bar(run_dir: Path, max_steps: int):
         finally:
             done.set()
             watcher.join()
-            with contextlib.suppress(OSError, ValueError):
-                advance_to(json.loads((run_dir / "progress.json").read_text())["step"])
+            show_step(advance_to)
