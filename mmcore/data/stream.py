@@ -5,35 +5,61 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray.data
 import torch
 
 from mmcore.data.dataset import DatasetVersion
 from mmcore.models.preprocess import Preprocessor
 
+STREAM_COLUMNS = ["image", "caption"]
+
+
+def work_units(version: DatasetVersion, split: str, epochs: int = 1, seed: int = 0) -> list[dict]:
+    """Every (epoch, shard, row group) of a split, in an order that depends on (seed, epoch) alone.
+
+    Row groups are the unit of reading (256 rows each in our shards); the train split is
+    permuted per epoch, the others keep the manifest's order.
+    """
+    groups = [(str(path), group) for path in version.shard_paths(split)
+              for group in range(pq.ParquetFile(path).num_row_groups)]
+    if not groups:
+        raise ValueError(f"{version.path}: split {split!r} has no shards")
+    units = []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(groups)) if split == "train" \
+            else range(len(groups))
+        units += [{"epoch": epoch, "path": groups[i][0], "row_group": groups[i][1]} for i in order]
+    return units
+
+
+def read_row_groups(units: dict) -> pa.Table:
+    """A batch of work units -> their rows (image bytes and caption)."""
+    return pa.concat_tables([pq.ParquetFile(path).read_row_group(int(group), columns=STREAM_COLUMNS)
+                             for path, group in zip(units["path"], units["row_group"])])
+
 
 def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1,
-                  augment: bool = False) -> ray.data.Dataset:
-    """Lazily read one split's shards, decode + tokenize in `map_batches` tasks.
+                  augment: bool = False, seed: int = 0) -> ray.data.Dataset:
+    """Lazily read one split, epoch after epoch, decoding + tokenizing in `map_batches` tasks.
 
-    Several epochs are one stream (a union of the split with itself; each copy's block order
-    shuffled): restarting the pipeline at every epoch boundary stalls training for seconds while
-    it spins up again. (Repeating the file list does not work: Ray Data drops duplicate paths.)
+    One linear pipeline over a list of work units: reading and preprocessing fuse into one task
+    per row group, so Ray runs as many data workers as it has CPUs for data. (A union of one
+    `read_parquet` per epoch made an operator chain per epoch and started dozens of Ray worker
+    processes, each a second or more of CPU on a small machine, before the first batch.) All
+    epochs are one stream: restarting the pipeline at every epoch boundary stalls training.
     """
-    paths = [str(p) for p in version.shard_paths(split)]
-    if not paths:
-        raise ValueError(f"{version.path}: split {split!r} has no shards")
-    dataset = ray.data.read_parquet(paths).select_columns(["image", "caption"])
-    if split == "train":
-        dataset = dataset.randomize_block_order()
-    if epochs > 1:
-        dataset = dataset.union(*[dataset] * (epochs - 1))
-    return dataset.map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=256)
+    units = work_units(version, split, epochs, seed)
+    return (ray.data.from_items(units, override_num_blocks=len(units))
+            .map_batches(read_row_groups, batch_size=1, batch_format="numpy")
+            .map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=256))
 
 
 def torch_batches(shard, batch_size: int, device: torch.device, shuffle: bool,
                   epochs: int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(batch, seconds waited for it), epoch after epoch, from a worker's dataset shard."""
+    """(batch, seconds waited for it), pass after pass, from a worker's dataset shard."""
     epoch = 0
     while epochs is None or epoch < epochs:
         iterator = shard.iter_torch_batches(

@@ -133,7 +133,7 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     _, preprocess = build_task(cfg, arch, tokenizer_json)
     pre = Preprocessor(preprocess, tokenizer_json)
     epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
-    datasets = {"train": split_dataset(version, "train", pre, epochs=epochs, augment=cfg.data.augment)}
+    datasets = {"train": split_dataset(version, "train", pre, epochs=epochs, augment=cfg.data.augment, seed=cfg.seed)}
     if cfg.data.val_batches:
         datasets["val"] = split_dataset(version, "val", pre)
     loop_config = {
