@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, to_dict
+from mmcore import console
+from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, project_home, to_dict
 
 DEMO_PORT = 8765
 
@@ -38,30 +40,24 @@ def apply_overrides(cfg, overrides: list[str]):
 
 
 def print_summary(version) -> None:
-    from rich.console import Console
+    """A dataset version in one table: counts, splits, and every rejection reason with its count."""
     from rich.table import Table
 
     m = version.manifest
     rows = m["rows"]
-    console = Console()
     head = Table(title=f"dataset {m['id']}", show_header=False)
     head.add_row("path", str(version.path))
     head.add_row("source", f"{m['source']['path']} ({m['source']['format']}, sha256 {m['source']['sha256'][:12]})")
     head.add_row("rows in", str(rows["in"]))
     head.add_row("kept", str(rows["kept"]))
-    head.add_row("rejected", str(sum(rows["rejected"].values())))
+    reasons = sorted(rows["rejected"].items(), key=lambda kv: -kv[1])
+    head.add_row("rejected", f"{sum(rows['rejected'].values())}" +
+                 (": " + ", ".join(f"{reason} {count}" for reason, count in reasons) if reasons else ""))
     head.add_row("splits", ", ".join(f"{k} {v}" for k, v in m["splits"].items()))
     head.add_row("shards", str(len(m["shards"])))
     head.add_row("tokenizer", f"BPE, {m['tokenizer']['vocab_size']} tokens")
     head.add_row("extra columns", ", ".join(m["source"]["extras"]) or "-")
-    console.print(head)
-    if rows["rejected"]:
-        reasons = Table(title="rejected rows by reason")
-        reasons.add_column("reason")
-        reasons.add_column("rows", justify="right")
-        for reason, count in sorted(rows["rejected"].items(), key=lambda kv: -kv[1]):
-            reasons.add_row(reason, str(count))
-        console.print(reasons)
+    console.out.print(head)
 
 
 def cmd_sample_make(args) -> int:
@@ -70,7 +66,7 @@ def cmd_sample_make(args) -> int:
     spec = SampleSpec(synthetic=args.synthetic, digits=args.digits, photos=not args.no_photos,
                       defects=not args.no_defects, seed=args.seed)
     url_list = make_sample(args.dir, args.base_url, spec)
-    print(f"wrote {url_list} (serve it with: mmpipe sample serve {args.dir} --port "
+    console.out.print(f"wrote {url_list} (serve it with: mmpipe sample serve {args.dir} --port "
           f"{args.base_url.rsplit(':', 1)[-1].split('/')[0]})")
     return 0
 
@@ -79,7 +75,7 @@ def cmd_sample_serve(args) -> int:
     from mmcore.data.server import FileServer
 
     server = FileServer(args.dir, host=args.host, port=args.port)
-    print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
+    console.out.print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -115,12 +111,12 @@ def cmd_dataset_verify(args) -> int:
     version = DatasetVersion.open(args.dir)
     problems = version.verify()
     for problem in problems:
-        print(f"FAIL {problem}")
+        console.out.print(f"FAIL {problem}")
     if problems:
-        print(f"dataset {version.id}: {len(problems)} problem(s)")
+        console.out.print(f"dataset {version.id}: {len(problems)} problem(s)")
         return 1
     files = len(version.manifest["files"])
-    print(f"dataset {version.id}: OK ({files} files, {version.manifest['rows']['kept']} rows verified)")
+    console.out.print(f"dataset {version.id}: OK ({files} files, {version.manifest['rows']['kept']} rows verified)")
     return 0
 
 
@@ -133,7 +129,7 @@ def cmd_train(args) -> int:
     if args.ray_address:
         overrides.append(f"cluster.address={json.dumps(args.ray_address)}")
     result = fit(apply_overrides(cfg, overrides))
-    print(json.dumps({"run": result.run_name, "model": result.model_uri, "alias": cfg.tracking.alias,
+    console.out.print(json.dumps({"run": result.run_name, "model": result.model_uri, "alias": cfg.tracking.alias,
                       "mlflow_run_id": result.mlflow_run_id, "run_dir": result.run_dir,
                       "metrics": {k: result.metrics[k] for k in ("loss", "val_loss", "samples_per_second")
                                   if k in result.metrics}}, indent=2))
@@ -149,20 +145,24 @@ def cmd_evaluate(args) -> int:
 
 
 def print_report(report) -> None:
-    from rich.console import Console
+    """One row per suite: its headline metric beside chance, then the suite's other metrics."""
     from rich.table import Table
 
     table = Table(title=f"{report.model_name} v{report.model_version} on dataset {report.dataset_id} "
                         f"(MLflow run {report.mlflow_run_id})")
-    for column in ("suite", "metric", "value"):
+    for column in ("suite", "metric", "value", "chance", "n", "other metrics"):
         table.add_column(column)
     for suite_name, metrics in report.metrics.items():
-        for key, value in metrics.items():
-            primary = " *" if key == report.primaries[suite_name] else ""
-            table.add_row(suite_name, key + primary, f"{value:.4f}")
+        primary = report.primaries[suite_name]
+        chance = next((v for k, v in metrics.items() if k.startswith("chance_") and primary.endswith(k[6:])),
+                      metrics.get("chance"))  # chance_recall_5 goes with image_to_text_recall_5
+        others = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                           if k != primary and k != "n" and not k.startswith("chance"))
+        table.add_row(suite_name, primary, f"{metrics[primary]:.4f}", "-" if chance is None else f"{chance:.4f}",
+                      str(int(metrics["n"])) if "n" in metrics else "-", others or "-")
     for suite_name, error in report.errors.items():
-        table.add_row(suite_name, "FAILED", error[:200])
-    Console().print(table)
+        table.add_row(suite_name, "FAILED", "-", "-", "-", error[:200])
+    console.out.print(table)
 
 
 def cmd_promote(args) -> int:
@@ -171,13 +171,12 @@ def cmd_promote(args) -> int:
 
     decision = promote(args.name, args.dataset, GateConfig(primary=args.primary, margin=args.margin), args.suite)
     word = "PROMOTED" if decision.promoted else "REFUSED"
-    print(f"{word}: {decision.model_name} v{decision.candidate_version} "
+    console.out.print(f"{word}: {decision.model_name} v{decision.candidate_version} "
           f"(champion was {decision.champion_version or 'none'}): {decision.reason}")
     return 0 if decision.promoted else 3
 
 
 def cmd_models_list(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from mmcore import tracking
@@ -191,7 +190,7 @@ def cmd_models_list(args) -> int:
         table.add_column(column)
     for row in tracking.registry_overview(uri):
         table.add_row(*(row[c] for c in columns))
-    Console().print(table)
+    console.out.print(table)
     return 0
 
 
@@ -199,13 +198,16 @@ def cmd_models_archs(args) -> int:
     from mmcore.models import list_models, model_config
 
     for name in list_models():
-        print(f"{name:16} {model_config(name).get('description', '')}")
+        console.out.print(f"{name:16} {model_config(name).get('description', '')}")
     return 0
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     """The library's commands; the app (pipelines/cli.py) adds the orchestration ones to `commands`."""
     parser = argparse.ArgumentParser(prog="mmpipe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help=f"show the libraries' output (Ray, DeepSpeed, Prefect, MLflow) on the console too; "
+                             f"otherwise it goes to <home>/logs/ (also {console.VERBOSE_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     sample = commands.add_parser("sample", help="the sample corpus").add_subparsers(dest="action", required=True)
@@ -280,12 +282,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run a parsed command; user errors become one line on stderr and exit status 2."""
+    """Run a parsed command with the console set up (library output to a log file unless -v).
+
+    A failure is one message on stderr naming what failed and the log file with the details; exit
+    status 2 for user errors (ValueError, OSError: bad config, missing or bad files), 1 otherwise.
+    """
+    home = Path(args.home).expanduser().absolute() if getattr(args, "home", None) else project_home()
+    console.configure(home / "logs", args.command, verbose=args.verbose or console.verbose_from_env())
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # user errors: SchemaError, DatasetError, missing files...
-        print(f"mmpipe: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        console.err.print(f"mmpipe: {args.command} interrupted")
+        return 130
+    except Exception as err:  # noqa: BLE001 - one clear message; the traceback is in the log file
+        console.err.print(console.failure(err, args.command))
+        return 2 if isinstance(err, (ValueError, OSError)) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

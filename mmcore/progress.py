@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
 
-console = Console(stderr=True)
+from mmcore import console
 
 Listener = Callable[[str, int, int], None]
 """Called as listener(description, done, total) on every update of every bar."""
@@ -32,16 +31,18 @@ def progress_listener(listener: Listener) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A bar for `total` items; yields `advance_to(done)`, callable from the owning thread."""
-    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task(description, total=total)
+def progress_bar(description: str, total: int) -> Iterator[Callable[..., None]]:
+    """A bar for `total` items; yields `advance_to(done, status="")`, callable from the owning thread.
 
-        def advance_to(done: int) -> None:
+    `status` is a short text shown after the bar (e.g. the training loss and samples/s)."""
+    columns = (TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console.err, transient=False) as progress:
+        task = progress.add_task(description, total=total, status="")
+
+        def advance_to(done: int, status: str | None = None) -> None:
             done = min(done, total)
-            progress.update(task, completed=done)
+            progress.update(task, completed=done, **({"status": status} if status is not None else {}))
             for listener in list(_listeners):
                 listener(description, done, total)
 

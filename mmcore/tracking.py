@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -114,7 +115,10 @@ def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, datase
         run_id = run.info.run_id
         client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
         client.log_text(run_id, json.dumps(dataset.manifest, indent=2), "dataset/manifest.json")
-        meta = MetaDataset(resolve_dataset_source(str(dataset.path)), name=f"mmpipe-{dataset.id}", digest=dataset.id)
+        with warnings.catch_warnings():  # MLflow registers two identical local sources (schemes "" and "file")
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+            source = resolve_dataset_source(str(dataset.path))
+        meta = MetaDataset(source, name=f"mmpipe-{dataset.id}", digest=dataset.id)
         client.log_inputs(run_id, datasets=[DatasetInput(meta._to_mlflow_entity(),
                                                          tags=[InputTag("mlflow.data.context", "training")])])
     else:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from mmcore import cli as library_cli
+from mmcore import console
 from mmcore.config import project_home
 from pipelines import stack
 
@@ -21,6 +22,10 @@ def _home(args) -> Path:
     os.environ["MMPIPE_HOME"] = str(home)
     # Flow-run records go beside the datasets and models (read at prefect's first import, which is later).
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+    # No telemetry: this machine may be offline, and the temporary API server's heartbeat writes
+    # to its sqlite file while the flow starts ("database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     return home
 
 
@@ -58,19 +63,19 @@ def cmd_demo(args) -> int:
     sample_dir.mkdir(parents=True, exist_ok=True)
     with _demo_server(sample_dir) as server:
         url_list = _ensure_sample(sample_dir, server.url)
-        print(f"sample corpus at {sample_dir}, served at {server.url}")
+        console.say(f"sample corpus at {sample_dir}, served at {server.url}")
         result = retrain_flow(RetrainParams(
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
             train=TrainSettings(recipe=args.recipe)))
     library_cli.print_summary(DatasetVersion.open(result.dataset["path"]))
-    trained, decision = result.trained, result.decision
-    print(f"trained and registered {trained['model_uri']} (alias candidate); run directory {trained['run_dir']}")
+    decision = result.decision
     library_cli.print_report(decision.candidate)
     word = "promoted to champion" if decision.promoted else "not promoted"
-    print(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
-    print(f"demo finished in {time.monotonic() - started:.0f}s as Prefect flow run 'retrain'; everything is under "
-          f"{home}\n  MLflow: {resolve_uri(TrackingConfig())}\n  Prefect flow runs: {os.environ['PREFECT_HOME']}\n"
-          f"  see both in their UIs with `mmpipe up`")
+    console.say(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
+    console.say(f"demo finished in {time.monotonic() - started:.0f}s as Prefect flow run 'retrain'; everything is "
+                f"under {home}\n  MLflow: {resolve_uri(TrackingConfig())}\n  Prefect flow runs: "
+                f"{os.environ['PREFECT_HOME']}\n  run directory: {result.trained['run_dir']}\n"
+                f"  see the runs and models in their UIs with `mmpipe up`\n  logs: {console.log_file()}")
     return 0
 
 
@@ -84,10 +89,9 @@ def cmd_serve(args) -> int:
                          "or set PREFECT_API_URL to yours")
     from pipelines.deployments import serve_deployments
 
-    print(f"serving deployments ingest/mmpipe, train/mmpipe, evaluate/mmpipe, retrain/mmpipe on "
+    console.out.print(f"serving deployments ingest/mmpipe, train/mmpipe, evaluate/mmpipe, retrain/mmpipe on "
           f"{os.environ['PREFECT_API_URL']} (retrain: cron {args.retrain_cron or 'off'}, on dataset.landed "
-          f"{'on' if not args.no_retrain_on_landing else 'off'}, recipe {args.retrain_recipe}); Ctrl-C stops",
-          flush=True)
+          f"{'on' if not args.no_retrain_on_landing else 'off'}, recipe {args.retrain_recipe}); Ctrl-C stops")
     serve_deployments(args.retrain_cron, not args.no_retrain_on_landing, args.retrain_recipe, args.limit)
     return 0
 

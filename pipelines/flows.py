@@ -7,16 +7,20 @@ orchestration (retries where a network or a cluster is touched, events, artifact
 from __future__ import annotations
 
 import contextvars
+import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
+from prefect.logging.handlers import APILogHandler
 
-from mmcore import tracking
-from mmcore.config import TrackingConfig
+from mmcore import console, tracking
+from mmcore.config import TrackingConfig, project_home
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.ingest import ingest
 from mmcore.eval.gate import GateDecision, promote
@@ -68,6 +72,25 @@ class ProgressArtifacts:
             update_progress_artifact(self.ids[description], percent)
         else:
             self.ids[description] = create_progress_artifact(percent, description=description)
+
+
+class RunLogs(APILogHandler):
+    """mmpipe's own lines (stage start and end, figures, errors) in the flow run's logs in the Prefect UI."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() or TaskRunContext.get():  # outside a run they stay in the console and log file
+            super().emit(record)
+
+
+def _console(flow_name: str) -> None:
+    """At the start of every flow: mmpipe's lines go to the run's logs; in a flow-run process of its own
+    (started by `mmpipe serve` or a Prefect worker) the libraries' output goes to a log file under the
+    project home, as for `mmpipe` commands (MMPIPE_VERBOSE=1 keeps it on the console)."""
+    if not any(isinstance(h, RunLogs) for h in console.log.handlers):
+        console.log.addHandler(RunLogs())
+    console.log.setLevel(logging.INFO)
+    if os.environ.get("PREFECT__FLOW_RUN_ID") and console.log_file() is None:
+        console.configure(project_home() / "logs", f"flow-{flow_name}", console.verbose_from_env())
 
 
 @task(name="ingest", **infrastructure)
@@ -135,6 +158,7 @@ def ingest_flow(params: IngestParams) -> dict:
 
     Only a new version is announced: a re-run that reuses one does not start another retrain.
     """
+    _console("ingest")
     summary = ingest_task(params)
     if summary["new"]:
         emit_event(DATASET_LANDED, resource={"prefect.resource.id": f"mmpipe.dataset.{summary['id']}",
@@ -146,12 +170,14 @@ def ingest_flow(params: IngestParams) -> dict:
 @flow(name="train", log_prints=True)
 def train_flow(params: TrainParams) -> dict:
     """Train one stage on a dataset version; the model is registered with alias `candidate`."""
+    _console("train")
     return train_task(params)
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate_flow(params: EvaluateParams) -> dict:
     """Evaluate `model@candidate`; with `promote`, run the gate against `model@champion`."""
+    _console("evaluate")
     if params.promote:
         decision = promote_task(params.model, params.dataset, params)
         return report.decision_summary(decision)
@@ -171,6 +197,7 @@ class RetrainResult:
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
     """ingest (or a landed dataset) -> train -> evaluate -> promote. Later stages slot in as further steps."""
+    _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))
     trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))

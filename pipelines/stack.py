@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+from mmcore import console
+
 DEFAULT_HOST = "127.0.0.1"
 SERVICES = ("prefect", "mlflow", "ray")
 # Every port `up` binds, with the service it belongs to (the name a port clash is reported under).
@@ -599,7 +601,7 @@ def _add_home(parser: argparse.ArgumentParser) -> None:
 
 
 def _error(err: Exception) -> int:
-    print(f"mmpipe: error: {err}", file=sys.stderr)
+    console.err.print(f"mmpipe: error: {err}")
     return 2
 
 
@@ -608,37 +610,37 @@ def cmd_up(args: argparse.Namespace) -> int:
     ports = {key: getattr(args, f"{key}_port") for key in DEFAULT_PORTS}
     alive = running(home)
     if alive and all(alive.values()):
-        print(f"the stack is already running (state in {state_path(home)})")
+        console.out.print(f"the stack is already running (state in {state_path(home)})")
     elif not any(alive.values()):
-        print(f"starting prefect, mlflow and ray on {args.host} (logs in {stack_dir(home) / 'logs'}) ...", flush=True)
+        console.out.print(f"starting prefect, mlflow and ray on {args.host} (logs in {stack_dir(home) / 'logs'}) ...")
     try:
         urls = up(home, host=args.host, ports=ports, timeout_s=args.timeout)
     except (StackError, ValueError) as err:
         return _error(err)
     _print_urls(home, urls)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: Prefect and MLflow on {args.host} have no authentication (Ray uses its token); "
-              "anyone who can reach this machine can use them. See docs/cluster.md.", file=sys.stderr)
+        console.err.print(f"warning: Prefect and MLflow on {args.host} have no authentication (Ray uses its token); "
+              "anyone who can reach this machine can use them. See docs/cluster.md.")
     return 0
 
 
 def _print_urls(home: Path, urls: dict[str, str]) -> None:
-    print(f"Prefect UI     {urls['prefect_ui']}")
-    print(f"MLflow UI      {urls['mlflow_ui']}")
-    print(f"Ray dashboard  {urls['ray_dashboard']}  (token: {token_path(home)})")
-    print(f"Ray address    {urls['ray_address']}" + (f"  or {urls['ray_client']}" if "ray_client" in urls else ""))
-    print(f"\n# for clients (also in {env_path(home)}: `source {env_path(home)}`)")
+    console.out.print(f"Prefect UI     {urls['prefect_ui']}")
+    console.out.print(f"MLflow UI      {urls['mlflow_ui']}")
+    console.out.print(f"Ray dashboard  {urls['ray_dashboard']}  (token: {token_path(home)})")
+    console.out.print(f"Ray address    {urls['ray_address']}" + (f"  or {urls['ray_client']}" if "ray_client" in urls else ""))
+    console.out.print(f"\n# for clients (also in {env_path(home)}: `source {env_path(home)}`)")
     for key, value in client_env(home, urls).items():
-        print(f"export {key}={shlex.quote(value)}")
+        console.out.print(f"export {key}={shlex.quote(value)}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     rows = status(Path(args.home))
-    print(f"{'service':<9}{'state':<10}{'pid':<9}{'healthy':<9}url")
+    console.out.print(f"{'service':<9}{'state':<10}{'pid':<9}{'healthy':<9}url")
     for row in rows:
         state = "running" if row["running"] else "stopped"
         pid = str(row["pid"] or "-")
-        print(f"{row['service']:<9}{state:<10}{pid:<9}{'yes' if row['healthy'] else 'no':<9}{row['url'] or '-'}")
+        console.out.print(f"{row['service']:<9}{state:<10}{pid:<9}{'yes' if row['healthy'] else 'no':<9}{row['url'] or '-'}")
     return 0 if all(row["healthy"] for row in rows) else 1
 
 
@@ -647,5 +649,5 @@ def cmd_down(args: argparse.Namespace) -> int:
         stopped = down(Path(args.home))
     except StackError as err:
         return _error(err)
-    print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    console.out.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
     return 0

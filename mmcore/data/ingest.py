@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmcore.config import IngestConfig, to_dict
+from mmcore.console import say
 from mmcore.data.dataset import MANIFEST, DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.download import download
 from mmcore.data.filters import Filter, build_filters, run_filters
@@ -37,6 +38,7 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
         raise FileExistsError(f"{out} already exists; dataset versions are immutable, choose another --out")
     work = Path(cfg.work_dir or f"{out}.partial")
     source = read_source(cfg.source)
+    say(f"ingesting {source.table.num_rows} rows of {source.path} into {out} (downloads in {work})")
     rejects = Rejects()
     todo = precheck(source, cfg.guard, rejects)
     raw_dir = download(todo, work / "raw", cfg.download, cfg.guard, source.sha256)
@@ -48,7 +50,11 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
         shutil.rmtree(staging, ignore_errors=True)
         raise
     shutil.rmtree(work, ignore_errors=True)
-    return DatasetVersion.open(out)
+    version = DatasetVersion.open(out)
+    rows = version.manifest["rows"]
+    say(f"dataset {version.id}: kept {rows['kept']} of {rows['in']} rows ({sum(rows['rejected'].values())} "
+        f"rejected, reasons in {out / 'rejects.parquet'}) at {out}")
+    return version
 
 
 def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw_dir: Path,

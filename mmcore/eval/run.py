@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass, field
 
-from mmcore import tracking
+from mmcore import console, tracking
 from mmcore.config import TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
 from mmcore.eval.suites import default_suites, get_suite
+from mmcore.progress import progress_bar
 
 EVAL_EXPERIMENT = "mmpipe-eval"
 
@@ -53,13 +53,17 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     data = DatasetVersion.open(dataset)
     model, preprocess = tracking.load_model(f"models:/{name}/{version}", tracking_uri)
     selected = [get_suite(s, model.family) for s in (suites or default_suites(model.family))]
+    console.say(f"evaluating models:/{name}/{version} on dataset {data.id}: {', '.join(s.name for s in selected)}")
     results = {}
-    for suite in selected:
-        try:
-            results[suite.name] = {"result": suite.run(model, preprocess, data)}
-        except Exception as err:  # noqa: BLE001 - recorded, and the gate refuses a partial evaluation
-            results[suite.name] = {"error": f"{type(err).__name__}: {err}"}
-            traceback.print_exc()
+    with progress_bar("evaluating", len(selected)) as advance_to:
+        for done, suite in enumerate(selected):
+            advance_to(done, suite.name)
+            try:
+                results[suite.name] = {"result": suite.run(model, preprocess, data)}
+            except Exception as err:  # noqa: BLE001 - recorded, and the gate refuses a partial evaluation
+                results[suite.name] = {"error": f"{type(err).__name__}: {err}"}
+                console.log.exception("suite %s failed on %s/%s", suite.name, name, version)
+        advance_to(len(selected), "")
     run_id = tracking.log_evaluation(tracking_uri, EVAL_EXPERIMENT, name, version, data, results)
     report = EvalReport(name, version, data.id, run_id,
                         metrics={k: v["result"].metrics for k, v in results.items() if "result" in v},
@@ -68,4 +72,6 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     tracking.tag_version(name, version, {"eval.run_id": run_id, "eval.dataset_id": data.id,
                                          "eval.summary": report.summary() or "-",
                                          "eval.ok": str(report.ok).lower()}, tracking_uri)
+    failed = f"; FAILED: {', '.join(report.errors)}" if report.errors else ""
+    console.say(f"evaluated {name} v{version}: {report.summary() or '-'}{failed} (MLflow run {run_id})")
     return report

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mmcore import tracking
+from mmcore.console import say
 from mmcore.config import RunConfig, project_home, to_dict
 from mmcore.data.dataset import DatasetError, DatasetVersion
 from mmcore.data.schema import open_shard
@@ -71,17 +72,24 @@ def run_name(cfg: RunConfig, dataset_id: str) -> str:
     return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
 
 
-def _ray(cfg: RunConfig):
+def connect_ray(address: str = "", num_cpus: int = 0):
+    """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a local one; returns the ray module.
+
+    A local Ray gets its dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the State
+    API (served by the dashboard) whether the controller lives, every second of the run, and without
+    it logs a failure each time. Logical CPUs default to at least 4, so Ray Data tasks are not
+    starved by the training workers on a 2-core machine.
+    """
     import ray
     import ray.data
 
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
+    address = address or os.environ.get("RAY_ADDRESS", "")
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=cfg.cluster.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                     configure_logging=False)
+            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
+                     dashboard_host="127.0.0.1", configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood the log
     return ray
 
@@ -99,7 +107,10 @@ def fit(cfg: RunConfig) -> TrainResult:
     if (run_dir / "result.json").exists():
         return TrainResult(**json.loads((run_dir / "result.json").read_text()))
     run_dir.mkdir(parents=True, exist_ok=True)
-    ray = _ray(cfg)
+    say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}: "
+        f"{cfg.optim.max_steps} steps, {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}; "
+        f"run directory {run_dir}")
+    ray = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     id_file = run_dir / "mlflow_run_id"
     run_id = tracking.start_run(uri, cfg.tracking, name, to_dict(cfg), version,
@@ -119,6 +130,7 @@ def fit(cfg: RunConfig) -> TrainResult:
     result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,
                          f"models:/{model_name}/{model_version}", metrics)
     result.save(run_dir / "result.json")
+    say(f"registered {result.model_uri} (alias {cfg.tracking.alias}), MLflow run {run_id}")
     return result
 
 
@@ -160,8 +172,9 @@ def _training_bar(run_dir: Path, max_steps: int):
     done = threading.Event()
 
     def show_step(advance_to) -> None:
-        with contextlib.suppress(OSError, ValueError):  # not written yet
-            advance_to(json.loads((run_dir / "progress.json").read_text())["step"])
+        with contextlib.suppress(OSError, ValueError, KeyError):  # not written yet (or by an older version)
+            progress = json.loads((run_dir / "progress.json").read_text())
+            advance_to(progress["step"], f"loss {progress['loss']:.3f}  {progress['samples_per_second']:.0f} samples/s")
 
     def watch(advance_to) -> None:
         while not done.wait(2.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,10 @@ from mmcore.data.stream import torch_batches
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
 from mmcore.train.parallel import apply_activation_checkpointing, param_groups
+
+log = logging.getLogger("mmpipe.train")
+"""Worker lines go to Ray Train's worker log (and the driver's log file), never twice: Ray Train turns a
+worker's print() into a log record and also echoes it when something wrapped sys.stdout."""
 
 
 class NonFiniteLoss(RuntimeError):
@@ -99,7 +104,7 @@ def _resume(engine, root: Path, rank: int) -> dict:
     engine.load_checkpoint(str(path), tag="state")
     state = checkpoint.read_meta(path)["state"]
     if rank == 0:
-        print(f"mmpipe: resumed from {path} (step {state['step']})", flush=True)
+        log.info("resumed from %s (step %d)", path, state["step"])
     return {**state, "resumed_from": state["step"]}
 
 
@@ -132,7 +137,7 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
         if step % 10 == 0 or step == cfg.optim.max_steps or step % cfg.checkpoint.every_steps == 0:
             last = _log_window(engine, cfg, window, step, guard, device, rank, logger, out)
             if rank == 0:
-                write_progress(run_dir, step, cfg.optim.max_steps)
+                write_progress(run_dir, step, cfg.optim.max_steps, last)
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
             last.update(_validate(engine, cfg, dtype, device))
             _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total}, last)
@@ -147,10 +152,11 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
     return last
 
 
-def write_progress(run_dir: Path, step: int, max_steps: int) -> None:
+def write_progress(run_dir: Path, step: int, max_steps: int, metrics: dict) -> None:
     """`progress.json` for the driver's progress bar (renamed into place, so never read half-written)."""
     tmp = run_dir / ".progress.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "max_steps": max_steps}))
+    tmp.write_text(json.dumps({"step": step, "max_steps": max_steps, "loss": metrics["loss"],
+                               "samples_per_second": metrics["samples_per_second"]}))
     tmp.replace(run_dir / "progress.json")
 
 
@@ -162,9 +168,8 @@ def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> 
     metrics.update(step=step, lr=engine.get_lr()[0], samples_per_second=rows / elapsed, bad_steps=guard.total,
                    **{k: float(v) for k, v in out.items() if k != "loss" and v.numel() == 1})  # e.g. logit_scale
     if rank == 0:
-        print(f"step {step}/{cfg.optim.max_steps} loss {metrics['loss']:.4f} lr {metrics['lr']:.2e} "
-              f"samples/s {metrics['samples_per_second']:.0f} data wait {100 * metrics['data_wait_fraction']:.0f}%",
-              flush=True)
+        log.info("step %d/%d loss %.4f lr %.2e samples/s %.0f data wait %.0f%%", step, cfg.optim.max_steps,
+                 metrics["loss"], metrics["lr"], metrics["samples_per_second"], 100 * metrics["data_wait_fraction"])
         logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
     window.update(loss=0.0, micro=0, wait=0.0, start=time.perf_counter())
     return metrics
@@ -208,7 +213,7 @@ def _checkpoint(engine, cfg: RunConfig, run_dir: Path, rank: int, state: dict, m
     if rank == 0:
         final = checkpoint.seal(root, state["step"], {"state": state, "metrics": metrics})
         checkpoint.prune(root, cfg.checkpoint.keep)
-        print(f"mmpipe: checkpoint {final}", flush=True)
+        log.info("checkpoint %s", final)
         sealed = ray.train.Checkpoint(str(final))
     dist.barrier()
     # Ray Train records the sealed directory as it is (already on shared storage: no copy, no deletion).

@@ -37,12 +37,10 @@ def train_dataset(served_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for the session (4 logical CPUs: data tasks beside two training workers)."""
-    import ray
-    import ray.data
+    """One local Ray for the session, started as `fit` starts it (4 logical CPUs on 2 cores)."""
+    from mmcore.train.fit import connect_ray
 
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray = connect_ray()
     yield ray
     ray.shutdown()
 
