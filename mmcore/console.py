@@ -78,6 +78,7 @@ def failure(err_: BaseException, what: str) -> str:
     """The one message a failed command shows: what failed, why, and where the details are."""
     log.error("%s failed", what, exc_info=err_)
     detail = str(err_).strip().splitlines()[0] if str(err_).strip() else type(err_).__name__
-    kind = "" if isinstance(err_, (ValueError, OSError)) else f"{type(err_).__name__}: "
+    ours = isinstance(err_, (ValueError, OSError)) or type(err_).__module__.startswith("mmcore")
+    kind = "" if ours else f"{type(err_).__name__}: "  # our messages say what happened; others get their type
     where = f"\n  details: {log_file()}" if log_file() else ""
     return f"mmpipe: error: {what} failed: {kind}{detail}{where}"

@@ -26,7 +26,7 @@ from mmcore.data.ingest import ingest
 from mmcore.eval.gate import GateDecision, promote
 from mmcore.eval.run import EvalReport, evaluate
 from mmcore.progress import progress_listener
-from mmcore.train.fit import fit
+from mmcore.train.fit import TrainingError, fit
 from mmcore.train.loop import NonFiniteLoss
 from pipelines import report
 from pipelines.params import EvaluateParams, GateParams, IngestParams, RetrainParams, TrainParams
@@ -39,6 +39,8 @@ USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsErr
 def _retry_unless_user_error(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
     try:
         state.result()
+    except TrainingError as err:  # a worker's error: judged by what the worker raised
+        return not isinstance(err.cause, USER_ERRORS)
     except USER_ERRORS:
         return False
     except Exception:  # noqa: BLE001 - a network, cluster or server failure: worth another try

@@ -28,6 +28,26 @@ from mmcore.progress import progress_bar
 from mmcore.tasks import build_task
 
 
+class TrainingError(RuntimeError):
+    """Training failed inside Ray Train; the message names the worker rank(s) and the worker's own error."""
+
+    def __init__(self, message: str, cause: BaseException):
+        super().__init__(message)
+        self.cause = cause
+
+
+def training_error(error: BaseException) -> TrainingError:
+    """Ray Train's WorkerGroupError (a page of every rank's traceback) -> one line about the first failure."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank, cause = min(failures.items())
+        where = f"training worker rank {rank}" + (f" (and {len(failures) - 1} more)" if len(failures) > 1 else "")
+    else:
+        cause, where = getattr(error, "controller_failure", error), "the Ray Train controller"
+    text = str(cause).strip().splitlines()
+    return TrainingError(f"{where} failed: {type(cause).__name__}: {text[0] if text else ''}", cause)
+
+
 @dataclass
 class TrainResult:
     """What a training run produced and where to find it."""
@@ -160,9 +180,12 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
     with tracking.system_metrics(uri, run_id), _training_bar(run_dir, cfg.optim.max_steps):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as err:
+            raise training_error(err) from err
     if result.error:
-        raise result.error
+        raise training_error(result.error) from result.error
     return json.loads((run_dir / "metrics.json").read_text())
 
 
