@@ -49,6 +49,21 @@ def _artifacts(flow_run_id) -> dict[str, str]:
     return {a.key or f"{a.type}:{a.id}": a.data for a in found}
 
 
+def _run_logs_show(flow_run_id, text: str, wait_s: float = 30) -> bool:
+    """Whether the flow run's logs, as the UI shows them, have a line with `text` (sent in the background)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            found = "\n".join(log.message for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200))
+            if text in found or time.monotonic() > deadline:
+                return text in found
+            time.sleep(1)
+
+
 def _landed_events(api_url: str, dataset_id: str, expected: int, wait_s: float = 30) -> int:
     """How many dataset.landed events the API recorded for this version (persisted asynchronously)."""
     import httpx
@@ -80,6 +95,8 @@ def test_ingest_flow_versions_the_list_leaves_artifacts_and_reuses_it(prefect_ap
     assert version.id in artifacts["mmpipe-dataset"] and "Rejected rows by reason" in artifacts["mmpipe-dataset"]
     progress = [v for k, v in artifacts.items() if k.startswith("progress:")]
     assert progress and max(progress) == 100.0, "the download and filter bars reached the UI as progress artifacts"
+    assert _run_logs_show(state.state_details.flow_run_id, f"dataset {version.id}: kept {rows['kept']} of "
+                          f"{rows['in']} rows"), "mmpipe's own lines reach the flow run's logs in the UI"
 
     requests_before = len(server.requests)
     again = ingest_flow(params, return_state=True)
