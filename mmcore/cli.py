@@ -145,23 +145,25 @@ def cmd_evaluate(args) -> int:
 
 
 def print_report(report) -> None:
-    """One row per suite: its headline metric beside chance, then the suite's other metrics."""
+    """A row per metric (chance beside it; * marks each suite's primary), narrow enough for 80 columns."""
     from rich.table import Table
 
     table = Table(title=f"{report.model_name} v{report.model_version} on dataset {report.dataset_id} "
-                        f"(MLflow run {report.mlflow_run_id})")
-    for column in ("suite", "metric", "value", "chance", "n", "other metrics"):
-        table.add_column(column)
+                        f"(MLflow run {report.mlflow_run_id})", caption="* the suite's primary metric")
+    for column in ("suite", "metric", "value"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("chance")
     for suite_name, metrics in report.metrics.items():
         primary = report.primaries[suite_name]
-        chance = next((v for k, v in metrics.items() if k.startswith("chance_") and primary.endswith(k[6:])),
-                      metrics.get("chance"))  # chance_recall_5 goes with image_to_text_recall_5
-        others = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()
-                           if k != primary and k != "n" and not k.startswith("chance"))
-        table.add_row(suite_name, primary, f"{metrics[primary]:.4f}", "-" if chance is None else f"{chance:.4f}",
-                      str(int(metrics["n"])) if "n" in metrics else "-", others or "-")
+        shown = [primary] + [k for k in metrics if k not in (primary, "n") and not k.startswith("chance")]
+        label = f"{suite_name} (n={int(metrics['n'])})" if "n" in metrics else suite_name
+        for i, key in enumerate(shown):
+            chance = next((v for k, v in metrics.items() if k.startswith("chance_") and key.endswith(k[6:])),
+                          metrics.get("chance"))  # chance_recall_5 goes with image_to_text_recall_5
+            table.add_row(label if i == 0 else "", key + (" *" if key == primary else ""), f"{metrics[key]:.4f}",
+                          "-" if chance is None else f"{chance:.4f}")
     for suite_name, error in report.errors.items():
-        table.add_row(suite_name, "FAILED", "-", "-", "-", error[:200])
+        table.add_row(suite_name, "FAILED", "-", error[:200])
     console.out.print(table)
 
 
