@@ -210,19 +210,41 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
 
 
 def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarray:
-    """One embedding per row: of its `image` (encoded bytes) if it has one, else of its `text`."""
+    """One embedding per row, in row order: of its `image` (encoded bytes) if it has one, else of its `text`.
+
+    The images and the texts are each embedded in batches; a row with neither, or with an image
+    that does not decode, is a ValueError naming the row.
+    """
     from mmcore.models.encode import embed_images, embed_texts
 
-    out = []
-    for _, row in rows.iterrows():
-        image, text = row.get("image"), row.get("text")
-        if isinstance(image, (bytes, bytearray)):
-            out.append(embed_images(model, preprocess, [bytes(image)])[0])
-        elif isinstance(text, str):
-            out.append(embed_texts(model, preprocess, [text])[0])
-        else:
-            raise ValueError("each row needs an `image` (encoded bytes) or a `text` value")
-    return np.stack(out).astype(np.float32)
+    images = rows["image"].tolist() if "image" in rows else [None] * len(rows)
+    texts = rows["text"].tolist() if "text" in rows else [None] * len(rows)
+    image_rows = [i for i, image in enumerate(images) if isinstance(image, (bytes, bytearray))]
+    text_rows = [i for i, (image, text) in enumerate(zip(images, texts))
+                 if not isinstance(image, (bytes, bytearray)) and isinstance(text, str)]
+    if len(image_rows) + len(text_rows) < len(rows):
+        first = sorted(set(range(len(rows))) - set(image_rows) - set(text_rows))[0]
+        raise ValueError(f"row {first}: each row needs an `image` (encoded bytes) or a `text` value")
+    out = np.zeros((len(rows), model.cfg.embed_dim), np.float32)
+    if image_rows:
+        blobs = [bytes(images[i]) for i in image_rows]
+        try:
+            out[image_rows] = embed_images(model, preprocess, blobs)
+        except (OSError, ValueError) as err:  # PIL's errors do not say which image: find the row
+            raise ValueError(f"row {image_rows[_undecodable(preprocess, blobs)]}: the image cannot be decoded "
+                             f"({err})") from err
+    if text_rows:
+        out[text_rows] = embed_texts(model, preprocess, [texts[i] for i in text_rows])
+    return out
+
+
+def _undecodable(preprocess: Preprocessor, blobs: list[bytes]) -> int:
+    for index, blob in enumerate(blobs):
+        try:
+            preprocess.image(blob)
+        except (OSError, ValueError):
+            return index
+    raise AssertionError("a batch that failed to decode decodes row by row")
 
 
 def _signature(embed_dim: int):

@@ -66,7 +66,6 @@ def torch_batches(shard, batch_size: int, device: torch.device, shuffle: bool,
             batch_size=batch_size, drop_last=True, device=device,
             local_shuffle_buffer_size=4 * batch_size if shuffle else None,
             local_shuffle_seed=epoch if shuffle else None,
-            dtypes={"image": torch.float32, "tokens": torch.int64},
         )
         started = time.perf_counter()
         for batch in iterator:

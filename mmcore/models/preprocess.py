@@ -6,6 +6,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
@@ -25,10 +26,18 @@ class PreprocessConfig:
     resized. No flips: captions say "left of" and "right of"."""
 
 
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float32, (x / 255 - mean) / std; mean and std shaped (3, 1, 1)."""
+    return (pixels.float() / 255.0 - mean) / std
+
+
 class Preprocessor:
     """Turns {"image": encoded bytes, "caption": str} batches into model inputs (numpy).
 
-    Picklable (the tokenizer travels as its JSON) so Ray Data can run it in `map_batches`.
+    For training (`__call__`, run by Ray Data in `map_batches`) images stay uint8: a quarter of
+    float32's bytes in the object store and between processes; the Task normalizes them on the
+    training device. `images()` returns them normalized, for inference and evaluation.
+    Picklable (the tokenizer travels as its JSON).
     """
 
     def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False):
@@ -37,8 +46,8 @@ class Preprocessor:
         self.augment = augment
         self._rng = np.random.default_rng()
         self._tokenizer: Tokenizer | None = None
-        self.mean = np.array(cfg.mean, np.float32).reshape(3, 1, 1)
-        self.std = np.array(cfg.std, np.float32).reshape(3, 1, 1)
+        self.mean = torch.tensor(cfg.mean, dtype=torch.float32).reshape(3, 1, 1)
+        self.std = torch.tensor(cfg.std, dtype=torch.float32).reshape(3, 1, 1)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -63,14 +72,17 @@ class Preprocessor:
 
     def image(self, data: bytes) -> np.ndarray:
         """Encoded bytes -> (3, S, S) float32, normalized."""
+        return self.images([data])[0]
+
+    def pixels(self, data: bytes) -> np.ndarray:
+        """Encoded bytes -> (3, S, S) uint8: decoded, cropped when augmenting, resized."""
         with Image.open(io.BytesIO(data)) as image:
             image = image.convert("RGB")
             if self.augment:
                 image = self._random_crop(image)
             if image.size != (self.cfg.image_size, self.cfg.image_size):
                 image = image.resize((self.cfg.image_size, self.cfg.image_size), Image.BICUBIC)
-            pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return (pixels - self.mean) / self.std
+            return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
     def _random_crop(self, image: Image.Image) -> Image.Image:
         side = min(image.size)
@@ -79,9 +91,14 @@ class Preprocessor:
         top = int(self._rng.integers(0, image.size[1] - crop + 1))
         return image.crop((left, top, left + crop, top + crop))
 
+    def batch_pixels(self, blobs) -> np.ndarray:
+        """Encoded images -> (B, 3, S, S) uint8."""
+        return np.stack([self.pixels(bytes(b)) for b in blobs]) if len(blobs) else \
+            np.zeros((0, 3, self.cfg.image_size, self.cfg.image_size), np.uint8)
+
     def images(self, blobs) -> np.ndarray:
-        return np.stack([self.image(bytes(b)) for b in blobs]) if len(blobs) else \
-            np.zeros((0, 3, self.cfg.image_size, self.cfg.image_size), np.float32)
+        """Encoded images -> (B, 3, S, S) float32, normalized (inference and evaluation)."""
+        return normalize(torch.from_numpy(self.batch_pixels(blobs)), self.mean, self.std).numpy()
 
     def tokens(self, captions) -> np.ndarray:
         """Captions -> (B, context_length) int64 ids: <bos> ... <eos> <pad>..."""
@@ -89,4 +106,5 @@ class Preprocessor:
         return np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(captions), self.cfg.context_length)
 
     def __call__(self, batch: dict) -> dict:
-        return {"image": self.images(batch["image"]), "tokens": self.tokens(batch["caption"])}
+        """The training batch: uint8 pixels (normalized by the Task, on its device) and token ids."""
+        return {"image": self.batch_pixels(batch["image"]), "tokens": self.tokens(batch["caption"])}

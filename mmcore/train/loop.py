@@ -27,6 +27,11 @@ class NonFiniteLoss(RuntimeError):
     """The loss stayed NaN/inf for optim.max_bad_steps micro-batches in a row."""
 
 
+def cast_floating(batch: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
+    """Floating tensors in the training dtype; the rest (token ids, uint8 pixels) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
 def all_ranks_true(flag: bool, device) -> bool:
     """The same answer on every rank (a step is skipped everywhere or nowhere)."""
     value = torch.tensor([0.0 if flag else 1.0], device=device)
@@ -122,7 +127,7 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
     while engine.global_steps < cfg.optim.max_steps:
         batch, waited = next(batches)
         window["wait"] += waited
-        out = engine({"image": batch["image"].to(dtype), "tokens": batch["tokens"]})
+        out = engine(cast_floating(batch, dtype))
         if not guard.check(all_ranks_true(bool(torch.isfinite(out["loss"]).all()), device), engine.global_steps):
             continue
         engine.backward(out["loss"])
@@ -186,7 +191,7 @@ def _validate(engine, cfg: RunConfig, dtype, device) -> dict:
     engine.eval()
     with torch.no_grad():
         for batch, _ in torch_batches(shard, cfg.micro_batch, device, shuffle=False, epochs=1):
-            losses.append(engine({"image": batch["image"].to(dtype), "tokens": batch["tokens"]})["loss"].item())
+            losses.append(engine(cast_floating(batch, dtype))["loss"].item())
             if len(losses) == cfg.data.val_batches:
                 break
     engine.train()

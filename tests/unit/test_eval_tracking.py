@@ -40,3 +40,53 @@ def test_metric_logging_failures_are_counted_not_raised(capsys):
 def test_unreachable_tracking_server_is_a_clear_error():
     with pytest.raises(TrackingError, match="MLflow at http://127.0.0.1:9 is not reachable"):
         check_reachable("http://127.0.0.1:9")
+
+
+def _debug_clip():
+    from mmcore.config import TokenizerConfig
+    from mmcore.data.tokenizer import EOS, train_tokenizer
+    from mmcore.models import build_model, model_config
+    from mmcore.models.preprocess import Preprocessor
+
+    tokenizer = train_tokenizer(["a red circle", "two blue squares left of a green triangle"] * 20,
+                                TokenizerConfig(vocab_size=300))
+    model, pre = build_model(model_config("clip-debug"), vocab_size=tokenizer.get_vocab_size(),
+                             eos_id=tokenizer.token_to_id(EOS))
+    return model.eval(), Preprocessor(pre, tokenizer.to_str())
+
+
+def _jpeg(color) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def test_registry_embeddings_come_in_batches_equal_to_row_by_row():
+    import pandas as pd
+
+    from mmcore.tracking import embed_rows
+
+    model, pre = _debug_clip()
+    rows = pd.DataFrame({"image": [_jpeg((200, 0, 0)), None, _jpeg((0, 0, 200)), None, _jpeg((0, 150, 0))],
+                         "text": [None, "a red circle", None, "two blue squares", "ignored: the row has an image"]})
+    batched = embed_rows(model, pre, rows)
+    one_by_one = np.concatenate([embed_rows(model, pre, rows.iloc[[i]]) for i in range(len(rows))])
+    assert batched.shape == (5, model.cfg.embed_dim) and batched.dtype == np.float32
+    assert np.allclose(batched, one_by_one, atol=1e-5)
+    assert not np.allclose(batched[0], batched[2]), "rows keep their own embedding, in order"
+
+
+def test_registry_embeddings_name_the_bad_row():
+    import pandas as pd
+
+    from mmcore.tracking import embed_rows
+
+    model, pre = _debug_clip()
+    with pytest.raises(ValueError, match="row 2: the image cannot be decoded"):
+        embed_rows(model, pre, pd.DataFrame({"image": [_jpeg((1, 2, 3)), _jpeg((4, 5, 6)), b"not an image"]}))
+    with pytest.raises(ValueError, match="row 1: each row needs an `image`"):
+        embed_rows(model, pre, pd.DataFrame({"text": ["a red circle", None]}))

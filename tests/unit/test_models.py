@@ -64,7 +64,35 @@ def test_preprocessor_matches_the_model_and_pickles():
     Image.new("RGB", (64, 64), (255, 0, 0)).save(buffer, "JPEG")
     batch = pickle.loads(pickle.dumps(pre))({"image": [buffer.getvalue()] * 2,
                                               "caption": ["a red circle", "two blue squares and more words"]})
-    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == np.float32
-    assert batch["image"][0, 0].mean() == pytest.approx(1.0, abs=0.02)  # red, normalized to [-1, 1]
+    assert batch["image"].shape == (2, 3, 32, 32) and batch["image"].dtype == np.uint8  # normalized by the Task
+    assert batch["image"][0, 0].mean() == pytest.approx(254, abs=3) and batch["image"][0, 2].mean() < 3  # red
+    assert pre.images([buffer.getvalue()])[0, 0].mean() == pytest.approx(1.0, abs=0.02)  # red, in [-1, 1]
     assert batch["tokens"].shape == (2, 8) and batch["tokens"][0, 0] == 2  # <bos>
     assert 3 in batch["tokens"][1]  # <eos> survives truncation
+
+
+def test_uint8_stream_normalized_by_the_task_equals_the_float_path():
+    """Training streams uint8 pixels and the Task normalizes them on its device; evaluation decodes to
+    normalized floats. Both must feed the model the same tensor as the float32 formula did."""
+    from mmcore.config import RunConfig
+    from mmcore.tasks import build_task
+
+    tokenizer = train_tokenizer(["a red circle", "two blue squares"] * 20, TokenizerConfig(vocab_size=300))
+    task, pre_cfg = build_task(RunConfig(), model_config("clip-debug"), tokenizer.to_str())
+    pre = Preprocessor(pre_cfg, tokenizer.to_str())
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(3):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(buffer, "PNG")
+        blobs.append(buffer.getvalue())
+    pixels = pre({"image": blobs, "caption": ["a red circle"] * 3})["image"]
+    mean, std = (np.array(v, np.float32).reshape(3, 1, 1) for v in (pre_cfg.mean, pre_cfg.std))
+    formula = (pixels.astype(np.float32) / 255.0 - mean) / std  # what the stream carried before, as float32
+    seen = {}
+    task.model.forward = lambda images, tokens: seen.update(images=images) or {
+        "image_features": torch.ones(3, 2), "text_features": torch.ones(3, 2)}
+    task({"image": torch.from_numpy(pixels), "tokens": torch.zeros(3, pre_cfg.context_length, dtype=torch.long)})
+    assert seen["images"].dtype == torch.float32
+    assert np.allclose(seen["images"].numpy(), formula, atol=1e-6)
+    assert np.allclose(pre.images(blobs), formula, atol=1e-6)
