@@ -150,7 +150,7 @@ def _wait_for_deployments(names: list[str], log: Path, process, timeout_s: float
     raise AssertionError(f"deployments not registered in {timeout_s}s: {log.read_text()[-3000:]}")
 
 
-def test_served_ingest_deployment_runs_from_the_api_to_completion(served, small_list, tmp_path):
+def test_served_ingest_deployment_runs_from_the_api_to_completion(served, small_list, tmp_path, mmpipe_home):
     from prefect.deployments import run_deployment
 
     out = tmp_path / "via-deployment"
@@ -160,6 +160,10 @@ def test_served_ingest_deployment_runs_from_the_api_to_completion(served, small_
     assert DatasetVersion.open(out).verify() == []
     artifacts = _artifacts(run.id)
     assert DatasetVersion.open(out).id in artifacts["mmpipe-dataset"]
+    # The flow-run process wrote the libraries' output (img2dataset's here) to a log under the project home.
+    logs = [p.read_text() for p in (mmpipe_home / "logs").glob("*-flow-ingest-*.log")]
+    assert any(f"ingesting {DatasetVersion.open(out).manifest['rows']['in']} rows" in text and
+               "Downloading starting now" in text for text in logs), logs
 
 
 def test_the_server_refuses_invalid_parameters_with_the_reason(served):
