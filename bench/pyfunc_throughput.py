@@ -56,7 +56,8 @@ def register(root: Path, captions: list[str]) -> str:
     tracking.ModelBundle.write(root / "bundle", model, config, root / "tokenizer.json", pre)
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("bench")).info.run_id
+    experiment = client.create_experiment("bench", artifact_location=(root / "mlartifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
     tracking.log_and_register(uri, run_id, root / "bundle", "bench-pyfunc", "candidate", {})
     return uri
 
