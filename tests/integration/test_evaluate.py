@@ -35,7 +35,8 @@ def test_evaluate_by_alias_in_a_fresh_process(trained, train_dataset, mmpipe_hom
                           str(train_dataset.path)], capture_output=True, text=True, timeout=600,
                          env=dict(os.environ, MMPIPE_HOME=str(mmpipe_home), COLUMNS="150"))
     assert out.returncode == 0, out.stderr[-2000:]
-    for name in ("zeroshot-shapes", "zeroshot-digits", "retrieval", "compositional"):
+    for name in ("zeroshot-shapes", "zeroshot-shapes-heldout", "zeroshot-digits", "zeroshot-digits-heldout",
+                 "retrieval", "compositional"):
         assert name in out.stdout
     client = _client(mmpipe_home)
     version = client.get_model_version("mmpipe-contrastive", trained.model_version)

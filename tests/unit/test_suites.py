@@ -111,11 +111,36 @@ def test_zero_shot_suites_score_an_oracle_right_and_a_shifted_one_wrong(version)
     shifted = Oracle(pre, {r["image"]: classes[(classes.index(r["label"]) + 1) % len(classes)] for r in shapes},
                      classes)
     assert get_suite("zeroshot-shapes", "clip").run(shifted, pre, version).metrics["accuracy"] == 0.0
+    assert get_suite("zeroshot-shapes-heldout", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
+    assert get_suite("zeroshot-shapes-heldout", "clip").run(shifted, pre, version).metrics["accuracy"] == 0.0
 
     digits = [r for r in rows if r["source"] == "sklearn-digits"]
     words = {str(d): DIGIT_WORDS[d] for d in range(10)}
     oracle = Oracle(pre, {r["image"]: words[r["label"]] for r in digits}, list(words.values()))
     assert get_suite("zeroshot-digits", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
+    assert get_suite("zeroshot-digits-heldout", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
+
+
+def test_heldout_prompt_templates_use_words_that_no_corpus_caption_has(tmp_path):
+    """The held-out suites measure generalisation only if their wording is new to the model."""
+    import re
+
+    from mmcore.data.sample import SampleSpec, make_sample
+    from mmcore.eval.contrastive import (DIGIT_TEMPLATES, HELDOUT_DIGIT_TEMPLATES, HELDOUT_SHAPE_TEMPLATES,
+                                         SHAPE_TEMPLATES)
+
+    url_list = make_sample(tmp_path, "http://127.0.0.1:1", SampleSpec(synthetic=400, digits=600))
+    captions = pq.read_table(url_list, columns=["caption"]).column("caption").to_pylist()
+    corpus_words = {w for caption in captions if caption for w in re.findall(r"[a-z]+", caption.lower())}
+
+    def fixed_words(template: str) -> set[str]:
+        return set(re.findall(r"[a-z]+", re.sub(r"\{\w*\}", " ", template))) - {"a", "an", "the", "of", "in"}
+
+    for template in HELDOUT_SHAPE_TEMPLATES + HELDOUT_DIGIT_TEMPLATES:
+        assert fixed_words(template) and not fixed_words(template) & corpus_words, template
+    # the usual prompts do share the corpus's wording (that is the difference being measured)
+    assert all(fixed_words(t) <= corpus_words for t in DIGIT_TEMPLATES if fixed_words(t))
+    assert fixed_words(" ".join(SHAPE_TEMPLATES)) - corpus_words  # "picture" and "one" are not in captions
 
 
 def test_retrieval_suite_on_an_oracle(version):
