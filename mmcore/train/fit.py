@@ -125,7 +125,9 @@ def fit(cfg: RunConfig) -> TrainResult:
     storage = Path(cfg.cluster.storage_path or project_home() / "runs").absolute()
     run_dir = storage / name
     if (run_dir / "result.json").exists():
-        return TrainResult(**json.loads((run_dir / "result.json").read_text()))
+        finished = TrainResult(**json.loads((run_dir / "result.json").read_text()))
+        say(f"run {name} finished before: {finished.model_uri}, run directory {run_dir}")
+        return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}: "
         f"{cfg.optim.max_steps} steps, {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}; "
