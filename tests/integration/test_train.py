@@ -27,7 +27,7 @@ def test_zero2_run_learns(trained):
     chance = math.log(32)  # global batch 32: the loss of a model that has learned nothing
     assert trained.metrics["loss"] < 0.85 * chance
     assert trained.metrics["val_loss"] < 0.9 * chance
-    assert trained.metrics["step"] == 80 and trained.metrics["bad_steps"] == 0
+    assert trained.metrics["step"] == 120 and trained.metrics["bad_steps"] == 0
     assert trained.metrics["tracking_failures"] == 0
 
 
@@ -39,18 +39,18 @@ def test_run_is_tracked_and_registered(trained, train_dataset, mmpipe_home):
     assert str(version.version) == trained.model_version and version.run_id == trained.mlflow_run_id
     assert version.tags["dataset_id"] == train_dataset.id and version.tags["stage"] == "contrastive"
     run = client.get_run(trained.mlflow_run_id)
-    assert run.data.params["optim.max_steps"] == "80" and run.data.params["parallel.zero_stage"] == "2"
+    assert run.data.params["optim.max_steps"] == "120" and run.data.params["parallel.zero_stage"] == "2"
     assert run.data.tags["mmpipe.dataset_id"] == train_dataset.id
     assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [train_dataset.id]
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert len(losses) == 12 and losses[-1] < losses[0]
     assert any(key.startswith("system/") for key in run.data.metrics), "system metrics are recorded"
 
 
 def test_checkpoints_are_sealed(trained):
     root = Path(trained.run_dir) / "checkpoints"
-    assert [p.name for p in checkpoint.checkpoints(root)] == ["step-00000040"]
-    assert checkpoint.verify(root / "step-00000040")
+    assert [p.name for p in checkpoint.checkpoints(root)] == ["step-00000060"]
+    assert checkpoint.verify(root / "step-00000060")
 
 
 def test_a_fresh_process_loads_the_same_model_by_alias(trained, train_dataset, mmpipe_home):
@@ -131,7 +131,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_r
     os.kill(pids[-1], signal.SIGKILL)
     thread.join(timeout=600)
     result = outcome["result"]
-    assert result.metrics["step"] == 80
+    assert result.metrics["step"] == 120
     assert result.metrics["resumed_from"] >= 20, "the restarted workers resume from a checkpoint"
     assert result.model_version == "1"
 

@@ -31,7 +31,7 @@ def two_node_cluster():
 
 def test_zero3_on_two_nodes_learns_and_consolidates(train_dataset, two_node_cluster, mmpipe_home):
     cfg = apply_overrides(recipe("debug", str(train_dataset.path)), [
-        "optim.max_steps=80", "optim.lr=0.003", "optim.warmup_steps=5", "checkpoint.every_steps=40",
+        "optim.max_steps=120", "optim.lr=0.003", "optim.warmup_steps=5", "checkpoint.every_steps=60",
         "parallel.zero_stage=3", "parallel.activation_checkpointing=true",
         f'cluster.address="{two_node_cluster.address}"', 'tracking.model_name="mmpipe-zero3-test"',
     ])
