@@ -283,14 +283,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     return parser, commands
 
 
+def home_of(args: argparse.Namespace) -> Path:
+    """The project home a command works in: its --home if it has one, else $MMPIPE_HOME or ~/.mmpipe."""
+    return Path(args.home).expanduser().absolute() if getattr(args, "home", None) else project_home()
+
+
 def run(args: argparse.Namespace) -> int:
     """Run a parsed command with the console set up (library output to a log file unless -v).
 
     A failure is one message on stderr naming what failed and the log file with the details; exit
     status 2 for user errors (ValueError, OSError: bad config, missing or bad files), 1 otherwise.
     """
-    home = Path(args.home).expanduser().absolute() if getattr(args, "home", None) else project_home()
-    console.configure(home / "logs", args.command, verbose=args.verbose or console.verbose_from_env())
+    console.configure(home_of(args) / "logs", args.command, verbose=args.verbose or console.verbose_from_env())
     try:
         return args.func(args)
     except KeyboardInterrupt:

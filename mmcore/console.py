@@ -60,7 +60,7 @@ def configure(log_dir: Path, name: str, verbose: bool = False) -> Path:
     logging.captureWarnings(True)  # library warnings become log records (in the file)
     if not verbose:
         _redirect_to(stream)
-    _state.update(path=path, stream=stream, verbose=verbose)
+    _state.update(path=path)  # the handler keeps the stream open
     return path
 
 

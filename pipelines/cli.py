@@ -12,13 +12,12 @@ from pathlib import Path
 
 from mmcore import cli as library_cli
 from mmcore import console
-from mmcore.config import project_home
 from pipelines import stack
 
 
 def _home(args) -> Path:
     """The project home for this command; exported so the library, MLflow and Prefect all use it."""
-    home = Path(args.home).expanduser().absolute() if getattr(args, "home", None) else project_home()
+    home = library_cli.home_of(args)
     os.environ["MMPIPE_HOME"] = str(home)
     # Flow-run records go beside the datasets and models (read at prefect's first import, which is later).
     os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
