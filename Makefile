@@ -35,3 +35,17 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# open_clip beside our trainer (bench/vs_openclip.py). open-clip-torch needs torchvision, which only works
+# with torch 2.14.1, a CUDA build of several GB: it gets a venv of its own (STACK_NOTES).
+OPENCLIP_VENV := .venv-openclip
+OPENCLIP_STAMP := $(OPENCLIP_VENV)/.installed
+
+$(OPENCLIP_STAMP): bench/openclip-requirements.txt
+	$(PYTHON) -m venv $(OPENCLIP_VENV)
+	$(OPENCLIP_VENV)/bin/pip install --quiet -r bench/openclip-requirements.txt
+	touch $(OPENCLIP_STAMP)
+
+.PHONY: bench-openclip
+bench-openclip: setup $(OPENCLIP_STAMP)
+	$(BIN)/python bench/vs_openclip.py

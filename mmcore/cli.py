@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mmcore import console
 from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, project_home, to_dict
+from mmcore.data.sample import SampleSpec
 
 DEMO_PORT = 8765
 
@@ -61,7 +62,7 @@ def print_summary(version) -> None:
 
 
 def cmd_sample_make(args) -> int:
-    from mmcore.data.sample import SampleSpec, make_sample
+    from mmcore.data.sample import make_sample
 
     spec = SampleSpec(synthetic=args.synthetic, digits=args.digits, photos=not args.no_photos,
                       defects=not args.no_defects, seed=args.seed)
@@ -158,8 +159,7 @@ def print_report(report) -> None:
         shown = [primary] + [k for k in metrics if k not in (primary, "n") and not k.startswith("chance")]
         label = f"{suite_name} (n={int(metrics['n'])})" if "n" in metrics else suite_name
         for i, key in enumerate(shown):
-            chance = next((v for k, v in metrics.items() if k.startswith("chance_") and key.endswith(k[6:])),
-                          metrics.get("chance"))  # chance_recall_5 goes with image_to_text_recall_5
+            chance = metrics.get(f"chance_{key}", metrics.get("chance"))
             table.add_row(label if i == 0 else "", key + (" *" if key == primary else ""), f"{metrics[key]:.4f}",
                           "-" if chance is None else f"{chance:.4f}")
     for suite_name, error in report.errors.items():
@@ -217,8 +217,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     make.add_argument("dir")
     make.add_argument("--base-url", default=f"http://127.0.0.1:{DEMO_PORT}",
                       help="where `sample serve` will answer (default %(default)s)")
-    make.add_argument("--synthetic", type=int, default=2000, help="synthetic scenes (default %(default)s)")
-    make.add_argument("--digits", type=int, default=1797, help="scikit-learn digits (default %(default)s)")
+    make.add_argument("--synthetic", type=int, default=SampleSpec.synthetic,
+                      help="synthetic scenes (default %(default)s)")
+    make.add_argument("--digits", type=int, default=SampleSpec.digits, help="scikit-learn digits (default %(default)s)")
     make.add_argument("--no-photos", action="store_true", help="leave out the bundled photos and LFW subset")
     make.add_argument("--no-defects", action="store_true", help="leave out the planted bad rows")
     make.add_argument("--seed", type=int, default=0)

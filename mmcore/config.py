@@ -301,6 +301,8 @@ class ParallelConfig:
 
     num_workers: int = 2
     """Ray Train workers (one rank each)."""
+    threads_per_worker: int = 0
+    """torch CPU threads in each worker; 0 = the node's cores divided by the workers on it."""
     use_gpu: bool | None = None
     """One GPU per worker; None uses GPUs when the cluster has them."""
     zero_stage: int = 2
@@ -318,6 +320,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _check(self.num_workers >= 1, "parallel.num_workers", "must be at least 1")
+        _check(self.threads_per_worker >= 0, "parallel.threads_per_worker", "must be >= 0")
         _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
         _check(self.precision in PRECISIONS, "parallel.precision", f"{self.precision!r} is not one of {PRECISIONS}")
         _check(self.grad_accum >= 1, "parallel.grad_accum", "must be at least 1")

@@ -20,17 +20,27 @@ def debug(dataset: str) -> RunConfig:
 
 
 def demo(dataset: str) -> RunConfig:
-    """A few minutes on 2 CPU cores: learns the sample corpus well above chance.
+    """Minutes on 2 CPU cores: learns the sample corpus's colours, shapes, counts and digits.
 
-    No crop augmentation: the synthetic captions state exact counts and positions, which a crop
-    can cut off, and 300 steps are too few for augmentation to pay for itself."""
+    700 steps: the digits are learned late (at 450 steps zero-shot digits were still near chance in
+    our trials, at 700 about 0.7), and 16-pixel patches, which train 2.3x faster, never told
+    circles from squares. No crop augmentation: the synthetic captions state exact counts and
+    positions, which a crop can cut off."""
     return RunConfig(
         recipe="demo", model=ModelConfig("clip-demo"), task=TaskConfig(loss="clip"),
         data=DataConfig(dataset=dataset, batch_size=128, val_batches=4, augment=False),
-        optim=OptimConfig(lr=1e-3, warmup_steps=30, max_steps=300),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, max_steps=700),
         parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=100),
+        checkpoint=CheckpointConfig(every_steps=250),
     )
+
+
+def quality(dataset: str) -> RunConfig:
+    """The demo trained for as long as 2 CPU cores allow in about half an hour: the model's ceiling."""
+    cfg = demo(dataset)
+    return dataclasses.replace(cfg, recipe="quality",
+                               optim=OptimConfig(lr=1e-3, weight_decay=0.2, warmup_steps=100, max_steps=2000),
+                               checkpoint=CheckpointConfig(every_steps=500))
 
 
 def demo_siglip(dataset: str) -> RunConfig:
@@ -50,7 +60,7 @@ def gpu_base(dataset: str) -> RunConfig:
     )
 
 
-RECIPES = {"debug": debug, "demo": demo, "demo-siglip": demo_siglip, "gpu-base": gpu_base}
+RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo_siglip, "gpu-base": gpu_base}
 
 
 def recipe(name: str, dataset: str) -> RunConfig:

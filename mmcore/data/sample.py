@@ -40,6 +40,16 @@ DIGIT_TEMPLATES = (
     "the number {word} written by hand",
     "a scan of a handwritten {digit}",
     "a small image of the digit {word}",
+    "{word} on a scanned form",
+)  # at most five: exact-caption retrieval cannot tell which wording an image was given
+# How a scene is framed in its caption, as alt text frames it: the model must learn that the scene's
+# words carry the meaning, not the framing (no more than five, so exact-caption retrieval stays fair).
+SCENE_TEMPLATES = (
+    "{}",
+    "an image of {}",
+    "{} on a light background",
+    "a simple graphic with {}",
+    "clip art of {}",
 )
 PHOTO_CAPTIONS = {  # scikit-image / scikit-learn bundled photos, captions written for mmpipe
     "astronaut": "an astronaut in a white spacesuit in front of a flag",
@@ -86,8 +96,9 @@ SCHEMA = pa.schema([
 class SampleSpec:
     """What the sample corpus holds."""
 
-    synthetic: int = 2000
-    """Synthetic shape scenes."""
+    synthetic: int = 8000
+    """Synthetic shape scenes (with fewer, a model that trains for minutes memorises them instead of
+    learning the shapes)."""
     digits: int = 1797
     """scikit-learn digits (at most 1,797)."""
     photos: bool = True
@@ -131,13 +142,15 @@ def _canvas(rng: np.random.Generator, px: int) -> Image.Image:
 
 
 def _place_group(draw, rng, shape, color, count, box, px) -> None:
-    """Draw `count` shapes side by side inside box = (x0, y0, x1, y1) in [0, 1] units."""
+    """Draw `count` shapes side by side inside box = (x0, y0, x1, y1) in [0, 1] units, one per equal
+    slot and never touching: "two red circles" must show two circles, not one blob."""
     x0, y0, x1, y1 = (v * px for v in box)
-    r = rng.uniform(0.06, 0.12) * px
-    slots = np.linspace(x0 + r, x1 - r, count + 2)[1:-1] if count > 1 else [rng.uniform(x0 + r, x1 - r)]
-    for x in slots:
+    slot = (x1 - x0) / count
+    r = min(rng.uniform(0.08, 0.13) * px, 0.45 * slot, 0.45 * (y1 - y0))  # 64 px stored: up to 8 px
+    for i in range(count):
+        x = rng.uniform(x0 + i * slot + r, x0 + (i + 1) * slot - r)
         y = rng.uniform(y0 + r, y1 - r)
-        _draw_shape(draw, shape, (x + rng.uniform(-2, 2), y), r, COLORS[color])
+        _draw_shape(draw, shape, (x, y), r, COLORS[color])
 
 
 _REGIONS = {  # relation -> (box of the first group, box of the second group)
@@ -148,17 +161,25 @@ _REGIONS = {  # relation -> (box of the first group, box of the second group)
 }
 
 
+def describe(attrs: dict) -> str:
+    """The scene in words: "three red circles", or "a red circle left of two blue squares"."""
+    first = phrase(attrs["count"], attrs["color"], attrs["shape"])
+    if attrs.get("relation") is None:
+        return first
+    return f"{first} {attrs['relation']} {phrase(attrs['count2'], attrs['color2'], attrs['shape2'])}"
+
+
 def synthetic_scene(rng: np.random.Generator, px: int) -> tuple[Image.Image, dict]:
-    """One scene: a single group ("three red circles") or two related groups."""
+    """One scene: a single group ("three red circles") or two related groups; the caption frames
+    the scene's description in one of SCENE_TEMPLATES."""
     image = _canvas(rng, px)
     draw = ImageDraw.Draw(image)
     shape, color = str(rng.choice(SHAPES)), str(rng.choice(list(COLORS)))
     if rng.random() < 0.4:
         count = int(rng.integers(1, 4))
         _place_group(draw, rng, shape, color, count, (0.05, 0.1, 0.95, 0.9), px)
-        attrs = dict(shape=shape, color=color, count=count, label=f"{color} {shape}",
-                     caption=phrase(count, color, shape))
-        return image, attrs
+        attrs = dict(shape=shape, color=color, count=count, label=f"{color} {shape}")
+        return image, dict(attrs, caption=str(rng.choice(SCENE_TEMPLATES)).format(describe(attrs)))
     shape2 = str(rng.choice(SHAPES))
     color2 = str(rng.choice([c for c in COLORS if c != color]))
     count, count2 = (int(v) for v in rng.integers(1, 3, size=2))
@@ -166,10 +187,9 @@ def synthetic_scene(rng: np.random.Generator, px: int) -> tuple[Image.Image, dic
     first, second = _REGIONS[relation]
     _place_group(draw, rng, shape, color, count, first, px)
     _place_group(draw, rng, shape2, color2, count2, second, px)
-    caption = f"{phrase(count, color, shape)} {relation} {phrase(count2, color2, shape2)}"
     attrs = dict(shape=shape, color=color, count=count, relation=relation, shape2=shape2,
-                 color2=color2, count2=count2, label=f"{color} {shape}", caption=caption)
-    return image, attrs
+                 color2=color2, count2=count2, label=f"{color} {shape}")
+    return image, dict(attrs, caption=str(rng.choice(SCENE_TEMPLATES)).format(describe(attrs)))
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from mmcore.data.sample import DIGIT_WORDS, phrase
+from mmcore.data.sample import DIGIT_WORDS, describe
 from mmcore.eval.retrieval import embed, embed_images, embed_texts, retrieval_recall
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
 
@@ -158,14 +158,15 @@ def retrieval(model, preprocess, version) -> SuiteResult:
 
 
 def foils(row: dict) -> dict[str, str]:
-    """Wrong captions with the same words: colours swapped between the groups; relation reversed."""
-    first = (row["count"], row["color"], row["shape"])
-    second = (row["count2"], row["color2"], row["shape2"])
-    return {
-        "swap_attributes": f"{phrase(first[0], second[1], first[2])} {row['relation']} "
-                           f"{phrase(second[0], first[1], second[2])}",
-        "swap_relation": f"{phrase(*first)} {OPPOSITE[row['relation']]} {phrase(*second)}",
-    }
+    """Wrong captions with the same words: colours swapped between the groups; relation reversed.
+    The caption's framing ("an image of ...") is kept, so only the scene's words differ."""
+    swapped = dict(row, color=row["color2"], color2=row["color"])
+    reversed_ = dict(row, relation=OPPOSITE[row["relation"]])
+    scene = describe(row)
+    if scene not in row["caption"]:
+        raise SuiteError(f"compositional: caption {row['caption']!r} does not contain its scene {scene!r}")
+    return {"swap_attributes": row["caption"].replace(scene, describe(swapped)),
+            "swap_relation": row["caption"].replace(scene, describe(reversed_))}
 
 
 @suite("compositional", {"clip"}, "true caption vs the same words with attributes or relation swapped")

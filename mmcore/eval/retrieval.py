@@ -1,8 +1,10 @@
 """Image-to-text and text-to-image retrieval recall@k, with the chance level for comparison.
 
-Captions repeat in templated and synthetic data ("a red circle" describes many images), so a
-retrieved caption counts as right when its text equals the image's caption, and a retrieved
-image when its caption equals the query; chance@k is computed the same way.
+Captions repeat in templated and synthetic data ("a red circle" describes many images), so
+image-to-text ranks the distinct captions (copies of one text would otherwise fill the top k with
+one answer) and a retrieved caption counts as right when its text equals the image's caption;
+text-to-image ranks every image, and one is right when its caption equals the query. Each
+direction's chance@k (`chance_<metric>`) is computed the same way.
 """
 
 from __future__ import annotations
@@ -34,17 +36,23 @@ def _chance(same: np.ndarray, k: int) -> float:
 
 def retrieval_recall(image_emb: np.ndarray, text_emb: np.ndarray, captions: list[str],
                      ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """recall@k both ways, and chance@k, over N images and their N captions."""
-    codes = {c: i for i, c in enumerate(dict.fromkeys(captions))}
+    """recall@k both ways, and each one's chance@k, over N images and their N captions."""
+    first = {}  # distinct caption -> its first row
+    for row, caption in enumerate(captions):
+        first.setdefault(caption, row)
+    codes = {caption: u for u, caption in enumerate(first)}
     ids = np.array([codes[c] for c in captions])
-    same = ids[:, None] == ids[None, :]  # (N, N): caption j is a right answer for image i
-    similarity = image_emb @ text_emb.T
+    distinct = ids[:, None] == np.arange(len(first))[None, :]  # (N, U): distinct caption u is image i's
+    same = ids[:, None] == ids[None, :]  # (N, N): image j's caption is query i's text
+    to_text = image_emb @ text_emb[list(first.values())].T
+    to_image = text_emb @ image_emb.T
     out = {}
     for k in ks:
-        if k > len(captions):
-            continue
-        out[f"image_to_text_recall_{k}"] = _recall(similarity, same, k)
-        out[f"text_to_image_recall_{k}"] = _recall(similarity.T, same.T, k)
-        out[f"chance_recall_{k}"] = _chance(same, k)
+        if k <= len(first):
+            out[f"image_to_text_recall_{k}"] = _recall(to_text, distinct, k)
+            out[f"chance_image_to_text_recall_{k}"] = _chance(distinct, k)
+        if k <= len(captions):
+            out[f"text_to_image_recall_{k}"] = _recall(to_image, same, k)
+            out[f"chance_text_to_image_recall_{k}"] = _chance(same, k)
     out["n"] = float(len(captions))
     return out

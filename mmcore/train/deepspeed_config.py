@@ -41,7 +41,8 @@ def build_ds_config(cfg: RunConfig, precision: str) -> dict:
             "type": "WarmupCosineLR",
             # DeepSpeed refuses 0 warmup steps; one step from lr 0 is the nearest thing to none.
             "params": {"total_num_steps": o.max_steps, "warmup_num_steps": max(o.warmup_steps, 1),
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1},
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1,
+                       "warmup_type": "linear"},  # DeepSpeed's default is log-shaped
         },
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,

@@ -92,13 +92,18 @@ def run_name(cfg: RunConfig, dataset_id: str) -> str:
     return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
 
 
+def local_ray_cpus(num_cpus: int = 0) -> int:
+    """Logical CPUs of a local Ray: `num_cpus`, else at least 4, so Ray Data tasks are not starved by
+    the training workers on a 2-core machine."""
+    return num_cpus or max(4, os.cpu_count() or 1)
+
+
 def connect_ray(address: str = "", num_cpus: int = 0):
     """Join the Ray cluster at `address` (or $RAY_ADDRESS), else start a local one; returns the ray module.
 
     A local Ray gets its dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the State
     API (served by the dashboard) whether the controller lives, every second of the run, and without
-    it logs a failure each time. Logical CPUs default to at least 4, so Ray Data tasks are not
-    starved by the training workers on a 2-core machine.
+    it logs a failure each time. Logical CPUs: local_ray_cpus().
     """
     import ray
     import ray.data
@@ -108,7 +113,7 @@ def connect_ray(address: str = "", num_cpus: int = 0):
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
+            ray.init(num_cpus=local_ray_cpus(num_cpus), include_dashboard=True,
                      dashboard_host="127.0.0.1", configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood the log
     return ray

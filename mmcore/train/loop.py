@@ -16,7 +16,7 @@ from mmcore.config import RunConfig, from_dict
 from mmcore.data.stream import torch_batches
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
-from mmcore.train.parallel import apply_activation_checkpointing, param_groups
+from mmcore.train.parallel import apply_activation_checkpointing, param_groups, worker_threads
 
 log = logging.getLogger("mmpipe.train")
 """Worker lines go to Ray Train's worker log (and the driver's log file), never twice: Ray Train turns a
@@ -80,6 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
+    torch.set_num_threads(worker_threads(cfg.parallel, context.get_local_world_size()))
     run_dir = Path(config["run_dir"])
     task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"])
     if cfg.parallel.activation_checkpointing:

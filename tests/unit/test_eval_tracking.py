@@ -14,7 +14,8 @@ def test_perfect_and_reversed_retrieval():
     emb = np.eye(20, dtype=np.float32)
     perfect = retrieval_recall(emb, emb, captions)
     assert perfect["image_to_text_recall_1"] == 1.0 and perfect["text_to_image_recall_1"] == 1.0
-    assert perfect["chance_recall_1"] == pytest.approx(1 / 20) and perfect["chance_recall_5"] == pytest.approx(5 / 20)
+    assert perfect["chance_image_to_text_recall_1"] == pytest.approx(1 / 20)
+    assert perfect["chance_text_to_image_recall_5"] == pytest.approx(5 / 20)
     shifted = retrieval_recall(emb, np.roll(emb, 1, axis=0), captions)
     assert shifted["image_to_text_recall_1"] == 0.0
 
@@ -26,7 +27,19 @@ def test_repeated_captions_count_as_right():
     texts = np.array([[1, 0.1], [1, 0], [0, 1]], dtype=np.float32)
     scores = retrieval_recall(images, texts, captions, ks=(1,))
     assert scores["image_to_text_recall_1"] == 1.0
-    assert scores["chance_recall_1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+    assert scores["chance_image_to_text_recall_1"] == pytest.approx(1 / 2)  # two distinct captions
+    assert scores["chance_text_to_image_recall_1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3)
+
+
+def test_copies_of_one_caption_do_not_fill_the_top_k():
+    """Six images say "a red circle", one "a blue square"; the square's image scores its own caption second:
+    found at k=2, where counting the six copies apart would push it to rank 7."""
+    captions = ["a red circle"] * 6 + ["a blue square"]
+    texts = np.array([[1.0, 0.0]] * 6 + [[0.0, 1.0]], dtype=np.float32)
+    images = np.array([[1.0, 0.0]] * 6 + [[0.8, 0.6]], dtype=np.float32)
+    scores = retrieval_recall(images, texts, captions, ks=(1, 2))
+    assert scores["image_to_text_recall_1"] == pytest.approx(6 / 7)
+    assert scores["image_to_text_recall_2"] == 1.0
 
 
 def test_metric_logging_failures_are_counted_not_raised(capsys):

@@ -19,6 +19,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("cfg, field", [
     (_cfg(parallel=ParallelConfig(zero_stage=5)), "parallel.zero_stage"),
+    (_cfg(parallel=ParallelConfig(threads_per_worker=-1)), "parallel.threads_per_worker"),
     (_cfg(batch=63, parallel=ParallelConfig(num_workers=2)), "data.batch_size"),
     (_cfg(batch=64, parallel=ParallelConfig(num_workers=2, grad_accum=3)), "data.batch_size"),
     (_cfg(parallel=ParallelConfig(offload_params=True, zero_stage=2)), "parallel.offload_params"),
@@ -48,6 +49,28 @@ def test_deepspeed_config_follows_the_run_config():
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["optimizer"]["params"]["torch_adam"] is False  # CPU offload needs DeepSpeed's CPU Adam
     assert build_ds_config(_cfg(), "fp32")["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
+    """DeepSpeed's scheduler as our config builds it: lr rises in a straight line (its default warm-up
+    is log-shaped), peaks at optim.lr, ends at 0.1 x lr. (DeepSpeed runs the first two steps at lr 0.)"""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    cfg = _cfg()
+    cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.max_steps = 1e-3, 10, 100
+    params = build_ds_config(cfg, "fp32")["scheduler"]["params"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    scheduler = WarmupCosineLR(optimizer, **params)
+    lrs = []
+    for _ in range(cfg.optim.max_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    rises = [b - a for a, b in zip(lrs[1:11], lrs[2:12])]
+    assert rises == pytest.approx([cfg.optim.lr / cfg.optim.warmup_steps] * 10, rel=0.01)  # a straight line
+    assert max(lrs) == pytest.approx(1e-3, rel=0.01)
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
 
 
 def test_precision_resolution():
