@@ -216,7 +216,7 @@ def warmup_cosine(params: dict) -> Callable[[int], float]:
 
     DeepSpeed sets the factor of iteration -1 (zero) when it builds the scheduler and advances one iteration
     after each optimizer step, so step k runs at the factor of iteration k - 1. Warm-up is logarithmic
-    unless warmup_type says linear (DeepSpeed's default is "log"; our config does not set it).
+    unless warmup_type says linear (DeepSpeed's default is "log"; our config sets "linear").
     """
     warmup, total = max(2, params["warmup_num_steps"]), params["total_num_steps"]
     low, floor, kind = params["warmup_min_ratio"], params["cos_min_ratio"], params.get("warmup_type", "log")

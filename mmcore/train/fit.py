@@ -115,7 +115,12 @@ def connect_ray(address: str = "", num_cpus: int = 0):
         else:
             ray.init(num_cpus=local_ray_cpus(num_cpus), include_dashboard=True,
                      dashboard_host="127.0.0.1", configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator bars flood the log
+    from mmcore.data.stream import WaitWhenIdle
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # per-operator bars flood the log
+    if WaitWhenIdle not in context.custom_execution_callback_classes:
+        context.custom_execution_callback_classes.append(WaitWhenIdle)
     return ray
 
 
@@ -182,6 +187,7 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     }
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        dataset_config=ray.train.DataConfig(execution_options=_keep_a_cpu_for_validation(ray, cfg)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
@@ -194,6 +200,19 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     if result.error:
         raise training_error(result.error) from result.error
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _keep_a_cpu_for_validation(ray, cfg: RunConfig) -> dict:
+    """The train stream's tasks may use every data CPU but one. Ray Data's tasks are streaming
+    generators that keep their CPU while backpressure pauses them (the stream is ahead of the
+    trainers); with every data CPU held so, the val stream got none and validation waited forever
+    (seen at step 500 of the quality recipe on 2 cores)."""
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    if not cfg.data.val_batches:
+        return {}
+    data_cpus = ray.cluster_resources().get("CPU", 1) - cfg.parallel.num_workers
+    return {"train": ExecutionOptions(resource_limits=ExecutionResources.for_limits(cpu=max(1, data_cpus - 1)))}
 
 
 @contextlib.contextmanager
