@@ -30,7 +30,7 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     version = DatasetVersion.open(datasets[0])
     assert version.verify() == []
     rows = version.manifest["rows"]
-    assert rows["kept"] > 3800 and rows["in"] == 4054
+    assert rows["kept"] > 9800 and rows["in"] == 10054  # the default corpus: 8,000 scenes, 1,797 digits, photos, defects
     assert version.id in result.stdout and "near_duplicate" in result.stdout
     assert set(version.manifest["splits"]) == {"train", "val", "test"}
     assert "registered models:/mmpipe-contrastive/1 (alias candidate)" in result.stdout
