@@ -30,6 +30,7 @@ from common import median, write_section  # noqa: E402
 from mmcore.cli import apply_overrides  # noqa: E402
 from mmcore.config import GuardConfig, IngestConfig, RunConfig, SourceConfig, from_dict, to_dict  # noqa: E402
 from mmcore.recipes import recipe  # noqa: E402
+from mmcore.train.parallel import worker_threads  # noqa: E402
 
 STEPS = 60  # steps per feeding mode in the stall measurement
 
@@ -52,15 +53,20 @@ def quality(result, version):
     return evaluate(result.model_uri, str(version.path))
 
 
-def logged(result, name: str, first: bool = False) -> list[float]:
-    """A metric's logged windows, in step order, without the first (it holds start-up) unless `first`."""
+def history(result, name: str) -> list[tuple[int, float]]:
+    """A metric's logged windows of a fit() run: (step at the window's end, value), in step order."""
     from mlflow.tracking import MlflowClient
 
     from mmcore import tracking
     from mmcore.config import TrackingConfig
 
-    history = MlflowClient(tracking.resolve_uri(TrackingConfig())).get_metric_history(result.mlflow_run_id, name)
-    return [m.value for m in sorted(history, key=lambda m: m.step)][0 if first else 1:]
+    return sorted((m.step, m.value) for m in
+                  MlflowClient(tracking.resolve_uri(TrackingConfig())).get_metric_history(result.mlflow_run_id, name))
+
+
+def logged(result, name: str, first: bool = False) -> list[float]:
+    """A metric's logged values, in step order, without the first window (it holds start-up) unless `first`."""
+    return [value for _, value in history(result, name)][0 if first else 1:]
 
 
 def steady_samples_per_second(result) -> float:
@@ -149,7 +155,7 @@ def plain_pytorch(cfg: RunConfig, version, steps: int = 30) -> float:
     from mmcore.models.preprocess import Preprocessor
     from mmcore.tasks import build_task
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(worker_threads(cfg.parallel, 1))  # the one-worker fit()'s threads: equal by construction
     tokenizer_json = version.tokenizer_path.read_text()
     task, pre = build_task(cfg, model_config(cfg.model.name), tokenizer_json)
     preprocess = Preprocessor(pre, tokenizer_json)
@@ -224,13 +230,14 @@ def command(args) -> str:
 
 
 def measures(args, cfg, result, wall, steady, stall) -> list[str]:
-    workers, threads = cfg.parallel.num_workers, os.cpu_count() or 1
+    workers, threads = cfg.parallel.num_workers, worker_threads(cfg.parallel, 1)
     lines = [
         "| measure | value |",
         "|---|---|",
         f"| fit() wall time (Ray start, workers, {cfg.optim.max_steps} steps, validation, registration) | "
         f"{wall:.0f} s |",
-        f"| training throughput, {workers} workers (logged windows after the first) | {steady[workers]:.0f} samples/s |",
+        f"| training throughput, {workers} workers (logged windows after the first) | "
+        f"{steady[workers]:.0f} samples/s |",
         f"| final train loss / val loss (chance: ln {cfg.data.batch_size} = "
         f"{math.log(cfg.data.batch_size):.2f}) | "
         f"{result.metrics['loss']:.2f} / {result.metrics['val_loss']:.2f} |",
@@ -249,7 +256,7 @@ def measures(args, cfg, result, wall, steady, stall) -> list[str]:
         f"| fit(), 1 worker x {threads} threads ({args.one_worker_steps} steps, logged windows after the first) | "
         f"{steady[1]:.0f} samples/s |",
         f"| ours / plain PyTorch, 1 worker, equal threads (target >= 0.90) | {steady[1] / plain:.2f} |",
-        f"| ours / plain PyTorch, {workers} workers x {max(1, threads // workers)} thread(s) (the recipe's "
+        f"| ours / plain PyTorch, {workers} workers x {worker_threads(cfg.parallel, workers)} thread(s) (the recipe's "
         f"setting) | {steady[workers] / plain:.2f} |",
     ]
 

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import write_section  # noqa: E402
-from train_contrastive import sample_dataset, steady_samples_per_second  # noqa: E402
+from train_contrastive import history, sample_dataset, steady_samples_per_second  # noqa: E402
 
 from mmcore.cli import apply_overrides  # noqa: E402
 from mmcore.config import RunConfig, to_dict  # noqa: E402
@@ -39,7 +39,6 @@ from mmcore.train.parallel import worker_threads  # noqa: E402
 
 if TYPE_CHECKING:
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.train.fit import TrainResult
 
 OPENCLIP_PYTHON = HERE.parent / ".venv-openclip" / "bin" / "python"
 DEFAULT_STEPS = recipe("demo", "").optim.max_steps
@@ -57,17 +56,6 @@ def loader_workers(cfg: RunConfig) -> int:
     """open_clip's DataLoader workers: as many decode processes as fit() can run Ray Data tasks at once
     (each training worker holds one of the local Ray's logical CPUs; Ray Data's map tasks get the rest)."""
     return local_ray_cpus(cfg.cluster.num_cpus) - cfg.parallel.num_workers
-
-
-def loss_history(result: TrainResult) -> list[tuple[int, float]]:
-    """Our logged train loss, (step, mean loss of the window ending at step), every window."""
-    from mlflow.tracking import MlflowClient
-
-    from mmcore import tracking
-    from mmcore.config import TrackingConfig
-
-    history = MlflowClient(tracking.resolve_uri(TrackingConfig())).get_metric_history(result.mlflow_run_id, "loss")
-    return sorted((m.step, m.value) for m in history)
 
 
 def window_means(losses: list[float], ends: list[int]) -> list[float]:
@@ -108,7 +96,7 @@ def main() -> None:
         started = time.perf_counter()
         result = fit(cfg)
         ours = {"wall_s": time.perf_counter() - started, "samples_per_second": steady_samples_per_second(result),
-                "loss": loss_history(result)}
+                "loss": history(result, "loss")}
     body = report(args, cfg, version, ours, theirs, theirs_wall, parity)
     print(body)
     write_section("vs-openclip", body, **({"doc": args.out} if args.out else {}))
