@@ -121,12 +121,18 @@ def cmd_dataset_verify(args) -> int:
     return 0
 
 
+DEFAULT_RECIPES = {"contrastive": "demo", "fusion": "demo-fusion"}
+
+
 def cmd_train(args) -> int:
     from mmcore.recipes import recipe
     from mmcore.train.fit import fit
 
-    cfg = recipe(args.recipe, args.dataset)
-    overrides = [f"task.stage={json.dumps(args.stage)}"] + (args.set or [])
+    name = args.recipe or DEFAULT_RECIPES[args.stage]
+    cfg = recipe(name, args.dataset)
+    if cfg.task.stage != args.stage:
+        raise ValueError(f"recipe {name} trains the {cfg.task.stage} stage, not {args.stage}")
+    overrides = list(args.set or [])
     if args.ray_address:
         overrides.append(f"cluster.address={json.dumps(args.ray_address)}")
     result = fit(apply_overrides(cfg, overrides))
@@ -196,6 +202,20 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def cmd_models_lineage(args) -> int:
+    from mmcore import tracking
+    from mmcore.config import TrackingConfig
+
+    uri = tracking.resolve_uri(TrackingConfig())
+    tracking.check_reachable(uri)
+    for depth, link in enumerate(tracking.lineage(args.uri, uri)):
+        details = {k: v for k, v in link.items() if k not in ("kind", "name") and v not in ("", None)}
+        text = ", ".join(f"{k} {v}" for k, v in details.items())
+        console.out.print(f"{'  ' * depth}{'└─ ' if depth else ''}{link['kind']} {link['name']}"
+                          + (f" ({text})" if text else ""))
+    return 0
+
+
 def cmd_models_archs(args) -> int:
     from mmcore.models import list_models, model_config
 
@@ -244,8 +264,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     ing.set_defaults(func=cmd_ingest)
 
     train = commands.add_parser("train", help="train a stage on a dataset version and register the model")
-    train.add_argument("stage", choices=["contrastive"])
-    train.add_argument("--recipe", default="demo", help="a named RunConfig (mmcore/recipes.py); default %(default)s")
+    train.add_argument("stage", choices=list(DEFAULT_RECIPES))
+    train.add_argument("--recipe", help="a named RunConfig (mmcore/recipes.py); default: "
+                       + ", ".join(f"{r} for {s}" for s, r in DEFAULT_RECIPES.items()))
     train.add_argument("--dataset", required=True, help="dataset version directory")
     train.add_argument("--ray-address", help="an existing Ray cluster (default: start a local Ray)")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -258,6 +279,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     archs.set_defaults(func=cmd_models_archs)
     listing = models.add_parser("list", help="registered models: versions, aliases, lineage, last evaluation")
     listing.set_defaults(func=cmd_models_list)
+    chain = models.add_parser("lineage", help="a model's parents down to its dataset version and URL list")
+    chain.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    chain.set_defaults(func=cmd_models_lineage)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a registered model on a dataset version")
     evaluate.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
@@ -269,7 +293,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     gate.add_argument("name", help="registered model name, e.g. mmpipe-contrastive")
     gate.add_argument("--dataset", required=True)
     gate.add_argument("--suite", action="append", help="suites to compare on (default: all that fit)")
-    gate.add_argument("--primary", default="retrieval.image_to_text_recall_5", help="suite.metric (default %(default)s)")
+    gate.add_argument("--primary", default="", help="suite.metric (default: the stage's, retrieval."
+                      "image_to_text_recall_5 for contrastive, vqa.accuracy for fusion)")
     gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default %(default)s)")
     gate.set_defaults(func=cmd_promote)
 

@@ -218,8 +218,10 @@ class IngestConfig:
             part.validate()
 
 
-STAGES = ("contrastive",)
-LOSS_NAMES = ("clip", "siglip")
+STAGES = ("contrastive", "fusion")
+PRIMARY_METRICS = {"contrastive": "retrieval.image_to_text_recall_5", "fusion": "vqa.accuracy"}
+"""What the promotion gate compares for each stage's models, unless told otherwise."""
+STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",)}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -234,6 +236,13 @@ class ModelConfig:
 
     name: str = "clip-demo"
     """Architecture name; `mmpipe models archs` lists them."""
+    parent: str = ""
+    """The registered model this stage builds on (models:/name@alias or /version); fusion takes its
+    vision tower. An alias is resolved to a version when the run starts and recorded."""
+    freeze_vision: bool = True
+    """Keep the parent's vision tower frozen (LLaVA, LiT); False trains it with the rest."""
+    lm_parent: str = ""
+    """A registered fusion model whose language model starts this one (empty: trained from scratch)."""
 
 
 @dataclass
@@ -241,13 +250,14 @@ class TaskConfig:
     """The training stage and its objective."""
 
     stage: str = "contrastive"
-    """contrastive (CLIP/SigLIP); fusion and unified come with their stages."""
+    """contrastive (CLIP/SigLIP) or fusion (LLaVA/Flamingo); unified comes with its stage."""
     loss: str = "clip"
-    """clip (InfoNCE) or siglip (pairwise sigmoid)."""
+    """contrastive: clip (InfoNCE) or siglip (pairwise sigmoid); fusion: next-token (on answer tokens)."""
 
     def validate(self) -> None:
         _check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {STAGES}")
-        _check(self.loss in LOSS_NAMES, "task.loss", f"{self.loss!r} is not one of {LOSS_NAMES}")
+        losses = STAGE_LOSSES[self.stage]
+        _check(self.loss in losses, "task.loss", f"{self.loss!r} is not one of {losses} (stage {self.stage})")
 
 
 @dataclass
@@ -390,6 +400,10 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint):
             part.validate()
+        if self.task.stage == "fusion":
+            _check(self.model.parent.startswith("models:/"), "model.parent",
+                   f"{self.model.parent!r}: the fusion stage needs a registered contrastive model, "
+                   "e.g. models:/mmpipe-contrastive@champion")
         step_rows = self.parallel.num_workers * self.parallel.grad_accum
         _check(self.data.batch_size % step_rows == 0, "data.batch_size",
                f"{self.data.batch_size} is not divisible by parallel.num_workers x parallel.grad_accum = {step_rows}")
@@ -404,8 +418,9 @@ class RunConfig:
 class GateConfig:
     """When a candidate replaces the champion."""
 
-    primary: str = "retrieval.image_to_text_recall_5"
-    """suite.metric compared between candidate and champion (higher is better)."""
+    primary: str = ""
+    """suite.metric compared between candidate and champion (higher is better); empty: the stage's
+    own (PRIMARY_METRICS: retrieval.image_to_text_recall_5 for contrastive, vqa.accuracy for fusion)."""
     margin: float = 0.0
     """The candidate must beat the champion by at least this much (and strictly)."""
     candidate_alias: str = "candidate"
@@ -414,7 +429,7 @@ class GateConfig:
     """The champion being replaced keeps this alias, for rollback."""
 
     def validate(self) -> None:
-        _check("." in self.primary, "gate.primary", f"{self.primary!r} is not suite.metric")
+        _check(not self.primary or "." in self.primary, "gate.primary", f"{self.primary!r} is not suite.metric")
         _check(self.margin >= 0, "gate.margin", "must be >= 0")
         aliases = {self.candidate_alias, self.champion_alias, self.previous_alias}
         _check(len(aliases) == 3, "gate", "candidate, champion and previous aliases must differ")

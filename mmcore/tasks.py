@@ -1,4 +1,9 @@
-"""A Task joins a model and a loss under one batch contract; one Task per training stage."""
+"""A Task joins a model and a loss under one batch contract; one Task per training stage.
+
+The Task class is also the stage's factory for what surrounds the model: the tokenizer it trains
+with (`tokenizer`) and the Ray Data preprocessing that makes its batches (`preprocessor`), so the
+stream yields what the Task reads.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,24 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from mmcore.config import RunConfig
-from mmcore.data.tokenizer import EOS
+from mmcore.data.tokenizer import EOS, with_chat_tokens
 from mmcore.losses import LOSSES
 from mmcore.models import build_model
-from mmcore.models.preprocess import PreprocessConfig, normalize
+from mmcore.models.fusion import loss_on_answers
+from mmcore.models.preprocess import PreprocessConfig, Preprocessor, normalize
+
+
+class _Pixels(nn.Module):
+    """uint8 images (B, 3, H, W) -> normalized, in the model's dtype (bf16 under DeepSpeed's bf16)."""
+
+    def __init__(self, preprocess: PreprocessConfig):
+        super().__init__()
+        # Not persistent: the preprocessing config is saved with the model, these are derived from it.
+        self.register_buffer("mean", torch.tensor(preprocess.mean).reshape(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std).reshape(3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return normalize(images, self.mean.float(), self.std.float()).to(dtype)
 
 
 class ContrastiveTask(nn.Module):
@@ -24,22 +43,77 @@ class ContrastiveTask(nn.Module):
             raise ValueError(f"task.loss: unknown loss {loss!r}; known: {sorted(LOSSES)}")
         self.model = model
         self.loss = LOSSES[loss]()
-        # Not persistent: the preprocessing config is saved with the model, these are derived from it.
-        self.register_buffer("mean", torch.tensor(preprocess.mean).reshape(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocess.std).reshape(3, 1, 1), persistent=False)
+        self.pixels = _Pixels(preprocess)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
+              tracking_uri: str | None = None) -> "ContrastiveTask":
+        return cls(model, preprocess, loss=cfg.task.loss)
+
+    @staticmethod
+    def tokenizer(dataset_tokenizer_json: str) -> str:
+        return dataset_tokenizer_json
+
+    @staticmethod
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+        return Preprocessor(preprocess, tokenizer_json)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        dtype = self.model.image_proj.weight.dtype  # bf16 under DeepSpeed's bf16, else fp32
-        images = normalize(batch["image"], self.mean.float(), self.std.float()).to(dtype)
+        images = self.pixels(batch["image"], self.model.image_proj.weight.dtype)
         features = self.model(images, batch["tokens"])
         return self.loss(**{k: v.float() for k, v in features.items()})  # the loss in fp32 under bf16
 
 
-TASKS = {"contrastive": ContrastiveTask}
+class FusionTask(nn.Module):
+    """LLaVA / Flamingo on a parent's vision tower. Batch: {"image": (B, 3, H, W) uint8,
+    "input_ids": (B, L), "labels": (B, L) (IGNORE outside answers), "truncated": (B,)}."""
+
+    stage = "fusion"
+
+    def __init__(self, model: nn.Module, preprocess: PreprocessConfig):
+        super().__init__()
+        self.model = model
+        self.pixels = _Pixels(preprocess)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
+              tracking_uri: str | None = None) -> "FusionTask":
+        """With a tracking URI, the vision tower (and the LM, with model.lm_parent) start from the
+        registered parents (already pinned to versions by fit)."""
+        if tracking_uri:
+            from mmcore.tracking import load_model
+
+            model.visual.load_state_dict(load_model(cfg.model.parent, tracking_uri)[0].visual.state_dict())
+            if cfg.model.lm_parent:
+                model.lm.load_state_dict(load_model(cfg.model.lm_parent, tracking_uri)[0].lm.state_dict())
+        model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
+        return cls(model, preprocess)
+
+    @staticmethod
+    def tokenizer(dataset_tokenizer_json: str) -> str:
+        return with_chat_tokens(dataset_tokenizer_json)
+
+    @staticmethod
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+        from mmcore.data.instruct import InstructPreprocessor
+
+        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = self.pixels(batch["image"], self.model.lm.head.weight.dtype)
+        logits = self.model(images, batch["input_ids"])
+        return {"loss": loss_on_answers(logits, batch["labels"]),
+                "truncated_fraction": batch["truncated"].float().mean()}
 
 
-def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str) -> tuple[nn.Module, PreprocessConfig]:
-    """The stage's Task around a freshly initialised model sized for the dataset's tokenizer."""
+TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask}
+
+
+def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,
+               tracking_uri: str | None = None) -> tuple[nn.Module, PreprocessConfig]:
+    """The stage's Task around a model sized for `tokenizer_json` (the stage's tokenizer:
+    TASKS[stage].tokenizer of the dataset's); with `tracking_uri`, parent weights are loaded from
+    the registry there, else the model is freshly initialised (enough to size the preprocessing)."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
     model, preprocess = build_model(model_config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-    return TASKS[cfg.task.stage](model, preprocess, loss=cfg.task.loss), preprocess
+    return TASKS[cfg.task.stage].build(cfg, model, preprocess, tracking_uri), preprocess

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -200,13 +201,40 @@ class ModelBundle:
 
 
 class PyfuncModel(mlflow.pyfunc.PythonModel):
-    """predict(DataFrame with an `image` (bytes) or a `text` column per row) -> (N, E) embeddings."""
+    """A contrastive model: predict(DataFrame with an `image` (bytes) or a `text` per row) -> (N, E)
+    embeddings. A model that generates (fusion): predict(DataFrame with `image` and `prompt`) -> answers."""
 
     def load_context(self, context):
         self.model, self.preprocess = ModelBundle(**context.artifacts).load()
 
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        if hasattr(self.model, "generate"):
+            return answer_rows(self.model, self.preprocess, model_input, params or {})
         return embed_rows(self.model, self.preprocess, model_input)
+
+
+GENERATION_PARAMS = {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0}
+
+
+def answer_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict) -> list[str]:
+    """The answer to each row's `prompt` about its `image` (encoded bytes), generated in batches;
+    a row without them, with an undecodable image or a prompt too long is a ValueError naming the row."""
+    from mmcore.models.encode import generate_answers
+
+    images = rows["image"].tolist() if "image" in rows else [None] * len(rows)
+    prompts = rows["prompt"].tolist() if "prompt" in rows else [None] * len(rows)
+    for row, (image, prompt) in enumerate(zip(images, prompts)):
+        if not isinstance(image, (bytes, bytearray)) or not isinstance(prompt, str):
+            raise ValueError(f"row {row}: each row needs an `image` (encoded bytes) and a `prompt` (text)")
+    blobs = [bytes(image) for image in images]
+    settings = {**GENERATION_PARAMS, **{k: v for k, v in params.items() if k in GENERATION_PARAMS}}
+    try:
+        return generate_answers(model, preprocess, blobs, prompts, max_new_tokens=int(settings["max_new_tokens"]),
+                                temperature=float(settings["temperature"]), top_p=float(settings["top_p"]))
+    except (OSError, ValueError) as err:
+        if str(err).startswith("row "):
+            raise
+        raise ValueError(f"row {_undecodable(preprocess, blobs)}: the image cannot be decoded ({err})") from err
 
 
 def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarray:
@@ -247,13 +275,19 @@ def _undecodable(preprocess: Preprocessor, blobs: list[bytes]) -> int:
     raise AssertionError("a batch that failed to decode decodes row by row")
 
 
-def _signature(embed_dim: int):
-    """Input: per row an `image` (encoded bytes) or a `text`; output: (N, embed_dim) float32 embeddings."""
+def _signature(model):
+    """Contrastive: per row an `image` (encoded bytes) or a `text` -> (N, embed_dim) float32 embeddings.
+    Generative: per row an `image` and a `prompt` -> answers; generation settings as params."""
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema, TensorSpec
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    if hasattr(model, "generate"):
+        params = ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "double", v)
+                              for k, v in GENERATION_PARAMS.items()])
+        return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt")]),
+                              outputs=Schema([ColSpec("string")]), params=params)
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]))
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.cfg.embed_dim))]))
 
 
 def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: str, tags: dict[str, str]) -> str:
@@ -265,7 +299,7 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
     client = MlflowClient(uri)
     bundle = ModelBundle.at(bundle_dir)
     model, _ = bundle.load()
-    signature = _signature(model.cfg.embed_dim)
+    signature = _signature(model)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=asdict(bundle),
                                        signature=signature, input_example=None)
@@ -280,15 +314,19 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
     return str(version.version)
 
 
-def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Preprocessor]:
-    """models:/name@alias (or /version) -> (native module in eval mode, its preprocessor)."""
+def model_files(uri: str, tracking_uri: str | None = None) -> ModelBundle:
+    """models:/name@alias (or /version) -> its bundle's files, downloaded (config read without building)."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts"))
+        return ModelBundle.at(Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts")))
     except Exception as err:  # noqa: BLE001
         raise TrackingError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
-    return ModelBundle.at(local).load()
+
+
+def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Preprocessor]:
+    """models:/name@alias (or /version) -> (native module in eval mode, its preprocessor)."""
+    return model_files(uri, tracking_uri).load()
 
 
 # ----- registry queries and evaluation records (used by mmcore.eval) -----
@@ -335,6 +373,10 @@ def alias_version(name: str, alias: str, tracking_uri: str) -> str | None:
 
 def set_alias(name: str, alias: str, version: str, tracking_uri: str) -> None:
     MlflowClient(tracking_uri).set_registered_model_alias(name, alias, version)
+
+
+def version_tags(name: str, version: str, tracking_uri: str) -> dict[str, str]:
+    return dict(MlflowClient(tracking_uri).get_model_version(name, version).tags or {})
 
 
 def tag_version(name: str, version: str, tags: dict[str, str], tracking_uri: str) -> None:
@@ -390,9 +432,33 @@ def registry_overview(tracking_uri: str) -> list[dict]:
             out.append({"name": model.name, "version": str(version.version),
                         "aliases": ",".join(sorted(aliases.get(str(version.version), []))),
                         "stage": tags.get("stage", ""), "dataset": tags.get("dataset_id", ""),
-                        "parent": tags.get("parent_version", ""), "eval": tags.get("eval.summary", ""),
+                        "parent": tags.get("parent_model", ""), "eval": tags.get("eval.summary", ""),
                         "gate": tags.get("gate.decision", "")})
     return sorted(out, key=lambda r: (r["name"], -int(r["version"])))
+
+
+def lineage(uri: str, tracking_uri: str) -> list[dict]:
+    """A registered model and its parents, down to the dataset version and the URL list it was made from:
+    one dict per link, the model first."""
+    client = MlflowClient(tracking_uri)
+    chain, name, number = [], *resolve_version(uri, tracking_uri)
+    while True:
+        version = client.get_model_version(name, number)
+        tags = version.tags or {}
+        chain.append({"kind": "model", "name": f"models:/{name}/{number}", "stage": tags.get("stage", ""),
+                      "run_id": version.run_id, "dataset_id": tags.get("dataset_id", "")})
+        parent = tags.get("parent_model")
+        if not parent:
+            break
+        name, _, number = parent.partition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = json.loads(Path(client.download_artifacts(version.run_id, "dataset/manifest.json", tmp)).read_text())
+    inputs = client.get_run(version.run_id).inputs.dataset_inputs
+    where = json.loads(inputs[0].dataset.source).get("uri", "") if inputs else ""
+    chain.append({"kind": "dataset", "name": manifest["id"], "path": where,
+                  "rows": manifest["rows"]["kept"], "splits": manifest["splits"]})
+    chain.append({"kind": "url list", "name": manifest["source"]["path"], "sha256": manifest["source"]["sha256"]})
+    return chain
 
 
 def ui_links(tracking_uri: str, run_id: str | None = None, model: tuple[str, str] | None = None) -> dict[str, str]:

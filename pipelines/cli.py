@@ -55,7 +55,7 @@ def cmd_demo(args) -> int:
     from mmcore.data.dataset import DatasetVersion
     from mmcore.tracking import resolve_uri
     from pipelines.flows import retrain_flow
-    from pipelines.params import IngestParams, RetrainParams, TrainSettings
+    from pipelines.params import FusionSettings, IngestParams, RetrainParams, TrainSettings
 
     started = time.monotonic()
     sample_dir = home / "sample"
@@ -65,15 +65,18 @@ def cmd_demo(args) -> int:
         console.say(f"sample corpus at {sample_dir}, served at {server.url}")
         result = retrain_flow(RetrainParams(
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
-            train=TrainSettings(recipe=args.recipe)))
+            train=TrainSettings(recipe=args.recipe), skip_fusion=args.fusion_recipe == "none",
+            fusion=FusionSettings(recipe="demo-fusion" if args.fusion_recipe == "none" else args.fusion_recipe)))
     library_cli.print_summary(DatasetVersion.open(result.dataset["path"]))
-    decision = result.decision
-    library_cli.print_report(decision.candidate)
-    word = "promoted to champion" if decision.promoted else "not promoted"
-    console.say(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
+    for decision in (result.decision, result.fusion_decision):
+        if decision is not None:
+            library_cli.print_report(decision.candidate)
+            word = "promoted to champion" if decision.promoted else "not promoted"
+            console.say(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
+    run_dirs = "\n".join(f"  run directory: {r['run_dir']}" for r in (result.trained, result.fusion) if r)
     console.say(f"demo finished in {time.monotonic() - started:.0f}s as Prefect flow run 'retrain'; everything is "
                 f"under {home}\n  MLflow: {resolve_uri(TrackingConfig())}\n  Prefect flow runs: "
-                f"{os.environ['PREFECT_HOME']}\n  run directory: {result.trained['run_dir']}\n"
+                f"{os.environ['PREFECT_HOME']}\n{run_dirs}\n"
                 f"  see the runs and models in their UIs with `mmpipe up`\n  logs: {console.log_file()}")
     return 0
 
@@ -101,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "nothing to start by hand")
     demo.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
     demo.add_argument("--recipe", default="demo", help="training recipe (default %(default)s; debug is quicker)")
+    demo.add_argument("--fusion-recipe", default="demo-fusion",
+                      help="fusion recipe on the new contrastive champion (default %(default)s; none skips the stage)")
     demo.set_defaults(func=cmd_demo)
 
     serve = commands.add_parser("serve", help="register the flows as deployments (Prefect UI: Run) and run them")

@@ -191,17 +191,26 @@ def evaluate_flow(params: EvaluateParams) -> dict:
 class RetrainResult:
     dataset: dict
     """dataset_summary() of the version trained on."""
-    trained: dict
-    """The TrainResult, as a dict."""
-    decision: GateDecision
+    trained: dict | None
+    """The contrastive TrainResult, as a dict (None when skipped)."""
+    decision: GateDecision | None
+    fusion: dict | None = None
+    """The fusion TrainResult, as a dict (None when skipped)."""
+    fusion_decision: GateDecision | None = None
 
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
-    """ingest (or a landed dataset) -> train -> evaluate -> promote. Later stages slot in as further steps."""
+    """ingest (or a landed dataset) -> contrastive: train, promote -> fusion on the contrastive champion:
+    train, promote. Each stage can be skipped."""
     _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))
-    trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))
-    decision = promote_task(trained["model_name"], dataset["path"], params.gate)
-    return RetrainResult(dataset, trained, decision)
+    result = RetrainResult(dataset, None, None)
+    if not params.skip_contrastive:
+        result.trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))
+        result.decision = promote_task(result.trained["model_name"], dataset["path"], params.gate)
+    if not params.skip_fusion:
+        result.fusion = train_task(TrainParams(dataset=dataset["path"], **params.fusion.model_dump()))
+        result.fusion_decision = promote_task(result.fusion["model_name"], dataset["path"], params.fusion_gate)
+    return result

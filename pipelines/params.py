@@ -19,7 +19,7 @@ from mmcore.data.source import source_sha256
 from mmcore.recipes import RECIPES, recipe
 
 RecipeName = Literal[tuple(RECIPES)]  # a choice in the UI form
-Stage = Literal["contrastive"]  # fusion and unified join with their stages
+Stage = Literal["contrastive", "fusion"]  # unified joins with its stage
 
 
 class _Params(BaseModel):
@@ -78,9 +78,11 @@ class TrainSettings(_Params):
         picked = {"data.batch_size": self.batch_size, "optim.max_steps": self.max_steps,
                   "parallel.zero_stage": self.zero_stage, "parallel.num_workers": self.num_workers,
                   "cluster.address": self.ray_address or None}
-        settings = [f"task.stage={json.dumps(self.stage)}"]
-        settings += [f"{k}={json.dumps(v)}" for k, v in picked.items() if v is not None]
-        cfg = apply_overrides(recipe(self.recipe, dataset), settings + list(self.overrides))
+        settings = [f"{k}={json.dumps(v)}" for k, v in picked.items() if v is not None]
+        cfg = recipe(self.recipe, dataset)
+        if cfg.task.stage != self.stage:
+            raise ValueError(f"recipe {self.recipe} trains the {cfg.task.stage} stage, not {self.stage}")
+        cfg = apply_overrides(cfg, settings + list(self.overrides))
         if cfg.optim.warmup_steps > cfg.optim.max_steps:  # a short run keeps the recipe's schedule shape
             cfg.optim.warmup_steps = cfg.optim.max_steps // 10
         cfg.validate()
@@ -97,8 +99,9 @@ class GateParams(_Params):
     """How the promotion gate compares candidate and champion."""
 
     suites: list[str] = Field(default_factory=list, description="Suites to run; empty: every suite the model fits.")
-    primary: str = Field("retrieval.image_to_text_recall_5", pattern=r"^[\w-]+\.\w+$",
-                         description="suite.metric compared between candidate and champion (higher is better).")
+    primary: str = Field("", pattern=r"^([\w-]+\.\w+)?$",
+                         description="suite.metric compared between candidate and champion (higher is better); "
+                                     "empty: the stage's (retrieval.image_to_text_recall_5, vqa.accuracy).")
     margin: float = Field(0.0, ge=0, le=1, description="Improvement the candidate needs over the champion.")
 
     def to_config(self) -> GateConfig:
@@ -116,15 +119,29 @@ class EvaluateParams(GateParams):
                                             "off: only evaluate @candidate.")
 
 
+class FusionSettings(TrainSettings):
+    """The fusion stage in `retrain`: its parent is the contrastive champion after the gate."""
+
+    stage: Stage = Field("fusion", description="Training stage.")
+    recipe: RecipeName = Field("demo-fusion", description="Named RunConfig (mmcore/recipes.py): demo-fusion (LLaVA), "
+                                                          "demo-flamingo, debug-fusion.")
+
+
 class RetrainParams(_Params):
-    """Ingest (or take a landed dataset) -> train -> evaluate -> promote (the `retrain` flow)."""
+    """Ingest (or take a landed dataset) -> contrastive: train, evaluate, promote -> fusion on the
+    contrastive champion: train, evaluate, promote (the `retrain` flow)."""
 
     source: IngestParams | None = Field(None, description="A URL list to ingest first; or leave empty and set "
                                                           "`dataset`.")
     dataset: str = Field("", description="An existing dataset version to train on (the dataset.landed trigger "
                                          "fills this in).")
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    gate: GateParams = Field(default_factory=GateParams)
+    train: TrainSettings = Field(default_factory=TrainSettings, description="The contrastive stage.")
+    gate: GateParams = Field(default_factory=GateParams, description="The contrastive stage's gate.")
+    skip_contrastive: bool = Field(False, description="Skip the contrastive stage (fusion then builds on the "
+                                                      "current contrastive champion).")
+    fusion: FusionSettings = Field(default_factory=FusionSettings, description="The fusion stage.")
+    fusion_gate: GateParams = Field(default_factory=GateParams, description="The fusion stage's gate.")
+    skip_fusion: bool = Field(False, description="Stop after the contrastive stage.")
 
     @model_validator(mode="after")
     def _one_input(self) -> RetrainParams:

@@ -15,8 +15,6 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from mmcore.data.dataset import DatasetVersion
 from mmcore.models.preprocess import Preprocessor
 
-STREAM_COLUMNS = ["image", "caption"]
-
 
 class WaitWhenIdle(ExecutionCallback):
     """Ray Data 2.60's scheduling loop blocks in ray.wait() until a task finishes, but once backpressure
@@ -54,10 +52,14 @@ def work_units(version: DatasetVersion, split: str, epochs: int = 1, seed: int =
     return units
 
 
-def read_row_groups(units: dict) -> pa.Table:
-    """A batch of work units -> their rows (image bytes and caption)."""
-    return pa.concat_tables([pq.ParquetFile(path).read_row_group(int(group), columns=STREAM_COLUMNS)
-                             for path, group in zip(units["path"], units["row_group"])])
+def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
+    """A batch of work units -> their rows: the `columns` the shards have, and the unit's `epoch`."""
+    tables = []
+    for path, group, epoch in zip(units["path"], units["row_group"], units["epoch"]):
+        parquet = pq.ParquetFile(path)
+        table = parquet.read_row_group(int(group), columns=[c for c in columns if c in parquet.schema_arrow.names])
+        tables.append(table.append_column("epoch", pa.array([int(epoch)] * table.num_rows, pa.int32())))
+    return pa.concat_tables(tables)
 
 
 def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1,
@@ -72,7 +74,7 @@ def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor,
     """
     units = work_units(version, split, epochs, seed)
     return (ray.data.from_items(units, override_num_blocks=len(units))
-            .map_batches(read_row_groups, batch_size=1, batch_format="numpy")
+            .map_batches(read_row_groups, batch_size=1, batch_format="numpy", fn_kwargs={"columns": preprocess.columns})
             .map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=256))
 
 

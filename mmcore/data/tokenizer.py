@@ -36,3 +36,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ValueError(f"{path}: not a loadable tokenizer ({err})") from None
+
+
+USER, ASSISTANT = "<|user|>", "<|assistant|>"
+CHAT_TOKENS = [USER, ASSISTANT]
+"""Roles of the chat format (data/instruct.py); added to the dataset's tokenizer by the fusion stage."""
+
+
+def with_chat_tokens(tokenizer_json: str) -> str:
+    """The dataset's tokenizer with the chat roles added as special tokens (ids after its vocabulary)."""
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.add_special_tokens([token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None])
+    return tokenizer.to_str()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from mmcore import tracking
-from mmcore.config import GateConfig, TrackingConfig
+from mmcore.config import PRIMARY_METRICS, GateConfig, TrackingConfig
 from mmcore.eval.run import EvalReport, evaluate
 
 
@@ -30,6 +31,9 @@ def promote(name: str, dataset: str, gate: GateConfig | None = None, suites: lis
     tracking.check_reachable(tracking_uri)
     candidate_version = tracking.resolve_version(f"models:/{name}@{gate.candidate_alias}", tracking_uri)[1]
     champion_version = tracking.alias_version(name, gate.champion_alias, tracking_uri)
+    if not gate.primary:
+        stage = tracking.version_tags(name, candidate_version, tracking_uri).get("stage", "contrastive")
+        gate = dataclasses.replace(gate, primary=PRIMARY_METRICS[stage])
     candidate = evaluate(f"models:/{name}/{candidate_version}", dataset, suites, tracking_cfg)
     champion = None
     if not candidate.ok:

@@ -8,7 +8,8 @@ from mmcore import console, tracking
 from mmcore.config import TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
-from mmcore.eval.suites import default_suites, get_suite
+from mmcore.eval import generative  # noqa: F401 - registers the generative suites
+from mmcore.eval.suites import capabilities, default_suites, get_suite
 from mmcore.progress import progress_bar
 
 EVAL_EXPERIMENT = "mmpipe-eval"
@@ -44,7 +45,7 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
              tracking_cfg: TrackingConfig | None = None) -> EvalReport:
     """Load `uri` (models:/name@alias or /version) from the registry and run the suites on `dataset`.
 
-    Unknown models, aliases or suites, a suite the model's family cannot run, or an unreachable
+    Unknown models, aliases or suites, a suite the model cannot take, or an unreachable
     MLflow fail before anything runs; a suite that fails while running is recorded in the report.
     """
     tracking_uri = tracking.resolve_uri(tracking_cfg or TrackingConfig())
@@ -52,7 +53,8 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     name, version = tracking.resolve_version(uri, tracking_uri)
     data = DatasetVersion.open(dataset)
     model, preprocess = tracking.load_model(f"models:/{name}/{version}", tracking_uri)
-    selected = [get_suite(s, model.family) for s in (suites or default_suites(model.family))]
+    can = capabilities(model)
+    selected = [get_suite(s, can) for s in (suites or default_suites(can))]
     console.say(f"evaluating models:/{name}/{version} on dataset {data.id}: {', '.join(s.name for s in selected)}")
     results = {}
     with progress_bar("evaluating", len(selected)) as advance_to:

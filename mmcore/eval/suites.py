@@ -1,8 +1,9 @@
 """The suite registry: a suite is a small function with a clear metric, registered by name.
 
 A suite gets the model, its preprocessor and the dataset version, and returns a SuiteResult
-(metrics, tables, figures). Later stages add suites (captioning, VQA) with `@suite(...)`
-without touching the runner.
+(metrics, tables, figures). A suite declares the capabilities it can use (any one suffices) and
+runs for every model that has one, whatever its stage: "embed" (encode_image / encode_text),
+"generate" and "score" (fusion and unified models).
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ class SuiteResult:
     """PNG images by file name (confusion matrices, example grids)."""
 
 
+CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",)}
+
+
+def capabilities(model) -> set[str]:
+    """What a model can do: the CAPABILITIES whose methods it has."""
+    return {name for name, methods in CAPABILITIES.items() if all(hasattr(model, m) for m in methods)}
+
+
 @dataclass
 class Suite:
     name: str
-    families: frozenset[str]
-    """Model families (ClipModel.family, ...) the suite can evaluate."""
+    needs: frozenset[str]
+    """Capabilities the suite can use; a model with any one of them can take it."""
     run: Callable[..., SuiteResult]
     description: str
 
@@ -39,22 +48,26 @@ class Suite:
 SUITES: dict[str, Suite] = {}
 
 
-def suite(name: str, families: set[str], description: str):
+def suite(name: str, needs: set[str], description: str):
     """Register `fn(model, preprocess, version) -> SuiteResult` under `name`."""
+    assert needs <= set(CAPABILITIES), needs
+
     def register(fn):
-        SUITES[name] = Suite(name, frozenset(families), fn, description)
+        SUITES[name] = Suite(name, frozenset(needs), fn, description)
         return fn
     return register
 
 
-def get_suite(name: str, family: str) -> Suite:
+def get_suite(name: str, can: set[str]) -> Suite:
+    """The suite `name`, if a model with capabilities `can` can take it."""
     if name not in SUITES:
         raise SuiteError(f"unknown suite {name!r}; known: {sorted(SUITES)}")
     found = SUITES[name]
-    if family not in found.families:
-        raise SuiteError(f"suite {name!r} evaluates {sorted(found.families)} models, not a {family!r} model")
+    if not found.needs & can:
+        raise SuiteError(f"suite {name!r} needs a model that can {' or '.join(sorted(found.needs))}; "
+                         f"this one can {' and '.join(sorted(can)) or 'nothing a suite uses'}")
     return found
 
 
-def default_suites(family: str) -> list[str]:
-    return [name for name, s in SUITES.items() if family in s.families]
+def default_suites(can: set[str]) -> list[str]:
+    return [name for name, s in SUITES.items() if s.needs & can]

@@ -9,9 +9,14 @@ from torch import nn
 
 from mmcore.config import from_dict
 from mmcore.models.clip import ClipConfig, ClipModel
+from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
+from mmcore.models.llava import LlavaConfig, LlavaModel
 from mmcore.models.preprocess import PreprocessConfig
 
-FAMILIES = {"clip": (ClipConfig, ClipModel)}
+FAMILIES = {"clip": (ClipConfig, ClipModel), "llava": (LlavaConfig, LlavaModel),
+            "flamingo": (FlamingoConfig, FlamingoModel)}
+STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo")}
+"""Which families each training stage trains."""
 
 
 def list_models() -> list[str]:
@@ -36,6 +41,5 @@ def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, 
         raise ValueError(f"model config: unknown family {family!r}; known: {sorted(FAMILIES)}")
     cfg_class, model_class = FAMILIES[family]
     cfg = from_dict(cfg_class, data)
-    cfg.text.vocab_size = vocab_size
-    model = model_class(cfg, eos_id=eos_id)
-    return model, PreprocessConfig(image_size=cfg.vision.image_size, context_length=cfg.text.context_length)
+    cfg.set_vocab_size(vocab_size)
+    return model_class(cfg, eos_id=eos_id), cfg.preprocess()

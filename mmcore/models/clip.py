@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcore.models.preprocess import PreprocessConfig
 from mmcore.models.towers import TextConfig, TextTower, VisionConfig, VisionTower
 
 
@@ -23,6 +24,12 @@ class ClipConfig:
     def validate(self) -> None:
         self.vision.validate()
         self.text.validate()
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        self.text.vocab_size = vocab_size
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.text.context_length)
 
 
 class ClipModel(nn.Module):

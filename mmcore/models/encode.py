@@ -1,4 +1,4 @@
-"""Batched embedding of raw inputs with a contrastive model and its preprocessor (no grad)."""
+"""Batched inference on raw inputs (no grad): embeddings of a contrastive model, answers and scores of a fusion model."""
 
 from __future__ import annotations
 
@@ -18,3 +18,52 @@ def embed_texts(model, preprocess, texts: list[str], batch_size: int = 256) -> n
     with torch.no_grad():
         return np.concatenate([model.encode_text(torch.from_numpy(preprocess.tokens(texts[i:i + batch_size])))
                                .numpy() for i in range(0, len(texts), batch_size)])
+
+
+def _chat(preprocess):
+    from tokenizers import Tokenizer
+
+    from mmcore.data.instruct import ChatFormat
+
+    return ChatFormat(Tokenizer.from_str(preprocess.tokenizer_json), preprocess.cfg.context_length)
+
+
+def generate_answers(model, preprocess, images: list[bytes], prompts: list[str], max_new_tokens: int = 16,
+                     temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
+    """A fusion model's answer to each (image, prompt), in the chat format it was trained with.
+
+    Rows are batched by prompt length (no padding inside a batch: a row's answer does not depend on
+    its neighbours). A prompt that does not leave room for an answer in the context is a ValueError
+    naming the row and the limit.
+    """
+    chat = _chat(preprocess)
+    encoded = [chat.prompt(p) for p in prompts]
+    for row, ids in enumerate(encoded):
+        if len(ids) >= chat.context_length:
+            raise ValueError(f"row {row}: the prompt is {len(ids)} tokens with the chat format; this model's "
+                             f"context is {chat.context_length} tokens, answer included")
+    answers = [""] * len(prompts)
+    by_length: dict[int, list[int]] = {}
+    for row, ids in enumerate(encoded):
+        by_length.setdefault(len(ids), []).append(row)
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            pixels = torch.from_numpy(preprocess.images([images[r] for r in chunk]))
+            new = model.generate(pixels, torch.tensor([encoded[r] for r in chunk]), max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p)
+            for r, ids in zip(chunk, new.tolist()):
+                answers[r] = chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return answers
+
+
+def score_answers(model, preprocess, images: list[bytes], prompts: list[str], answers: list[str],
+                  batch_size: int = 64) -> np.ndarray:
+    """log p(answer | image, prompt) under a fusion model, summed over the answer's tokens: (N,)."""
+    chat = _chat(preprocess)
+    scores = []
+    for i in range(0, len(prompts), batch_size):
+        encoded = [chat.encode(p, a) for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size])]
+        scores.append(model.score(torch.from_numpy(preprocess.images(images[i: i + batch_size])),
+                                  torch.tensor([e[0] for e in encoded]), torch.tensor([e[1] for e in encoded])).numpy())
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)

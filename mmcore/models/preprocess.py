@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 from dataclasses import dataclass
 
@@ -40,6 +41,9 @@ class Preprocessor:
     Picklable (the tokenizer travels as its JSON).
     """
 
+    columns = ["image", "caption"]
+    """The shard columns the training stream reads for it (those a shard lacks are left out)."""
+
     def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False):
         self.cfg = cfg
         self.tokenizer_json = tokenizer_json
@@ -61,7 +65,9 @@ class Preprocessor:
 
     def for_split(self, split: str, augment: bool) -> "Preprocessor":
         """The same preprocessing, with augmentation (if asked for) on the train split only."""
-        return Preprocessor(self.cfg, self.tokenizer_json, augment=augment and split == "train")
+        clone = copy.copy(self)
+        clone.augment, clone._rng = augment and split == "train", np.random.default_rng()
+        return clone
 
     def __getstate__(self):
         return {**self.__dict__, "_tokenizer": None, "_rng": None}

@@ -1,10 +1,18 @@
-"""Pre-LN transformer blocks shared by every tower (ViT, text, decoder)."""
+"""Pre-LN transformer blocks shared by every tower (ViT, text, decoder), with an optional KV cache."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+KVCache = dict[str, torch.Tensor]
+"""One attention layer's cached keys and values {"k", "v"}: (B, H, T, Dh) each; filled in place."""
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)  # (B, H, N, Dh)
 
 
 class Attention(nn.Module):
@@ -17,11 +25,42 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
         b, n, d = x.shape  # (B, N, D)
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        past = 0
+        if cache is not None:
+            if "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        if causal and past and mask is None and n > 1:  # new queries see the past and their own prefix
+            mask = torch.ones(n, past + n, dtype=torch.bool, device=x.device).tril(past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None and not past)
         return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
+class CrossAttention(nn.Module):
+    """Queries from x (B, N, D) attend to a context (B, M, C): keys and values from the context."""
+
+    def __init__(self, width: int, heads: int, context_width: int | None = None):
+        super().__init__()
+        assert width % heads == 0, "width must be divisible by heads"
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(context_width or width, 2 * width)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(context).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(_heads(self.q(x), self.heads), _heads(k, self.heads), _heads(v, self.heads))
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+def mlp(width: int, mlp_ratio: float = 4.0) -> nn.Sequential:
+    hidden = int(width * mlp_ratio)
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
 
 class Block(nn.Module):
@@ -32,11 +71,11 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln2 = nn.LayerNorm(width)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.mlp = mlp(width, mlp_ratio)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), mask=mask, causal=causal)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), mask=mask, causal=causal, cache=cache)
         return x + self.mlp(self.ln2(x))
 
 

@@ -23,9 +23,9 @@ from mmcore.data.dataset import DatasetError, DatasetVersion
 from mmcore.data.schema import open_shard
 from mmcore.data.tokenizer import load_tokenizer
 from mmcore.models import model_config
-from mmcore.models.preprocess import Preprocessor
 from mmcore.progress import progress_bar
-from mmcore.tasks import build_task
+from mmcore.tasks import TASKS, build_task
+from mmcore.train.parents import pin_parents
 
 
 class TrainingError(RuntimeError):
@@ -128,9 +128,10 @@ def fit(cfg: RunConfig) -> TrainResult:
     """Train one stage on a dataset version and register the model with alias `cfg.tracking.alias`."""
     cfg.validate()
     version = open_dataset(cfg)
-    arch = model_config(cfg.model.name)
     uri = tracking.resolve_uri(cfg.tracking)
     tracking.check_reachable(uri)
+    parents = pin_parents(cfg, model_config(cfg.model.name), uri, version)
+    cfg, arch = parents.cfg, parents.arch
     name = run_name(cfg, version.id)
     storage = Path(cfg.cluster.storage_path or project_home() / "runs").absolute()
     run_dir = storage / name
@@ -150,7 +151,7 @@ def fit(cfg: RunConfig) -> TrainResult:
     id_file.write_text(run_id)
     model_name = cfg.tracking.model_name or f"mmpipe-{cfg.task.stage}"
     tags = {"dataset_id": version.id, "stage": cfg.task.stage, "git_commit": tracking.git_commit(),
-            "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", "")}
+            "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags}
     try:
         metrics = _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu)
         model_version = tracking.log_and_register(uri, run_id, run_dir / "final", model_name, cfg.tracking.alias,
@@ -173,16 +174,18 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     from mmcore.data.stream import split_dataset
     from mmcore.train.loop import train_loop_per_worker
 
-    tokenizer_json = version.tokenizer_path.read_text()
+    task_class = TASKS[cfg.task.stage]
+    tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text())  # the stage's, saved with the model
+    (run_dir / "tokenizer.json").write_text(tokenizer_json)
     _, preprocess = build_task(cfg, arch, tokenizer_json)
-    pre = Preprocessor(preprocess, tokenizer_json)
+    pre = task_class.preprocessor(cfg, preprocess, tokenizer_json)
     epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
     datasets = {"train": split_dataset(version, "train", pre, epochs=epochs, augment=cfg.data.augment, seed=cfg.seed)}
     if cfg.data.val_batches:
         datasets["val"] = split_dataset(version, "val", pre)
     loop_config = {
         "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
-        "tokenizer_path": str(version.tokenizer_path), "preprocess": asdict(preprocess),
+        "tokenizer_path": str(run_dir / "tokenizer.json"), "preprocess": asdict(preprocess),
         "tracking_uri": uri, "mlflow_run_id": run_id,
     }
     trainer = TorchTrainer(

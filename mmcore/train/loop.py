@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(worker_threads(cfg.parallel, context.get_local_world_size()))
     run_dir = Path(config["run_dir"])
-    task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"])
+    task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"], tracking_uri=config["tracking_uri"])
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(task)
     cuda = device.type == "cuda"

@@ -18,7 +18,7 @@ from mmcore.data.dataset import DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.sample import DIGIT_WORDS, synthetic_scene
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.eval.contrastive import foils
-from mmcore.eval.suites import SUITES, SuiteError, get_suite, suite
+from mmcore.eval.suites import SUITES, SuiteError, capabilities, get_suite, suite
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
 
 EXTRAS = pa.schema([("source", pa.string()), ("label", pa.string()), ("relation", pa.string()),
@@ -105,20 +105,20 @@ def test_zero_shot_suites_score_an_oracle_right_and_a_shifted_one_wrong(version)
     shapes = [r for r in rows if r["source"] == "synthetic" and r["relation"] is None]
     classes = sorted({r["label"] for r in shapes})
     oracle = Oracle(pre, {r["image"]: r["label"] for r in shapes}, classes)
-    result = get_suite("zeroshot-shapes", "clip").run(oracle, pre, version)
+    result = get_suite("zeroshot-shapes", {"embed"}).run(oracle, pre, version)
     assert result.metrics["accuracy"] == 1.0 and result.metrics["chance"] == pytest.approx(1 / len(classes))
     assert result.figures["confusion_matrix.png"].startswith(b"\x89PNG")
     shifted = Oracle(pre, {r["image"]: classes[(classes.index(r["label"]) + 1) % len(classes)] for r in shapes},
                      classes)
-    assert get_suite("zeroshot-shapes", "clip").run(shifted, pre, version).metrics["accuracy"] == 0.0
-    assert get_suite("zeroshot-shapes-heldout", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
-    assert get_suite("zeroshot-shapes-heldout", "clip").run(shifted, pre, version).metrics["accuracy"] == 0.0
+    assert get_suite("zeroshot-shapes", {"embed"}).run(shifted, pre, version).metrics["accuracy"] == 0.0
+    assert get_suite("zeroshot-shapes-heldout", {"embed"}).run(oracle, pre, version).metrics["accuracy"] == 1.0
+    assert get_suite("zeroshot-shapes-heldout", {"embed"}).run(shifted, pre, version).metrics["accuracy"] == 0.0
 
     digits = [r for r in rows if r["source"] == "sklearn-digits"]
     words = {str(d): DIGIT_WORDS[d] for d in range(10)}
     oracle = Oracle(pre, {r["image"]: words[r["label"]] for r in digits}, list(words.values()))
-    assert get_suite("zeroshot-digits", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
-    assert get_suite("zeroshot-digits-heldout", "clip").run(oracle, pre, version).metrics["accuracy"] == 1.0
+    assert get_suite("zeroshot-digits", {"embed"}).run(oracle, pre, version).metrics["accuracy"] == 1.0
+    assert get_suite("zeroshot-digits-heldout", {"embed"}).run(oracle, pre, version).metrics["accuracy"] == 1.0
 
 
 def test_heldout_prompt_templates_use_words_that_no_corpus_caption_has(tmp_path):
@@ -147,7 +147,7 @@ def test_retrieval_suite_on_an_oracle(version):
     pre = _preprocess(version)
     rows = _table(version)
     oracle = Oracle(pre, {r["image"]: r["caption"] for r in rows})
-    result = get_suite("retrieval", "clip").run(oracle, pre, version)
+    result = get_suite("retrieval", {"embed"}).run(oracle, pre, version)
     assert result.metrics["image_to_text_recall_1"] == 1.0 and result.metrics["text_to_image_recall_1"] == 1.0
     assert result.metrics["chance_image_to_text_recall_1"] < 0.2 and result.metrics["chance_text_to_image_recall_1"] < 0.2
     assert result.figures["examples.png"].startswith(b"\x89PNG")
@@ -157,10 +157,10 @@ def test_compositional_probe_prefers_what_the_model_sees(version):
     pre = _preprocess(version)
     pairs = [r for r in _table(version) if r["relation"]]
     truthful = Oracle(pre, {r["image"]: r["caption"] for r in pairs})
-    result = get_suite("compositional", "clip").run(truthful, pre, version)
+    result = get_suite("compositional", {"embed"}).run(truthful, pre, version)
     assert result.metrics["accuracy"] == 1.0 and result.metrics["n"] == len(pairs)
     fooled = Oracle(pre, {r["image"]: foils(r)["swap_relation"] for r in pairs})
-    fooled_result = get_suite("compositional", "clip").run(fooled, pre, version)
+    fooled_result = get_suite("compositional", {"embed"}).run(fooled, pre, version)
     assert fooled_result.metrics["swap_relation_accuracy"] == 0.0
 
 
@@ -173,16 +173,16 @@ def test_foils_keep_the_words_and_change_the_meaning():
     assert foils(framed)["swap_relation"] == "clip art of a red circle right of two blue squares"
 
 
-def test_suite_registry_is_open_and_checks_the_family(version):
-    @suite("always-one", {"fusion"}, "a suite for another family")
+def test_suite_registry_is_open_and_checks_what_the_model_can_do(version):
+    @suite("always-one", {"generate"}, "a suite for models that generate")
     def always_one(model, preprocess, data):  # pragma: no cover - never run here
         raise AssertionError
 
     try:
-        with pytest.raises(SuiteError, match="evaluates \\['fusion'\\] models, not a 'clip' model"):
-            get_suite("always-one", "clip")
+        with pytest.raises(SuiteError, match="needs a model that can generate; this one can embed"):
+            get_suite("always-one", capabilities(Oracle(_preprocess(version), {})))
         with pytest.raises(SuiteError, match="unknown suite 'nope'"):
-            get_suite("nope", "clip")
+            get_suite("nope", {"embed"})
     finally:
         SUITES.pop("always-one")
 
@@ -196,4 +196,4 @@ def test_a_dataset_without_labels_is_a_suite_error(tmp_path, version):
     manifest["source"]["extras"] = []
     (bare / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SuiteError, match="no column\\(s\\) \\['label', 'source', 'relation'\\]"):
-        get_suite("zeroshot-shapes", "clip").run(None, None, DatasetVersion.open(bare))
+        get_suite("zeroshot-shapes", {"embed"}).run(None, None, DatasetVersion.open(bare))

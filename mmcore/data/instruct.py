@@ -1,0 +1,177 @@
+"""Instruction samples derived from a dataset row, deterministically (nothing new is stored).
+
+A row becomes a chat: `<bos> <|user|> <image> question <|assistant|> answer <eos>`, and the loss
+counts the answer's tokens and its <eos> only. Questions come from the row's attribute columns
+(colour, shape, count, relation, yes/no against a foil for synthetic scenes; the digit for
+scikit-learn digits) and every row can be asked for its caption. Each question type has seen
+templates (training and evaluation) and held-out ones, which only evaluation on the test split
+uses: the difference measures whether the model learned the question or the wording.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from mmcore.data.sample import DIGIT_WORDS, NUMBER_WORDS
+from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER
+from mmcore.models.fusion import IGNORE
+from mmcore.models.preprocess import Preprocessor, PreprocessConfig
+
+# question type -> (seen templates, held-out templates). {first}/{second}: "the red circle(s)";
+# {be}: is/are to agree with {first}.
+TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "caption": (("describe the image.", "what does the picture show?", "write a caption for this image."),
+                ("tell me what you see in this picture.",)),
+    "colour": (("what colour is the {shape}?", "which colour does the {shape} have?", "the {shape} is what colour?"),
+               ("name the colour of the {shape}.",)),
+    "shape": (("which shape is drawn in {color}?", "what is the shape of the {color} object?",
+               "which shape is {color}?"),
+              ("name the shape coloured {color}.",)),
+    "count": (("how many {color} {shapes} are there?", "count the {color} {shapes}.",
+               "what is the number of {color} {shapes}?"),
+              ("how many {color} {shapes} can you see?",)),
+    "relation": (("where {be} {first} relative to {second}?", "how {be} {first} placed relative to {second}?",
+                  "what is the position of {first} relative to {second}?"),
+                 ("describe where {first} {be} compared with {second}.",)),
+    "yes_no": (("{be} {first} {relation} {second}?", "is it true that {first} {be} {relation} {second}?",
+                "answer yes or no: {be} {first} {relation} {second}?"),
+               ("would you say {first} {be} {relation} {second}?",)),
+    "digit": (("which digit is this?", "what number is written here?", "what digit is shown?"),
+              ("name the handwritten digit.",)),
+}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+ROW_COLUMNS = ["key", "caption", "source", "label", "shape", "color", "count", "relation", "shape2", "color2",
+               "count2"]
+"""Columns a sample can be derived from; a dataset without the attribute columns gets captions only."""
+
+
+@dataclass(frozen=True)
+class Question:
+    kind: str
+    question: str
+    answer: str
+    held_out: bool = False
+
+
+def _group(color: str, shape: str, count: int) -> str:
+    return f"the {color} {shape}{'s' if count > 1 else ''}"
+
+
+def _fill(template: str, row: dict, relation: str | None = None) -> str:
+    first = _group(row["color"], row["shape"], row["count"] or 1)
+    second = _group(row["color2"], row["shape2"], row["count2"] or 1) if row.get("relation") else ""
+    return template.format(shape=row["shape"], shapes=f"{row['shape']}s", color=row["color"], first=first,
+                           second=second, be="are" if (row["count"] or 1) > 1 else "is",
+                           relation=relation or row.get("relation"))
+
+
+def _rng(row: dict, *salt: int) -> np.random.Generator:
+    return np.random.default_rng([*salt, zlib.crc32(str(row["key"]).encode())])
+
+
+def questions(row: dict, held_out: bool = False) -> list[Question]:
+    """One question per type the row can answer, worded by a seen (or a held-out) template chosen by the row."""
+    rng = _rng(row, 7, int(held_out))
+    pick = lambda kind: str(rng.choice(TEMPLATES[kind][1 if held_out else 0]))  # noqa: E731
+    out = [Question("caption", pick("caption"), row["caption"], held_out)]
+    if row.get("source") == "sklearn-digits" and row.get("label") in [str(d) for d in range(10)]:
+        out.append(Question("digit", pick("digit"), DIGIT_WORDS[int(row["label"])], held_out))
+    if row.get("source") != "synthetic" or not row.get("shape"):
+        return out
+    if not row.get("relation") or row["shape"] != row["shape2"]:
+        out.append(Question("colour", _fill(pick("colour"), row), row["color"], held_out))
+    out.append(Question("shape", _fill(pick("shape"), row), row["shape"], held_out))
+    out.append(Question("count", _fill(pick("count"), row), COUNT_WORDS[row["count"]], held_out))
+    if row.get("relation"):
+        out.append(Question("relation", _fill(pick("relation"), row), row["relation"], held_out))
+        truth = bool(rng.random() < 0.5)
+        asked = row["relation"] if truth else OPPOSITE[row["relation"]]
+        out.append(Question("yes_no", _fill(pick("yes_no"), row, asked), "yes" if truth else "no", held_out))
+    return out
+
+
+def training_question(row: dict, seed: int, epoch: int) -> Question:
+    """The row's question for this epoch: a type and a seen template drawn from (seed, epoch, key)."""
+    rng = _rng(row, seed, epoch)
+    kinds = questions(row)
+    kind = kinds[int(rng.integers(len(kinds)))].kind
+    template = str(rng.choice(TEMPLATES[kind][0]))
+    chosen = next(q for q in kinds if q.kind == kind)
+    if kind == "yes_no":
+        truth = bool(rng.random() < 0.5)
+        asked = row["relation"] if truth else OPPOSITE[row["relation"]]
+        return Question(kind, _fill(template, row, asked), "yes" if truth else "no")
+    return Question(kind, _fill(template, row) if kind not in ("caption", "digit") else template, chosen.answer)
+
+
+class ChatFormat:
+    """Token ids of the chat format; `encode` pads or truncates to the context and says if it truncated."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+        ids = {t: tokenizer.token_to_id(t) for t in (BOS, USER, IMAGE, ASSISTANT, EOS, PAD)}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the chat tokens {missing}; the fusion stage adds them "
+                             f"(data.tokenizer.with_chat_tokens)")
+        self.ids = ids
+
+    def prompt(self, question: str) -> list[int]:
+        """<bos> <|user|> <image> question <|assistant|>"""
+        i = self.ids
+        return [i[BOS], i[USER], i[IMAGE], *self.tokenizer.encode(question, add_special_tokens=False).ids,
+                i[ASSISTANT]]
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
+        """(input_ids, labels, truncated), each list context_length long; labels IGNORE outside the answer."""
+        prompt = self.prompt(question)
+        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False).ids + [self.ids[EOS]]
+        ids, labels = prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids
+        truncated = len(ids) > self.context_length
+        ids, labels = ids[: self.context_length], labels[: self.context_length]
+        pad = self.context_length - len(ids)
+        return ids + [self.ids[PAD]] * pad, labels + [IGNORE] * pad, truncated
+
+
+def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int) -> dict[str, np.ndarray]:
+    """Training rows (with an `epoch`) -> input_ids, labels (B, context) int64 and truncated (B,) int64."""
+    encoded = [chat.encode(q.question, q.answer)
+               for q in (training_question(row, seed, int(row.get("epoch") or 0)) for row in rows)]
+    return {"input_ids": np.array([e[0] for e in encoded], np.int64).reshape(len(rows), chat.context_length),
+            "labels": np.array([e[1] for e in encoded], np.int64).reshape(len(rows), chat.context_length),
+            "truncated": np.array([e[2] for e in encoded], np.int64)}
+
+
+class InstructPreprocessor(Preprocessor):
+    """The fusion stage's stream: uint8 pixels, and per row this epoch's question and answer as chat ids."""
+
+    columns = ["image", *ROW_COLUMNS]
+
+    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False, seed: int = 0):
+        super().__init__(cfg, tokenizer_json, augment)
+        self.seed = seed
+        self._chat: ChatFormat | None = None
+
+    @property
+    def chat(self) -> ChatFormat:
+        if self._chat is None:
+            self._chat = ChatFormat(Tokenizer.from_str(self.tokenizer_json), self.cfg.context_length)
+        return self._chat
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_chat": None}
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["image"])
+        rows = [{c: (_plain(batch[c][i]) if c in batch else None) for c in [*ROW_COLUMNS, "epoch"]} for i in range(n)]
+        return {"image": self.batch_pixels(batch["image"]), **instruction_batch(rows, self.chat, self.seed)}
+
+
+def _plain(value):
+    """numpy scalars from a Ray Data batch -> Python values (None stays None)."""
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,107 @@
+"""Flamingo (Alayrac et al. 2022): a Perceiver resampler turns the tower's tokens into a few latents;
+gated cross-attention blocks before every k-th LM layer let the text attend to them. The tanh gates
+start at zero, so an untrained Flamingo is exactly its LM without the image (open_flamingo's
+helpers.py is the reference layout)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmcore.models.decoder import DecoderConfig, DecoderLM
+from mmcore.models.fusion import FusionModel
+from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.towers import VisionConfig, VisionTower
+from mmcore.models.transformer import CrossAttention, KVCache, mlp
+
+
+@dataclass
+class FlamingoConfig:
+    """Vision tower (the contrastive parent's) + resampler + gated cross-attention + LM."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: DecoderConfig = field(default_factory=DecoderConfig)
+    latents: int = 16
+    """Learned queries of the resampler: the image reaches the LM as this many tokens."""
+    resampler_layers: int = 2
+    cross_every: int = 1
+    """A gated cross-attention block before LM layers 0, k, 2k, ..."""
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.lm.validate()
+        if self.latents < 1 or self.resampler_layers < 1 or self.cross_every < 1:
+            raise ValueError("flamingo: latents, resampler_layers and cross_every must be at least 1")
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        self.lm.vocab_size = vocab_size
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)
+
+
+class PerceiverResampler(nn.Module):
+    """(B, N, D) media tokens -> (B, latents, D): latents attend to [media; latents], then an MLP."""
+
+    def __init__(self, width: int, heads: int, latents: int, layers: int):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(1, latents, width) * 0.02)
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "ln_media": nn.LayerNorm(width), "ln_latents": nn.LayerNorm(width),
+            "attn": CrossAttention(width, heads), "ln_mlp": nn.LayerNorm(width), "mlp": mlp(width)})
+            for _ in range(layers))
+        self.ln_out = nn.LayerNorm(width)
+
+    def forward(self, media: torch.Tensor) -> torch.Tensor:
+        x = self.latents.expand(media.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer["ln_latents"](x)
+            x = x + layer["attn"](latents, torch.cat([layer["ln_media"](media), latents], dim=1))
+            x = x + layer["mlp"](layer["ln_mlp"](x))
+        return self.ln_out(x)
+
+
+class GatedCrossAttention(nn.Module):
+    """x + tanh(a) * xattn(ln(x), latents); x + tanh(b) * mlp(ln(x)); a = b = 0 at initialisation."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(width)
+        self.attn = CrossAttention(width, heads)
+        self.attn_gate = nn.Parameter(torch.zeros(1))  # shape [1]: DeepSpeed fails on 0-dim parameters
+        self.ln_mlp = nn.LayerNorm(width)
+        self.mlp = mlp(width)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        x = x + torch.tanh(self.attn_gate) * self.attn(self.ln_attn(x), latents)
+        return x + torch.tanh(self.mlp_gate) * self.mlp(self.ln_mlp(x))
+
+
+class FlamingoModel(FusionModel):
+    family = "flamingo"
+
+    def __init__(self, cfg: FlamingoConfig, eos_id: int):
+        super().__init__(eos_id)
+        cfg.validate()
+        self.cfg = cfg
+        self.visual = VisionTower(cfg.vision)
+        self.media_proj = nn.Linear(cfg.vision.width, cfg.lm.width)
+        self.resampler = PerceiverResampler(cfg.lm.width, cfg.lm.heads, cfg.latents, cfg.resampler_layers)
+        self.cross = nn.ModuleList(GatedCrossAttention(cfg.lm.width, cfg.lm.heads)
+                                   for _ in range(0, cfg.lm.layers, cfg.cross_every))
+        self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length)
+
+    def context(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> resampled latents (B, latents, D)."""
+        return self.resampler(self.media_proj(self.image_features(images)))
+
+    def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
+               caches: list[KVCache] | None = None) -> torch.Tensor:
+        """Every text position attends to the image's latents (one image per sample, first in the prompt)."""
+        def between(i: int, x: torch.Tensor) -> torch.Tensor:
+            return self.cross[i // self.cfg.cross_every](x, context) if i % self.cfg.cross_every == 0 else x
+
+        return self.lm(self.lm.embed(input_ids), start=start, caches=caches, between=between)

@@ -1,0 +1,150 @@
+"""The fusion stage for real: a registered contrastive parent, local Ray, DeepSpeed ZeRO-2 and -3,
+MLflow on sqlite, generation through the registered pyfunc."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmcore.tracking import load_model
+from mmcore.train.fit import fit
+
+pytestmark = pytest.mark.integration
+
+
+def fusion_config(dataset, parent: str, *overrides):
+    """debug-fusion on `parent`, long enough to learn the colours: 400 steps, checkpoint at 200."""
+    from mmcore.cli import apply_overrides
+    from mmcore.recipes import recipe
+
+    base = [f"model.parent={json.dumps(parent)}", "optim.max_steps=400", "optim.lr=0.003",
+            "checkpoint.every_steps=200", "optim.warmup_steps=20"]
+    return apply_overrides(recipe("debug-fusion", str(dataset.path)), base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def fused(trained, train_dataset, local_ray, mmpipe_home):
+    """A debug LLaVA on the frozen tower of the debug CLIP (by version), ZeRO-2, 2 workers."""
+    return fit(fusion_config(train_dataset, trained.model_uri))
+
+
+def _tower(uri: str) -> dict[str, torch.Tensor]:
+    return load_model(uri)[0].visual.state_dict()
+
+
+def _same_tower(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _losses(run_id: str, mmpipe_home) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    return [m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)]
+
+
+def test_fusion_learns_on_a_frozen_tower_and_records_its_parent(fused, trained, mmpipe_home):
+    from mlflow.tracking import MlflowClient
+
+    losses = _losses(fused.mlflow_run_id, mmpipe_home)
+    assert len(losses) == 40 and losses[-1] < 0.6 * losses[0]
+    assert fused.metrics["bad_steps"] == 0 and fused.model_name == "mmpipe-fusion"
+    assert _same_tower(_tower(fused.model_uri), _tower(trained.model_uri))
+    version = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").get_model_version("mmpipe-fusion",
+                                                                                         fused.model_version)
+    assert version.tags["parent_model"] == f"{trained.model_name}/{trained.model_version}"
+    assert version.tags["stage"] == "fusion" and version.tags["dataset_id"] == fused.dataset_id
+
+
+def test_colour_questions_are_answered_well_above_chance(fused, train_dataset, mmpipe_home):
+    from mmcore.eval.run import evaluate
+
+    report = evaluate(fused.model_uri, str(train_dataset.path), ["vqa", "captioning", "compositional"])
+    assert report.ok, report.errors
+    vqa = report.metrics["vqa"]
+    assert vqa["colour_one_group_accuracy"] >= 0.5, vqa  # chance: 1 in 6 colours
+    assert set(vqa) >= {"heldout_accuracy", "shape_accuracy", "count_accuracy", "relation_accuracy"}
+    assert 0 <= report.metrics["captioning"]["cider"] and report.metrics["compositional"]["n"] > 0
+
+
+def test_a_fresh_process_answers_through_the_pyfunc_by_alias(fused, train_dataset, mmpipe_home, tmp_path):
+    rows = train_dataset.read("test", columns=["image", "color", "shape", "relation"]).to_pylist()
+    scene = next(r for r in rows if r["color"] and not r["relation"])
+    probe = tmp_path / "probe.json"
+    probe.write_text(json.dumps({"image": scene["image"].hex(), "prompt": f"what colour is the {scene['shape']}?"}))
+    code = f"""
+import json, mlflow, pandas as pd
+mlflow.set_tracking_uri("sqlite:///{mmpipe_home / 'mlflow.db'}")
+probe = json.loads(open("{probe}").read())
+model = mlflow.pyfunc.load_model("models:/mmpipe-fusion@candidate")
+image = bytes.fromhex(probe["image"])
+answers = list(model.predict(pd.DataFrame({{"image": [image, image], "prompt": [probe["prompt"], "describe the image."]}})))
+errors = []
+for bad in (pd.DataFrame({{"image": [image, b"not an image"], "prompt": ["a", "b"]}}),
+            pd.DataFrame({{"image": [image], "prompt": ["describe " * 60]}})):
+    try:
+        model.predict(bad)
+    except Exception as err:
+        errors.append(str(err))
+print(json.dumps({{"answers": answers, "errors": errors}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(isinstance(a, str) for a in got["answers"]) and len(got["answers"]) == 2
+    assert "row 1: the image cannot be decoded" in got["errors"][0]
+    assert "row 0: the prompt is" in got["errors"][1] and "context is 48 tokens" in got["errors"][1]
+
+
+def _ray_train_worker_pids() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+
+
+def test_zero3_fusion_killed_and_resumed_keeps_the_tower(trained, train_dataset, local_ray, mmpipe_home):
+    cfg = fusion_config(train_dataset, trained.model_uri, "parallel.zero_stage=3", "optim.max_steps=60",
+                        "checkpoint.every_steps=20", "checkpoint.max_failures=1",
+                        'tracking.model_name="mmpipe-fusion-zero3"')
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+    thread.start()
+    runs = Path(mmpipe_home) / "runs"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not list(runs.glob("debug-fusion-*/checkpoints/step-00000020")):
+        time.sleep(0.5)
+    pids = _ray_train_worker_pids()
+    assert pids, "training workers should be running"
+    os.kill(pids[-1], signal.SIGKILL)
+    thread.join(timeout=600)
+    result = outcome["result"]
+    assert result.metrics["step"] == 60 and result.metrics["resumed_from"] >= 20
+    losses = _losses(result.mlflow_run_id, mmpipe_home)
+    assert losses[-1] < 0.8 * losses[0]
+    assert _same_tower(_tower(result.model_uri), _tower(trained.model_uri))
+
+
+def test_bad_parents_fail_before_any_worker(fused, trained, train_dataset, mmpipe_home):
+    runs = Path(mmpipe_home) / "runs"
+    before = set(runs.glob("*"))
+    for parent, match in [
+        ("models:/nope@champion", "model.parent: models:/nope@champion: no registered model named 'nope'"),
+        (f"models:/{trained.model_name}@gone", "has no alias 'gone'"),
+        (fused.model_uri, f"{fused.model_uri} .* is a llava model, not a contrastive one"),
+        ("runs/abc/model", "needs a registered contrastive model"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fit(fusion_config(train_dataset, parent))
+    with pytest.raises(ValueError, match="model.name: clip-debug is a clip model; the fusion stage trains llava"):
+        fit(fusion_config(train_dataset, trained.model_uri, 'model.name="clip-debug"'))
+    assert set(runs.glob("*")) == before, "no run directory is left behind"

@@ -1,0 +1,197 @@
+"""The fusion stage's parts on a CPU: both families, generation, the chat format, instruction data."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmcore.config import RunConfig, TaskConfig, TokenizerConfig
+from mmcore.data.instruct import TEMPLATES, ChatFormat, InstructPreprocessor, questions, training_question
+from mmcore.data.sample import describe
+from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_tokens
+from mmcore.eval.generative import parse_scene
+from mmcore.models import build_model, model_config
+from mmcore.models.encode import generate_answers
+from mmcore.models.fusion import IGNORE, loss_on_answers
+from mmcore.models.preprocess import PreprocessConfig
+from mmcore.train.parallel import param_groups
+
+VISION = {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}
+SCENE = {"key": "k1", "source": "synthetic", "caption": "an image of a red circle left of two blue squares",
+         "label": "red circle", "shape": "circle", "color": "red", "count": 1, "relation": "left of",
+         "shape2": "square", "color2": "blue", "count2": 2}
+DIGIT = {"key": "k2", "source": "sklearn-digits", "caption": "a handwritten digit seven", "label": "7"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json():
+    captions = [SCENE["caption"], DIGIT["caption"], "three green triangles above a yellow circle"] * 20
+    captions += [q.question + " " + q.answer for r in (SCENE, DIGIT) for h in (False, True) for q in questions(r, h)] * 5
+    return with_chat_tokens(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
+
+
+def _model(family: str, vocab: int = 400):
+    torch.manual_seed(0)
+    return build_model({**model_config(f"{family}-debug"), "vision": VISION}, vocab, 3)[0].eval()
+
+
+def _ids(batch: int = 3, length: int = 10, vocab: int = 400):
+    ids = torch.randint(10, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+    ids[:, 0], ids[:, 2] = 2, 4  # <bos>, <image>
+    return ids
+
+
+def test_flamingo_at_initialisation_is_exactly_its_language_model():
+    model = _model("flamingo")
+    ids = _ids()
+    with_image = model(torch.randn(3, 3, 32, 32), ids)
+    lm_alone = model.lm.head(model.lm(model.lm.embed(ids)))
+    assert torch.equal(with_image, lm_alone)
+    with torch.no_grad():
+        model.cross[0].attn_gate.fill_(0.5)
+    assert not torch.equal(model(torch.randn(3, 3, 32, 32), ids), lm_alone)
+
+
+@pytest.mark.parametrize("family", ["llava", "flamingo"])
+def test_generation_with_the_kv_cache_equals_generation_without(family):
+    model = _model(family)
+    images, ids = torch.randn(3, 3, 32, 32), _ids()
+    cached = model.generate(images, ids, max_new_tokens=12)
+    assert cached.shape[1] >= 1
+    assert torch.equal(cached, model.generate(images, ids, max_new_tokens=12, use_cache=False))
+    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    sampled = model.generate(images, ids, max_new_tokens=8, temperature=1.0, top_p=0.9, generator=g1)
+    assert torch.equal(sampled, model.generate(images, ids, max_new_tokens=8, temperature=1.0, top_p=0.9,
+                                               generator=g2, use_cache=False))
+
+
+def test_llava_sees_the_image_where_the_image_token_is():
+    model = _model("llava")
+    ids = _ids()
+    a, b = model(torch.randn(3, 3, 32, 32), ids), model(torch.randn(3, 3, 32, 32), ids)
+    assert torch.equal(a[:, :2], b[:, :2])  # causal: the tokens before <image> cannot see it
+    assert not torch.allclose(a[:, 2:], b[:, 2:])
+    ids[1, 2] = 7
+    with pytest.raises(ValueError, match="row 1: a LLaVA prompt needs exactly one <image> token, it has 0"):
+        model(torch.randn(3, 3, 32, 32), ids)
+
+
+def test_the_loss_counts_answer_tokens_only():
+    logits = torch.randn(2, 6, 11)
+    labels = torch.full((2, 6), IGNORE)
+    labels[0, 4:], labels[1, 5] = torch.tensor([3, 5]), 7
+    expected = torch.nn.functional.cross_entropy(torch.stack([logits[0, 3], logits[0, 4], logits[1, 4]]),
+                                                 torch.tensor([3, 5, 7]))
+    assert torch.allclose(loss_on_answers(logits, labels), expected)
+
+
+def test_chat_format_labels_the_answer_and_flags_truncation(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    chat = ChatFormat(tokenizer, 24)
+    ids, labels, truncated = chat.encode("what colour is the circle?", "red")
+    assert len(ids) == len(labels) == 24 and not truncated
+    answer = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert tokenizer.decode(answer, skip_special_tokens=True).strip() == "red"
+    assert answer[-1] == tokenizer.token_to_id("<eos>")
+    assert ids[:3] == [tokenizer.token_to_id(t) for t in ("<bos>", USER, "<image>")]
+    assert ASSISTANT in tokenizer.decode(ids[: ids.index(answer[0])], skip_special_tokens=False)
+    assert ChatFormat(tokenizer, 12).encode("what colour is the circle?", "a very long answer indeed")[2]
+    with pytest.raises(ValueError, match="lacks the chat tokens"):
+        ChatFormat(Tokenizer.from_str(train_tokenizer(["a b"] * 5, TokenizerConfig(vocab_size=300)).to_str()), 8)
+
+
+def test_with_chat_tokens_appends_roles_once(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    again = Tokenizer.from_str(with_chat_tokens(tokenizer_json))
+    assert again.get_vocab_size() == Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    assert again.token_to_id(USER) is not None and again.token_to_id(ASSISTANT) is not None
+
+
+def test_questions_follow_the_attribute_columns():
+    asked = {q.kind: q for q in questions(SCENE)}
+    assert set(asked) == {"caption", "colour", "shape", "count", "relation", "yes_no"}
+    assert (asked["colour"].answer, asked["shape"].answer, asked["count"].answer) == ("red", "circle", "one")
+    assert asked["relation"].answer == "left of" and "the two" not in asked["relation"].question
+    yes_no = asked["yes_no"]
+    assert (yes_no.answer == "yes") == ("left of" in yes_no.question)
+    assert {q.kind: q.answer for q in questions(DIGIT)} == {"caption": DIGIT["caption"], "digit": "seven"}
+    same_shapes = dict(SCENE, shape2="circle")
+    assert "colour" not in {q.kind for q in questions(same_shapes)}  # "the circle" would be ambiguous
+
+
+def test_held_out_wordings_never_reach_training():
+    seen = {t for kind in TEMPLATES.values() for t in kind[0]}
+    held_out = {t for kind in TEMPLATES.values() for t in kind[1]}
+    assert not seen & held_out
+    drawn = [training_question(dict(SCENE, key=f"k{i}"), seed=0, epoch=e) for i in range(40) for e in range(3)]
+    assert {q.kind for q in drawn} == {"caption", "colour", "shape", "count", "relation", "yes_no"}
+    for q in drawn:
+        assert all(not _worded_by(q.question, t) for t in held_out)
+    assert training_question(SCENE, 0, 1) == training_question(dict(SCENE), 0, 1)  # deterministic
+
+
+def _worded_by(question: str, template: str) -> bool:
+    fixed = [part for part in template.replace("}", "{").split("{")[::2] if part.strip()]
+    return all(part in question for part in fixed)
+
+
+def test_instruct_preprocessor_makes_the_fusion_batch(tokenizer_json):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(buffer, "PNG")
+    pre = InstructPreprocessor(PreprocessConfig(image_size=32, context_length=32), tokenizer_json, seed=3)
+    batch = {"image": np.array([buffer.getvalue()] * 2, dtype=object), "epoch": np.array([0, 1]),
+             **{k: np.array([SCENE.get(k), DIGIT.get(k)], dtype=object) for k in SCENE}}
+    out = pre.for_split("train", augment=False)(batch)
+    assert out["image"].shape == (2, 3, 32, 32) and out["image"].dtype == np.uint8
+    assert out["input_ids"].shape == out["labels"].shape == (2, 32)
+    assert ((out["labels"] != IGNORE).sum(1) >= 2).all() and out["truncated"].tolist() == [0, 0]
+
+
+def test_scene_captions_parse_back_into_their_attributes():
+    rng = np.random.default_rng(0)
+    from mmcore.data.sample import synthetic_scene
+
+    for _ in range(30):
+        _, attrs = synthetic_scene(rng, 64)
+        parsed = parse_scene(attrs["caption"])
+        assert parsed == {k: attrs.get(k) for k in parsed}
+        assert describe(parsed) in attrs["caption"]
+    assert parse_scene("a photo of a face") is None
+
+
+def test_answers_in_batches_equal_answers_one_by_one(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    from mmcore.models.preprocess import Preprocessor
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    model = _model("llava", tokenizer.get_vocab_size())
+    pre = Preprocessor(PreprocessConfig(image_size=32, context_length=32), tokenizer_json)
+    images = []
+    for color in ((200, 30, 30), (30, 30, 200), (30, 200, 30)):
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), color).save(buffer, "PNG")
+        images.append(buffer.getvalue())
+    prompts = ["describe the image.", "which digit is this?", "what colour is the circle?"]
+    together = generate_answers(model, pre, images, prompts, max_new_tokens=5)
+    assert together == [generate_answers(model, pre, [i], [p], max_new_tokens=5)[0] for i, p in zip(images, prompts)]
+    with pytest.raises(ValueError, match="row 1: the prompt is .* context is 32 tokens"):
+        generate_answers(model, pre, images[:2], ["hi", "describe " * 40], max_new_tokens=5)
+
+
+def test_a_frozen_tower_stays_out_of_the_optimizer():
+    from mmcore.tasks import FusionTask
+
+    cfg = RunConfig(task=TaskConfig(stage="fusion", loss="next-token"))
+    model, pre = build_model({**model_config("llava-debug"), "vision": VISION}, 400, 3)
+    task = FusionTask.build(cfg, model, pre)
+    trainable = {id(p) for group in param_groups(task, 0.1) for p in group["params"]}
+    assert not any(id(p) in trainable for p in task.model.visual.parameters())
+    assert all(id(p) in trainable for p in task.model.projector.parameters())
