@@ -69,3 +69,4 @@ def trained(train_dataset, local_ray, mmpipe_home):
     from mmcore.train.fit import fit
 
     return fit(debug_config(train_dataset))
+

@@ -7,7 +7,6 @@ import math
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from mmcore.data.ingest import ingest
 from mmcore.tracking import ModelBundle, TrackingError
 from mmcore.train import checkpoint
 from mmcore.train.fit import fit
+from tests.integration.workers import fit_killing_a_worker
 
 pytestmark = pytest.mark.integration
 
@@ -106,31 +106,10 @@ def test_model_score_filter_uses_the_registered_model(trained, served_dir, tmp_p
     assert version.manifest["config"]["filters"]["model_score_uri"].endswith("@candidate")
 
 
-def _ray_train_worker_pids() -> list[int]:
-    import psutil
-
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
-
-
 def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_ray, mmpipe_home, debug_cfg):
     cfg = debug_cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                'tracking.model_name="mmpipe-resume-test"')
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
-    thread.start()
-    runs = Path(mmpipe_home) / "runs"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not list(runs.glob("debug-*/checkpoints/step-00000020")):
-        time.sleep(0.5)
-    pids = _ray_train_worker_pids()
-    assert pids, "training workers should be running"
-    import os
-    import signal
-
-    os.kill(pids[-1], signal.SIGKILL)
-    thread.join(timeout=600)
-    result = outcome["result"]
+    result = fit_killing_a_worker(cfg, mmpipe_home, "debug-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 120
     assert result.metrics["resumed_from"] >= 20, "the restarted workers resume from a checkpoint"
     assert result.model_version == "1"
