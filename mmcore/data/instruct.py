@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmcore.data.sample import DIGIT_WORDS, NUMBER_WORDS
+from mmcore.data.sample import DIGIT_WORDS, OPPOSITE
 from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER
 from mmcore.models.fusion import IGNORE
 from mmcore.models.preprocess import Preprocessor, PreprocessConfig
@@ -43,7 +43,8 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "digit": (("which digit is this?", "what number is written here?", "what digit is shown?"),
               ("name the handwritten digit.",)),
 }
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+CAPTION_PROMPT = TEMPLATES["caption"][0][0]
+"""The prompt evaluation asks for a caption with (captioning; the compositional probe, scoring): seen."""
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 ROW_COLUMNS = ["key", "caption", "source", "label", "shape", "color", "count", "relation", "shape2", "color2",
                "count2"]

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from mmcore.data.sample import DIGIT_WORDS, describe
+from mmcore.data.sample import DIGIT_WORDS, OPPOSITE, describe
 from mmcore.eval.retrieval import embed, embed_images, embed_texts, retrieval_recall
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
 
@@ -21,7 +21,6 @@ DIGIT_TEMPLATES = ("a handwritten digit {word}", "a handwritten {digit}", "the n
 # the model know the colours, shapes and digits, or only the corpus's sentences?
 HELDOUT_SHAPE_TEMPLATES = ("a drawing of a {}", "an illustration depicting a {}", "there is a {} in this picture")
 HELDOUT_DIGIT_TEMPLATES = ("the numeral {word} sketched in pen", "somebody scribbled {word}", "{word}, inked")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
 def rows(version, columns: list[str], where: dict[str, object] | None = None) -> pa.Table:
@@ -175,7 +174,7 @@ def _agreement(model, preprocess, images: list[bytes]):
     if hasattr(model, "encode_image"):
         image_emb = embed_images(model, preprocess, images)
         return lambda texts: (image_emb * embed_texts(model, preprocess, texts)).sum(1)
-    from mmcore.eval.generative import CAPTION_PROMPT
+    from mmcore.data.instruct import CAPTION_PROMPT
     from mmcore.models.encode import score_answers
 
     return lambda texts: score_answers(model, preprocess, images, [CAPTION_PROMPT] * len(texts), texts)

@@ -9,14 +9,12 @@ import re
 import numpy as np
 import pandas as pd
 
-from mmcore.data.instruct import ROW_COLUMNS, TEMPLATES, questions
+from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, questions
 from mmcore.data.sample import COLORS, SHAPES
 from mmcore.eval.contrastive import rows
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
 from mmcore.models.encode import generate_answers
 
-CAPTION_PROMPT = TEMPLATES["caption"][0][0]
-"""The prompt the captioning suite (and the compositional probe, scoring) asks with: a seen wording."""
 ANSWER_TOKENS = 6
 """New tokens allowed for a VQA answer (the longest, "right of" + <eos>, is about 3)."""
 
