@@ -125,7 +125,7 @@ def main() -> None:
         runs = [run_family(family, dataset) for family in FAMILIES]
     command = ".venv/bin/python bench/fusion_families.py" + (" --home HOME --dataset DIR" if args.home else "")
     lines = ["## Fusion stage: LLaVA and Flamingo (demo recipes, CPU)", "", f"Command: `{command}`", "",
-             f"Both on the frozen tower of {parent} (clip-demo, demo recipe), 2 Ray Train workers, DeepSpeed "
+             f"Both on the frozen tower of {parent} (the home's contrastive champion), 2 Ray Train workers, DeepSpeed "
              "ZeRO-2, fp32; quality on the test split from `evaluate()` on the registered model (held-out "
              "wordings: `heldout_accuracy`). Chance: colour 1/6, shape 1/3, count 1/3, relation 1/4, yes/no "
              "1/2, digit 1/10, compositional 1/2.", ""] + table(runs)

@@ -62,6 +62,17 @@ def test_fusion_learns_on_a_frozen_tower_and_records_its_parent(fused, trained, 
     assert version.tags["stage"] == "fusion" and version.tags["dataset_id"] == fused.dataset_id
 
 
+def test_lineage_walks_from_the_fusion_model_to_the_url_list(fused, trained, train_dataset, mmpipe_home):
+    from mmcore.tracking import lineage
+
+    chain = lineage("models:/mmpipe-fusion@candidate", f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    assert [link["kind"] for link in chain] == ["model", "model", "dataset", "url list"]
+    assert [link["name"] for link in chain[:2]] == [fused.model_uri, trained.model_uri]
+    assert [link["stage"] for link in chain[:2]] == ["fusion", "contrastive"]
+    assert chain[2]["name"] == train_dataset.id and chain[2]["path"].endswith(train_dataset.path.name)
+    assert chain[3]["name"] == train_dataset.manifest["source"]["path"]
+
+
 def test_questions_about_the_image_are_answered_above_chance(fused, train_dataset, mmpipe_home):
     from mmcore.eval.run import evaluate
 
