@@ -94,7 +94,8 @@ def cmd_serve(args) -> int:
     console.out.print(f"serving deployments ingest/mmpipe, train/mmpipe, evaluate/mmpipe, retrain/mmpipe on "
           f"{os.environ['PREFECT_API_URL']} (retrain: cron {args.retrain_cron or 'off'}, on dataset.landed "
           f"{'on' if not args.no_retrain_on_landing else 'off'}, recipe {args.retrain_recipe}); Ctrl-C stops")
-    serve_deployments(args.retrain_cron, not args.no_retrain_on_landing, args.retrain_recipe, args.limit)
+    serve_deployments(args.retrain_cron, not args.no_retrain_on_landing, args.retrain_recipe, args.limit,
+                      args.retrain_fusion_recipe)
     return 0
 
 
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-retrain-on-landing", action="store_true",
                        help="do not start retrain when a dataset version lands (event dataset.landed)")
     serve.add_argument("--retrain-recipe", default="demo", help="recipe of triggered retrains (default %(default)s)")
+    serve.add_argument("--retrain-fusion-recipe", default="demo-fusion",
+                       help="fusion recipe of triggered retrains (default %(default)s; none skips the stage)")
     serve.add_argument("--limit", type=int, default=1, help="flow runs at a time (default %(default)s)")
     serve.set_defaults(func=cmd_serve)
     stack.add_stack_commands(commands)

@@ -109,7 +109,7 @@ def test_model_score_filter_uses_the_registered_model(trained, served_dir, tmp_p
 def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_ray, mmpipe_home, debug_cfg):
     cfg = debug_cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                'tracking.model_name="mmpipe-resume-test"')
-    result = fit_killing_a_worker(cfg, mmpipe_home, "debug-*/checkpoints/step-00000020")
+    result = fit_killing_a_worker(cfg, mmpipe_home, "debug-contrastive-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 120
     assert result.metrics["resumed_from"] >= 20, "the restarted workers resume from a checkpoint"
     assert result.model_version == "1"
