@@ -75,39 +75,51 @@ def _rng(row: dict, *salt: int) -> np.random.Generator:
     return np.random.default_rng([*salt, zlib.crc32(str(row["key"]).encode())])
 
 
+ANSWERS = {"caption": lambda row: row["caption"], "digit": lambda row: DIGIT_WORDS[int(row["label"])],
+           "colour": lambda row: row["color"], "shape": lambda row: row["shape"],
+           "count": lambda row: COUNT_WORDS[row["count"]], "relation": lambda row: row["relation"]}
+"""question type -> the answer, from the row's columns (yes_no's depends on the relation asked)."""
+
+
+def _kinds(row: dict) -> list[str]:
+    """The question types a row can answer, in a fixed order."""
+    kinds = ["caption"]
+    if row.get("source") == "sklearn-digits" and row.get("label") in [str(d) for d in range(10)]:
+        kinds.append("digit")
+    if row.get("source") != "synthetic" or not row.get("shape"):
+        return kinds
+    if not row.get("relation") or row["shape"] != row["shape2"]:
+        kinds.append("colour")  # with two groups of one shape, "the circle" would be ambiguous
+    kinds += ["shape", "count"]
+    return kinds + (["relation", "yes_no"] if row.get("relation") else [])
+
+
+def _question(kind: str, template: str, row: dict, truth: bool, held_out: bool = False) -> Question:
+    """A question of `kind` worded by `template`; a yes/no question asks the true relation or its opposite."""
+    if kind == "yes_no":
+        asked = row["relation"] if truth else OPPOSITE[row["relation"]]
+        return Question(kind, _fill(template, row, asked), "yes" if truth else "no", held_out)
+    return Question(kind, template if kind in ("caption", "digit") else _fill(template, row), ANSWERS[kind](row),
+                    held_out)
+
+
 def questions(row: dict, held_out: bool = False) -> list[Question]:
     """One question per type the row can answer, worded by a seen (or a held-out) template chosen by the row."""
     rng = _rng(row, 7, int(held_out))
-    pick = lambda kind: str(rng.choice(TEMPLATES[kind][1 if held_out else 0]))  # noqa: E731
-    out = [Question("caption", pick("caption"), row["caption"], held_out)]
-    if row.get("source") == "sklearn-digits" and row.get("label") in [str(d) for d in range(10)]:
-        out.append(Question("digit", pick("digit"), DIGIT_WORDS[int(row["label"])], held_out))
-    if row.get("source") != "synthetic" or not row.get("shape"):
-        return out
-    if not row.get("relation") or row["shape"] != row["shape2"]:
-        out.append(Question("colour", _fill(pick("colour"), row), row["color"], held_out))
-    out.append(Question("shape", _fill(pick("shape"), row), row["shape"], held_out))
-    out.append(Question("count", _fill(pick("count"), row), COUNT_WORDS[row["count"]], held_out))
-    if row.get("relation"):
-        out.append(Question("relation", _fill(pick("relation"), row), row["relation"], held_out))
-        truth = bool(rng.random() < 0.5)
-        asked = row["relation"] if truth else OPPOSITE[row["relation"]]
-        out.append(Question("yes_no", _fill(pick("yes_no"), row, asked), "yes" if truth else "no", held_out))
+    out = []
+    for kind in _kinds(row):
+        truth = bool(rng.random() < 0.5) if kind == "yes_no" else True
+        out.append(_question(kind, str(rng.choice(TEMPLATES[kind][1 if held_out else 0])), row, truth, held_out))
     return out
 
 
 def training_question(row: dict, seed: int, epoch: int) -> Question:
     """The row's question for this epoch: a type and a seen template drawn from (seed, epoch, key)."""
     rng = _rng(row, seed, epoch)
-    kinds = questions(row)
-    kind = kinds[int(rng.integers(len(kinds)))].kind
+    kinds = _kinds(row)
+    kind = kinds[int(rng.integers(len(kinds)))]
     template = str(rng.choice(TEMPLATES[kind][0]))
-    chosen = next(q for q in kinds if q.kind == kind)
-    if kind == "yes_no":
-        truth = bool(rng.random() < 0.5)
-        asked = row["relation"] if truth else OPPOSITE[row["relation"]]
-        return Question(kind, _fill(template, row, asked), "yes" if truth else "no")
-    return Question(kind, _fill(template, row) if kind not in ("caption", "digit") else template, chosen.answer)
+    return _question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True)
 
 
 class ChatFormat:
