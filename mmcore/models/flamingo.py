@@ -5,24 +5,20 @@ helpers.py is the reference layout)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mmcore.models.decoder import DecoderConfig, DecoderLM
-from mmcore.models.fusion import FusionModel
-from mmcore.models.preprocess import PreprocessConfig
-from mmcore.models.towers import VisionConfig, VisionTower
+from mmcore.models.decoder import DecoderLM
+from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.transformer import CrossAttention, KVCache, mlp
 
 
 @dataclass
-class FlamingoConfig:
-    """Vision tower (the contrastive parent's) + resampler + gated cross-attention + LM."""
+class FlamingoConfig(FusionConfig):
+    """Vision tower + resampler + gated cross-attention + LM."""
 
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    lm: DecoderConfig = field(default_factory=DecoderConfig)
     latents: int = 16
     """Learned queries of the resampler: the image reaches the LM as this many tokens."""
     resampler_layers: int = 2
@@ -30,16 +26,9 @@ class FlamingoConfig:
     """A gated cross-attention block before LM layers 0, k, 2k, ..."""
 
     def validate(self) -> None:
-        self.vision.validate()
-        self.lm.validate()
+        super().validate()
         if self.latents < 1 or self.resampler_layers < 1 or self.cross_every < 1:
             raise ValueError("flamingo: latents, resampler_layers and cross_every must be at least 1")
-
-    def set_vocab_size(self, vocab_size: int) -> None:
-        self.lm.vocab_size = vocab_size
-
-    def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)
 
 
 class PerceiverResampler(nn.Module):
@@ -84,10 +73,7 @@ class FlamingoModel(FusionModel):
     family = "flamingo"
 
     def __init__(self, cfg: FlamingoConfig, eos_id: int):
-        super().__init__(eos_id)
-        cfg.validate()
-        self.cfg = cfg
-        self.visual = VisionTower(cfg.vision)
+        super().__init__(cfg, eos_id)
         self.media_proj = nn.Linear(cfg.vision.width, cfg.lm.width)
         self.resampler = PerceiverResampler(cfg.lm.width, cfg.lm.heads, cfg.latents, cfg.resampler_layers)
         self.cross = nn.ModuleList(GatedCrossAttention(cfg.lm.width, cfg.lm.heads)

@@ -8,12 +8,16 @@ logits[:, t] predicts input_ids[:, t + 1], whatever the family does with the ima
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmcore.data.tokenizer import IMAGE, SPECIAL_TOKENS
-from mmcore.models.decoder import DecoderLM
+from mmcore.models.decoder import DecoderConfig, DecoderLM
+from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.towers import VisionConfig, VisionTower
 from mmcore.models.transformer import KVCache
 
 IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)
@@ -21,18 +25,38 @@ IGNORE = -100
 """Label of a position the loss does not count (prompt, image, padding), as in torch's cross_entropy."""
 
 
-class FusionModel(nn.Module):
-    """Base of the fusion families: `visual` (a VisionTower), `lm` (a DecoderLM), and per family
-    `context(images)` and `hidden(input_ids, context, start, caches)`."""
+@dataclass
+class FusionConfig:
+    """What every fusion family has: the vision tower (the contrastive parent's, copied into the config
+    at training time) and the language model."""
 
-    visual: nn.Module
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: DecoderConfig = field(default_factory=DecoderConfig)
+
+    def validate(self) -> None:
+        self.vision.validate()
+        self.lm.validate()
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        self.lm.vocab_size = vocab_size
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)
+
+
+class FusionModel(nn.Module):
+    """Base of the fusion families: `visual` (the parent's VisionTower) built here, `lm` (a DecoderLM)
+    built by the family, and per family `context(images)` and `hidden(input_ids, context, start, caches)`."""
+
     lm: DecoderLM
     extra_positions = 0
     """LM positions a sample takes beyond its text tokens (LLaVA: the image tokens minus <image>)."""
 
-    def __init__(self, eos_id: int):
+    def __init__(self, cfg: FusionConfig, eos_id: int):
         super().__init__()
-        self.eos_id = eos_id
+        cfg.validate()
+        self.cfg, self.eos_id = cfg, eos_id
+        self.visual = VisionTower(cfg.vision)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the tower's tokens (B, 1 + P, Dv); no graph when the tower is frozen."""

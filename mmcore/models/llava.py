@@ -3,44 +3,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mmcore.models.decoder import DecoderConfig, DecoderLM
-from mmcore.models.fusion import IMAGE_ID, FusionModel
-from mmcore.models.preprocess import PreprocessConfig
-from mmcore.models.towers import VisionConfig, VisionTower
+from mmcore.models.decoder import DecoderLM
+from mmcore.models.fusion import IMAGE_ID, FusionConfig, FusionModel
 from mmcore.models.transformer import KVCache
 
 
 @dataclass
-class LlavaConfig:
-    """Vision tower (the contrastive parent's, copied into the config at training time) + projector + LM."""
-
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    lm: DecoderConfig = field(default_factory=DecoderConfig)
-
-    def validate(self) -> None:
-        self.vision.validate()
-        self.lm.validate()
-
-    def set_vocab_size(self, vocab_size: int) -> None:
-        self.lm.vocab_size = vocab_size
-
-    def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)
+class LlavaConfig(FusionConfig):
+    """Vision tower + projector + LM: the projector's sizes follow from the two widths."""
 
 
 class LlavaModel(FusionModel):
     family = "llava"
 
     def __init__(self, cfg: LlavaConfig, eos_id: int):
-        super().__init__(eos_id)
-        cfg.validate()
-        self.cfg = cfg
-        self.visual = VisionTower(cfg.vision)
+        super().__init__(cfg, eos_id)
         self.image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + patches
         self.extra_positions = self.image_tokens - 1
         self.projector = nn.Sequential(nn.Linear(cfg.vision.width, cfg.lm.width), nn.GELU(),
