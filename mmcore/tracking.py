@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from mmcore.config import TrackingConfig, project_home
 from mmcore.data.tokenizer import EOS, load_tokenizer
-from mmcore.models import build_model
+from mmcore.models import build_model, capabilities
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -208,7 +208,7 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
         self.model, self.preprocess = ModelBundle(**context.artifacts).load()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        if hasattr(self.model, "generate"):
+        if "generate" in capabilities(self.model):
             return answer_rows(self.model, self.preprocess, model_input, params or {})
         return embed_rows(self.model, self.preprocess, model_input)
 
@@ -281,7 +281,7 @@ def _signature(model):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    if hasattr(model, "generate"):
+    if "generate" in capabilities(model):
         params = ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "double", v)
                               for k, v in GENERATION_PARAMS.items()])
         return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt")]),

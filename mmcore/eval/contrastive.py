@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from mmcore.data.sample import DIGIT_WORDS, OPPOSITE, describe
 from mmcore.eval.retrieval import embed, embed_images, embed_texts, retrieval_recall
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
+from mmcore.models import capabilities
 
 SPLIT = "test"
 SHAPE_TEMPLATES = ("a {}", "a picture of a {}", "one {}")
@@ -171,7 +172,7 @@ def foils(row: dict) -> dict[str, str]:
 def _agreement(model, preprocess, images: list[bytes]):
     """texts -> how well each text fits its image: cosine similarity for a model that embeds, the
     caption's log-likelihood given the image for one that scores (fusion, unified)."""
-    if hasattr(model, "encode_image"):
+    if "embed" in capabilities(model):
         image_emb = embed_images(model, preprocess, images)
         return lambda texts: (image_emb * embed_texts(model, preprocess, texts)).sum(1)
     from mmcore.data.instruct import CAPTION_PROMPT

@@ -9,7 +9,8 @@ from mmcore.config import TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
 from mmcore.eval import generative  # noqa: F401 - registers the generative suites
-from mmcore.eval.suites import capabilities, default_suites, get_suite
+from mmcore.eval.suites import default_suites, get_suite
+from mmcore.models import capabilities
 from mmcore.progress import progress_bar
 
 EVAL_EXPERIMENT = "mmpipe-eval"

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from mmcore.models import CAPABILITIES
+
 
 class SuiteError(ValueError):
     """A suite cannot run on this model or dataset (wrong family, missing split or labels)."""
@@ -26,14 +28,6 @@ class SuiteResult:
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     figures: dict[str, bytes] = field(default_factory=dict)
     """PNG images by file name (confusion matrices, example grids)."""
-
-
-CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",)}
-
-
-def capabilities(model) -> set[str]:
-    """What a model can do: the CAPABILITIES whose methods it has."""
-    return {name for name, methods in CAPABILITIES.items() if all(hasattr(model, m) for m in methods)}
 
 
 @dataclass

@@ -19,6 +19,16 @@ STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo")}
 """Which families each training stage trains."""
 
 
+CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",)}
+"""What a model can do, by the methods it has: evaluation picks suites and the registry picks the
+pyfunc's signature by these, never by stage or family."""
+
+
+def capabilities(model) -> set[str]:
+    """What a model can do: the CAPABILITIES whose methods it has."""
+    return {name for name, methods in CAPABILITIES.items() if all(hasattr(model, m) for m in methods)}
+
+
 def list_models() -> list[str]:
     """Every architecture name, e.g. clip-debug, clip-demo, clip-vit-b16."""
     return sorted(p.name[: -len(".json")] for p in resources.files(__package__).joinpath("configs").iterdir()

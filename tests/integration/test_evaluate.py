@@ -16,8 +16,8 @@ from mmcore.config import GateConfig, TrackingConfig
 from mmcore.data.tokenizer import EOS, load_tokenizer
 from mmcore.eval.gate import promote
 from mmcore.eval.run import evaluate
-from mmcore.eval.suites import capabilities, get_suite
-from mmcore.models import build_model, model_config
+from mmcore.eval.suites import get_suite
+from mmcore.models import build_model, capabilities, model_config
 from mmcore.tracking import ModelBundle, TrackingError
 
 pytestmark = pytest.mark.integration

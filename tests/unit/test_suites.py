@@ -18,7 +18,8 @@ from mmcore.data.dataset import DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.sample import DIGIT_WORDS, synthetic_scene
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.eval.contrastive import foils
-from mmcore.eval.suites import SUITES, SuiteError, capabilities, get_suite, suite
+from mmcore.eval.suites import SUITES, SuiteError, get_suite, suite
+from mmcore.models import capabilities
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
 
 EXTRAS = pa.schema([("source", pa.string()), ("label", pa.string()), ("relation", pa.string()),
