@@ -232,6 +232,22 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                              f"otherwise it goes to <home>/logs/ (also {console.VERBOSE_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    _add_corpus_commands(commands)
+    _add_model_commands(commands)
+
+    dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
+                                                                                           required=True)
+    show = dataset.add_parser("show", help="print a dataset version's summary")
+    show.add_argument("dir")
+    show.set_defaults(func=cmd_dataset_show)
+    verify = dataset.add_parser("verify", help="check every file against the manifest")
+    verify.add_argument("dir")
+    verify.set_defaults(func=cmd_dataset_verify)
+    return parser, commands
+
+
+def _add_corpus_commands(commands) -> None:
+    """sample make / serve, ingest."""
     sample = commands.add_parser("sample", help="the sample corpus").add_subparsers(dest="action", required=True)
     make = sample.add_parser("make", help="write sample images and urls.parquet")
     make.add_argument("dir")
@@ -263,6 +279,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                      help="override any IngestConfig field, e.g. download.image_size=128 (repeatable)")
     ing.set_defaults(func=cmd_ingest)
 
+
+def _add_model_commands(commands) -> None:
+    """train, models archs / list / lineage, evaluate, promote."""
     train = commands.add_parser("train", help="train a stage on a dataset version and register the model")
     train.add_argument("stage", choices=list(DEFAULT_RECIPES))
     train.add_argument("--recipe", help="a named RunConfig (mmcore/recipes.py); default: "
@@ -297,16 +316,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                       "image_to_text_recall_5 for contrastive, vqa.accuracy for fusion)")
     gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default %(default)s)")
     gate.set_defaults(func=cmd_promote)
-
-    dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
-                                                                                           required=True)
-    show = dataset.add_parser("show", help="print a dataset version's summary")
-    show.add_argument("dir")
-    show.set_defaults(func=cmd_dataset_show)
-    verify = dataset.add_parser("verify", help="check every file against the manifest")
-    verify.add_argument("dir")
-    verify.set_defaults(func=cmd_dataset_verify)
-    return parser, commands
 
 
 def home_of(args: argparse.Namespace) -> Path:
