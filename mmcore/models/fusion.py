@@ -32,10 +32,16 @@ class FusionConfig:
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: DecoderConfig = field(default_factory=DecoderConfig)
+    vision_layer: int = -1
+    """The tower's hidden state the LM sees, indexed as [embeddings, block 1, ..., block N]: -1 the
+    last (after the final norm), -2 the one before it (LLaVA's choice), 0 the patch embeddings."""
 
     def validate(self) -> None:
         self.vision.validate()
         self.lm.validate()
+        if not -self.vision.layers - 1 <= self.vision_layer <= self.vision.layers:
+            raise ValueError(f"vision_layer {self.vision_layer} is outside the tower's "
+                             f"{self.vision.layers} layers (-{self.vision.layers + 1}..{self.vision.layers})")
 
     def set_vocab_size(self, vocab_size: int) -> None:
         self.lm.vocab_size = vocab_size
@@ -62,7 +68,7 @@ class FusionModel(nn.Module):
         """(B, 3, H, W) -> the tower's tokens (B, 1 + P, Dv); no graph when the tower is frozen."""
         trainable = any(p.requires_grad for p in self.visual.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            return self.visual(images)
+            return self.visual(images, self.cfg.vision_layer)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), (B, L) -> logits (B, L, V)."""

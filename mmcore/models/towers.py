@@ -65,13 +65,20 @@ class VisionTower(nn.Module):
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
         self.ln_post = nn.LayerNorm(cfg.width)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """`layer` picks the hidden state as Python indexes [embeddings, block 1, ..., block N]: -1 (the
+        default) is the last block's output after ln_post, -2 the one before, unnormalized (the layer
+        LLaVA feeds its LM: the last one is shaped by the contrastive loss towards a global summary)."""
+        index = layer % (self.cfg.layers + 1)
         x = self.patchify(images).flatten(2).transpose(1, 2)  # (B, P, D)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, 1 + P, D)
         if self.registers is not None:
             x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, : x.shape[1] - self.cfg.registers])
+        x = self.ln_pre(x)
+        for block in self.transformer.blocks[:index]:
+            x = block(x)
+        x = x[:, : x.shape[1] - self.cfg.registers]
+        return self.ln_post(x) if index == self.cfg.layers else x
 
 
 class TextTower(nn.Module):

@@ -85,9 +85,10 @@ def open_dataset(cfg: RunConfig) -> DatasetVersion:
     return version
 
 
-def run_name(cfg: RunConfig, dataset_id: str) -> str:
-    """Stable across re-runs of the same command; cluster and tracking settings do not change it."""
-    identity = {k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "tracking")}
+def run_name(cfg: RunConfig, dataset_id: str, arch: dict) -> str:
+    """Stable across re-runs of the same command; cluster and tracking settings do not change it, the
+    architecture does (an edited models/configs file starts a new run instead of resuming the old one)."""
+    identity = {**{k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "tracking")}, "arch": arch}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
 
@@ -132,7 +133,7 @@ def fit(cfg: RunConfig) -> TrainResult:
     tracking.check_reachable(uri)
     parents = pin_parents(cfg, model_config(cfg.model.name), uri, version)
     cfg, arch = parents.cfg, parents.arch
-    name = run_name(cfg, version.id)
+    name = run_name(cfg, version.id, arch)
     storage = Path(cfg.cluster.storage_path or project_home() / "runs").absolute()
     run_dir = storage / name
     if (run_dir / "result.json").exists():

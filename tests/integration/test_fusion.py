@@ -79,10 +79,11 @@ def test_questions_about_the_image_are_answered_above_chance(fused, train_datase
     report = evaluate(fused.model_uri, str(train_dataset.path), ["vqa", "captioning", "compositional"])
     assert report.ok, report.errors
     vqa = report.metrics["vqa"]
-    # The debug models learn the digits (0.41-0.86 in our runs, chance 0.1) far better than colours
-    # (0.26-0.55, chance 1/6: the debug CLIP's 1-layer tower after 120 steps); the demo models answer
-    # one-group colour questions all right (docs/benchmarks.md).
-    assert vqa["digit_accuracy"] >= 0.3 and vqa["colour_accuracy"] >= 0.2, vqa
+    # The debug LLaVA (its LM reads the patch embeddings of the debug CLIP's 1-layer tower) on four
+    # parents (seeds 0-3, 120 steps): digits 0.43-0.64 (chance 0.1), the colour of a lone group
+    # 0.64-0.72 (chance 1/6). Reading the tower's last layer instead, colour answers fell to 0.11 on
+    # one parent (overall colour accuracy). The demo models' figures are in docs/benchmarks.md.
+    assert vqa["digit_accuracy"] >= 0.3 and vqa["colour_one_group_accuracy"] >= 0.4, vqa
     assert set(vqa) >= {"heldout_accuracy", "shape_accuracy", "count_accuracy", "relation_accuracy"}
     assert 0 <= report.metrics["captioning"]["cider"] and report.metrics["compositional"]["n"] > 0
 

@@ -195,3 +195,23 @@ def test_a_frozen_tower_stays_out_of_the_optimizer():
     trainable = {id(p) for group in param_groups(task, 0.1) for p in group["params"]}
     assert not any(id(p) in trainable for p in task.model.visual.parameters())
     assert all(id(p) in trainable for p in task.model.projector.parameters())
+
+
+def test_vision_layer_picks_the_towers_hidden_state():
+    torch.manual_seed(0)
+    config = {**model_config("llava-debug"), "vision": {**VISION, "layers": 2}}
+    images = torch.randn(2, 3, 32, 32)
+    tower = build_model(config, 400, 3)[0].eval().visual
+    with torch.no_grad():
+        x = tower.patchify(images).flatten(2).transpose(1, 2)
+        x = tower.ln_pre(torch.cat([tower.cls.expand(2, -1, -1), x], dim=1) + tower.pos)
+        states = [x]
+        for block in tower.transformer.blocks:
+            states.append(block(states[-1]))
+        assert torch.equal(tower(images), tower.ln_post(states[2]))  # the default: what CLIP pools
+        assert torch.equal(tower(images, -2), states[1]) and torch.equal(tower(images, 0), states[0])
+    llava = build_model({**config, "vision_layer": -2}, 400, 3)[0].eval()
+    llava.visual.load_state_dict(tower.state_dict())
+    assert torch.equal(llava.image_features(images), states[1])
+    with pytest.raises(ValueError, match="vision_layer -4 is outside the tower's 2 layers"):
+        build_model({**config, "vision_layer": -4}, 400, 3)

@@ -132,3 +132,17 @@ def test_progress_listeners_see_every_bar_until_their_block_ends():
     with progress_bar("filtering", total=1) as advance_to:
         advance_to(1)
     assert seen == [("downloading", 0, 3), ("downloading", 2, 3), ("downloading", 3, 3)]
+
+
+def test_a_run_is_named_by_its_config_and_architecture_not_by_where_it_runs():
+    from mmcore.models import model_config
+    from mmcore.train.fit import run_name
+
+    cfg, arch = recipe("debug", "/data/v1"), model_config("clip-debug")
+    name = run_name(cfg, "ds123456789", arch)
+    assert name.startswith("debug-contrastive-ds123456-")
+    elsewhere = recipe("debug", "/data/v1")
+    elsewhere.cluster.address, elsewhere.tracking.uri = "ray://head:10001", "http://mlflow:5000"
+    assert run_name(elsewhere, "ds123456789", arch) == name  # re-run on a cluster: resumes the same run
+    wider = {**arch, "vision": {**arch["vision"], "width": 64}}
+    assert run_name(cfg, "ds123456789", wider) != name  # an edited architecture is a new run
