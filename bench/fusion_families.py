@@ -7,6 +7,7 @@ Usage:
   python bench/fusion_families.py                       # everything in a temp home: sample corpus,
                                                         # contrastive demo, then both families
   python bench/fusion_families.py --home ~/.mmpipe --dataset DIR   # on that home's contrastive champion
+  python bench/fusion_families.py ... --families llava --steps 1500 --out FILE   # a longer trial
 """
 
 from __future__ import annotations
@@ -65,12 +66,13 @@ def parameters(model_uri: str) -> tuple[int, int]:
     return total, total - sum(p.numel() for p in model.visual.parameters())
 
 
-def run_family(family: str, dataset: str) -> dict:
+def run_family(family: str, dataset: str, steps: int = 0) -> dict:
     from mmcore.eval.run import evaluate
     from mmcore.models import model_config
     from mmcore.train.fit import fit
 
     cfg = recipe(FAMILIES[family], dataset)
+    cfg.optim.max_steps = steps or cfg.optim.max_steps
     result = fit(cfg)  # a run finished before (same recipe, dataset and parent) is returned as it is
     arch = model_config(cfg.model.name)
     positions = arch["lm"]["context_length"]
@@ -114,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", help="a project home with a contrastive champion (default: a temp one)")
     parser.add_argument("--dataset", help="its dataset version (needed with --home)")
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     if bool(args.home) != bool(args.dataset):
@@ -122,8 +126,10 @@ def main() -> None:
         os.environ["MMPIPE_HOME"] = args.home or str(Path(tmp) / "home")
         dataset = args.dataset or str(sample_dataset(Path(tmp)).path)
         parent = champion(dataset)
-        runs = [run_family(family, dataset) for family in FAMILIES]
+        runs = [run_family(family, dataset, args.steps) for family in args.families]
     command = ".venv/bin/python bench/fusion_families.py" + (" --home HOME --dataset DIR" if args.home else "")
+    command += "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families)
+    command += f" --steps {args.steps}" if args.steps else ""
     lines = ["## Fusion stage: LLaVA and Flamingo (demo recipes, CPU)", "", f"Command: `{command}`", "",
              f"Both on the frozen tower of {parent} (the home's contrastive champion), 2 Ray Train workers, DeepSpeed "
              "ZeRO-2, fp32; quality on the test split from `evaluate()` on the registered model (held-out "
