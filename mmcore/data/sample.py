@@ -154,7 +154,7 @@ def _place_group(draw, rng, shape, color, count, box, px) -> None:
         _draw_shape(draw, shape, (x, y), r, COLORS[color])
 
 
-_REGIONS = {  # relation -> (box of the first group, box of the second group)
+REGIONS = {  # relation -> (box of the first group, box of the second group)
     "left of": ((0.0, 0.1, 0.5, 0.9), (0.5, 0.1, 1.0, 0.9)),
     "right of": ((0.5, 0.1, 1.0, 0.9), (0.0, 0.1, 0.5, 0.9)),
     "above": ((0.1, 0.0, 0.9, 0.5), (0.1, 0.5, 0.9, 1.0)),
@@ -185,7 +185,7 @@ def synthetic_scene(rng: np.random.Generator, px: int) -> tuple[Image.Image, dic
     color2 = str(rng.choice([c for c in COLORS if c != color]))
     count, count2 = (int(v) for v in rng.integers(1, 3, size=2))
     relation = str(rng.choice(RELATIONS))
-    first, second = _REGIONS[relation]
+    first, second = REGIONS[relation]
     _place_group(draw, rng, shape, color, count, first, px)
     _place_group(draw, rng, shape2, color2, count2, second, px)
     attrs = dict(shape=shape, color=color, count=count, relation=relation, shape2=shape2,
