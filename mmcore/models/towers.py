@@ -74,9 +74,7 @@ class VisionTower(nn.Module):
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos  # (B, 1 + P, D)
         if self.registers is not None:
             x = torch.cat([x, self.registers.expand(x.shape[0], -1, -1)], dim=1)
-        x = self.ln_pre(x)
-        for block in self.transformer.blocks[:index]:
-            x = block(x)
+        x = self.transformer(self.ln_pre(x), depth=index)
         x = x[:, : x.shape[1] - self.cfg.registers]
         return self.ln_post(x) if index == self.cfg.layers else x
 

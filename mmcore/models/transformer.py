@@ -86,7 +86,9 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(layers))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
-        for block in self.blocks:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                depth: int | None = None) -> torch.Tensor:
+        """Through the first `depth` blocks (all by default)."""
+        for block in self.blocks[:depth]:
             x = block(x, mask=mask, causal=causal)
         return x
