@@ -121,7 +121,7 @@ def cmd_dataset_verify(args) -> int:
     return 0
 
 
-DEFAULT_RECIPES = {"contrastive": "demo", "fusion": "demo-fusion"}
+DEFAULT_RECIPES = {"contrastive": "demo", "fusion": "demo-fusion", "image-tokenizer": "demo-tokenizer"}
 
 
 def cmd_train(args) -> int:

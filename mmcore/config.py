@@ -218,10 +218,11 @@ class IngestConfig:
             part.validate()
 
 
-STAGES = ("contrastive", "fusion")
-PRIMARY_METRICS = {"contrastive": "retrieval.image_to_text_recall_5", "fusion": "vqa.accuracy"}
+STAGES = ("contrastive", "fusion", "image-tokenizer")
+PRIMARY_METRICS = {"contrastive": "retrieval.image_to_text_recall_5", "fusion": "vqa.accuracy",
+                   "image-tokenizer": "reconstruction.psnr"}
 """What the promotion gate compares for each stage's models, unless told otherwise."""
-STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",)}
+STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",), "image-tokenizer": ("mse",)}
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -250,9 +251,11 @@ class TaskConfig:
     """The training stage and its objective."""
 
     stage: str = "contrastive"
-    """contrastive (CLIP/SigLIP) or fusion (LLaVA/Flamingo); unified comes with its stage."""
+    """contrastive (CLIP/SigLIP), fusion (LLaVA/Flamingo) or image-tokenizer (FSQ autoencoder); unified
+    comes with its stage."""
     loss: str = "clip"
-    """contrastive: clip (InfoNCE) or siglip (pairwise sigmoid); fusion: next-token (on answer tokens)."""
+    """contrastive: clip (InfoNCE) or siglip (pairwise sigmoid); fusion: next-token (on answer tokens);
+    image-tokenizer: mse (pixel reconstruction)."""
 
     def validate(self) -> None:
         _check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {STAGES}")

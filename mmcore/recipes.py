@@ -84,6 +84,30 @@ def demo_flamingo(dataset: str) -> RunConfig:
     return dataclasses.replace(cfg, recipe="demo-flamingo", model=dataclasses.replace(cfg.model, name="flamingo-demo"))
 
 
+def debug_tokenizer(dataset: str) -> RunConfig:
+    """Seconds on a CPU: the smallest image tokenizer (tests); 300 steps reach about 18 dB."""
+    return RunConfig(
+        recipe="debug-tokenizer", model=ModelConfig("vq-debug"), task=TaskConfig(stage="image-tokenizer", loss="mse"),
+        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False),
+        optim=OptimConfig(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=5, max_steps=300),
+        parallel=ParallelConfig(num_workers=2, zero_stage=2),
+        checkpoint=CheckpointConfig(every_steps=150),
+    )
+
+
+def demo_tokenizer(dataset: str) -> RunConfig:
+    """Minutes on 2 CPU cores: the image tokenizer the unified stage reads and draws with (64-pixel
+    images as 8x8 codes of a 1,000-code FSQ codebook). No weight decay: it would pull the latents,
+    and so the codes, toward the middle of FSQ's grid."""
+    return RunConfig(
+        recipe="demo-tokenizer", model=ModelConfig("vq-demo"), task=TaskConfig(stage="image-tokenizer", loss="mse"),
+        data=DataConfig(dataset=dataset, batch_size=32, val_batches=4, augment=False),
+        optim=OptimConfig(lr=2e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=50, max_steps=800),
+        parallel=ParallelConfig(num_workers=2, zero_stage=2),
+        checkpoint=CheckpointConfig(every_steps=200),
+    )
+
+
 def gpu_base(dataset: str) -> RunConfig:
     """ViT-B/16 on GPUs: bf16, ZeRO-2, one worker per GPU (set parallel.num_workers to the GPU count)."""
     return RunConfig(
@@ -96,7 +120,8 @@ def gpu_base(dataset: str) -> RunConfig:
 
 
 RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo_siglip, "gpu-base": gpu_base,
-           "debug-fusion": debug_fusion, "demo-fusion": demo_fusion, "demo-flamingo": demo_flamingo}
+           "debug-fusion": debug_fusion, "demo-fusion": demo_fusion, "demo-flamingo": demo_flamingo,
+           "debug-tokenizer": debug_tokenizer, "demo-tokenizer": demo_tokenizer}
 
 
 def recipe(name: str, dataset: str) -> RunConfig:

@@ -16,7 +16,8 @@ from mmcore.data.tokenizer import EOS, with_chat_tokens
 from mmcore.losses import LOSSES
 from mmcore.models import build_model
 from mmcore.models.fusion import loss_on_answers
-from mmcore.models.preprocess import PreprocessConfig, Preprocessor, normalize
+from mmcore.models.imagetok import psnr
+from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
 
 
 class _Pixels(nn.Module):
@@ -106,7 +107,38 @@ class FusionTask(nn.Module):
                 "truncated_fraction": batch["truncated"].float().mean()}
 
 
-TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask}
+class ImageTokenizerTask(nn.Module):
+    """The FSQ autoencoder learns to reconstruct. Batch: {"image": (B, 3, H, W) uint8}."""
+
+    stage = "image-tokenizer"
+
+    def __init__(self, model: nn.Module, preprocess: PreprocessConfig):
+        super().__init__()
+        self.model = model
+        self.pixels = _Pixels(preprocess)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
+              tracking_uri: str | None = None) -> "ImageTokenizerTask":
+        return cls(model, preprocess)
+
+    @staticmethod
+    def tokenizer(dataset_tokenizer_json: str) -> str:
+        return dataset_tokenizer_json  # unused by the model; the bundle keeps the dataset's like every stage's
+
+    @staticmethod
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+        return ImagePreprocessor(preprocess, tokenizer_json)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        images = self.pixels(batch["image"], self.model.decoder[0].weight.dtype)
+        reconstruction, codes = self.model(images)
+        error = (reconstruction.float() - images.float()) ** 2
+        return {"loss": error.mean(), "psnr": psnr(error.detach() * self.pixels.std.float() ** 2),
+                "codebook_usage": torch.tensor(codes.unique().numel() / self.model.codebook_size)}
+
+
+TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask, "image-tokenizer": ImageTokenizerTask}
 
 
 def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,

@@ -202,14 +202,18 @@ class ModelBundle:
 
 class PyfuncModel(mlflow.pyfunc.PythonModel):
     """A contrastive model: predict(DataFrame with an `image` (bytes) or a `text` per row) -> (N, E)
-    embeddings. A model that generates (fusion): predict(DataFrame with `image` and `prompt`) -> answers."""
+    embeddings. A model that generates (fusion): predict(DataFrame with `image` and `prompt`) -> answers.
+    An image tokenizer: predict(DataFrame with `image`) -> (N, tokens) codes."""
 
     def load_context(self, context):
         self.model, self.preprocess = ModelBundle(**context.artifacts).load()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
-        if "generate" in capabilities(self.model):
+        can = capabilities(self.model)
+        if "generate" in can:
             return answer_rows(self.model, self.preprocess, model_input, params or {})
+        if "tokenize_image" in can:
+            return tokenize_rows(self.model, self.preprocess, model_input)
         return embed_rows(self.model, self.preprocess, model_input)
 
 
@@ -235,6 +239,27 @@ def answer_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dic
         if str(err).startswith("row "):
             raise
         raise ValueError(f"row {_undecodable(preprocess, blobs)}: the image cannot be decoded ({err})") from err
+
+
+def tokenize_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
+    """Each row's `image` (encoded bytes) as (N, tokens) int64 codes, in batches; a row without an
+    image, or with one that does not decode, is a ValueError naming the row."""
+    images = rows["image"].tolist() if "image" in rows else [None] * len(rows)
+    for row, image in enumerate(images):
+        if not isinstance(image, (bytes, bytearray)):
+            raise ValueError(f"row {row}: each row needs an `image` (encoded bytes)")
+    blobs = [bytes(image) for image in images]
+    out = np.zeros((len(rows), model.grid ** 2), np.int64)
+    with torch.no_grad():
+        for start in range(0, len(blobs), batch_size):
+            chunk = blobs[start: start + batch_size]
+            try:
+                pixels = preprocess.images(chunk)
+            except (OSError, ValueError) as err:
+                raise ValueError(f"row {start + _undecodable(preprocess, chunk)}: the image cannot be decoded "
+                                 f"({err})") from err
+            out[start: start + len(chunk)] = model.encode(torch.from_numpy(pixels)).numpy()
+    return out
 
 
 def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarray:
@@ -277,7 +302,8 @@ def _undecodable(preprocess: Preprocessor, blobs: list[bytes]) -> int:
 
 def _signature(model):
     """Contrastive: per row an `image` (encoded bytes) or a `text` -> (N, embed_dim) float32 embeddings.
-    Generative: per row an `image` and a `prompt` -> answers; generation settings as params."""
+    Generative: per row an `image` and a `prompt` -> answers; generation settings as params.
+    Image tokenizer: per row an `image` -> (N, tokens) int64 codes."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -286,6 +312,9 @@ def _signature(model):
                               for k, v in GENERATION_PARAMS.items()])
         return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt")]),
                               outputs=Schema([ColSpec("string")]), params=params)
+    if "tokenize_image" in capabilities(model):
+        return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
+                              outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, model.grid ** 2))]))
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)])
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model.cfg.embed_dim))]))
 

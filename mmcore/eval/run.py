@@ -9,6 +9,7 @@ from mmcore.config import TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
 from mmcore.eval import generative  # noqa: F401 - registers the generative suites
+from mmcore.eval import reconstruction  # noqa: F401 - registers the image tokenizer's suite
 from mmcore.eval.suites import default_suites, get_suite
 from mmcore.models import capabilities
 from mmcore.progress import progress_bar

@@ -10,16 +10,18 @@ from torch import nn
 from mmcore.config import from_dict
 from mmcore.models.clip import ClipConfig, ClipModel
 from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
+from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.llava import LlavaConfig, LlavaModel
 from mmcore.models.preprocess import PreprocessConfig
 
 FAMILIES = {"clip": (ClipConfig, ClipModel), "llava": (LlavaConfig, LlavaModel),
-            "flamingo": (FlamingoConfig, FlamingoModel)}
-STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo")}
+            "flamingo": (FlamingoConfig, FlamingoModel), "vq": (ImageTokenizerConfig, ImageTokenizer)}
+STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo"), "image-tokenizer": ("vq",)}
 """Which families each training stage trains."""
 
 
-CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",)}
+CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",),
+                "tokenize_image": ("encode", "decode")}
 """What a model can do, by the methods it has: evaluation picks suites and the registry picks the
 pyfunc's signature by these, never by stage or family."""
 

@@ -114,3 +114,12 @@ class Preprocessor:
     def __call__(self, batch: dict) -> dict:
         """The training batch: uint8 pixels (normalized by the Task, on its device) and token ids."""
         return {"image": self.batch_pixels(batch["image"]), "tokens": self.tokens(batch["caption"])}
+
+
+class ImagePreprocessor(Preprocessor):
+    """Images only (the image tokenizer's batches): the same decoding, no captions read."""
+
+    columns = ["image"]
+
+    def __call__(self, batch: dict) -> dict:
+        return {"image": self.batch_pixels(batch["image"])}

@@ -35,15 +35,14 @@ def check_family(cfg: RunConfig, arch: dict) -> None:
 def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str, version: DatasetVersion) -> Parents:
     """Resolve and check model.parent / model.lm_parent; clear errors name the URI and the misfit."""
     check_family(cfg, arch)
+    own_size = arch.get("image_size") or arch.get("vision", {}).get("image_size")  # fusion: the parent's, below
+    _check_image_size(f"model.name: {cfg.model.name}", own_size, version)
     if not cfg.model.parent:
         return Parents(cfg, arch, {})
     parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", "contrastive")
     _check_tokenizer(parent, Path(bundle.tokenizer), version)
-    size = json.loads(Path(bundle.preprocess).read_text())["image_size"]
-    stored = version.manifest["config"]["download"]["image_size"]
-    if size > stored:
-        raise ValueError(f"model.parent: {parent} takes {size}-pixel images but dataset {version.id} stores "
-                         f"{stored}-pixel ones")
+    _check_image_size(f"model.parent: {parent}", json.loads(Path(bundle.preprocess).read_text())["image_size"],
+                      version)
     arch = {**arch, "vision": parent_cfg["vision"]}
     model = dataclasses.replace(cfg.model, parent=parent)
     tags = {"parent_model": parent.removeprefix("models:/")}
@@ -55,6 +54,13 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str, version: DatasetV
         model = dataclasses.replace(model, lm_parent=lm_parent)
         tags["lm_parent_model"] = lm_parent.removeprefix("models:/")
     return Parents(dataclasses.replace(cfg, model=model), arch, tags)
+
+
+def _check_image_size(what: str, size: int | None, version: DatasetVersion) -> None:
+    """A model must not take larger images than the dataset stores (they would be upscaled blurs)."""
+    stored = version.manifest["config"]["download"]["image_size"]
+    if size and size > stored:
+        raise ValueError(f"{what} takes {size}-pixel images but dataset {version.id} stores {stored}-pixel ones")
 
 
 def _pinned(uri: str, tracking_uri: str, field: str, stage: str) -> tuple[str, dict, tracking.ModelBundle]:

@@ -198,3 +198,33 @@ def test_a_dataset_without_labels_is_a_suite_error(tmp_path, version):
     (bare / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SuiteError, match="no column\\(s\\) \\['label', 'source', 'relation'\\]"):
         get_suite("zeroshot-shapes", {"embed"}).run(None, None, DatasetVersion.open(bare))
+
+
+class CopyTokenizer(torch.nn.Module):
+    """An image 'tokenizer' whose one code per image indexes a copy of it: decode returns the image
+    shifted by `error` grey levels, so the reconstruction's PSNR is known in advance."""
+
+    def __init__(self, error: int, codebook_size: int):
+        super().__init__()
+        self.error, self.codebook_size, self.grid, self.seen = error, codebook_size, 1, []
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen += list(images)
+        return torch.arange(len(self.seen) - len(images), len(self.seen))[:, None]
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.seen[int(c)] for c in codes[:, 0]]) - self.error * 2 / 255
+
+
+def test_reconstruction_suite_measures_psnr_per_source_and_codebook_use(version):
+    pre = Preprocessor(PreprocessConfig(image_size=32, context_length=0), version.tokenizer_path.read_text())
+    suite_ = get_suite("reconstruction", {"tokenize_image"})
+    n = len(_table(version))
+    exact = suite_.run(CopyTokenizer(0, 2 * n), pre, version)
+    assert exact.metrics["psnr"] == 100.0 and exact.metrics["codebook_usage"] == 0.5
+    assert exact.metrics["tokens_per_image"] == 1 and exact.metrics["n"] == n
+    assert exact.metrics["codebook_perplexity"] == pytest.approx(n)
+    off_by_one = suite_.run(CopyTokenizer(1, 2 * n), pre, version).metrics  # 20 log10(255) = 48.13 dB
+    assert 47.5 < off_by_one["psnr_synthetic"] < 49.5 and 47.5 < off_by_one["psnr_sklearn_digits"] < 49.5
+    assert {"reconstructions_synthetic.png", "reconstructions_sklearn-digits.png"} <= set(exact.figures)
+    assert exact.figures["reconstructions_synthetic.png"].startswith(b"\x89PNG")

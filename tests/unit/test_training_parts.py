@@ -146,3 +146,21 @@ def test_a_run_is_named_by_its_config_and_architecture_not_by_where_it_runs():
     assert run_name(elsewhere, "ds123456789", arch) == name  # re-run on a cluster: resumes the same run
     wider = {**arch, "vision": {**arch["vision"], "width": 64}}
     assert run_name(cfg, "ds123456789", wider) != name  # an edited architecture is a new run
+
+
+class _Stored:
+    """What pin_parents reads of a dataset version: its id and the stored image size."""
+
+    id = "0123456789abcdef"
+    manifest = {"config": {"download": {"image_size": 32}}}
+
+
+@pytest.mark.parametrize("name, arch", [("demo-tokenizer", "vq-demo"), ("demo", "clip-demo")])
+def test_a_model_that_takes_larger_images_than_the_dataset_stores_is_refused(name, arch):
+    from mmcore.models import model_config
+    from mmcore.train.parents import pin_parents
+
+    with pytest.raises(ValueError, match=f"model.name: {arch} takes 64-pixel images but dataset 0123456789abcdef "
+                                         "stores 32-pixel ones"):
+        pin_parents(recipe(name, "d"), model_config(arch), "sqlite:///unused.db", _Stored())
+    assert pin_parents(recipe("debug-tokenizer", "d"), model_config("vq-debug"), "", _Stored()).tags == {}
