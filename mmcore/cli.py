@@ -121,7 +121,8 @@ def cmd_dataset_verify(args) -> int:
     return 0
 
 
-DEFAULT_RECIPES = {"contrastive": "demo", "fusion": "demo-fusion", "image-tokenizer": "demo-tokenizer"}
+DEFAULT_RECIPES = {"contrastive": "demo", "fusion": "demo-fusion", "image-tokenizer": "demo-tokenizer",
+                   "unified": "demo-unified"}
 
 
 def cmd_train(args) -> int:

@@ -218,12 +218,15 @@ class IngestConfig:
             part.validate()
 
 
-STAGES = ("contrastive", "fusion", "image-tokenizer")
+STAGES = ("contrastive", "fusion", "image-tokenizer", "unified")
 PRIMARY_METRICS = {"contrastive": "retrieval.image_to_text_recall_5", "fusion": "vqa.accuracy",
-                   "image-tokenizer": "reconstruction.psnr"}
+                   "image-tokenizer": "reconstruction.psnr", "unified": "vqa.accuracy"}
 """What the promotion gate compares for each stage's models, unless told otherwise."""
-STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",), "image-tokenizer": ("mse",)}
+STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",), "image-tokenizer": ("mse",),
+                "unified": ("next-token",)}
 PRECISIONS = ("auto", "fp32", "bf16")
+STAGE_PARENTS = {"fusion": "models:/mmpipe-contrastive@champion", "unified": "models:/mmpipe-image-tokenizer@champion"}
+"""The stages that build on a registered model, and their default parent."""
 
 
 def project_home() -> Path:
@@ -239,7 +242,8 @@ class ModelConfig:
     """Architecture name; `mmpipe models archs` lists them."""
     parent: str = ""
     """The registered model this stage builds on (models:/name@alias or /version); fusion takes its
-    vision tower. An alias is resolved to a version when the run starts and recorded."""
+    vision tower, unified its image tokenizer. An alias is resolved to a version when the run starts
+    and recorded."""
     freeze_vision: bool = True
     """Keep the parent's vision tower frozen (LLaVA, LiT); False trains it with the rest."""
     lm_parent: str = ""
@@ -251,11 +255,11 @@ class TaskConfig:
     """The training stage and its objective."""
 
     stage: str = "contrastive"
-    """contrastive (CLIP/SigLIP), fusion (LLaVA/Flamingo) or image-tokenizer (FSQ autoencoder); unified
-    comes with its stage."""
+    """contrastive (CLIP/SigLIP), fusion (LLaVA/Flamingo), image-tokenizer (FSQ autoencoder) or unified
+    (early fusion over text and image codes)."""
     loss: str = "clip"
     """contrastive: clip (InfoNCE) or siglip (pairwise sigmoid); fusion: next-token (on answer tokens);
-    image-tokenizer: mse (pixel reconstruction)."""
+    image-tokenizer: mse (pixel reconstruction); unified: next-token (answers, captions and image codes)."""
 
     def validate(self) -> None:
         _check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {STAGES}")
@@ -403,10 +407,12 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint):
             part.validate()
-        if self.task.stage == "fusion":
+        if self.task.stage in STAGE_PARENTS:
             _check(self.model.parent.startswith("models:/"), "model.parent",
-                   f"{self.model.parent!r}: the fusion stage needs a registered contrastive model, "
-                   "e.g. models:/mmpipe-contrastive@champion")
+                   f"{self.model.parent!r}: the {self.task.stage} stage builds on a registered model, "
+                   f"e.g. {STAGE_PARENTS[self.task.stage]}")
+        _check(not self.model.lm_parent or self.task.stage == "fusion", "model.lm_parent",
+               "only the fusion stage starts its LM from a registered fusion model")
         step_rows = self.parallel.num_workers * self.parallel.grad_accum
         _check(self.data.batch_size % step_rows == 0, "data.batch_size",
                f"{self.data.batch_size} is not divisible by parallel.num_workers x parallel.grad_accum = {step_rows}")

@@ -108,6 +108,34 @@ def demo_tokenizer(dataset: str) -> RunConfig:
     )
 
 
+TOKENIZER_CHAMPION = "models:/mmpipe-image-tokenizer@champion"
+
+
+def debug_unified(dataset: str) -> RunConfig:
+    """Seconds on a CPU: the smallest unified model on the image tokenizer champion (tests)."""
+    return RunConfig(
+        recipe="debug-unified", model=ModelConfig("unified-debug", parent=TOKENIZER_CHAMPION),
+        task=TaskConfig(stage="unified", loss="next-token"),
+        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, max_steps=200),
+        parallel=ParallelConfig(num_workers=2, zero_stage=2),
+        checkpoint=CheckpointConfig(every_steps=100),
+    )
+
+
+def demo_unified(dataset: str) -> RunConfig:
+    """Minutes on 2 CPU cores: one transformer that answers about the sample corpus's images and
+    draws scenes from captions, over the demo image tokenizer's 8 x 8 codes."""
+    return RunConfig(
+        recipe="demo-unified", model=ModelConfig("unified-demo", parent=TOKENIZER_CHAMPION),
+        task=TaskConfig(stage="unified", loss="next-token"),
+        data=DataConfig(dataset=dataset, batch_size=32, val_batches=4, augment=False),
+        optim=OptimConfig(lr=1e-3, warmup_steps=50, max_steps=800),
+        parallel=ParallelConfig(num_workers=2, zero_stage=2),
+        checkpoint=CheckpointConfig(every_steps=200),
+    )
+
+
 def gpu_base(dataset: str) -> RunConfig:
     """ViT-B/16 on GPUs: bf16, ZeRO-2, one worker per GPU (set parallel.num_workers to the GPU count)."""
     return RunConfig(
@@ -121,7 +149,8 @@ def gpu_base(dataset: str) -> RunConfig:
 
 RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo_siglip, "gpu-base": gpu_base,
            "debug-fusion": debug_fusion, "demo-fusion": demo_fusion, "demo-flamingo": demo_flamingo,
-           "debug-tokenizer": debug_tokenizer, "demo-tokenizer": demo_tokenizer}
+           "debug-tokenizer": debug_tokenizer, "demo-tokenizer": demo_tokenizer,
+           "debug-unified": debug_unified, "demo-unified": demo_unified}
 
 
 def recipe(name: str, dataset: str) -> RunConfig:

@@ -7,17 +7,22 @@ stream yields what the Task reads.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 from torch import nn
 
 from mmcore.config import RunConfig
-from mmcore.data.tokenizer import EOS, with_chat_tokens
+from mmcore.data.tokenizer import CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, with_chat_tokens, with_tokens
 from mmcore.losses import LOSSES
 from mmcore.models import build_model
 from mmcore.models.fusion import loss_on_answers
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
+from mmcore.models.unified import unified_loss
 
 
 class _Pixels(nn.Module):
@@ -138,7 +143,52 @@ class ImageTokenizerTask(nn.Module):
                 "codebook_usage": torch.tensor(codes.unique().numel() / self.model.codebook_size)}
 
 
-TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask, "image-tokenizer": ImageTokenizerTask}
+class UnifiedTask(nn.Module):
+    """One transformer over text and image codes. Batch: {"input_ids": (B, T), "labels": (B, T) (IGNORE
+    where not counted), "truncated": (B,), "drawing": (B,)}: the codes are made in the Ray Data step
+    (data/mixed.py), so no pixels reach the trainers."""
+
+    stage = "unified"
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
+              tracking_uri: str | None = None) -> "UnifiedTask":
+        """With a tracking URI, the image tokenizer comes from the registered parent (pinned by fit)."""
+        if tracking_uri:
+            from mmcore.tracking import load_model
+
+            model.image_tokenizer.load_state_dict(load_model(cfg.model.parent, tracking_uri)[0].state_dict())
+        return cls(model)
+
+    @staticmethod
+    def tokenizer(dataset_tokenizer_json: str) -> str:
+        return with_tokens(dataset_tokenizer_json, CHAT_TOKENS + IMAGE_SPAN_TOKENS)
+
+    @staticmethod
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+        """The image tokenizer's weights travel with the preprocessing to the data workers, which make
+        the codes."""
+        from mmcore.data.mixed import MixedPreprocessor
+        from mmcore.tracking import model_files, resolve_uri
+
+        files = model_files(cfg.model.parent, resolve_uri(cfg.tracking))
+        config = {k: v for k, v in json.loads(Path(files.config).read_text()).items()
+                  if k not in ("family", "description")}
+        return MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
+                                 seed=cfg.seed)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = unified_loss(self.model, self.model.logits(batch["input_ids"]), batch["labels"])
+        return {**out, "truncated_fraction": batch["truncated"].float().mean(),
+                "drawing_fraction": batch["drawing"].float().mean()}
+
+
+TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask, "image-tokenizer": ImageTokenizerTask,
+         "unified": UnifiedTask}
 
 
 def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,

@@ -19,7 +19,7 @@ from mmcore.data.source import source_sha256
 from mmcore.recipes import RECIPES, recipe
 
 RecipeName = Literal[tuple(RECIPES)]  # a choice in the UI form
-Stage = Literal["contrastive", "fusion", "image-tokenizer"]  # unified joins with its stage
+Stage = Literal["contrastive", "fusion", "image-tokenizer", "unified"]
 
 
 class _Params(BaseModel):

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from mmcore.data.sample import DIGIT_WORDS, OPPOSITE
 from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER
-from mmcore.models.fusion import IGNORE
+from mmcore.models.generate import IGNORE
 from mmcore.models.preprocess import Preprocessor, PreprocessConfig
 
 # question type -> (seen templates, held-out templates). {first}/{second}: "the red circle(s)";
@@ -71,7 +71,7 @@ def _fill(template: str, row: dict, relation: str | None = None) -> str:
                            relation=relation or row.get("relation"))
 
 
-def _rng(row: dict, *salt: int) -> np.random.Generator:
+def row_rng(row: dict, *salt: int) -> np.random.Generator:
     return np.random.default_rng([*salt, zlib.crc32(str(row["key"]).encode())])
 
 
@@ -105,7 +105,7 @@ def _question(kind: str, template: str, row: dict, truth: bool, held_out: bool =
 
 def questions(row: dict, held_out: bool = False) -> list[Question]:
     """One question per type the row can answer, worded by a seen (or a held-out) template chosen by the row."""
-    rng = _rng(row, 7, int(held_out))
+    rng = row_rng(row, 7, int(held_out))
     out = []
     for kind in _kinds(row):
         truth = bool(rng.random() < 0.5) if kind == "yes_no" else True
@@ -115,7 +115,7 @@ def questions(row: dict, held_out: bool = False) -> list[Question]:
 
 def training_question(row: dict, seed: int, epoch: int) -> Question:
     """The row's question for this epoch: a type and a seen template drawn from (seed, epoch, key)."""
-    rng = _rng(row, seed, epoch)
+    rng = row_rng(row, seed, epoch)
     kinds = _kinds(row)
     kind = kinds[int(rng.integers(len(kinds)))]
     template = str(rng.choice(TEMPLATES[kind][0]))
@@ -180,11 +180,15 @@ class InstructPreprocessor(Preprocessor):
         return {**super().__getstate__(), "_chat": None}
 
     def __call__(self, batch: dict) -> dict:
-        n = len(batch["image"])
-        rows = [{c: (_plain(batch[c][i]) if c in batch else None) for c in [*ROW_COLUMNS, "epoch"]} for i in range(n)]
-        return {"image": self.batch_pixels(batch["image"]), **instruction_batch(rows, self.chat, self.seed)}
+        return {"image": self.batch_pixels(batch["image"]),
+                **instruction_batch(batch_rows(batch), self.chat, self.seed)}
 
 
-def _plain(value):
-    """numpy scalars from a Ray Data batch -> Python values (None stays None)."""
-    return value.item() if isinstance(value, np.generic) else value
+def batch_rows(batch: dict) -> list[dict]:
+    """A Ray Data batch (numpy columns) -> one dict of plain Python values per row: ROW_COLUMNS and
+    the epoch, None where the dataset lacks a column."""
+    def plain(value):
+        return value.item() if isinstance(value, np.generic) else value
+
+    columns = [*ROW_COLUMNS, "epoch"]
+    return [{c: (plain(batch[c][i]) if c in batch else None) for c in columns} for i in range(len(batch["image"]))]

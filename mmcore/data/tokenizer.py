@@ -43,8 +43,18 @@ CHAT_TOKENS = [USER, ASSISTANT]
 """Roles of the chat format (data/instruct.py); added to the dataset's tokenizer by the fusion stage."""
 
 
-def with_chat_tokens(tokenizer_json: str) -> str:
-    """The dataset's tokenizer with the chat roles added as special tokens (ids after its vocabulary)."""
+IMAGE_START, IMAGE_END = "<|image_start|>", "<|image_end|>"
+IMAGE_SPAN_TOKENS = [IMAGE_START, IMAGE_END]
+"""Around an image's codes in the unified stage's sequences."""
+
+
+def with_tokens(tokenizer_json: str, tokens: list[str]) -> str:
+    """The dataset's tokenizer with `tokens` added as special tokens (ids after its vocabulary, in order)."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    tokenizer.add_special_tokens([token for token in CHAT_TOKENS if tokenizer.token_to_id(token) is None])
+    tokenizer.add_special_tokens([token for token in tokens if tokenizer.token_to_id(token) is None])
     return tokenizer.to_str()
+
+
+def with_chat_tokens(tokenizer_json: str) -> str:
+    """The dataset's tokenizer with the chat roles (the fusion stage's)."""
+    return with_tokens(tokenizer_json, CHAT_TOKENS)

@@ -13,15 +13,18 @@ from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.llava import LlavaConfig, LlavaModel
 from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.unified import UnifiedConfig, UnifiedModel
 
 FAMILIES = {"clip": (ClipConfig, ClipModel), "llava": (LlavaConfig, LlavaModel),
-            "flamingo": (FlamingoConfig, FlamingoModel), "vq": (ImageTokenizerConfig, ImageTokenizer)}
-STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo"), "image-tokenizer": ("vq",)}
+            "flamingo": (FlamingoConfig, FlamingoModel), "vq": (ImageTokenizerConfig, ImageTokenizer),
+            "unified": (UnifiedConfig, UnifiedModel)}
+STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo"), "image-tokenizer": ("vq",),
+                  "unified": ("unified",)}
 """Which families each training stage trains."""
 
 
 CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",),
-                "tokenize_image": ("encode", "decode")}
+                "tokenize_image": ("encode", "decode"), "generate_image": ("generate_image",)}
 """What a model can do, by the methods it has: evaluation picks suites and the registry picks the
 pyfunc's signature by these, never by stage or family."""
 

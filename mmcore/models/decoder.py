@@ -28,6 +28,8 @@ class DecoderConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    """LayerNorm on queries and keys per head (Chameleon; the unified stage's default)."""
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -49,7 +51,8 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos = nn.Parameter(torch.randn(1, max_positions, cfg.width) * 0.01)
-        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.layers))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads, cfg.mlp_ratio, cfg.qk_norm)
+                                    for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.width)
         # Not tied to the embedding: under ZeRO-3 a weight is gathered only inside its own module's forward.
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)

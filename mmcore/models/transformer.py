@@ -16,19 +16,24 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention on torch's fused scaled_dot_product_attention."""
+    """Multi-head self-attention on torch's fused scaled_dot_product_attention; with `qk_norm`, a
+    LayerNorm over head_dim on queries and keys (Chameleon's fix for logit growth in mixed-modal
+    training)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, qk_norm: bool = False):
         super().__init__()
         assert width % heads == 0, "width must be divisible by heads"
         self.heads = heads
         self.qkv = nn.Linear(width, 3 * width)
         self.out = nn.Linear(width, width)
+        self.q_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(width // heads) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 cache: KVCache | None = None) -> torch.Tensor:
         b, n, d = x.shape  # (B, N, D)
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, Dh)
+        q, k = self.q_norm(q), self.k_norm(k)
         past = 0
         if cache is not None:
             if "k" in cache:
@@ -66,10 +71,10 @@ def mlp(width: int, mlp_ratio: float = 4.0) -> nn.Sequential:
 class Block(nn.Module):
     """x + attn(ln(x)); x + mlp(ln(x)) (GPT-2 / ViT pre-norm)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(width)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, qk_norm)
         self.ln2 = nn.LayerNorm(width)
         self.mlp = mlp(width, mlp_ratio)
 

@@ -20,9 +20,18 @@ class Parents:
     cfg: RunConfig
     """The run config with model.parent (and model.lm_parent) pinned to models:/name/version."""
     arch: dict
-    """The architecture with the parent's vision tower config in it."""
+    """The architecture with the parent's part in it (PARENT_PARTS)."""
     tags: dict[str, str]
     """parent_model (and lm_parent_model) = name/version, for the registered version."""
+
+
+def _without_meta(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in ("family", "description")}
+
+
+PARENT_PARTS = {"fusion": ("contrastive", lambda parent: {"vision": parent["vision"]}),
+                "unified": ("image-tokenizer", lambda parent: {"image_tokenizer": _without_meta(parent)})}
+"""stage -> (the stage its parent comes from, the part of the parent's architecture it takes)."""
 
 
 def check_family(cfg: RunConfig, arch: dict) -> None:
@@ -39,11 +48,14 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str, version: DatasetV
     _check_image_size(f"model.name: {cfg.model.name}", own_size, version)
     if not cfg.model.parent:
         return Parents(cfg, arch, {})
-    parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", "contrastive")
+    if cfg.task.stage not in PARENT_PARTS:
+        raise ValueError(f"model.parent: the {cfg.task.stage} stage builds on no registered model")
+    parent_stage, part = PARENT_PARTS[cfg.task.stage]
+    parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", parent_stage)
     _check_tokenizer(parent, Path(bundle.tokenizer), version)
     _check_image_size(f"model.parent: {parent}", json.loads(Path(bundle.preprocess).read_text())["image_size"],
                       version)
-    arch = {**arch, "vision": parent_cfg["vision"]}
+    arch = {**arch, **part(parent_cfg)}
     model = dataclasses.replace(cfg.model, parent=parent)
     tags = {"parent_model": parent.removeprefix("models:/")}
     if cfg.model.lm_parent:
@@ -81,5 +93,4 @@ def _check_tokenizer(parent: str, tokenizer_path: Path, version: DatasetVersion)
     ours = Tokenizer.from_file(str(version.tokenizer_path)).get_vocab()
     if theirs != ours:
         raise ValueError(f"model.parent: {parent} was trained with another tokenizer ({len(theirs)} tokens) than "
-                         f"dataset {version.id}'s ({len(ours)} tokens); train a contrastive model on this "
-                         f"dataset first")
+                         f"dataset {version.id}'s ({len(ours)} tokens); train one on this dataset first")

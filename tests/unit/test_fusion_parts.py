@@ -16,7 +16,8 @@ from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_to
 from mmcore.eval.generative import parse_scene
 from mmcore.models import build_model, model_config
 from mmcore.models.encode import generate_answers
-from mmcore.models.fusion import IGNORE, loss_on_answers
+from mmcore.models.fusion import loss_on_answers
+from mmcore.models.generate import IGNORE
 from mmcore.models.preprocess import PreprocessConfig
 from mmcore.train.parallel import param_groups
 
@@ -76,7 +77,7 @@ def test_llava_sees_the_image_where_the_image_token_is():
     assert torch.equal(a[:, :2], b[:, :2])  # causal: the tokens before <image> cannot see it
     assert not torch.allclose(a[:, 2:], b[:, 2:])
     ids[1, 2] = 7
-    with pytest.raises(ValueError, match="row 1: a LLaVA prompt needs exactly one <image> token, it has 0"):
+    with pytest.raises(ValueError, match="row 1: a prompt needs exactly one <image> token, it has 0"):
         model(torch.randn(3, 3, 32, 32), ids)
 
 

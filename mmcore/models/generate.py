@@ -1,0 +1,132 @@
+"""What every model that writes text about an image shares: `generate` (greedy or nucleus, KV
+cache) and `score` (log-likelihood), on top of two methods a family supplies: `context(images)`
+makes the image information, `hidden(input_ids, context, start, caches)` runs the LM with it.
+Logits line up with input_ids: logits[:, t] predicts input_ids[:, t + 1], whatever the family does
+with the image. `splice_hidden` is the early-fusion way (LLaVA, unified): the image's token
+embeddings stand in the sequence where the `<image>` token is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmcore.data.tokenizer import IMAGE, SPECIAL_TOKENS
+from mmcore.models.decoder import DecoderLM
+from mmcore.models.transformer import KVCache
+
+IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)
+IGNORE = -100
+"""Label of a position the loss does not count (prompt, image, padding), as in torch's cross_entropy."""
+
+
+class TextGenerator(nn.Module):
+    """Base of the models that generate text: `lm` (a DecoderLM), `eos_id`, and per family `context`
+    and `hidden`."""
+
+    lm: DecoderLM
+    eos_id: int
+    extra_positions = 0
+    """LM positions a sample takes beyond its text tokens (LLaVA: the image tokens minus <image>)."""
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W), (B, L) -> logits (B, L, V)."""
+        return self.lm.head(self.hidden(input_ids, self.context(images)))
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum of log p(token) over the labelled tokens of each row: (B,) (the answer's log-likelihood)."""
+        logits = self(images, input_ids)[:, :-1].float()
+        targets = labels[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (logp * (targets != IGNORE)).sum(1)
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int = 16,
+                 temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue each prompt (B, L; all rows the same length, no padding) -> new ids (B, T), T <= max_new_tokens.
+
+        Greedy when temperature is 0, else nucleus sampling (top_p). A row that produced <eos> is
+        padded with <eos> until every row has. Without the cache every step reruns the whole
+        sequence: the same tokens, slower (a test holds them equal).
+        """
+        limit = self.lm.pos.shape[1] - self.extra_positions - prompt_ids.shape[1]
+        if limit < 1:
+            raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens leaves no room in the context of "
+                             f"{self.lm.pos.shape[1] - self.extra_positions}")
+        context = self.context(images)
+        caches = self.lm.new_caches() if use_cache else None
+        last = self.hidden(prompt_ids, context, caches=caches)[:, -1]
+        ids, done = prompt_ids, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
+        for _ in range(min(max_new_tokens, limit)):
+            token = self._pick(self.text_logits(self.lm.head(last).float()), temperature, top_p, generator)
+            token = torch.where(done, torch.full_like(token, self.eos_id), token)
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            done |= token == self.eos_id
+            if done.all():
+                break
+            if caches is not None:
+                start = ids.shape[1] - 1 + self.extra_positions
+                last = self.hidden(token[:, None], context, start=start, caches=caches)[:, -1]
+            else:
+                last = self.hidden(ids, context)[:, -1]
+        return ids[:, prompt_ids.shape[1]:]
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, -1)
+        sorted_probs, order = probs.sort(-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest set reaching top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
+        return order.gather(-1, choice).squeeze(-1)
+
+    def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary -> those generation picks text from (all, unless a family says)."""
+        return logits
+
+    # ----- per family -----
+    def context(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
+               caches: list[KVCache] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def splice_hidden(lm: DecoderLM, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
+                  caches: list[KVCache] | None = None) -> torch.Tensor:
+    """Text (B, L) with one <image> token per row, image tokens (B, N, D) -> LM states at the text
+    positions (B, L, D); the <image> position gets the state of the last image token, which predicts
+    the token after <image>. Continuing after a prefill (start > 0), the ids are text only and follow
+    the image."""
+    text = lm.embed(input_ids)  # (B, L, D)
+    if start:
+        return lm(text, start=start, caches=caches)
+    at = _image_position(input_ids)  # (B,)
+    length, n = input_ids.shape[1], context.shape[1]
+    j = torch.arange(length + n - 1, device=input_ids.device)[None]  # positions of the spliced sequence
+    in_image = (j >= at[:, None]) & (j < at[:, None] + n)  # (B, L + N - 1)
+    text_index = torch.where(j < at[:, None], j, j - n + 1).clamp(0, length - 1)
+    image_index = (j - at[:, None]).clamp(0, n - 1)
+    spliced = torch.where(in_image[..., None], _take(context, image_index), _take(text, text_index))
+    states = lm(spliced, caches=caches)  # (B, L + N - 1, D)
+    t = torch.arange(length, device=input_ids.device)[None]
+    return _take(states, torch.where(t < at[:, None], t, t + n - 1))
+
+
+def _image_position(input_ids: torch.Tensor) -> torch.Tensor:
+    is_image = input_ids == IMAGE_ID
+    counts = is_image.sum(1)
+    if not bool((counts == 1).all()):
+        row = int((counts != 1).nonzero()[0])
+        raise ValueError(f"row {row}: a prompt needs exactly one <image> token, it has {int(counts[row])}")
+    return is_image.int().argmax(1)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (B, N, D) at index (B, M) -> (B, M, D)."""
+    return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))

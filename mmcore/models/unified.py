@@ -1,0 +1,154 @@
+"""The unified model (Chameleon-style early fusion): one decoder-only transformer over one vocabulary,
+the text ids followed by the image tokenizer's codes (offset = the text vocabulary's size).
+
+An image is `<|image_start|> code ... code <|image_end|>` in the sequence, its codes made by the
+registered image tokenizer (a frozen part of this model, so it can read images and draw them).
+Reading: `generate(images, prompt_ids)` and `score` come from models/generate.py (the image's code
+embeddings stand where the prompt's `<image>` token is), so the fusion stage's suites run unchanged.
+Drawing: `generate_image(prompt_ids)` samples codes only (text ids are masked inside the image span)
+and decodes them to pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmcore.models.decoder import DecoderConfig, DecoderLM
+from mmcore.models.generate import IGNORE, TextGenerator, splice_hidden
+from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
+from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.transformer import KVCache
+
+
+@dataclass
+class UnifiedConfig:
+    lm: DecoderConfig = field(default_factory=lambda: DecoderConfig(qk_norm=True))
+    """context_length counts the text tokens of a sample; an image adds its codes and two markers."""
+    image_tokenizer: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    """The parent image tokenizer's architecture, copied into the config at training time."""
+    z_loss: float = 1e-5
+    """Weight of Chameleon's z-loss, mean of log^2 Z over the counted positions (0 disables)."""
+    text_vocab_size: int = 0
+    """Set from the stage's tokenizer; image code c is token text_vocab_size + c. The tokenizer's
+    last two ids are <|image_start|> and <|image_end|> (data.tokenizer.IMAGE_SPAN_TOKENS)."""
+
+    def validate(self) -> None:
+        self.lm.validate()
+        self.image_tokenizer.validate()
+        if self.z_loss < 0:
+            raise ValueError(f"z_loss {self.z_loss} must be >= 0")
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        self.text_vocab_size = vocab_size
+        self.lm.vocab_size = vocab_size + math.prod(self.image_tokenizer.levels)
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=self.image_tokenizer.image_size, context_length=self.lm.context_length)
+
+
+class UnifiedModel(TextGenerator):
+    family = "unified"
+
+    def __init__(self, cfg: UnifiedConfig, eos_id: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg, self.eos_id = cfg, eos_id
+        self.image_tokenizer = ImageTokenizer(cfg.image_tokenizer).requires_grad_(False)
+        self.offset = cfg.text_vocab_size
+        self.start_id, self.end_id = self.offset - 2, self.offset - 1
+        self.image_codes = self.image_tokenizer.grid ** 2
+        self.extra_positions = self.image_codes + 1  # <image> becomes start + codes + end
+        self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
+
+    def image_ids(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized -> (B, codes + 2) token ids: start, codes + offset, end."""
+        with torch.no_grad():
+            codes = self.image_tokenizer.encode(images.to(self.image_tokenizer.decoder[0].weight.dtype))
+        ends = torch.tensor([[self.start_id], [self.end_id]], device=codes.device).expand(2, len(codes))
+        return torch.cat([ends[0][:, None], codes + self.offset, ends[1][:, None]], dim=1)
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Training: a full mixed sequence (B, T) of text and image ids -> logits (B, T, V)."""
+        return self.lm.head(self.lm(self.lm.embed(input_ids)))
+
+    # ----- reading: TextGenerator's generate and score -----
+    def context(self, images: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed(self.image_ids(images))
+
+    def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
+               caches: list[KVCache] | None = None) -> torch.Tensor:
+        return splice_hidden(self.lm, input_ids, context, start, caches)
+
+    def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Text is written with text ids only."""
+        return logits.index_fill(-1, torch.arange(self.offset, logits.shape[-1], device=logits.device), -torch.inf)
+
+    # ----- drawing -----
+    @torch.no_grad()
+    def generate_image_codes(self, prompt_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                             guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Text prompts (B, L: <bos> caption ids, the same length in every row) -> (B, codes) image codes.
+
+        Only image codes can be sampled inside the span (the rest of the vocabulary is never a
+        candidate). With guidance != 1, classifier-free guidance mixes in the unconditional logits
+        of `<bos> <|image_start|>` (training drops some captions to learn them): u + g * (c - u).
+        temperature 0 is greedy; top_k > 0 keeps the k likeliest codes.
+        """
+        total = prompt_ids.shape[1] + 1 + self.image_codes
+        if total > self.lm.pos.shape[1]:
+            raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens and an image of {self.image_codes + 2} "
+                             f"exceed the context of {self.lm.pos.shape[1]} positions")
+        start = torch.full((len(prompt_ids), 1), self.start_id, device=prompt_ids.device)
+        streams = [torch.cat([prompt_ids, start], dim=1)]
+        if guidance != 1.0:
+            streams.append(torch.cat([prompt_ids[:, :1], start], dim=1))
+        caches = [self.lm.new_caches() for _ in streams]
+        states = [self.lm(self.lm.embed(ids), caches=c)[:, -1] for ids, c in zip(streams, caches)]
+        codes = []
+        for i in range(self.image_codes):
+            logits = [self.lm.head(h).float()[:, self.offset:] for h in states]
+            mixed = logits[0] if len(logits) == 1 else logits[1] + guidance * (logits[0] - logits[1])
+            code = _sample(mixed, temperature, top_k, generator)
+            codes.append(code)
+            if i + 1 < self.image_codes:
+                token = self.lm.embed((code + self.offset)[:, None])
+                states = [self.lm(token, start=ids.shape[1] + i, caches=c)[:, -1]
+                          for ids, c in zip(streams, caches)]
+        return torch.stack(codes, dim=1)
+
+    @torch.no_grad()
+    def generate_image(self, prompt_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
+                       guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Text prompts (B, L) -> images (B, 3, S, S), normalized, drawn by the image tokenizer's decoder."""
+        codes = self.generate_image_codes(prompt_ids, temperature, top_k, guidance, generator)
+        return self.image_tokenizer.decode(codes)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
+
+
+def unified_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Next-token cross-entropy over the labelled positions, with the text and image parts reported
+    apart, plus the z-loss: logits (B, T, V), labels (B, T) (IGNORE where not counted)."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    counted = targets != IGNORE
+    log_z = torch.logsumexp(logits, -1)
+    picked = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    nll = (log_z - picked)[counted]
+    image = (targets >= model.offset)[counted]
+    z_loss = model.cfg.z_loss * (log_z[counted] ** 2).mean()
+    zero = nll.sum() * 0
+    return {"loss": nll.mean() + z_loss,
+            "text_loss": (nll[~image].mean() if (~image).any() else zero).detach(),
+            "image_loss": (nll[image].mean() if image.any() else zero).detach(),
+            "z_loss": z_loss.detach()}
