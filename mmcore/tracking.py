@@ -203,13 +203,16 @@ class ModelBundle:
 class PyfuncModel(mlflow.pyfunc.PythonModel):
     """A contrastive model: predict(DataFrame with an `image` (bytes) or a `text` per row) -> (N, E)
     embeddings. A model that generates (fusion): predict(DataFrame with `image` and `prompt`) -> answers.
-    An image tokenizer: predict(DataFrame with `image`) -> (N, tokens) codes."""
+    An image tokenizer: predict(DataFrame with `image`) -> (N, tokens) codes. A model that draws
+    (unified), with params {"output": "image"}: predict(DataFrame with `prompt`) -> PNG bytes."""
 
     def load_context(self, context):
         self.model, self.preprocess = ModelBundle(**context.artifacts).load()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         can = capabilities(self.model)
+        if "generate_image" in can and (params or {}).get("output", "text") == "image":
+            return draw_rows(self.model, self.preprocess, model_input, params or {})
         if "generate" in can:
             return answer_rows(self.model, self.preprocess, model_input, params or {})
         if "tokenize_image" in can:
@@ -218,6 +221,32 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
 
 
 GENERATION_PARAMS = {"max_new_tokens": 16, "temperature": 0.0, "top_p": 1.0}
+DRAWING_PARAMS = {"output": "text", "image_temperature": 1.0, "top_k": 0, "guidance": 3.0, "seed": 0}
+"""A model that draws: output "image" returns PNG bytes per prompt, sampled with these settings."""
+
+
+def draw_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict) -> list[bytes]:
+    """A PNG of the image drawn for each row's `prompt`; a row without one, or with a prompt too long,
+    is a ValueError naming the row."""
+    import io
+
+    from PIL import Image
+
+    from mmcore.models.encode import draw_images
+
+    prompts = rows["prompt"].tolist() if "prompt" in rows else [None] * len(rows)
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"row {row}: each row needs a `prompt` (text) to draw")
+    settings = {**DRAWING_PARAMS, **{k: v for k, v in params.items() if k in DRAWING_PARAMS}}
+    images = draw_images(model, preprocess, prompts, temperature=float(settings["image_temperature"]),
+                         top_k=int(settings["top_k"]), guidance=float(settings["guidance"]), seed=int(settings["seed"]))
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
 
 
 def answer_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict) -> list[str]:
@@ -302,16 +331,20 @@ def _undecodable(preprocess: Preprocessor, blobs: list[bytes]) -> int:
 
 def _signature(model):
     """Contrastive: per row an `image` (encoded bytes) or a `text` -> (N, embed_dim) float32 embeddings.
-    Generative: per row an `image` and a `prompt` -> answers; generation settings as params.
+    Generative: per row an `image` and a `prompt` -> answers; generation settings as params. A model
+    that also draws: the image is optional, and output="image" returns PNG bytes.
     Image tokenizer: per row an `image` -> (N, tokens) int64 codes."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    if "generate" in capabilities(model):
-        params = ParamSchema([ParamSpec(k, "long" if isinstance(v, int) else "double", v)
-                              for k, v in GENERATION_PARAMS.items()])
-        return ModelSignature(inputs=Schema([ColSpec("binary", "image"), ColSpec("string", "prompt")]),
-                              outputs=Schema([ColSpec("string")]), params=params)
+    can = capabilities(model)
+    if "generate" in can:
+        kinds = {str: "string", int: "long", float: "double"}
+        settings = {**GENERATION_PARAMS, **(DRAWING_PARAMS if "generate_image" in can else {})}
+        params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in settings.items()])
+        draws = "generate_image" in can  # then the image is optional (a prompt to draw) and the output text or PNG
+        inputs = Schema([ColSpec("binary", "image", required=not draws), ColSpec("string", "prompt")])
+        return ModelSignature(inputs=inputs, outputs=None if draws else Schema([ColSpec("string")]), params=params)
     if "tokenize_image" in capabilities(model):
         return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                               outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, model.grid ** 2))]))

@@ -81,7 +81,7 @@ class MixedPreprocessor(InstructPreprocessor):
         if self._encoder is None:
             torch.set_num_threads(1)  # a data worker's share of the CPU
             model = ImageTokenizer(ImageTokenizerConfig(**self.image_tokenizer["config"]))
-            model.load_state_dict({k: torch.from_numpy(v) for k, v in self.image_tokenizer["state"].items()})
+            model.load_state_dict({k: torch.tensor(v) for k, v in self.image_tokenizer["state"].items()})
             self._encoder = model.eval()
         with torch.no_grad():
             return self._encoder.encode(normalize(torch.from_numpy(pixels), self.mean, self.std)).numpy()

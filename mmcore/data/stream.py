@@ -75,7 +75,7 @@ def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor,
     units = work_units(version, split, epochs, seed)
     return (ray.data.from_items(units, override_num_blocks=len(units))
             .map_batches(read_row_groups, batch_size=1, batch_format="numpy", fn_kwargs={"columns": preprocess.columns})
-            .map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=256))
+            .map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=None))
 
 
 def torch_batches(shard, batch_size: int, device: torch.device, shuffle: bool,

@@ -40,7 +40,7 @@ def rows(version, columns: list[str], where: dict[str, object] | None = None) ->
     return table
 
 
-def _class_embeddings(model, preprocess, prompts: list[list[str]]) -> np.ndarray:
+def class_embeddings(model, preprocess, prompts: list[list[str]]) -> np.ndarray:
     """Prompt ensembling (Radford et al. 2021): the mean of each class's template embeddings, renormalised."""
     means = np.stack([embed_texts(model, preprocess, texts).mean(0) for texts in prompts])
     return means / np.linalg.norm(means, axis=1, keepdims=True)
@@ -80,7 +80,7 @@ def zero_shot(model, preprocess, table: pa.Table, classes: list[str], prompts: l
     if table.num_rows == 0:
         raise SuiteError(f"{title}: no labelled rows in the {SPLIT} split")
     image_emb = embed_images(model, preprocess, table.column("image").to_pylist())
-    predicted = (image_emb @ _class_embeddings(model, preprocess, prompts).T).argmax(1)
+    predicted = (image_emb @ class_embeddings(model, preprocess, prompts).T).argmax(1)
     truth = np.array([classes.index(label) for label in table.column("label").to_pylist()])
     matrix = np.zeros((len(classes), len(classes)), dtype=int)
     np.add.at(matrix, (truth, predicted), 1)

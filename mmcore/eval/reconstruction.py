@@ -21,21 +21,14 @@ GRID_EXAMPLES = 8
 def reconstruct(model, preprocess, blobs: list[bytes], batch_size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Encoded images -> (originals, reconstructions) as (N, S, S, 3) uint8, and the codes (N, tokens)."""
     originals, rebuilt, codes = [], [], []
-    mean, std = preprocess.mean.numpy(), preprocess.std.numpy()
     with torch.no_grad():
         for start in range(0, len(blobs), batch_size):
-            pixels = preprocess.images(blobs[start: start + batch_size])
-            batch_codes = model.encode(torch.from_numpy(pixels))
-            decoded = model.decode(batch_codes).numpy()
-            originals.append(_to_uint8(pixels * std + mean))
-            rebuilt.append(_to_uint8(decoded * std + mean))
+            pixels = torch.from_numpy(preprocess.images(blobs[start: start + batch_size]))
+            batch_codes = model.encode(pixels)
+            originals.append(preprocess.to_uint8(pixels))
+            rebuilt.append(preprocess.to_uint8(model.decode(batch_codes)))
             codes.append(batch_codes.numpy())
     return np.concatenate(originals), np.concatenate(rebuilt), np.concatenate(codes)
-
-
-def _to_uint8(unit: np.ndarray) -> np.ndarray:
-    """(N, 3, S, S) in [0, 1] -> (N, S, S, 3) uint8, as a PNG of it would hold."""
-    return (unit.clip(0, 1) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
 def psnr_per_image(originals: np.ndarray, rebuilt: np.ndarray) -> np.ndarray:

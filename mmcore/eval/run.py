@@ -8,6 +8,7 @@ from mmcore import console, tracking
 from mmcore.config import TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
+from mmcore.eval import drawing  # noqa: F401 - registers the text-to-image suite
 from mmcore.eval import generative  # noqa: F401 - registers the generative suites
 from mmcore.eval import reconstruction  # noqa: F401 - registers the image tokenizer's suite
 from mmcore.eval.suites import default_suites, get_suite

@@ -3,7 +3,8 @@
 A suite gets the model, its preprocessor and the dataset version, and returns a SuiteResult
 (metrics, tables, figures). A suite declares the capabilities it can use (any one suffices) and
 runs for every model that has one, whatever its stage: "embed" (encode_image / encode_text),
-"generate" and "score" (fusion and unified models).
+"generate" and "score" (fusion and unified models), "tokenize_image" (encode / decode: image
+tokenizers), "generate_image" (unified models).
 """
 
 from __future__ import annotations

@@ -106,6 +106,11 @@ class Preprocessor:
         """Encoded images -> (B, 3, S, S) float32, normalized (inference and evaluation)."""
         return normalize(torch.from_numpy(self.batch_pixels(blobs)), self.mean, self.std).numpy()
 
+    def to_uint8(self, pixels: torch.Tensor) -> np.ndarray:
+        """Normalized (B, 3, S, S) -> (B, S, S, 3) uint8, as a PNG of it would hold (normalize's inverse)."""
+        unit = pixels.float() * self.std + self.mean
+        return (unit.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
     def tokens(self, captions) -> np.ndarray:
         """Captions -> (B, context_length) int64 ids: <bos> ... <eos> <pad>..."""
         encodings = self.tokenizer.encode_batch([str(c) for c in captions])

@@ -70,3 +70,12 @@ def trained(train_dataset, local_ray, mmpipe_home):
 
     return fit(debug_config(train_dataset))
 
+
+
+@pytest.fixture(scope="session")
+def image_tokenizer(train_dataset, local_ray, mmpipe_home):
+    """The debug image tokenizer (300 steps), registered as mmpipe-image-tokenizer@candidate."""
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+
+    return fit(recipe("debug-tokenizer", str(train_dataset.path)))

@@ -11,16 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from mmcore.recipes import recipe
-from mmcore.train.fit import fit
-
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def tokenized(train_dataset, local_ray, mmpipe_home):
-    """The debug image tokenizer (300 steps), registered as mmpipe-image-tokenizer@candidate."""
-    return fit(recipe("debug-tokenizer", str(train_dataset.path)))
+def tokenized(image_tokenizer):
+    return image_tokenizer
 
 
 def _history(run_id: str, key: str, mmpipe_home) -> list[float]:

@@ -1,0 +1,104 @@
+"""The unified stage for real: the registered image tokenizer as parent, codes made in the Ray Data
+step, DeepSpeed ZeRO-2 on 2 workers, evaluation by the shared suites, the pyfunc in a fresh process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from mmcore.train.fit import fit
+from tests.integration.workers import fit_killing_a_worker
+
+pytestmark = pytest.mark.integration
+
+
+def unified_config(dataset, parent: str, *overrides):
+    from mmcore.cli import apply_overrides
+    from mmcore.recipes import recipe
+
+    return apply_overrides(recipe("debug-unified", str(dataset.path)),
+                           [f"model.parent={json.dumps(parent)}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def unified(image_tokenizer, train_dataset, local_ray, mmpipe_home):
+    """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, 2 workers."""
+    return fit(unified_config(train_dataset, image_tokenizer.model_uri))
+
+
+def _history(run_id: str, key: str, mmpipe_home) -> list[float]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_unified_learns_both_modalities_and_records_its_tokenizer(unified, image_tokenizer, mmpipe_home):
+    from mlflow.tracking import MlflowClient
+
+    text = _history(unified.mlflow_run_id, "text_loss", mmpipe_home)
+    image = _history(unified.mlflow_run_id, "image_loss", mmpipe_home)
+    assert len(text) == len(image) == 20
+    assert text[-1] < 0.5 * text[0] and image[-1] < image[0] - 0.3, (text, image)
+    assert unified.model_name == "mmpipe-unified" and unified.metrics["bad_steps"] == 0
+    version = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").get_model_version("mmpipe-unified",
+                                                                                         unified.model_version)
+    assert version.tags["parent_model"] == f"{image_tokenizer.model_name}/{image_tokenizer.model_version}"
+    assert version.tags["stage"] == "unified"
+
+
+def test_the_shared_suites_and_text_to_image_run_on_the_unified_model(unified, train_dataset, mmpipe_home):
+    from mlflow.tracking import MlflowClient
+
+    from mmcore.eval.run import evaluate
+
+    report = evaluate(unified.model_uri, str(train_dataset.path))
+    assert report.ok, report.errors
+    assert {"vqa", "captioning", "compositional", "text-to-image"} <= set(report.metrics)
+    drawn = report.metrics["text-to-image"]
+    assert drawn["n"] > 0 and 0 <= drawn["pixel_colour_accuracy"] <= 1
+    assert drawn["pixel_colour_accuracy_real"] > 0.9, "the pixel check reads the real scenes' colours"
+    logged = {a.path for a in MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").list_artifacts(
+        report.mlflow_run_id, "text-to-image")}
+    assert "text-to-image/drawn.png" in logged
+
+
+def test_a_fresh_process_gets_text_and_a_png_through_the_pyfunc_by_alias(unified, train_dataset, mmpipe_home):
+    blob = train_dataset.read("test", columns=["image"]).column("image")[0].as_py()
+    path = mmpipe_home / "unified-question.jpg"
+    path.write_bytes(blob)
+    code = ("import sys, json, base64, mlflow, pandas as pd; mlflow.set_tracking_uri(sys.argv[1]); "
+            "m = mlflow.pyfunc.load_model('models:/mmpipe-unified@candidate'); "
+            "text = m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()], "
+            "'prompt': ['what colour is the circle?']})); "
+            "png = m.predict(pd.DataFrame({'prompt': ['a red circle']}), params={'output': 'image'}); "
+            "print(json.dumps({'text': list(text), 'png': base64.b64encode(png[0]).decode()}))")
+    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{mmpipe_home / 'mlflow.db'}", str(path)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    answer = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(answer["text"]) == 1 and isinstance(answer["text"][0], str)
+    with Image.open(io.BytesIO(base64.b64decode(answer["png"]))) as image:
+        assert image.format == "PNG" and image.size == (32, 32)
+
+
+def test_unified_resumes_after_a_killed_worker(image_tokenizer, train_dataset, local_ray, mmpipe_home):
+    cfg = unified_config(train_dataset, image_tokenizer.model_uri, "optim.max_steps=60", "checkpoint.every_steps=20",
+                         "checkpoint.max_failures=1", 'tracking.model_name="mmpipe-unified-resumed"')
+    result = fit_killing_a_worker(cfg, mmpipe_home, "debug-unified-unified-*/checkpoints/step-00000020")
+    assert result.metrics["step"] == 60 and result.metrics["resumed_from"] >= 20
+
+
+def test_a_bad_tokenizer_parent_fails_before_any_worker(image_tokenizer, train_dataset, mmpipe_home):
+    runs = mmpipe_home / "runs"
+    before = set(runs.glob("*"))
+    with pytest.raises(ValueError, match="model.parent: models:/nope@champion: no registered model named 'nope'"):
+        fit(unified_config(train_dataset, "models:/nope@champion"))
+    with pytest.raises(ValueError, match="the unified stage builds on a registered model"):
+        fit(unified_config(train_dataset, "runs/tokenizer"))
+    assert set(runs.glob("*")) == before, "no run directory is left behind"

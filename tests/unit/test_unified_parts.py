@@ -1,0 +1,123 @@
+"""The unified stage's parts on a CPU: mixed-modal samples, the model's reading and drawing, its loss."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from mmcore.config import TokenizerConfig
+from mmcore.data.instruct import ChatFormat, questions
+from mmcore.data.mixed import MixedPreprocessor
+from mmcore.data.tokenizer import train_tokenizer
+from mmcore.models import build_model, capabilities, model_config
+from mmcore.models.generate import IGNORE
+from mmcore.models.unified import unified_loss
+from mmcore.tasks import UnifiedTask
+
+TOKENIZER = {k: v for k, v in model_config("vq-debug").items() if k not in ("family", "description")}
+SCENES = [{"key": f"k{i}", "source": "synthetic", "caption": f"an image of {n} {c} circles", "label": f"{c} circle",
+           "shape": "circle", "color": c, "count": k, "relation": None, "shape2": None, "color2": None, "count2": None}
+          for i, (n, c, k) in enumerate([("two", "red", 2), ("three", "blue", 3)] * 8)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json():
+    captions = [s["caption"] for s in SCENES] * 10 + [q.question + " " + q.answer for s in SCENES[:2]
+                                                     for q in questions(s)] * 5
+    return UnifiedTask.tokenizer(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
+
+
+@pytest.fixture(scope="module")
+def unified(tokenizer_json):
+    torch.manual_seed(0)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    model, pre = build_model({**model_config("unified-debug"), "image_tokenizer": TOKENIZER},
+                             tokenizer.get_vocab_size(), tokenizer.token_to_id("<eos>"))
+    return model.eval(), pre, tokenizer
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_mixed_samples_read_or_draw_the_image_as_codes(unified, tokenizer_json):
+    model, pre, tokenizer = unified
+    weights = {k: v.numpy() for k, v in model.image_tokenizer.state_dict().items()}
+    mixed = MixedPreprocessor(pre, tokenizer_json, {"config": TOKENIZER, "state": weights}, seed=1)
+    batch = {"image": np.array([_png((200, 30, 30))] * len(SCENES), dtype=object), "epoch": np.zeros(len(SCENES)),
+             **{k: np.array([s[k] for s in SCENES], dtype=object) for k in SCENES[0]}}
+    out = mixed(batch)
+    length = pre.context_length + model.image_codes + 1
+    assert out["input_ids"].shape == out["labels"].shape == (len(SCENES), length) and "image" not in out
+    assert np.array_equal(out["input_ids"], mixed(batch)["input_ids"]), "a row's sample depends on (seed, epoch, key)"
+    assert 0 < out["drawing"].sum() < len(SCENES)
+    offset = model.offset
+    expected_codes = model.image_tokenizer.encode(torch.from_numpy(mixed.images([batch["image"][0]])))[0] + offset
+    for ids, labels, drawing in zip(out["input_ids"], out["labels"], out["drawing"]):
+        start = int(np.flatnonzero(ids == offset - 2)[0])
+        assert ids[start + model.image_codes + 1] == offset - 1 and (ids == offset - 2).sum() == 1
+        assert np.array_equal(ids[start + 1: start + 1 + model.image_codes], expected_codes.numpy())
+        counted = labels[labels != IGNORE]
+        if drawing:  # the codes, the end marker and <eos> are counted; the prompt is not
+            assert (counted >= offset).sum() == model.image_codes and counted[-1] == tokenizer.token_to_id("<eos>")
+        else:  # an answer about the image: text only
+            assert (counted < offset - 2).all() and len(counted) >= 2
+
+
+def test_reading_writes_text_only_and_the_cache_changes_nothing(unified):
+    model, pre, tokenizer = unified
+    chat = ChatFormat(tokenizer, pre.context_length)
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    prompt = torch.tensor([chat.prompt("what colour are the circles?")] * 3)
+    cached = model.generate(images, prompt, max_new_tokens=8)
+    assert torch.equal(cached, model.generate(images, prompt, max_new_tokens=8, use_cache=False))
+    assert int(cached.max()) < model.offset, "no image code is written as text"
+    assert {"generate", "score", "generate_image"} <= capabilities(model)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.0}, {"temperature": 1.0, "top_k": 5},
+                                      {"temperature": 1.0, "guidance": 3.0}])
+def test_drawing_samples_image_codes_only_and_decodes_to_the_image_size(unified, settings):
+    model, _, tokenizer = unified
+    prompt = torch.tensor([[tokenizer.token_to_id("<bos>"), *tokenizer.encode("two red circles").ids[1:-1]]] * 4)
+    codes = model.generate_image_codes(prompt, generator=torch.Generator().manual_seed(0), **settings)
+    assert codes.shape == (4, model.image_codes) and int(codes.min()) >= 0
+    assert int(codes.max()) < model.image_tokenizer.codebook_size
+    images = model.generate_image(prompt, generator=torch.Generator().manual_seed(0), **settings)
+    assert images.shape == (4, 3, 32, 32) and images.abs().max() <= 1
+    too_long = torch.ones(1, model.lm.pos.shape[1] - model.image_codes, dtype=torch.long)
+    with pytest.raises(ValueError, match="exceed the context"):
+        model.generate_image_codes(too_long)
+
+
+def test_the_loss_reports_text_and_image_apart_and_adds_the_z_loss(unified):
+    model, _, _ = unified
+    torch.manual_seed(1)
+    logits = torch.randn(2, 6, model.lm.cfg.vocab_size)
+    image_token, text_token = model.offset + 3, 7
+    labels = torch.tensor([[IGNORE, text_token, text_token, IGNORE, image_token, image_token],
+                           [IGNORE, IGNORE, image_token, text_token, IGNORE, IGNORE]])
+    out = unified_loss(model, logits, labels)
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none",
+                                            ignore_index=IGNORE).view(2, 5)
+    targets = labels[:, 1:]
+    assert out["text_loss"] == pytest.approx(float(nll[targets == text_token].mean()), rel=1e-5)
+    assert out["image_loss"] == pytest.approx(float(nll[targets == image_token].mean()), rel=1e-5)
+    log_z = torch.logsumexp(logits[:, :-1], -1)[targets != IGNORE]
+    assert out["z_loss"] == pytest.approx(model.cfg.z_loss * float((log_z ** 2).mean()), rel=1e-5)
+    assert out["loss"] == pytest.approx(float(nll[targets != IGNORE].mean()) + float(out["z_loss"]), rel=1e-5)
+
+
+def test_qk_norm_is_on_in_the_unified_configs():
+    model, _ = build_model({**model_config("unified-debug"), "image_tokenizer": TOKENIZER}, 300, 3)
+    assert isinstance(model.lm.blocks[0].attn.q_norm, torch.nn.LayerNorm)
+    llava, _ = build_model({**model_config("llava-debug"), "vision": {"image_size": 32, "patch_size": 8, "width": 32,
+                                                                      "layers": 1, "heads": 2}}, 300, 3)
+    assert isinstance(llava.lm.blocks[0].attn.q_norm, torch.nn.Identity), "registered fusion models load unchanged"
