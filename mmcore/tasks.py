@@ -70,16 +70,29 @@ class ContrastiveTask(nn.Module):
         return self.loss(**{k: v.float() for k, v in features.items()})  # the loss in fp32 under bf16
 
 
-class FusionTask(nn.Module):
-    """LLaVA / Flamingo on a parent's vision tower. Batch: {"image": (B, 3, H, W) uint8,
-    "input_ids": (B, L), "labels": (B, L) (IGNORE outside answers), "truncated": (B,)}."""
-
-    stage = "fusion"
+class _PixelTask(nn.Module):
+    """A Task around one model whose batches carry uint8 images (normalized on the training device)."""
 
     def __init__(self, model: nn.Module, preprocess: PreprocessConfig):
         super().__init__()
         self.model = model
         self.pixels = _Pixels(preprocess)
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
+              tracking_uri: str | None = None) -> nn.Module:
+        return cls(model, preprocess)
+
+    @staticmethod
+    def tokenizer(dataset_tokenizer_json: str) -> str:
+        return dataset_tokenizer_json
+
+
+class FusionTask(_PixelTask):
+    """LLaVA / Flamingo on a parent's vision tower. Batch: {"image": (B, 3, H, W) uint8,
+    "input_ids": (B, L), "labels": (B, L) (IGNORE outside answers), "truncated": (B,)}."""
+
+    stage = "fusion"
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
@@ -112,24 +125,11 @@ class FusionTask(nn.Module):
                 "truncated_fraction": batch["truncated"].float().mean()}
 
 
-class ImageTokenizerTask(nn.Module):
-    """The FSQ autoencoder learns to reconstruct. Batch: {"image": (B, 3, H, W) uint8}."""
+class ImageTokenizerTask(_PixelTask):
+    """The FSQ autoencoder learns to reconstruct. Batch: {"image": (B, 3, H, W) uint8}. Its tokenizer is
+    the dataset's (unused by the model; the bundle keeps one like every stage's)."""
 
     stage = "image-tokenizer"
-
-    def __init__(self, model: nn.Module, preprocess: PreprocessConfig):
-        super().__init__()
-        self.model = model
-        self.pixels = _Pixels(preprocess)
-
-    @classmethod
-    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
-              tracking_uri: str | None = None) -> "ImageTokenizerTask":
-        return cls(model, preprocess)
-
-    @staticmethod
-    def tokenizer(dataset_tokenizer_json: str) -> str:
-        return dataset_tokenizer_json  # unused by the model; the bundle keeps the dataset's like every stage's
 
     @staticmethod
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:

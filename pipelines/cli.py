@@ -55,7 +55,8 @@ def cmd_demo(args) -> int:
     from mmcore.data.dataset import DatasetVersion
     from mmcore.tracking import resolve_uri
     from pipelines.flows import retrain_flow
-    from pipelines.params import FusionSettings, IngestParams, RetrainParams, TrainSettings
+    from pipelines.params import FusionSettings, IngestParams, RetrainParams, TokenizerSettings, TrainSettings, \
+        UnifiedSettings
 
     started = time.monotonic()
     sample_dir = home / "sample"
@@ -66,19 +67,26 @@ def cmd_demo(args) -> int:
         result = retrain_flow(RetrainParams(
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
             train=TrainSettings(recipe=args.recipe), skip_fusion=args.fusion_recipe == "none",
-            fusion=FusionSettings(recipe="demo-fusion" if args.fusion_recipe == "none" else args.fusion_recipe)))
+            fusion=FusionSettings(**_recipe(args.fusion_recipe)), skip_unified=args.unified_recipe == "none",
+            tokenizer=TokenizerSettings(**_recipe(args.tokenizer_recipe)),
+            unified=UnifiedSettings(**_recipe(args.unified_recipe))))
     library_cli.print_summary(DatasetVersion.open(result.dataset["path"]))
-    for decision in (result.decision, result.fusion_decision):
+    for _, decision in result.stages():
         if decision is not None:
             library_cli.print_report(decision.candidate)
             word = "promoted to champion" if decision.promoted else "not promoted"
             console.say(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
-    run_dirs = "\n".join(f"  run directory: {r['run_dir']}" for r in (result.trained, result.fusion) if r)
+    run_dirs = "\n".join(f"  run directory: {trained['run_dir']}" for trained, _ in result.stages())
     console.say(f"demo finished in {time.monotonic() - started:.0f}s as Prefect flow run 'retrain'; everything is "
                 f"under {home}\n  MLflow: {resolve_uri(TrackingConfig())}\n  Prefect flow runs: "
                 f"{os.environ['PREFECT_HOME']}\n{run_dirs}\n"
                 f"  see the runs and models in their UIs with `mmpipe up`\n  logs: {console.log_file()}")
     return 0
+
+
+def _recipe(name: str) -> dict:
+    """A stage's recipe setting from a command-line choice ("none" skips the stage: its default stays)."""
+    return {} if name == "none" else {"recipe": name}
 
 
 def cmd_serve(args) -> int:
@@ -95,7 +103,7 @@ def cmd_serve(args) -> int:
           f"{os.environ['PREFECT_API_URL']} (retrain: cron {args.retrain_cron or 'off'}, on dataset.landed "
           f"{'on' if not args.no_retrain_on_landing else 'off'}, recipe {args.retrain_recipe}); Ctrl-C stops")
     serve_deployments(args.retrain_cron, not args.no_retrain_on_landing, args.retrain_recipe, args.limit,
-                      args.retrain_fusion_recipe)
+                      args.retrain_fusion_recipe, args.retrain_tokenizer_recipe, args.retrain_unified_recipe)
     return 0
 
 
@@ -107,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="demo", help="training recipe (default %(default)s; debug is quicker)")
     demo.add_argument("--fusion-recipe", default="demo-fusion",
                       help="fusion recipe on the new contrastive champion (default %(default)s; none skips the stage)")
+    demo.add_argument("--tokenizer-recipe", default="demo-tokenizer", help="image tokenizer recipe (default %(default)s)")
+    demo.add_argument("--unified-recipe", default="demo-unified",
+                      help="unified recipe on the new tokenizer champion (default %(default)s; none skips the image "
+                           "tokenizer and the unified stage)")
     demo.set_defaults(func=cmd_demo)
 
     serve = commands.add_parser("serve", help="register the flows as deployments (Prefect UI: Run) and run them")
@@ -118,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--retrain-recipe", default="demo", help="recipe of triggered retrains (default %(default)s)")
     serve.add_argument("--retrain-fusion-recipe", default="demo-fusion",
                        help="fusion recipe of triggered retrains (default %(default)s; none skips the stage)")
+    serve.add_argument("--retrain-tokenizer-recipe", default="demo-tokenizer",
+                       help="image tokenizer recipe of triggered retrains (default %(default)s)")
+    serve.add_argument("--retrain-unified-recipe", default="demo-unified",
+                       help="unified recipe of triggered retrains (default %(default)s; none skips the image "
+                            "tokenizer and the unified stage)")
     serve.add_argument("--limit", type=int, default=1, help="flow runs at a time (default %(default)s)")
     serve.set_defaults(func=cmd_serve)
     stack.add_stack_commands(commands)

@@ -197,12 +197,25 @@ class RetrainResult:
     fusion: dict | None = None
     """The fusion TrainResult, as a dict (None when skipped)."""
     fusion_decision: GateDecision | None = None
+    tokenizer: dict | None = None
+    """The image tokenizer's TrainResult, as a dict (None when skipped)."""
+    tokenizer_decision: GateDecision | None = None
+    unified: dict | None = None
+    """The unified TrainResult, as a dict (None when skipped)."""
+    unified_decision: GateDecision | None = None
+
+    def stages(self) -> list[tuple[dict, GateDecision | None]]:
+        """(TrainResult dict, gate decision) of each stage that ran, in order."""
+        pairs = [(self.trained, self.decision), (self.fusion, self.fusion_decision),
+                 (self.tokenizer, self.tokenizer_decision), (self.unified, self.unified_decision)]
+        return [(trained, decision) for trained, decision in pairs if trained]
 
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
-    """ingest (or a landed dataset) -> contrastive: train, promote -> fusion on the contrastive champion:
-    train, promote. Each stage can be skipped."""
+    """ingest (or a landed dataset) -> contrastive -> fusion on the contrastive champion -> image
+    tokenizer -> unified on the tokenizer champion, each trained, evaluated and promoted. Stages can
+    be skipped."""
     _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))
@@ -213,4 +226,10 @@ def retrain_flow(params: RetrainParams) -> RetrainResult:
     if not params.skip_fusion:
         result.fusion = train_task(TrainParams(dataset=dataset["path"], **params.fusion.model_dump()))
         result.fusion_decision = promote_task(result.fusion["model_name"], dataset["path"], params.fusion_gate)
+    if not params.skip_unified:
+        result.tokenizer = train_task(TrainParams(dataset=dataset["path"], **params.tokenizer.model_dump()))
+        result.tokenizer_decision = promote_task(result.tokenizer["model_name"], dataset["path"],
+                                                 params.tokenizer_gate)
+        result.unified = train_task(TrainParams(dataset=dataset["path"], **params.unified.model_dump()))
+        result.unified_decision = promote_task(result.unified["model_name"], dataset["path"], params.unified_gate)
     return result

@@ -127,9 +127,26 @@ class FusionSettings(TrainSettings):
                                                           "demo-flamingo, debug-fusion.")
 
 
+class TokenizerSettings(TrainSettings):
+    """The image tokenizer in `retrain`."""
+
+    stage: Stage = Field("image-tokenizer", description="Training stage.")
+    recipe: RecipeName = Field("demo-tokenizer", description="Named RunConfig (mmcore/recipes.py): demo-tokenizer, "
+                                                             "debug-tokenizer.")
+
+
+class UnifiedSettings(TrainSettings):
+    """The unified stage in `retrain`: its parent is the image tokenizer champion after that gate."""
+
+    stage: Stage = Field("unified", description="Training stage.")
+    recipe: RecipeName = Field("demo-unified", description="Named RunConfig (mmcore/recipes.py): demo-unified, "
+                                                           "debug-unified.")
+
+
 class RetrainParams(_Params):
-    """Ingest (or take a landed dataset) -> contrastive: train, evaluate, promote -> fusion on the
-    contrastive champion: train, evaluate, promote (the `retrain` flow)."""
+    """Ingest (or take a landed dataset) -> contrastive -> fusion on the contrastive champion -> image
+    tokenizer -> unified on the tokenizer champion; each trained, evaluated and promoted (the `retrain`
+    flow)."""
 
     source: IngestParams | None = Field(None, description="A URL list to ingest first; or leave empty and set "
                                                           "`dataset`.")
@@ -141,7 +158,12 @@ class RetrainParams(_Params):
                                                       "current contrastive champion).")
     fusion: FusionSettings = Field(default_factory=FusionSettings, description="The fusion stage.")
     fusion_gate: GateParams = Field(default_factory=GateParams, description="The fusion stage's gate.")
-    skip_fusion: bool = Field(False, description="Stop after the contrastive stage.")
+    skip_fusion: bool = Field(False, description="Skip the fusion stage.")
+    tokenizer: TokenizerSettings = Field(default_factory=TokenizerSettings, description="The image tokenizer.")
+    tokenizer_gate: GateParams = Field(default_factory=GateParams, description="The image tokenizer's gate.")
+    unified: UnifiedSettings = Field(default_factory=UnifiedSettings, description="The unified stage.")
+    unified_gate: GateParams = Field(default_factory=GateParams, description="The unified stage's gate.")
+    skip_unified: bool = Field(False, description="Skip the image tokenizer and the unified stage.")
 
     @model_validator(mode="after")
     def _one_input(self) -> RetrainParams:

@@ -43,17 +43,12 @@ def generate_answers(model, preprocess, images: list[bytes], prompts: list[str],
             raise ValueError(f"row {row}: the prompt is {len(ids)} tokens with the chat format; this model's "
                              f"context is {chat.context_length} tokens, answer included")
     answers = [""] * len(prompts)
-    by_length: dict[int, list[int]] = {}
-    for row, ids in enumerate(encoded):
-        by_length.setdefault(len(ids), []).append(row)
-    for rows in by_length.values():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start: start + batch_size]
-            pixels = torch.from_numpy(preprocess.images([images[r] for r in chunk]))
-            new = model.generate(pixels, torch.tensor([encoded[r] for r in chunk]), max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p)
-            for r, ids in zip(chunk, new.tolist()):
-                answers[r] = chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    for chunk in same_length_batches(encoded, batch_size):
+        pixels = torch.from_numpy(preprocess.images([images[r] for r in chunk]))
+        new = model.generate(pixels, torch.tensor([encoded[r] for r in chunk]), max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p)
+        for r, ids in zip(chunk, new.tolist()):
+            answers[r] = chat.tokenizer.decode(ids, skip_special_tokens=True).strip()
     return answers
 
 
@@ -87,13 +82,19 @@ def draw_images(model, preprocess, prompts: list[str], temperature: float = 1.0,
     side = preprocess.cfg.image_size
     out = np.zeros((len(prompts), side, side, 3), np.uint8)
     generator = torch.Generator().manual_seed(seed)
+    for chunk in same_length_batches(encoded, batch_size):
+        images = model.generate_image(torch.tensor([encoded[r] for r in chunk]), temperature=temperature,
+                                      top_k=top_k, guidance=guidance, generator=generator)
+        out[chunk] = preprocess.to_uint8(images)
+    return out
+
+
+def same_length_batches(encoded: list[list[int]], batch_size: int):
+    """Row indices in batches whose token lists have one length (no padding inside a batch: a row's
+    output does not depend on its neighbours)."""
     by_length: dict[int, list[int]] = {}
     for row, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(row)
     for rows in by_length.values():
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start: start + batch_size]
-            images = model.generate_image(torch.tensor([encoded[r] for r in chunk]), temperature=temperature,
-                                          top_k=top_k, guidance=guidance, generator=generator)
-            out[chunk] = preprocess.to_uint8(images)
-    return out
+            yield rows[start: start + batch_size]

@@ -11,19 +11,21 @@ from pathlib import Path
 
 from mmcore.data.dataset import DatasetVersion
 
-CONSOLE_LINES = 100
+CONSOLE_LINES = 180
 """The most lines the debug demo may print: stage lines, the progress bars, the dataset summary and a
-table per stage's evaluation, where things are. (It printed about 250 for one stage before the
-libraries' output went to the log file.)"""
+table per stage's evaluation (four stages: 167 lines, most of them the tables), where things are. (It
+printed about 250 for one stage before the libraries' output went to the log file.)"""
 
 
 def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
-    """The demo as the README runs it (a Prefect `retrain` flow run, both stages), with the quicker debug recipes."""
+    """The demo as the README runs it (a Prefect `retrain` flow run, all four stages), with the quicker debug
+    recipes."""
     cli = Path(sys.executable).with_name("mmpipe")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
     env.update(MMPIPE_HOME=str(tmp_path / "home"), COLUMNS="120")
-    result = subprocess.run([str(cli), "demo", "--recipe", "debug", "--fusion-recipe", "debug-fusion"], capture_output=True, text=True, timeout=900,
-                            env=env)
+    command = [str(cli), "demo", "--recipe", "debug", "--fusion-recipe", "debug-fusion", "--tokenizer-recipe",
+               "debug-tokenizer", "--unified-recipe", "debug-unified"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_console_is_mmpipe_own(result.stdout + result.stderr)
     datasets = list((tmp_path / "home" / "datasets").iterdir())
@@ -40,12 +42,19 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     assert "registered models:/mmpipe-fusion/1 (alias candidate)" in result.stdout
     assert "mmpipe-fusion v1 promoted to champion: no 'champion' yet" in result.stdout
     assert "vqa" in result.stdout and "captioning" in result.stdout
+    assert "registered models:/mmpipe-image-tokenizer/1 (alias candidate)" in result.stdout
+    assert "mmpipe-image-tokenizer v1 promoted to champion: no 'champion' yet" in result.stdout
+    assert "registered models:/mmpipe-unified/1 (alias candidate)" in result.stdout
+    assert "mmpipe-unified v1 promoted to champion: no 'champion' yet" in result.stdout
+    assert "reconstruction" in result.stdout and "text-to-image" in result.stdout
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("mmpipe-contrastive", "champion").version) == "1"
     fusion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
     assert fusion.tags["parent_model"] == "mmpipe-contrastive/1"
+    unified = client.get_model_version_by_alias("mmpipe-unified", "champion")
+    assert unified.tags["parent_model"] == "mmpipe-image-tokenizer/1"
     # The demo ran as Prefect flow runs, recorded in the project home's Prefect database (what `mmpipe up` shows).
     with sqlite3.connect(tmp_path / "home" / "prefect" / "prefect.db") as db:
         runs = db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = "

@@ -71,13 +71,13 @@ def stack_home(tmp_path):
 @pytest.fixture
 def served(stack_home, tmp_path):
     """`mmpipe serve` against the stack, with triggered retrains on the debug recipe (contrastive only:
-    the demo test runs retrain's fusion stage)."""
+    the demo test runs retrain's other stages)."""
     log = tmp_path / "serve.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_"))}
     env.update(MMPIPE_HOME=str(stack_home), PREFECT_RUNNER_POLL_FREQUENCY="2")  # default 10 s
     with open(log, "w") as out:
         process = subprocess.Popen([CLI, "serve", "--home", str(stack_home), "--retrain-recipe", "debug",
-                                    "--retrain-fusion-recipe", "none"],
+                                    "--retrain-fusion-recipe", "none", "--retrain-unified-recipe", "none"],
                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         yield stack.client_env(stack_home), log
