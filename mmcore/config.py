@@ -225,8 +225,9 @@ PRIMARY_METRICS = {"contrastive": "retrieval.image_to_text_recall_5", "fusion": 
 STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",), "image-tokenizer": ("mse",),
                 "unified": ("next-token",)}
 PRECISIONS = ("auto", "fp32", "bf16")
-STAGE_PARENTS = {"fusion": "models:/mmpipe-contrastive@champion", "unified": "models:/mmpipe-image-tokenizer@champion"}
-"""The stages that build on a registered model, and their default parent."""
+STAGE_PARENTS = {"fusion": ("contrastive", "models:/mmpipe-contrastive@champion"),
+                 "unified": ("image-tokenizer", "models:/mmpipe-image-tokenizer@champion")}
+"""The stages that build on a registered model: the parent's stage and the default parent."""
 
 
 def project_home() -> Path:
@@ -408,9 +409,10 @@ class RunConfig:
         for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint):
             part.validate()
         if self.task.stage in STAGE_PARENTS:
+            kind, example = STAGE_PARENTS[self.task.stage]
             _check(self.model.parent.startswith("models:/"), "model.parent",
-                   f"{self.model.parent!r}: the {self.task.stage} stage builds on a registered model, "
-                   f"e.g. {STAGE_PARENTS[self.task.stage]}")
+                   f"{self.model.parent!r}: the {self.task.stage} stage needs a registered {kind} model, "
+                   f"e.g. {example}")
         _check(not self.model.lm_parent or self.task.stage == "fusion", "model.lm_parent",
                "only the fusion stage starts its LM from a registered fusion model")
         step_rows = self.parallel.num_workers * self.parallel.grad_accum

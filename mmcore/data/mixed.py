@@ -9,7 +9,8 @@ Per row and epoch, one of:
   image the classifier-free guidance of `generate_image` subtracts.
 
 The image's codes come from the registered image tokenizer, run here on the data workers' CPUs:
-the trainers then see token ids only (measured and argued in docs/benchmarks.md, "unified").
+the trainers then see token ids only (why not a derived token dataset: docs/benchmarks.md,
+"unified-codes", from bench/unified_codes.py).
 """
 
 from __future__ import annotations

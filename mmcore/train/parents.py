@@ -29,9 +29,11 @@ def _without_meta(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("family", "description")}
 
 
-PARENT_PARTS = {"fusion": ("contrastive", lambda parent: {"vision": parent["vision"]}),
-                "unified": ("image-tokenizer", lambda parent: {"image_tokenizer": _without_meta(parent)})}
-"""stage -> (the stage its parent comes from, the part of the parent's architecture it takes)."""
+PARENT_PARTS = {"fusion": ("contrastive", lambda parent: {"vision": parent["vision"]}, True),
+                "unified": ("image-tokenizer", lambda parent: {"image_tokenizer": _without_meta(parent)}, False)}
+"""stage -> (the stage its parent comes from, the part of the parent's architecture it takes, whether
+the parent must have the dataset's text tokenizer: a contrastive tower's text side must; an image
+tokenizer reads no text, so one trained on another dataset version serves)."""
 
 
 def check_family(cfg: RunConfig, arch: dict) -> None:
@@ -50,9 +52,10 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str, version: DatasetV
         return Parents(cfg, arch, {})
     if cfg.task.stage not in PARENT_PARTS:
         raise ValueError(f"model.parent: the {cfg.task.stage} stage builds on no registered model")
-    parent_stage, part = PARENT_PARTS[cfg.task.stage]
+    parent_stage, part, same_text = PARENT_PARTS[cfg.task.stage]
     parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", parent_stage)
-    _check_tokenizer(parent, Path(bundle.tokenizer), version)
+    if same_text:
+        _check_tokenizer(parent, Path(bundle.tokenizer), version)
     _check_image_size(f"model.parent: {parent}", json.loads(Path(bundle.preprocess).read_text())["image_size"],
                       version)
     arch = {**arch, **part(parent_cfg)}

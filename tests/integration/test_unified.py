@@ -99,6 +99,6 @@ def test_a_bad_tokenizer_parent_fails_before_any_worker(image_tokenizer, train_d
     before = set(runs.glob("*"))
     with pytest.raises(ValueError, match="model.parent: models:/nope@champion: no registered model named 'nope'"):
         fit(unified_config(train_dataset, "models:/nope@champion"))
-    with pytest.raises(ValueError, match="the unified stage builds on a registered model"):
+    with pytest.raises(ValueError, match="the unified stage needs a registered image-tokenizer model"):
         fit(unified_config(train_dataset, "runs/tokenizer"))
     assert set(runs.glob("*")) == before, "no run directory is left behind"

@@ -164,3 +164,17 @@ def test_a_model_that_takes_larger_images_than_the_dataset_stores_is_refused(nam
                                          "stores 32-pixel ones"):
         pin_parents(recipe(name, "d"), model_config(arch), "sqlite:///unused.db", _Stored())
     assert pin_parents(recipe("debug-tokenizer", "d"), model_config("vq-debug"), "", _Stored()).tags == {}
+
+
+def test_stages_that_build_on_a_parent_say_which_one_they_need():
+    from mmcore.config import ModelConfig, TaskConfig
+
+    for stage, kind in (("fusion", "contrastive"), ("unified", "image-tokenizer")):
+        cfg = _cfg(task=TaskConfig(stage=stage, loss="next-token"), model=ModelConfig(parent="runs/x"))
+        with pytest.raises(ValueError, match=f"^model.parent: 'runs/x': the {stage} stage needs a registered {kind} "
+                                             "model, e.g. models:/"):
+            cfg.validate()
+    lm = _cfg(task=TaskConfig(stage="unified", loss="next-token"),
+              model=ModelConfig(parent="models:/t@c", lm_parent="models:/f@c"))
+    with pytest.raises(ValueError, match="^model.lm_parent: only the fusion stage"):
+        lm.validate()
