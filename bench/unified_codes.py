@@ -24,6 +24,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_section  # noqa: E402
 
 
+def time_parts(mixed, version, groups: int) -> tuple[list[float], list[float], list[float]]:
+    """Seconds per row to decode, to encode, and for the whole sample, over `groups` train row groups
+    (after one that warms up: model build, tokenizer load)."""
+    import pyarrow.parquet as pq
+
+    decode, encode, total = [], [], []
+    units = [(p, g) for p in version.shard_paths("train") for g in range(pq.ParquetFile(p).num_row_groups)]
+    for index, (path, group) in enumerate(units[: groups + 1]):
+        parquet = pq.ParquetFile(path)
+        table = parquet.read_row_group(group, columns=[c for c in mixed.columns if c in parquet.schema_arrow.names])
+        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+        started = time.perf_counter()
+        pixels = mixed.batch_pixels(batch["image"])
+        decoded = time.perf_counter()
+        mixed.codes(pixels)
+        encoded = time.perf_counter()
+        mixed(batch)
+        done = time.perf_counter()
+        if index:
+            decode.append((decoded - started) / table.num_rows)
+            encode.append((encoded - decoded) / table.num_rows)
+            total.append((done - encoded) / table.num_rows)
+    return decode, encode, total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", required=True)
@@ -36,7 +61,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
 
-    import pyarrow.parquet as pq
     import torch
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
@@ -44,38 +68,20 @@ def main() -> None:
     from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
     from mmcore.data.mixed import MixedPreprocessor
-    from mmcore.models import build_model, model_config
+    from mmcore.models import architecture, build_model, model_config
     from mmcore.tasks import UnifiedTask
     from mmcore.tracking import model_files, resolve_uri
 
     torch.set_num_threads(1)  # one data CPU, as a Ray Data task has
     version = DatasetVersion.open(args.dataset)
     files = model_files(args.tokenizer, resolve_uri(TrackingConfig()))
-    config = {k: v for k, v in json.loads(Path(files.config).read_text()).items() if k not in ("family", "description")}
+    config = architecture(json.loads(Path(files.config).read_text()))
     tokenizer_json = UnifiedTask.tokenizer(version.tokenizer_path.read_text())
     tokenizer = Tokenizer.from_str(tokenizer_json)
     _, pre = build_model({**model_config("unified-demo"), "image_tokenizer": config}, tokenizer.get_vocab_size(),
                          tokenizer.token_to_id("<eos>"))
     mixed = MixedPreprocessor(pre, tokenizer_json, {"config": config, "state": load_file(files.weights)})
-    decode, encode, total, rows = [], [], [], 0
-    groups = [(p, g) for p in version.shard_paths("train") for g in range(pq.ParquetFile(p).num_row_groups)]
-    for path, group in groups[: args.groups + 1]:
-        parquet = pq.ParquetFile(path)
-        table = parquet.read_row_group(group, columns=[c for c in mixed.columns if c in parquet.schema_arrow.names])
-        batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-        started = time.perf_counter()
-        pixels = mixed.batch_pixels(batch["image"])
-        decoded = time.perf_counter()
-        mixed.codes(pixels)
-        encoded = time.perf_counter()
-        mixed(batch)
-        done = time.perf_counter()
-        if rows or group:  # the first group warms up (model build, tokenizer load)
-            n = table.num_rows
-            decode.append((decoded - started) / n)
-            encode.append((encoded - decoded) / n)
-            total.append((done - encoded) / n)
-        rows += table.num_rows
+    decode, encode, total = time_parts(mixed, version, args.groups)
     per_row = median(total)
     without = per_row - median(encode)
     keeps_up = 1 / per_row > args.trainers

@@ -18,7 +18,7 @@ from torch import nn
 from mmcore.config import RunConfig
 from mmcore.data.tokenizer import CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, with_chat_tokens, with_tokens
 from mmcore.losses import LOSSES
-from mmcore.models import build_model
+from mmcore.models import architecture, build_model
 from mmcore.models.fusion import loss_on_answers
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
@@ -176,8 +176,7 @@ class UnifiedTask(nn.Module):
         from mmcore.tracking import model_files, resolve_uri
 
         files = model_files(cfg.model.parent, resolve_uri(cfg.tracking))
-        config = {k: v for k, v in json.loads(Path(files.config).read_text()).items()
-                  if k not in ("family", "description")}
+        config = architecture(json.loads(Path(files.config).read_text()))
         return MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
                                  seed=cfg.seed)
 

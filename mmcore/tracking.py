@@ -228,10 +228,9 @@ DRAWING_PARAMS = {"output": "text", "image_temperature": 1.0, "top_k": 0, "guida
 def draw_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict) -> list[bytes]:
     """A PNG of the image drawn for each row's `prompt`; a row without one, or with a prompt too long,
     is a ValueError naming the row."""
-    import io
-
     from PIL import Image
 
+    from mmcore.data.sample import png_bytes
     from mmcore.models.encode import draw_images
 
     prompts = rows["prompt"].tolist() if "prompt" in rows else [None] * len(rows)
@@ -241,12 +240,7 @@ def draw_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict)
     settings = {**DRAWING_PARAMS, **{k: v for k, v in params.items() if k in DRAWING_PARAMS}}
     images = draw_images(model, preprocess, prompts, temperature=float(settings["image_temperature"]),
                          top_k=int(settings["top_k"]), guidance=float(settings["guidance"]), seed=int(settings["seed"]))
-    out = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "PNG")
-        out.append(buffer.getvalue())
-    return out
+    return [png_bytes(Image.fromarray(image)) for image in images]
 
 
 def answer_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict) -> list[str]:
@@ -339,13 +333,13 @@ def _signature(model):
 
     can = capabilities(model)
     if "generate" in can:
-        kinds = {str: "string", int: "long", float: "double"}
-        settings = {**GENERATION_PARAMS, **(DRAWING_PARAMS if "generate_image" in can else {})}
-        params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in settings.items()])
         draws = "generate_image" in can  # then the image is optional (a prompt to draw) and the output text or PNG
+        kinds = {str: "string", int: "long", float: "double"}
+        settings = {**GENERATION_PARAMS, **(DRAWING_PARAMS if draws else {})}
+        params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in settings.items()])
         inputs = Schema([ColSpec("binary", "image", required=not draws), ColSpec("string", "prompt")])
         return ModelSignature(inputs=inputs, outputs=None if draws else Schema([ColSpec("string")]), params=params)
-    if "tokenize_image" in capabilities(model):
+    if "tokenize_image" in can:
         return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                               outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, model.grid ** 2))]))
     inputs = Schema([ColSpec("binary", "image", required=False), ColSpec("string", "text", required=False)])

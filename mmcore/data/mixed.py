@@ -45,8 +45,9 @@ class MixedFormat:
     def __init__(self, tokenizer: Tokenizer, context_length: int):
         self.tokenizer, self.context_length = tokenizer, context_length
         self.ids = {t: tokenizer.token_to_id(t) for t in (BOS, EOS, PAD, IMAGE_START, IMAGE_END)}
-        vocab = tokenizer.get_vocab_size()
-        if [self.ids[IMAGE_START], self.ids[IMAGE_END]] != [vocab - 2, vocab - 1]:
+        self.offset = tokenizer.get_vocab_size()
+        """Image code c is token offset + c (the unified model's vocabulary)."""
+        if [self.ids[IMAGE_START], self.ids[IMAGE_END]] != [self.offset - 2, self.offset - 1]:
             raise ValueError("the unified stage's tokenizer must end with <|image_start|> <|image_end|> "
                              "(data.tokenizer.with_tokens adds them)")
 
@@ -59,6 +60,10 @@ class MixedFormat:
         labels = [IGNORE] * (len(ids) - 1) + [i[EOS]]
         pad = self.context_length - len(ids)
         return ids + [i[PAD]] * pad, labels + [IGNORE] * pad, len(text) > room
+
+    def image(self, codes: np.ndarray) -> list[int]:
+        """An image's codes as the ids of its span: <|image_start|> offset + code ... <|image_end|>."""
+        return [self.ids[IMAGE_START], *(int(c) + self.offset for c in codes), self.ids[IMAGE_END]]
 
 
 class MixedPreprocessor(InstructPreprocessor):
@@ -92,7 +97,6 @@ class MixedPreprocessor(InstructPreprocessor):
             self._format = MixedFormat(Tokenizer.from_str(self.tokenizer_json), self.cfg.context_length)
         rows = batch_rows(batch)
         codes = self.codes(self.batch_pixels(batch["image"]))
-        offset = self._format.tokenizer.get_vocab_size()
         out = {"input_ids": [], "labels": [], "truncated": [], "drawing": []}
         for row, row_codes in zip(rows, codes):
             rng = row_rng(row, self.seed, int(row.get("epoch") or 0), 11)
@@ -103,8 +107,7 @@ class MixedPreprocessor(InstructPreprocessor):
             else:
                 question = training_question(row, self.seed, int(row.get("epoch") or 0))
                 ids, labels, truncated = self.chat.encode(question.question, question.answer)
-            image = [offset - 2, *(int(c) + offset for c in row_codes), offset - 1]
-            ids, labels = expand_image(ids, labels, image, labelled=drawing)
+            ids, labels = expand_image(ids, labels, self._format.image(row_codes), labelled=drawing)
             for key, value in zip(out, (ids, labels, truncated, drawing)):
                 out[key].append(value)
         return {key: np.asarray(value, np.int64) for key, value in out.items()}

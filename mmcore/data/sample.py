@@ -199,7 +199,8 @@ def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """A PIL image as PNG bytes."""
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     return buffer.getvalue()
@@ -250,7 +251,7 @@ def _add_digits(w: _Writer, spec: SampleSpec, rng) -> None:
         image = Image.fromarray(pixels, "L").resize((32, 32), Image.NEAREST)
         digit = int(digits.target[i])
         caption = str(rng.choice(DIGIT_TEMPLATES)).format(word=DIGIT_WORDS[digit], digit=digit)
-        w.add(f"digits/{i:05d}.png", _png(image), caption=caption, source="sklearn-digits",
+        w.add(f"digits/{i:05d}.png", png_bytes(image), caption=caption, source="sklearn-digits",
               caption_kind="templated", label=str(digit))
 
 
@@ -282,7 +283,7 @@ def _add_photos(w: _Writer) -> None:
         is_face = i < len(faces) // 2
         caption = "a small grayscale photo of a face" if is_face else "a small grayscale patch of a scene without a face"
         image = Image.fromarray((face * 255).astype(np.uint8), "L")
-        w.add(f"lfw/{i:03d}.png", _png(image), caption=caption, source="lfw",
+        w.add(f"lfw/{i:03d}.png", png_bytes(image), caption=caption, source="lfw",
               caption_kind="templated", label="face" if is_face else "non-face")
 
 
@@ -303,8 +304,8 @@ def _add_defects(w: _Writer, scenes: list[tuple[bytes, dict]], rng) -> None:
         data, attrs = scenes[i]
         bad(f"truncated-{i}.jpg", data[: len(data) // 2], "truncated_image", caption=attrs["caption"])
     bad("bomb.png", _bomb_png(), "too_many_pixels", caption="a huge blank image")
-    bad("tiny.png", _png(Image.new("RGB", (4, 4), (255, 0, 0))), "image_too_small", caption="a tiny red square")
-    bad("strip.png", _png(Image.new("RGB", (200, 20), (0, 0, 255))), "aspect_ratio", caption="a long blue strip")
+    bad("tiny.png", png_bytes(Image.new("RGB", (4, 4), (255, 0, 0))), "image_too_small", caption="a tiny red square")
+    bad("strip.png", png_bytes(Image.new("RGB", (200, 20), (0, 0, 255))), "aspect_ratio", caption="a long blue strip")
     for i, text in enumerate(TRANSLATED):
         image, _ = synthetic_scene(rng, 128)
         bad(f"foreign-{i}.jpg", _jpeg(image), "language", caption=text)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from mmcore.data.sample import DIGIT_WORDS, OPPOSITE, describe
+from mmcore.data.sample import DIGIT_WORDS, OPPOSITE, describe, png_bytes
 from mmcore.eval.retrieval import embed, embed_images, embed_texts, retrieval_recall
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
 from mmcore.models import capabilities
@@ -138,9 +138,7 @@ def retrieval_grid(table: pa.Table, similarity: np.ndarray, captions: list[str],
             right = captions[j] == captions[row]
             draw.text((size + 8, y + 4 + rank * 18), f"{rank + 1}. {captions[j][:58]}",
                       fill=(0, 130, 0) if right else (190, 0, 0))
-    buffer = io.BytesIO()
-    canvas.save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(canvas)
 
 
 @suite("retrieval", {"embed"}, "image-to-text and text-to-image recall@1/5/10 on the test split")

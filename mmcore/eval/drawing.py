@@ -4,15 +4,13 @@ the contrastive champion (zero-shot colour + shape of the drawing is the caption
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
 from mmcore import tracking
 from mmcore.config import TrackingConfig
-from mmcore.data.sample import COLORS, SHAPES
+from mmcore.data.sample import COLORS, SHAPES, png_bytes
 from mmcore.eval.contrastive import SHAPE_TEMPLATES, class_embeddings, rows
 from mmcore.eval.retrieval import embed_images
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
@@ -41,12 +39,6 @@ def dominant_colour(image: np.ndarray) -> str:
     return list(COLORS)[int(np.bincount(nearest[counted], minlength=len(COLORS)).argmax())]
 
 
-def _png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
 def _judge(image_sets: list[list[bytes]], truth: list[str]) -> list[np.ndarray] | None:
     """For each set of images, whether the contrastive champion's zero-shot colour + shape of each
     image is its truth; None when no contrastive champion is registered."""
@@ -72,9 +64,7 @@ def _grid(prompts: list[str], images: np.ndarray, count: int = 12) -> bytes:
         words = prompt.split()
         for line in range(4):
             draw.text((i * side + 2, side + 2 + 13 * line), " ".join(words[3 * line: 3 * line + 3]), fill="black")
-    buffer = io.BytesIO()
-    canvas.save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(canvas)
 
 
 @suite("text-to-image", {"generate_image"}, "scenes drawn from test captions: pixel colour check and a "
@@ -95,7 +85,7 @@ def text_to_image(model, preprocess, version) -> SuiteResult:
                "pixel_colour_accuracy_real": float(np.mean([c == t for c, t in zip(real_colours, truth_colour)])),
                "no_colour_fraction": float(np.mean([c == "none" for c in colours])), "n": float(len(records))}
     truth = [f"{r['color']} {r['shape']}" for r in records]
-    judged = _judge([[_png(image) for image in drawn], [r["image"] for r in records]], truth)
+    judged = _judge([[png_bytes(Image.fromarray(image)) for image in drawn], [r["image"] for r in records]], truth)
     if judged is not None:
         metrics["judge_colour_shape_accuracy"] = float(judged[0].mean())
         metrics["judge_colour_shape_accuracy_real"] = float(judged[1].mean())

@@ -3,7 +3,6 @@ of the codebook the test split uses."""
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from mmcore.data.sample import png_bytes
 from mmcore.eval.contrastive import rows
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
 
@@ -43,10 +43,7 @@ def _grid_png(pairs: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     for i, (original, rebuilt) in enumerate(pairs):
         canvas.paste(Image.fromarray(original), (i * side, 0))
         canvas.paste(Image.fromarray(rebuilt), (i * side, side))
-    canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
-    buffer = io.BytesIO()
-    canvas.save(buffer, "PNG")
-    return buffer.getvalue()
+    return png_bytes(canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST))
 
 
 @suite("reconstruction", {"tokenize_image"}, "PSNR of decode(encode(image)) per source; share of the codebook used")

@@ -48,9 +48,14 @@ def model_config(name: str) -> dict:
     return json.loads(path.read_text())
 
 
+def architecture(config: dict) -> dict:
+    """A model config without its `family` and `description`: the fields of its family's config class."""
+    return {k: v for k, v in config.items() if k not in ("family", "description")}
+
+
 def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, PreprocessConfig]:
     """Model and matching preprocessing from a config dict (a named one or a registered model's)."""
-    data = {k: v for k, v in config.items() if k not in ("family", "description")}
+    data = architecture(config)
     family = config.get("family")
     if family not in FAMILIES:
         raise ValueError(f"model config: unknown family {family!r}; known: {sorted(FAMILIES)}")

@@ -68,8 +68,8 @@ class UnifiedModel(TextGenerator):
         """(B, 3, S, S) normalized -> (B, codes + 2) token ids: start, codes + offset, end."""
         with torch.no_grad():
             codes = self.image_tokenizer.encode(images.to(self.image_tokenizer.decoder[0].weight.dtype))
-        ends = torch.tensor([[self.start_id], [self.end_id]], device=codes.device).expand(2, len(codes))
-        return torch.cat([ends[0][:, None], codes + self.offset, ends[1][:, None]], dim=1)
+        return torch.cat([codes.new_full((len(codes), 1), self.start_id), codes + self.offset,
+                          codes.new_full((len(codes), 1), self.end_id)], dim=1)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Training: a full mixed sequence (B, T) of text and image ids -> logits (B, T, V)."""

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer
 from mmcore import tracking
 from mmcore.config import RunConfig
 from mmcore.data.dataset import DatasetVersion
-from mmcore.models import STAGE_FAMILIES
+from mmcore.models import STAGE_FAMILIES, architecture
 
 
 @dataclasses.dataclass
@@ -25,12 +25,8 @@ class Parents:
     """parent_model (and lm_parent_model) = name/version, for the registered version."""
 
 
-def _without_meta(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("family", "description")}
-
-
 PARENT_PARTS = {"fusion": ("contrastive", lambda parent: {"vision": parent["vision"]}, True),
-                "unified": ("image-tokenizer", lambda parent: {"image_tokenizer": _without_meta(parent)}, False)}
+                "unified": ("image-tokenizer", lambda parent: {"image_tokenizer": architecture(parent)}, False)}
 """stage -> (the stage its parent comes from, the part of the parent's architecture it takes, whether
 the parent must have the dataset's text tokenizer: a contrastive tower's text side must; an image
 tokenizer reads no text, so one trained on another dataset version serves)."""

@@ -14,12 +14,12 @@ from mmcore.config import TokenizerConfig
 from mmcore.data.instruct import ChatFormat, questions
 from mmcore.data.mixed import MixedPreprocessor
 from mmcore.data.tokenizer import train_tokenizer
-from mmcore.models import build_model, capabilities, model_config
+from mmcore.models import architecture, build_model, capabilities, model_config
 from mmcore.models.generate import IGNORE
 from mmcore.models.unified import unified_loss
 from mmcore.tasks import UnifiedTask
 
-TOKENIZER = {k: v for k, v in model_config("vq-debug").items() if k not in ("family", "description")}
+TOKENIZER = architecture(model_config("vq-debug"))
 SCENES = [{"key": f"k{i}", "source": "synthetic", "caption": f"an image of {n} {c} circles", "label": f"{c} circle",
            "shape": "circle", "color": c, "count": k, "relation": None, "shape2": None, "color2": None, "count2": None}
           for i, (n, c, k) in enumerate([("two", "red", 2), ("three", "blue", 3)] * 8)]
