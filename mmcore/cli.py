@@ -174,6 +174,23 @@ def print_report(report) -> None:
     console.out.print(table)
 
 
+def print_side_by_side(reports) -> None:
+    """Several models in one table, on the suites at least two of them ran (mmcore.eval.run.side_by_side)."""
+    from rich.table import Table
+
+    from mmcore.eval.run import side_by_side
+
+    columns, rows = side_by_side(reports)
+    if not rows:
+        return
+    table = Table(title=f"side by side on the suites they share (dataset {reports[0].dataset_id})")
+    for column in ("suite", "metric", *columns):
+        table.add_column(column, no_wrap=column in ("suite", "metric"))
+    for suite_name, key, values in rows:
+        table.add_row(suite_name, key, *("-" if v is None else f"{v:.4f}" for v in values))
+    console.out.print(table)
+
+
 def cmd_promote(args) -> int:
     from mmcore.config import GateConfig
     from mmcore.eval.gate import promote

@@ -254,6 +254,7 @@ def answer_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dic
         if not isinstance(image, (bytes, bytearray)) or not isinstance(prompt, str):
             raise ValueError(f"row {row}: each row needs an `image` (encoded bytes) and a `prompt` (text)")
     blobs = [bytes(image) for image in images]
+    _say_resized(preprocess, blobs, list(range(len(blobs))))
     settings = {**GENERATION_PARAMS, **{k: v for k, v in params.items() if k in GENERATION_PARAMS}}
     try:
         return generate_answers(model, preprocess, blobs, prompts, max_new_tokens=int(settings["max_new_tokens"]),
@@ -272,6 +273,7 @@ def tokenize_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, batch_siz
         if not isinstance(image, (bytes, bytearray)):
             raise ValueError(f"row {row}: each row needs an `image` (encoded bytes)")
     blobs = [bytes(image) for image in images]
+    _say_resized(preprocess, blobs, list(range(len(blobs))))
     out = np.zeros((len(rows), model.grid ** 2), np.int64)
     with torch.no_grad():
         for start in range(0, len(blobs), batch_size):
@@ -304,6 +306,7 @@ def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarra
     out = np.zeros((len(rows), model.cfg.embed_dim), np.float32)
     if image_rows:
         blobs = [bytes(images[i]) for i in image_rows]
+        _say_resized(preprocess, blobs, image_rows)
         try:
             out[image_rows] = embed_images(model, preprocess, blobs)
         except (OSError, ValueError) as err:  # PIL's errors do not say which image: find the row
@@ -312,6 +315,28 @@ def embed_rows(model, preprocess: Preprocessor, rows: pd.DataFrame) -> np.ndarra
     if text_rows:
         out[text_rows] = embed_texts(model, preprocess, [texts[i] for i in text_rows])
     return out
+
+
+def _say_resized(preprocess: Preprocessor, blobs: list[bytes], rows: list[int]) -> None:
+    """Warn, naming the rows (`rows[i]` is blob i's), when images are not the model's size: the
+    preprocessing resizes them to image_size x image_size, which changes what the model sees."""
+    import io
+
+    from PIL import Image
+
+    size, odd = preprocess.cfg.image_size, {}
+    for row, blob in zip(rows, blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as image:  # reads the header only
+                if image.size != (size, size):
+                    odd[row] = image.size
+        except OSError:
+            continue  # an undecodable image is an error, named when it is decoded
+    if odd:
+        shown = ", ".join(f"{row} ({w}x{h})" for row, (w, h) in list(odd.items())[:5])
+        more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+        warnings.warn(f"rows {shown}{more}: images resized to {size}x{size} pixels, the model's "
+                      f"preprocessing image_size", stacklevel=3)
 
 
 def _undecodable(preprocess: Preprocessor, blobs: list[bytes]) -> int:

@@ -76,6 +76,7 @@ def cmd_demo(args) -> int:
             library_cli.print_report(decision.candidate)
             word = "promoted to champion" if decision.promoted else "not promoted"
             console.say(f"{decision.model_name} v{decision.candidate_version} {word}: {decision.reason}")
+    library_cli.print_side_by_side(result.candidates())
     run_dirs = "\n".join(f"  run directory: {trained['run_dir']}" for trained, _ in result.stages())
     console.say(f"demo finished in {time.monotonic() - started:.0f}s as Prefect flow run 'retrain'; everything is "
                 f"under {home}\n  MLflow: {resolve_uri(TrackingConfig())}\n  Prefect flow runs: "

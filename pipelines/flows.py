@@ -210,6 +210,10 @@ class RetrainResult:
                  (self.tokenizer, self.tokenizer_decision), (self.unified, self.unified_decision)]
         return [(trained, decision) for trained, decision in pairs if trained]
 
+    def candidates(self) -> list[EvalReport]:
+        """The evaluation of each stage's candidate, in order."""
+        return [decision.candidate for _, decision in self.stages() if decision is not None]
+
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
@@ -232,4 +236,8 @@ def retrain_flow(params: RetrainParams) -> RetrainResult:
                                                  params.tokenizer_gate)
         result.unified = train_task(TrainParams(dataset=dataset["path"], **params.unified.model_dump()))
         result.unified_decision = promote_task(result.unified["model_name"], dataset["path"], params.unified_gate)
+    candidates = result.candidates()
+    if len(candidates) >= 2:
+        create_markdown_artifact(report.stages_markdown(candidates), key="mmpipe-stages",
+                                 description="the stages' candidates side by side on the suites they share")
     return result

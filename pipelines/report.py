@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval.gate import GateDecision
-from mmcore.eval.run import EvalReport
+from mmcore.eval.run import EvalReport, side_by_side
 
 
 def dataset_summary(version: DatasetVersion) -> dict:
@@ -63,6 +63,16 @@ def gate_markdown(decision: GateDecision, links: dict[str, str]) -> str:
     if decision.champion is not None:
         text += f"\n\n## Champion (v{decision.champion_version})\n\n" + _report_table(decision.champion)
     return text
+
+
+def stages_markdown(reports: list[EvalReport]) -> str:
+    """The candidates of a retrain's stages side by side on the suites they share."""
+    columns, rows = side_by_side(reports)
+    if not rows:
+        return "# The stages side by side\n\nThe stages that ran share no evaluation suite."
+    cells = [(suite, key, *("-" if v is None else f"{v:.4f}" for v in values)) for suite, key, values in rows]
+    return ("# The stages side by side\n\nEach stage's candidate on the suites at least two of them ran "
+            f"(dataset {reports[0].dataset_id}).\n\n" + _table(("suite", "metric", *columns), cells))
 
 
 def evaluation_summary(evaluation: EvalReport) -> dict:

@@ -44,6 +44,24 @@ class EvalReport:
         return "; ".join(f"{s}.{p}={self.metrics[s][p]:.4f}" for s, p in self.primaries.items())
 
 
+def side_by_side(reports: list[EvalReport]) -> tuple[list[str], list[tuple[str, str, list[float | None]]]]:
+    """The models of `reports` on the suites that at least two of them ran: the columns ("name vN") of
+    the models with a value in them, and rows of (suite, metric, a value or None per column), the
+    metrics at least two of them have. The stages of one retrain compared where they can be
+    (compositional for all three, VQA and captioning for fusion and unified)."""
+    rows = []
+    for suite_name in dict.fromkeys(s for r in reports for s in r.metrics):
+        keys = dict.fromkeys(k for r in reports for k in r.metrics.get(suite_name, {})
+                             if k != "n" and not k.startswith("chance"))
+        for key in keys:
+            values = [r.metrics.get(suite_name, {}).get(key) for r in reports]
+            if sum(v is not None for v in values) >= 2:
+                rows.append((suite_name, key, values))
+    kept = [i for i in range(len(reports)) if any(values[i] is not None for _, _, values in rows)]
+    return ([f"{reports[i].model_name} v{reports[i].model_version}" for i in kept],
+            [(suite_name, key, [values[i] for i in kept]) for suite_name, key, values in rows])
+
+
 def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
              tracking_cfg: TrackingConfig | None = None) -> EvalReport:
     """Load `uri` (models:/name@alias or /version) from the registry and run the suites on `dataset`.

@@ -47,6 +47,9 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     assert "registered models:/mmpipe-unified/1 (alias candidate)" in result.stdout
     assert "mmpipe-unified v1 promoted to champion: no 'champion' yet" in result.stdout
     assert "reconstruction" in result.stdout and "text-to-image" in result.stdout
+    # One table across the stages on the suites they share: compositional for all three models.
+    shared = result.stdout[result.stdout.index("side by side on the suites they share"):]
+    assert re.search(r"compositional[ │]+accuracy[ │]+(\d\.\d{4}[ │]+){3}$", shared, re.M), shared
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
@@ -60,7 +63,9 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
         runs = db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = "
                           "flow_run.flow_id").fetchall()
         tasks = {name.split("-")[0] for (name,) in db.execute("select name from task_run")}
+        artifacts = {key for (key,) in db.execute("select key from artifact")}
     assert runs == [("retrain", "COMPLETED")]
+    assert {"mmpipe-dataset", "mmpipe-training", "mmpipe-evaluation", "mmpipe-stages"} <= artifacts
     assert {"ingest", "train", "promote"} <= tasks
 
 

@@ -73,16 +73,20 @@ def test_a_fresh_process_gets_text_and_a_png_through_the_pyfunc_by_alias(unified
     blob = train_dataset.read("test", columns=["image"]).column("image")[0].as_py()
     path = mmpipe_home / "unified-question.jpg"
     path.write_bytes(blob)
+    with Image.open(io.BytesIO(blob)) as image:  # not the model's 32 pixels: resized, and said so
+        image.resize((48, 48)).save(mmpipe_home / "unified-large.png")
     code = ("import sys, json, base64, mlflow, pandas as pd; mlflow.set_tracking_uri(sys.argv[1]); "
             "m = mlflow.pyfunc.load_model('models:/mmpipe-unified@candidate'); "
-            "text = m.predict(pd.DataFrame({'image': [open(sys.argv[2], 'rb').read()], "
-            "'prompt': ['what colour is the circle?']})); "
+            "text = m.predict(pd.DataFrame({'image': [open(p, 'rb').read() for p in sys.argv[2:]], "
+            "'prompt': ['what colour is the circle?'] * 2})); "
             "png = m.predict(pd.DataFrame({'prompt': ['a red circle']}), params={'output': 'image'}); "
             "print(json.dumps({'text': list(text), 'png': base64.b64encode(png[0]).decode()}))")
-    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{mmpipe_home / 'mlflow.db'}", str(path)],
-                         capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", code, f"sqlite:///{mmpipe_home / 'mlflow.db'}", str(path),
+                          str(mmpipe_home / "unified-large.png")], capture_output=True, text=True, timeout=300,
+                         check=True)
     answer = json.loads(out.stdout.strip().splitlines()[-1])
-    assert len(answer["text"]) == 1 and isinstance(answer["text"][0], str)
+    assert len(answer["text"]) == 2 and all(isinstance(text, str) for text in answer["text"])
+    assert "rows 1 (48x48): images resized to 32x32 pixels" in out.stderr, out.stderr[-2000:]
     with Image.open(io.BytesIO(base64.b64decode(answer["png"]))) as image:
         assert image.format == "PNG" and image.size == (32, 32)
 

@@ -103,3 +103,26 @@ def test_registry_embeddings_name_the_bad_row():
         embed_rows(model, pre, pd.DataFrame({"image": [_jpeg((1, 2, 3)), _jpeg((4, 5, 6)), b"not an image"]}))
     with pytest.raises(ValueError, match="row 1: each row needs an `image`"):
         embed_rows(model, pre, pd.DataFrame({"text": ["a red circle", None]}))
+
+
+def test_the_stages_side_by_side_share_only_the_suites_two_of_them_ran():
+    from mmcore.eval.run import EvalReport
+    from pipelines.report import stages_markdown
+
+    clip = EvalReport("mmpipe-contrastive", "3", "d1", "r1", metrics={
+        "compositional": {"accuracy": 0.61, "chance": 0.5, "n": 444.0}, "zeroshot-shapes": {"accuracy": 0.8}})
+    fusion = EvalReport("mmpipe-fusion", "2", "d1", "r2", metrics={
+        "compositional": {"accuracy": 0.52, "chance": 0.5, "n": 444.0},
+        "vqa": {"accuracy": 0.68, "digit_accuracy": 0.88, "n": 3334.0}})
+    tokenizer = EvalReport("mmpipe-image-tokenizer", "1", "d1", "r3", metrics={"reconstruction": {"psnr": 27.1}})
+    unified = EvalReport("mmpipe-unified", "1", "d1", "r4", metrics={
+        "compositional": {"accuracy": 0.53, "chance": 0.5, "n": 444.0}, "vqa": {"accuracy": 0.42},
+        "text-to-image": {"pixel_color_accuracy": 0.3}})
+    markdown = stages_markdown([clip, fusion, tokenizer, unified])
+    header, *rows = [line for line in markdown.splitlines() if line.startswith("| ")]
+    # Compositional for the three stages, VQA accuracy for two; a suite or metric one model has is left
+    # out, and so is a model that shares none (the tokenizer).
+    assert header == "| suite | metric | mmpipe-contrastive v3 | mmpipe-fusion v2 | mmpipe-unified v1 |"
+    assert rows == ["| compositional | accuracy | 0.6100 | 0.5200 | 0.5300 |",
+                    "| vqa | accuracy | - | 0.6800 | 0.4200 |"]
+    assert "share no evaluation suite" in stages_markdown([tokenizer, clip])
