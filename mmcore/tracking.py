@@ -207,6 +207,7 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
     (unified), with params {"output": "image"}: predict(DataFrame with `prompt`) -> PNG bytes."""
 
     def load_context(self, context):
+        _check_bundle_files(Path(context.artifacts["weights"]).parent, "this model")
         self.model, self.preprocess = ModelBundle(**context.artifacts).load()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
@@ -396,13 +397,35 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
 
 
 def model_files(uri: str, tracking_uri: str | None = None) -> ModelBundle:
-    """models:/name@alias (or /version) -> its bundle's files, downloaded (config read without building)."""
+    """models:/name@alias (or /version) -> its bundle's files, downloaded (config read without building).
+
+    Only a bundle of safetensors and JSON is accepted: a version whose files hold anything else (a
+    pickle would run code when loaded) or a link out of their directory is refused, naming the file.
+    """
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
-        return ModelBundle.at(Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts")))
+        directory = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts"))
     except Exception as err:  # noqa: BLE001
         raise TrackingError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
+    _check_bundle_files(directory, uri)
+    return ModelBundle.at(directory)
+
+
+def _check_bundle_files(directory: Path, uri: str) -> None:
+    expected = {Path(path).name for path in asdict(ModelBundle.at(directory)).values()}
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory)
+        if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
+            raise TrackingError(f"refusing {uri}: its file {name} is a link ({path.resolve()}); a model's files "
+                                "must lie in its own directory")
+        if str(name) not in expected:
+            raise TrackingError(f"refusing {uri}: it holds {name}, which is not one of its bundle's files "
+                                f"({', '.join(sorted(expected))}); mmpipe loads safetensors and JSON only, never "
+                                "a pickle")
+    missing = sorted(expected - {p.name for p in directory.iterdir()})
+    if missing:
+        raise TrackingError(f"cannot load {uri}: its files lack {', '.join(missing)}")
 
 
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Preprocessor]:

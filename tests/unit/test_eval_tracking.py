@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -106,7 +108,7 @@ def test_registry_embeddings_name_the_bad_row():
 
 
 def test_the_stages_side_by_side_share_only_the_suites_two_of_them_ran():
-    from mmcore.eval.run import EvalReport
+    from mmcore.eval.run import EvalReport, side_by_side
     from pipelines.report import stages_markdown
 
     clip = EvalReport("mmpipe-contrastive", "3", "d1", "r1", metrics={
@@ -126,3 +128,56 @@ def test_the_stages_side_by_side_share_only_the_suites_two_of_them_ran():
     assert rows == ["| compositional | accuracy | 0.6100 | 0.5200 | 0.5300 |",
                     "| vqa | accuracy | - | 0.6800 | 0.4200 |"]
     assert "share no evaluation suite" in stages_markdown([tokenizer, clip])
+    for report in (clip, fusion, unified):  # the console's table: each shared suite's primary metric
+        report.primaries = {"compositional": "accuracy", "vqa": "accuracy"}
+    fusion.metrics["compositional"]["swap_accuracy"] = unified.metrics["compositional"]["swap_accuracy"] = 0.5
+    assert [row[:2] for row in side_by_side([clip, fusion, unified], primary_only=True)[1]] == [
+        ("compositional", "accuracy"), ("vqa", "accuracy")]
+    assert ("compositional", "swap_accuracy") in [row[:2] for row in side_by_side([clip, fusion, unified])[1]]
+
+
+def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(tmp_path):
+    """Loading from the registry runs no code: only safetensors and JSON are read, and a version whose
+    files hold anything else (a pickle) or a link out of their directory is refused, naming the file."""
+    import pickle
+    import shutil
+    from dataclasses import asdict
+
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from mmcore.models import model_config
+    from mmcore.tracking import PYFUNC_CODE, ModelBundle, load_model, log_and_register, model_files
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("registry", artifact_location=str(tmp_path / "artifacts"))
+    model, pre = _debug_clip()
+    (tmp_path / "tokenizer.json").write_text(pre.tokenizer.to_str())
+    bundle = ModelBundle.write(tmp_path / "bundle", model, model_config("clip-debug"), tmp_path / "tokenizer.json",
+                               pre.cfg)
+    run = client.create_run(experiment)
+    version = log_and_register(uri, run.info.run_id, tmp_path / "bundle", "safe", "candidate", {})
+    loaded, _ = load_model(f"models:/safe/{version}", uri)
+    assert type(loaded) is type(model)
+
+    # A version whose files hold a pickle (logged beside the bundle's own files).
+    (tmp_path / "extra.pkl").write_bytes(pickle.dumps({"anything": 1}))
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=client.create_run(experiment).info.run_id):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
+                                       artifacts={**asdict(bundle), "extra": str(tmp_path / "extra.pkl")})
+    hostile = mlflow.register_model(info.model_uri, "hostile").version
+    with pytest.raises(TrackingError, match=r"refusing models:/hostile/1: it holds extra\.pkl.*never a pickle"):
+        load_model(f"models:/hostile/{hostile}", uri)
+    with pytest.raises(TrackingError, match=r"refusing this model: it holds extra\.pkl"):  # MLflow's own loader
+        mlflow.pyfunc.load_model(f"models:/hostile/{hostile}")
+
+    # The safe version's stored tokenizer replaced by a link to a file outside its directory.
+    stored = Path(model_files(f"models:/safe/{version}", uri).tokenizer)
+    outside = tmp_path / "outside.json"
+    shutil.copy(stored, outside)
+    stored.unlink()
+    stored.symlink_to(outside)
+    with pytest.raises(TrackingError, match=r"refusing models:/safe/1: its file tokenizer\.json is a link"):
+        load_model(f"models:/safe/{version}", uri)
