@@ -175,12 +175,13 @@ def print_report(report) -> None:
 
 
 def print_side_by_side(reports) -> None:
-    """Several models in one table, on the suites at least two of them ran (mmcore.eval.run.side_by_side)."""
+    """Several models in one table: the primary metrics of the suites at least two of them ran
+    (mmcore.eval.run.side_by_side; the tables of each model's report have the rest)."""
     from rich.table import Table
 
     from mmcore.eval.run import side_by_side
 
-    columns, rows = side_by_side(reports)
+    columns, rows = side_by_side(reports, primary_only=True)
     if not rows:
         return
     table = Table(title=f"side by side on the suites they share (dataset {reports[0].dataset_id})")

@@ -44,15 +44,18 @@ class EvalReport:
         return "; ".join(f"{s}.{p}={self.metrics[s][p]:.4f}" for s, p in self.primaries.items())
 
 
-def side_by_side(reports: list[EvalReport]) -> tuple[list[str], list[tuple[str, str, list[float | None]]]]:
+def side_by_side(reports: list[EvalReport], primary_only: bool = False
+                 ) -> tuple[list[str], list[tuple[str, str, list[float | None]]]]:
     """The models of `reports` on the suites that at least two of them ran: the columns ("name vN") of
     the models with a value in them, and rows of (suite, metric, a value or None per column), the
     metrics at least two of them have. The stages of one retrain compared where they can be
-    (compositional for all three, VQA and captioning for fusion and unified)."""
+    (compositional for all three, VQA and captioning for fusion and unified). `primary_only`: each
+    suite's primary metric alone."""
     rows = []
     for suite_name in dict.fromkeys(s for r in reports for s in r.metrics):
         keys = dict.fromkeys(k for r in reports for k in r.metrics.get(suite_name, {})
-                             if k != "n" and not k.startswith("chance"))
+                             if k != "n" and not k.startswith("chance")
+                             and (not primary_only or k == r.primaries.get(suite_name)))
         for key in keys:
             values = [r.metrics.get(suite_name, {}).get(key) for r in reports]
             if sum(v is not None for v in values) >= 2:
