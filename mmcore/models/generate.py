@@ -31,7 +31,11 @@ class TextGenerator(nn.Module):
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W), (B, L) -> logits (B, L, V)."""
-        return self.lm.head(self.hidden(input_ids, self.context(images)))
+        return self.head(self.hidden(input_ids, self.context(images)))
+
+    def head(self, states: torch.Tensor) -> torch.Tensor:
+        """LM states (..., D) -> logits over the vocabulary (..., V)."""
+        return self.lm.head(states)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,7 +64,7 @@ class TextGenerator(nn.Module):
         last = self.hidden(prompt_ids, context, caches=caches)[:, -1]
         ids, done = prompt_ids, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
         for _ in range(min(max_new_tokens, limit)):
-            token = self._pick(self.text_logits(self.lm.head(last).float()), temperature, top_p, generator)
+            token = self._pick(self.text_logits(self.head(last).float()), temperature, top_p, generator)
             token = torch.where(done, torch.full_like(token, self.eos_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             done |= token == self.eos_id

@@ -32,6 +32,14 @@ class UnifiedConfig:
     """The parent image tokenizer's architecture, copied into the config at training time."""
     z_loss: float = 1e-5
     """Weight of Chameleon's z-loss, mean of log^2 Z over the counted positions (0 disables)."""
+    factored_codes: bool = False
+    """Give the LM each code's FSQ level digits: a code's input embedding adds one learned vector per
+    (channel, level), and its logit adds one learned score per (channel, level), so codes that share
+    levels (similar colours and edges) share what is learned about them from the first step."""
+    code_positions: bool = False
+    """Add each code's row and column in the image (learned embeddings) to its input embedding: the
+    image's span starts at a different position in every sequence, so the LM's own positions do not
+    say where in the image a code is."""
     text_vocab_size: int = 0
     """Set from the stage's tokenizer; image code c is token text_vocab_size + c. The tokenizer's
     last two ids are <|image_start|> and <|image_end|> (data.tokenizer.IMAGE_SPAN_TOKENS)."""
@@ -63,6 +71,23 @@ class UnifiedModel(TextGenerator):
         self.image_codes = self.image_tokenizer.grid ** 2
         self.extra_positions = self.image_codes + 1  # <image> becomes start + codes + end
         self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
+        if cfg.factored_codes:
+            levels = torch.tensor(cfg.image_tokenizer.levels)
+            starts = torch.cat([levels.new_zeros(1), levels.cumsum(0)[:-1]])
+            digits = self.image_tokenizer.quantizer.indices_to_level_indices(
+                torch.arange(self.image_tokenizer.codebook_size)).long()  # (codes, channels)
+            self.register_buffer("code_digits", digits + starts, persistent=False)
+            incidence = torch.zeros(int(levels.sum()), len(digits))
+            incidence.scatter_(0, self.code_digits.T, 1.0)  # (channel levels, codes): a code's digits
+            self.register_buffer("code_incidence", incidence, persistent=False)
+            self.digit_embed = nn.Embedding(int(levels.sum()), cfg.lm.width)
+            nn.init.normal_(self.digit_embed.weight, std=0.02)  # the scale of the LM's own embeddings
+            self.digit_head = nn.Linear(cfg.lm.width, int(levels.sum()), bias=False)
+        if cfg.code_positions:
+            self.code_row = nn.Embedding(self.image_tokenizer.grid, cfg.lm.width)
+            self.code_column = nn.Embedding(self.image_tokenizer.grid, cfg.lm.width)
+            for table in (self.code_row, self.code_column):
+                nn.init.normal_(table.weight, std=0.02)
 
     def image_ids(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized -> (B, codes + 2) token ids: start, codes + offset, end."""
@@ -71,13 +96,33 @@ class UnifiedModel(TextGenerator):
         return torch.cat([codes.new_full((len(codes), 1), self.start_id), codes + self.offset,
                           codes.new_full((len(codes), 1), self.end_id)], dim=1)
 
+    def embed(self, ids: torch.Tensor, first_code: int = 0) -> torch.Tensor:
+        """Token ids (B, T; text, and at most one image's codes, in order) -> input embeddings (B, T, D).
+        `first_code`: the index in the image of the first code in `ids` (generation feeds one at a time)."""
+        x = self.lm.embed(ids)
+        is_code = (ids >= self.offset)[..., None].to(x.dtype)
+        if self.cfg.factored_codes:
+            x = x + self.digit_embed(self.code_digits[(ids - self.offset).clamp(min=0)]).sum(-2) * is_code
+        if self.cfg.code_positions:
+            index = (first_code + torch.cumsum(ids >= self.offset, dim=1) - 1).clamp(0, self.image_codes - 1)
+            grid = self.image_tokenizer.grid
+            x = x + (self.code_row(index // grid) + self.code_column(index % grid)) * is_code
+        return x
+
+    def head(self, states: torch.Tensor) -> torch.Tensor:
+        logits = self.lm.head(states)
+        if not self.cfg.factored_codes:
+            return logits
+        codes = self.digit_head(states) @ self.code_incidence.to(states.dtype)  # (..., codes)
+        return torch.cat([logits[..., :self.offset], logits[..., self.offset:] + codes], dim=-1)
+
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Training: a full mixed sequence (B, T) of text and image ids -> logits (B, T, V)."""
-        return self.lm.head(self.lm(self.lm.embed(input_ids)))
+        return self.head(self.lm(self.embed(input_ids)))
 
     # ----- reading: TextGenerator's generate and score -----
     def context(self, images: torch.Tensor) -> torch.Tensor:
-        return self.lm.embed(self.image_ids(images))
+        return self.embed(self.image_ids(images))
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
                caches: list[KVCache] | None = None) -> torch.Tensor:
@@ -107,15 +152,15 @@ class UnifiedModel(TextGenerator):
         if guidance != 1.0:
             streams.append(torch.cat([prompt_ids[:, :1], start], dim=1))
         caches = [self.lm.new_caches() for _ in streams]
-        states = [self.lm(self.lm.embed(ids), caches=c)[:, -1] for ids, c in zip(streams, caches)]
+        states = [self.lm(self.embed(ids), caches=c)[:, -1] for ids, c in zip(streams, caches)]
         codes = []
         for i in range(self.image_codes):
-            logits = [self.lm.head(h).float()[:, self.offset:] for h in states]
+            logits = [self.head(h).float()[:, self.offset:] for h in states]
             mixed = logits[0] if len(logits) == 1 else logits[1] + guidance * (logits[0] - logits[1])
             code = _sample(mixed, temperature, top_k, generator)
             codes.append(code)
             if i + 1 < self.image_codes:
-                token = self.lm.embed((code + self.offset)[:, None])
+                token = self.embed((code + self.offset)[:, None], first_code=i)
                 states = [self.lm(token, start=ids.shape[1] + i, caches=c)[:, -1]
                           for ids, c in zip(streams, caches)]
         return torch.stack(codes, dim=1)
@@ -138,8 +183,10 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> 
 
 
 def unified_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Next-token cross-entropy over the labelled positions, with the text and image parts reported
-    apart, plus the z-loss: logits (B, T, V), labels (B, T) (IGNORE where not counted)."""
+    """Next-token cross-entropy over the labelled positions, the text and image parts weighed as two
+    tasks (the mean over text tokens plus the mean over image codes: a drawing counts 64 codes and an
+    answer a few words, so a mean over all tokens would leave reading about 5% of the gradient), plus
+    the z-loss: logits (B, T, V), labels (B, T) (IGNORE where not counted)."""
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
     counted = targets != IGNORE
     log_z = torch.logsumexp(logits, -1)
@@ -148,7 +195,7 @@ def unified_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -
     image = (targets >= model.offset)[counted]
     z_loss = model.cfg.z_loss * (log_z[counted] ** 2).mean()
     zero = nll.sum() * 0
-    return {"loss": nll.mean() + z_loss,
-            "text_loss": (nll[~image].mean() if (~image).any() else zero).detach(),
-            "image_loss": (nll[image].mean() if image.any() else zero).detach(),
-            "z_loss": z_loss.detach()}
+    text_loss = nll[~image].mean() if (~image).any() else zero
+    image_loss = nll[image].mean() if image.any() else zero
+    return {"loss": text_loss + image_loss + z_loss, "text_loss": text_loss.detach(),
+            "image_loss": image_loss.detach(), "z_loss": z_loss.detach()}

@@ -112,7 +112,8 @@ def test_the_loss_reports_text_and_image_apart_and_adds_the_z_loss(unified):
     assert out["image_loss"] == pytest.approx(float(nll[targets == image_token].mean()), rel=1e-5)
     log_z = torch.logsumexp(logits[:, :-1], -1)[targets != IGNORE]
     assert out["z_loss"] == pytest.approx(model.cfg.z_loss * float((log_z ** 2).mean()), rel=1e-5)
-    assert out["loss"] == pytest.approx(float(nll[targets != IGNORE].mean()) + float(out["z_loss"]), rel=1e-5)
+    # Reading and drawing weigh as two tasks, whatever their token counts.
+    assert out["loss"] == pytest.approx(float(out["text_loss"] + out["image_loss"] + out["z_loss"]), rel=1e-5)
 
 
 def test_qk_norm_is_on_in_the_unified_configs():
@@ -121,3 +122,39 @@ def test_qk_norm_is_on_in_the_unified_configs():
     llava, _ = build_model({**model_config("llava-debug"), "vision": {"image_size": 32, "patch_size": 8, "width": 32,
                                                                       "layers": 1, "heads": 2}}, 300, 3)
     assert isinstance(llava.lm.blocks[0].attn.q_norm, torch.nn.Identity), "registered fusion models load unchanged"
+
+
+def test_factored_codes_share_what_is_learned_with_codes_of_the_same_fsq_levels(unified):
+    model = unified[0]
+    assert model.cfg.factored_codes, "the unified configs factor the codes"
+    digits = model.image_tokenizer.quantizer.indices_to_level_indices(
+        torch.arange(model.image_tokenizer.codebook_size)).long()
+    target = 0
+    neighbour = int(((digits != digits[target]).sum(1) == 1).nonzero()[0])  # one FSQ level apart
+    stranger = int(((digits != digits[target]).all(1)).nonzero()[0])  # no level in common
+    states = torch.randn(1, model.cfg.lm.width, generator=torch.Generator().manual_seed(0))
+    parts = [model.lm.head.weight, model.digit_head.weight]
+    before = model.head(states)[0, model.offset:].detach()
+    loss = -torch.log_softmax(model.head(states), -1)[0, model.offset + target]
+    grads = torch.autograd.grad(loss, parts)
+    with torch.no_grad():
+        for weight, grad in zip(parts, grads):
+            weight -= 0.5 * grad
+    after = model.head(states)[0, model.offset:].detach()
+    for weight, grad in zip(parts, grads):  # undo: the module fixture is shared
+        weight.data += 0.5 * grad
+    change = after - before
+    # Learning "this code here" also raises the codes that share its levels (similar colours and edges);
+    # a plain softmax head would lower every other code.
+    assert change[target] > change[neighbour] > 0 > change[stranger]
+
+
+def test_drawing_one_code_at_a_time_sees_what_the_whole_sequence_shows(unified):
+    """The cached, code-by-code drawing gives each code the embedding (digits, row and column) it has in a
+    whole training sequence: greedy codes are the argmax of the full sequence's logits at every position."""
+    model, _, tokenizer = unified
+    prompt = torch.tensor([[tokenizer.token_to_id("<bos>"), *tokenizer.encode("three blue circles").ids[1:-1]]])
+    codes = model.generate_image_codes(prompt, temperature=0.0)
+    sequence = torch.cat([prompt, torch.tensor([[model.start_id]]), codes + model.offset], dim=1)
+    logits = model.logits(sequence)[0, prompt.shape[1]: -1, model.offset:]
+    assert torch.equal(logits.argmax(-1), codes[0])
