@@ -71,9 +71,9 @@ def test_the_shared_suites_and_text_to_image_run_on_the_unified_model(unified, t
 
 def test_a_fresh_process_gets_text_and_a_png_through_the_pyfunc_by_alias(unified, train_dataset, mmpipe_home):
     blob = train_dataset.read("test", columns=["image"]).column("image")[0].as_py()
-    path = mmpipe_home / "unified-question.jpg"
-    path.write_bytes(blob)
-    with Image.open(io.BytesIO(blob)) as image:  # not the model's 32 pixels: resized, and said so
+    path = mmpipe_home / "unified-question.png"
+    with Image.open(io.BytesIO(blob)) as image:  # the model's 32 pixels, and 48: resized, and said so
+        image.resize((32, 32)).save(path)
         image.resize((48, 48)).save(mmpipe_home / "unified-large.png")
     code = ("import sys, json, base64, mlflow, pandas as pd; mlflow.set_tracking_uri(sys.argv[1]); "
             "m = mlflow.pyfunc.load_model('models:/mmpipe-unified@candidate'); "
@@ -86,7 +86,7 @@ def test_a_fresh_process_gets_text_and_a_png_through_the_pyfunc_by_alias(unified
                          check=True)
     answer = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(answer["text"]) == 2 and all(isinstance(text, str) for text in answer["text"])
-    assert "rows 1 (48x48): images resized to 32x32 pixels" in out.stderr, out.stderr[-2000:]
+    assert "UserWarning: rows 1 (48x48): images resized to 32x32 pixels" in out.stderr, out.stderr[-2000:]
     with Image.open(io.BytesIO(base64.b64decode(answer["png"]))) as image:
         assert image.format == "PNG" and image.size == (32, 32)
 
