@@ -100,11 +100,12 @@ class UnifiedModel(TextGenerator):
         """Token ids (B, T; text, and at most one image's codes, in order) -> input embeddings (B, T, D).
         `first_code`: the index in the image of the first code in `ids` (generation feeds one at a time)."""
         x = self.lm.embed(ids)
-        is_code = (ids >= self.offset)[..., None].to(x.dtype)
+        code_mask = ids >= self.offset
+        is_code = code_mask[..., None].to(x.dtype)
         if self.cfg.factored_codes:
             x = x + self.digit_embed(self.code_digits[(ids - self.offset).clamp(min=0)]).sum(-2) * is_code
         if self.cfg.code_positions:
-            index = (first_code + torch.cumsum(ids >= self.offset, dim=1) - 1).clamp(0, self.image_codes - 1)
+            index = (first_code + torch.cumsum(code_mask, dim=1) - 1).clamp(0, self.image_codes - 1)
             grid = self.image_tokenizer.grid
             x = x + (self.code_row(index // grid) + self.code_column(index % grid)) * is_code
         return x

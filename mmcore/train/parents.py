@@ -10,7 +10,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from mmcore import tracking
-from mmcore.config import RunConfig
+from mmcore.config import STAGE_PARENTS, RunConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.models import STAGE_FAMILIES, architecture
 
@@ -25,11 +25,11 @@ class Parents:
     """parent_model (and lm_parent_model) = name/version, for the registered version."""
 
 
-PARENT_PARTS = {"fusion": ("contrastive", lambda parent: {"vision": parent["vision"]}, True),
-                "unified": ("image-tokenizer", lambda parent: {"image_tokenizer": architecture(parent)}, False)}
-"""stage -> (the stage its parent comes from, the part of the parent's architecture it takes, whether
-the parent must have the dataset's text tokenizer: a contrastive tower's text side must; an image
-tokenizer reads no text, so one trained on another dataset version serves)."""
+PARENT_PARTS = {"fusion": (lambda parent: {"vision": parent["vision"]}, True),
+                "unified": (lambda parent: {"image_tokenizer": architecture(parent)}, False)}
+"""stage -> (the part of the parent's architecture it takes, whether the parent must have the
+dataset's text tokenizer: a contrastive tower's text side must; an image tokenizer reads no text,
+so one trained on another dataset version serves). The parent's stage: config.STAGE_PARENTS."""
 
 
 def check_family(cfg: RunConfig, arch: dict) -> None:
@@ -48,7 +48,8 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str, version: DatasetV
         return Parents(cfg, arch, {})
     if cfg.task.stage not in PARENT_PARTS:
         raise ValueError(f"model.parent: the {cfg.task.stage} stage builds on no registered model")
-    parent_stage, part, same_text = PARENT_PARTS[cfg.task.stage]
+    part, same_text = PARENT_PARTS[cfg.task.stage]
+    parent_stage, _ = STAGE_PARENTS[cfg.task.stage]
     parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", parent_stage)
     if same_text:
         _check_tokenizer(parent, Path(bundle.tokenizer), version)
