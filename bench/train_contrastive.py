@@ -90,18 +90,21 @@ def stall_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from mmcore.data.stream import torch_batches
+    from mmcore.data.stream import rank_units, torch_batches, units_dataset
     from mmcore.tasks import build_task
     from mmcore.train.deepspeed_config import build_ds_config
+    from mmcore.train.loop import split_ids
     from mmcore.train.parallel import param_groups
 
     cfg = from_dict(RunConfig, config["run"])
     task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"])
     engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, 0.1),
                                       config=build_ds_config(cfg, "fp32"), dist_init_required=False)
-    stream = torch_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch,
-                           ray.train.torch.get_device(), shuffle=True)
-    cached = [next(stream)[0] for _ in range(8)]
+    context = ray.train.get_context()
+    units = rank_units(config["units"], context.get_world_rank(), context.get_world_size())
+    stream = torch_batches(units_dataset(units, config["preprocess"], config["cpus"]), cfg.micro_batch,
+                           ray.train.torch.get_device())
+    cached = [split_ids(next(stream)[0])[0] for _ in range(8)]
 
     def step(batch):
         out = engine(batch)
@@ -114,7 +117,7 @@ def stall_loop(config: dict) -> None:
     for mode in ("stream", "memory"):
         for i in range(STEPS):
             started = time.perf_counter()
-            step(next(stream)[0] if mode == "stream" else cached[i % len(cached)])
+            step(split_ids(next(stream)[0])[0] if mode == "stream" else cached[i % len(cached)])
             times[mode].append(time.perf_counter() - started)
     if ray.train.get_context().get_world_rank() == 0:
         Path(config["out"]).write_text(json.dumps(times))
@@ -125,20 +128,22 @@ def data_stall(cfg: RunConfig, version, tmp: Path) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmcore.data.stream import split_dataset
+    from mmcore.data.stream import work_units
     from mmcore.models import model_config
     from mmcore.models.preprocess import Preprocessor
     from mmcore.tasks import build_task
+    from mmcore.train.fit import train_stream_cpus
 
     tokenizer_json = version.tokenizer_path.read_text()
     arch = model_config(cfg.model.name)
     _, pre = build_task(cfg, arch, tokenizer_json)
     out = tmp / "stall.json"
     trainer = TorchTrainer(
-        stall_loop, datasets={"train": split_dataset(version, "train", Preprocessor(pre, tokenizer_json), epochs=3,
-                                                     augment=cfg.data.augment)},
+        stall_loop,
         train_loop_config={"run": to_dict(cfg), "model_config": arch, "tokenizer_json": tokenizer_json,
-                           "out": str(out)},
+                           "out": str(out), "units": work_units(version, "train", 3, cfg.seed),
+                           "cpus": train_stream_cpus(ray, cfg),
+                           "preprocess": Preprocessor(pre, tokenizer_json).for_split("train", cfg.data.augment)},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers),
         run_config=ray.train.RunConfig(name="bench-stall", storage_path=str(tmp / "ray")),
     )

@@ -282,6 +282,9 @@ class DataConfig:
     """Check every shard's sha256 against the manifest before training starts."""
     augment: bool = True
     """Random crops on the train split (never flips: captions say left and right)."""
+    record_samples: bool = False
+    """Write the rows each worker trained on, in order, to <run dir>/samples/rank-N.tsv (epoch, row index
+    in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""
 
     def validate(self) -> None:
         _check(bool(self.dataset), "data.dataset", "no dataset version given")

@@ -37,59 +37,99 @@ class WaitWhenIdle(ExecutionCallback):
 def work_units(version: DatasetVersion, split: str, epochs: int = 1, seed: int = 0) -> list[dict]:
     """Every (epoch, shard, row group) of a split, in an order that depends on (seed, epoch) alone.
 
-    Row groups are the unit of reading (256 rows each in our shards); the train split is
-    permuted per epoch, the others keep the manifest's order.
+    Row groups are the unit of reading (256 rows each in our shards). On the train split the units
+    are permuted per epoch and so are the rows inside each unit; the other splits keep the manifest's
+    order. A unit carries the split-wide index of its first row, so every row read has a stable id.
     """
-    groups = [(str(path), group) for path in version.shard_paths(split)
-              for group in range(pq.ParquetFile(path).num_row_groups)]
+    groups, first_row = [], 0
+    for path in version.shard_paths(split):
+        metadata = pq.ParquetFile(path).metadata
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            groups.append({"path": str(path), "row_group": group, "first_row": first_row, "rows": rows})
+            first_row += rows
     if not groups:
         raise ValueError(f"{version.path}: split {split!r} has no shards")
+    shuffle = split == "train"
     units = []
     for epoch in range(epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(groups)) if split == "train" \
-            else range(len(groups))
-        units += [{"epoch": epoch, "path": groups[i][0], "row_group": groups[i][1]} for i in order]
+        order = np.random.default_rng([seed, epoch]).permutation(len(groups)) if shuffle else range(len(groups))
+        units += [{**groups[i], "epoch": epoch, "seed": seed if shuffle else -1, "skip": 0} for i in order]
     return units
 
 
+def rank_units(units: list[dict], rank: int, world: int, skip_rows: int = 0) -> list[dict]:
+    """A training rank's share of the units (every `world`-th, so the same rank always reads the same
+    rows), less the first `skip_rows` rows it already trained on (resuming from a checkpoint)."""
+    mine = []
+    for unit in units[rank::world]:
+        if skip_rows >= unit["rows"]:
+            skip_rows -= unit["rows"]
+            continue
+        mine.append({**unit, "skip": skip_rows})
+        skip_rows = 0
+    return mine
+
+
 def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
-    """A batch of work units -> their rows: the `columns` the shards have, and the unit's `epoch`."""
+    """A batch of work units -> their rows (in the unit's order, less its `skip` first ones): the
+    `columns` the shards have, the unit's `epoch` and each row's split-wide index `sample`."""
     tables = []
-    for path, group, epoch in zip(units["path"], units["row_group"], units["epoch"]):
+    for i, path in enumerate(units["path"]):
         parquet = pq.ParquetFile(path)
-        table = parquet.read_row_group(int(group), columns=[c for c in columns if c in parquet.schema_arrow.names])
-        tables.append(table.append_column("epoch", pa.array([int(epoch)] * table.num_rows, pa.int32())))
+        table = parquet.read_row_group(int(units["row_group"][i]),
+                                       columns=[c for c in columns if c in parquet.schema_arrow.names])
+        epoch, seed, first_row = int(units["epoch"][i]), int(units["seed"][i]), int(units["first_row"][i])
+        order = np.random.default_rng([seed, epoch, first_row]).permutation(table.num_rows) if seed >= 0 \
+            else np.arange(table.num_rows)
+        order = order[int(units["skip"][i]):]
+        table = table.take(order)
+        table = table.append_column("epoch", pa.array(np.full(len(order), epoch, np.int32)))
+        tables.append(table.append_column("sample", pa.array(first_row + order, pa.int64())))
     return pa.concat_tables(tables)
 
 
-def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1,
-                  augment: bool = False, seed: int = 0) -> ray.data.Dataset:
-    """Lazily read one split, epoch after epoch, decoding + tokenizing in `map_batches` tasks.
+def _keep_ids(batch: dict, preprocess: Preprocessor) -> dict:
+    """The model's inputs, and the ids of the rows they came from (the training loop records them)."""
+    return {**preprocess(batch), "epoch": batch["epoch"], "sample": batch["sample"]}
+
+
+def units_dataset(units: list[dict], preprocess: Preprocessor, cpus: float | None = None) -> ray.data.Dataset:
+    """Lazily read work units in their order, decoding + tokenizing in `map_batches` tasks.
 
     One linear pipeline over a list of work units: reading and preprocessing fuse into one task
     per row group, so Ray runs as many data workers as it has CPUs for data. (A union of one
     `read_parquet` per epoch made an operator chain per epoch and started dozens of Ray worker
     processes, each a second or more of CPU on a small machine, before the first batch.) All
     epochs are one stream: restarting the pipeline at every epoch boundary stalls training.
+    Rows come out in the units' order (preserve_order), so a stream is a function of its units.
+    With `cpus`, the stream's tasks hold at most that many logical CPUs together.
     """
-    units = work_units(version, split, epochs, seed)
-    return (ray.data.from_items(units, override_num_blocks=len(units))
-            .map_batches(read_row_groups, batch_size=1, batch_format="numpy", fn_kwargs={"columns": preprocess.columns})
-            .map_batches(preprocess.for_split(split, augment), batch_format="numpy", batch_size=None))
+    from ray.data import ExecutionOptions, ExecutionResources
+
+    dataset = (ray.data.from_items(units, override_num_blocks=len(units))
+               .map_batches(read_row_groups, batch_size=1, batch_format="numpy",
+                            fn_kwargs={"columns": preprocess.columns})
+               .map_batches(_keep_ids, batch_format="numpy", batch_size=None, fn_kwargs={"preprocess": preprocess},
+                            **({"num_cpus": min(1.0, cpus)} if cpus else {})))
+    dataset.context.execution_options = ExecutionOptions(
+        preserve_order=True, resource_limits=ExecutionResources.for_limits(cpu=cpus) if cpus else None)
+    return dataset
 
 
-def torch_batches(shard, batch_size: int, device: torch.device, shuffle: bool,
+def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1,
+                  augment: bool = False, seed: int = 0) -> ray.data.Dataset:
+    """One split, epoch after epoch (see work_units and units_dataset)."""
+    return units_dataset(work_units(version, split, epochs, seed), preprocess.for_split(split, augment))
+
+
+def torch_batches(shard, batch_size: int, device: torch.device,
                   epochs: int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(batch, seconds waited for it), pass after pass, from a worker's dataset shard."""
+    """(batch, seconds waited for it), pass after pass, from a dataset or a worker's dataset shard."""
     epoch = 0
     while epochs is None or epoch < epochs:
-        iterator = shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, device=device,
-            local_shuffle_buffer_size=4 * batch_size if shuffle else None,
-            local_shuffle_seed=epoch if shuffle else None,
-        )
         started = time.perf_counter()
-        for batch in iterator:
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
             yield batch, time.perf_counter() - started
             started = time.perf_counter()
         epoch += 1

@@ -172,7 +172,7 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmcore.data.stream import split_dataset
+    from mmcore.data.stream import split_dataset, work_units
     from mmcore.train.loop import train_loop_per_worker
 
     task_class = TASKS[cfg.task.stage]
@@ -181,17 +181,18 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     _, preprocess = build_task(cfg, arch, tokenizer_json)
     pre = task_class.preprocessor(cfg, preprocess, tokenizer_json)
     epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
-    datasets = {"train": split_dataset(version, "train", pre, epochs=epochs, augment=cfg.data.augment, seed=cfg.seed)}
-    if cfg.data.val_batches:
-        datasets["val"] = split_dataset(version, "val", pre)
+    # Each worker streams its own share of the train split (see loop.py), so that a resumed run goes
+    # on at the row where its checkpoint was taken; Ray Train splits the val split.
+    train_stream = {"units": work_units(version, "train", epochs, cfg.seed), "cpus": train_stream_cpus(ray, cfg),
+                    "preprocess": pre.for_split("train", cfg.data.augment)}
+    datasets = {"val": split_dataset(version, "val", pre)} if cfg.data.val_batches else {}
     loop_config = {
         "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
         "tokenizer_path": str(run_dir / "tokenizer.json"), "preprocess": asdict(preprocess),
-        "tracking_uri": uri, "mlflow_run_id": run_id,
+        "tracking_uri": uri, "mlflow_run_id": run_id, "train_stream": train_stream,
     }
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
-        dataset_config=ray.train.DataConfig(execution_options=_keep_a_cpu_for_validation(ray, cfg)),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
@@ -206,17 +207,14 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     return json.loads((run_dir / "metrics.json").read_text())
 
 
-def _keep_a_cpu_for_validation(ray, cfg: RunConfig) -> dict:
-    """The train stream's tasks may use every data CPU but one. Ray Data's tasks are streaming
+def train_stream_cpus(ray, cfg: RunConfig) -> float:
+    """Logical CPUs each worker's train stream may hold: the data CPUs (those the workers do not
+    hold) shared among the workers, less one for the val stream. Ray Data's tasks are streaming
     generators that keep their CPU while backpressure pauses them (the stream is ahead of the
     trainers); with every data CPU held so, the val stream got none and validation waited forever
     (seen at step 500 of the quality recipe on 2 cores)."""
-    from ray.data import ExecutionOptions, ExecutionResources
-
-    if not cfg.data.val_batches:
-        return {}
     data_cpus = ray.cluster_resources().get("CPU", 1) - cfg.parallel.num_workers
-    return {"train": ExecutionOptions(resource_limits=ExecutionResources.for_limits(cpu=max(1, data_cpus - 1)))}
+    return max(0.25, (data_cpus - (1 if cfg.data.val_batches else 0)) / cfg.parallel.num_workers)
 
 
 @contextlib.contextmanager

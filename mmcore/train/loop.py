@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from mmcore.config import RunConfig, from_dict
-from mmcore.data.stream import torch_batches
+from mmcore.data.stream import rank_units, torch_batches, units_dataset
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
 from mmcore.train.parallel import apply_activation_checkpointing, param_groups, worker_threads
@@ -91,8 +91,12 @@ def train_loop_per_worker(config: dict) -> None:
                                       config=build_ds_config(cfg, precision), dist_init_required=False)
     state = _resume(engine, run_dir / "checkpoints", rank)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    train = torch_batches(ray.train.get_dataset_shard("train"), cfg.micro_batch, device, shuffle=True)
-    metrics = _train(engine, cfg, train, state, dtype, device, run_dir, rank, config)
+    stream = config["train_stream"]
+    units = rank_units(stream["units"], rank, context.get_world_size(), skip_rows=state["rows"])
+    train = torch_batches(units_dataset(units, stream["preprocess"], stream["cpus"]), cfg.micro_batch, device)
+    recorder = SampleRecorder(run_dir / "samples" / f"rank-{rank}.tsv", state["rows"]) \
+        if cfg.data.record_samples else None
+    metrics = _train(engine, cfg, train, state, dtype, device, run_dir, rank, config, recorder)
     _save_final(engine, cfg, run_dir, rank, config)
     if rank == 0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -105,17 +109,43 @@ def _resume(engine, root: Path, rank: int) -> dict:
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
     if not choice[0]:
-        return {"step": 0, "samples": 0, "resumed_from": None, "bad_steps": 0}
+        return {"step": 0, "samples": 0, "rows": 0, "resumed_from": None, "bad_steps": 0}
     path = Path(choice[0])
     engine.load_checkpoint(str(path), tag="state")
     state = checkpoint.read_meta(path)["state"]
     if rank == 0:
-        log.info("resumed from %s (step %d)", path, state["step"])
+        log.info("resumed from %s (step %d, each rank's stream from row %d)", path, state["step"], state["rows"])
     return {**state, "resumed_from": state["step"]}
 
 
+def split_ids(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A streamed batch -> (the model's inputs, (B, 2) epoch and split-wide row index of each row)."""
+    ids = torch.stack([batch.pop("epoch").long(), batch.pop("sample").long()], dim=1)
+    return batch, ids
+
+
+class SampleRecorder:
+    """`data.record_samples`: the rows a rank trained on, one "epoch<TAB>row" line each, in order.
+
+    On resume the file is cut back to the rows the checkpoint had consumed, so after any number of
+    restarts it lists exactly the rows behind the model's state (the exactly-once test reads it).
+    """
+
+    def __init__(self, path: Path, rows: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = path.read_text().splitlines(keepends=True)[:rows] if path.exists() else []
+        if len(kept) < rows:
+            raise RuntimeError(f"{path}: {len(kept)} rows recorded, the checkpoint consumed {rows}")
+        path.write_text("".join(kept))
+        self.handle = open(path, "a")
+
+    def record(self, ids: torch.Tensor) -> None:
+        self.handle.writelines(f"{epoch}\t{row}\n" for epoch, row in ids.tolist())
+        self.handle.flush()
+
+
 def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir: Path, rank: int,
-           config: dict) -> dict:
+           config: dict, recorder: SampleRecorder | None) -> dict:
     import ray.train
 
     from mmcore.tracking import MetricLogger
@@ -128,6 +158,10 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
     while engine.global_steps < cfg.optim.max_steps:
         batch, waited = next(batches)
         window["wait"] += waited
+        batch, ids = split_ids(batch)
+        state["rows"] += len(ids)  # drawn, whether the step then counts or is skipped as non-finite
+        if recorder:
+            recorder.record(ids)
         out = engine(cast_floating(batch, dtype))
         if not guard.check(all_ranks_true(bool(torch.isfinite(out["loss"]).all()), device), engine.global_steps):
             continue
@@ -191,8 +225,8 @@ def _validate(engine, cfg: RunConfig, dtype, device) -> dict:
     losses = []
     engine.eval()
     with torch.no_grad():
-        for batch, _ in torch_batches(shard, cfg.micro_batch, device, shuffle=False, epochs=1):
-            losses.append(engine(cast_floating(batch, dtype))["loss"].item())
+        for batch, _ in torch_batches(shard, cfg.micro_batch, device, epochs=1):
+            losses.append(engine(cast_floating(split_ids(batch)[0], dtype))["loss"].item())
             if len(losses) == cfg.data.val_batches:
                 break
     engine.train()

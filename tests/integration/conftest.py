@@ -46,14 +46,16 @@ def local_ray():
 
 
 def debug_config(dataset, *overrides):
-    """The debug recipe, long enough to learn: 120 steps, checkpoint at 60.
+    """The debug recipe, long enough to learn: 120 steps, checkpoint at 60, the rows each worker
+    trained on recorded (the exactly-once test compares a killed run's with an uninterrupted one's).
 
     (At 80 steps the last window's loss ended between 2.68 and 2.95 against the 2.95 bound of
     test_zero2_run_learns: inside its own noise.)"""
     from mmcore.cli import apply_overrides
     from mmcore.recipes import recipe
 
-    base = ["optim.max_steps=120", "optim.lr=0.003", "checkpoint.every_steps=60", "optim.warmup_steps=5"]
+    base = ["optim.max_steps=120", "optim.lr=0.003", "checkpoint.every_steps=60", "optim.warmup_steps=5",
+            "data.record_samples=true"]
     return apply_overrides(recipe("debug", str(dataset.path)), base + list(overrides))
 
 

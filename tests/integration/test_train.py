@@ -106,13 +106,33 @@ def test_model_score_filter_uses_the_registered_model(trained, served_dir, tmp_p
     assert version.manifest["config"]["filters"]["model_score_uri"].endswith("@candidate")
 
 
-def test_a_killed_worker_resumes_from_its_last_checkpoint(train_dataset, local_ray, mmpipe_home, debug_cfg):
+def _recorded(run_dir: str, rank: int) -> list[tuple[int, int]]:
+    lines = (Path(run_dir) / "samples" / f"rank-{rank}.tsv").read_text().splitlines()
+    return [tuple(map(int, line.split("\t"))) for line in lines]
+
+
+def test_a_killed_worker_resumes_at_the_row_its_checkpoint_was_taken(trained, train_dataset, local_ray,
+                                                                       mmpipe_home, debug_cfg):
     cfg = debug_cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                'tracking.model_name="mmpipe-resume-test"')
     result = fit_killing_a_worker(cfg, mmpipe_home, "debug-contrastive-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 120
     assert result.metrics["resumed_from"] >= 20, "the restarted workers resume from a checkpoint"
     assert result.model_version == "1"
+
+    # Exactly once: the rows behind the resumed model are the uninterrupted run's (same seed), in order.
+    rows = train_dataset.manifest["splits"]["train"]
+    streams = [_recorded(result.run_dir, rank) for rank in range(2)]
+    for rank, stream in enumerate(streams):
+        assert len(stream) == 120 * cfg.data.batch_size // 2
+        assert stream == _recorded(trained.run_dir, rank), f"rank {rank} trained on other rows than without the kill"
+    finished = min(stream[-1][0] for stream in streams)  # epochs before it are complete on both ranks
+    assert finished >= 2
+    for epoch in range(finished + 1):
+        seen = sorted(row for stream in streams for e, row in stream if e == epoch)
+        if epoch < finished:
+            assert seen == list(range(rows)), f"epoch {epoch}: every train row once, none twice"
+        assert len(seen) == len(set(seen)), f"epoch {epoch}: no row twice"
 
 
 def test_preflight_errors_come_before_any_worker(train_dataset, tmp_path, mmpipe_home, debug_cfg):

@@ -178,3 +178,60 @@ def test_stages_that_build_on_a_parent_say_which_one_they_need():
               model=ModelConfig(parent="models:/t@c", lm_parent="models:/f@c"))
     with pytest.raises(ValueError, match="^model.lm_parent: only the fusion stage"):
         lm.validate()
+
+
+class _Version:
+    """The two things work_units reads of a dataset version."""
+
+    def __init__(self, root, shards):
+        self.path, self.shards = root, shards
+
+    def shard_paths(self, split):
+        return self.shards if split == "train" else []
+
+
+def _shards(tmp_path):
+    """Two shards of 10 and 6 rows, row groups of 4: caption i is the split's row i."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = []
+    for name, rows in (("a", range(0, 10)), ("b", range(10, 16))):
+        path = tmp_path / f"train-{name}.parquet"
+        pq.write_table(pa.table({"caption": [str(i) for i in rows]}), path, row_group_size=4)
+        paths.append(path)
+    return _Version(tmp_path, paths)
+
+
+def _read(units):
+    from mmcore.data.stream import read_row_groups
+
+    columns = {key: [u[key] for u in units] for key in units[0]}
+    table = read_row_groups(columns, ["caption"])
+    return list(zip(table["epoch"].to_pylist(), table["sample"].to_pylist(), table["caption"].to_pylist()))
+
+
+def test_the_train_order_is_a_function_of_seed_and_epoch_and_every_row_comes_once_per_epoch(tmp_path):
+    from mmcore.data.stream import work_units
+
+    version = _shards(tmp_path)
+    units = work_units(version, "train", epochs=3, seed=5)
+    assert units == work_units(version, "train", epochs=3, seed=5)
+    assert [u["rows"] for u in units[:5]] and sum(u["rows"] for u in units) == 3 * 16
+    rows = _read(units)
+    assert all(str(sample) == caption for _, sample, caption in rows), "a row's id is its index in the split"
+    by_epoch = [[sample for epoch, sample, _ in rows if epoch == e] for e in range(3)]
+    assert all(sorted(samples) == list(range(16)) for samples in by_epoch)
+    assert by_epoch[0] != by_epoch[1] != by_epoch[2], "each epoch is shuffled anew (units and the rows in them)"
+    assert _read(work_units(version, "train", epochs=1, seed=6)) != rows[:16]
+
+
+def test_each_rank_streams_its_own_units_and_a_resume_starts_at_the_next_row(tmp_path):
+    from mmcore.data.stream import rank_units, work_units
+
+    units = work_units(_shards(tmp_path), "train", epochs=2, seed=1)
+    streams = [_read(rank_units(units, rank, 2)) for rank in range(2)]
+    assert sorted(r for stream in streams for r in stream) == sorted(_read(units)), "the ranks share the rows out"
+    for rank, stream in enumerate(streams):
+        for skip in (0, 3, units[rank]["rows"], 11):
+            assert _read(rank_units(units, rank, 2, skip_rows=skip)) == stream[skip:]
