@@ -378,6 +378,9 @@ class TrackingConfig:
     """Registered model name; empty = mmpipe-<stage>."""
     alias: str = "candidate"
     """Alias set on the new model version."""
+    wait_s: float = 120.0
+    """How long the end of a run waits for an MLflow server that stopped answering: to take the metric
+    points kept while it was down, then to register the model (after that, a clear error)."""
 
 
 @dataclass

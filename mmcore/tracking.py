@@ -146,23 +146,64 @@ def system_metrics(uri: str, run_id: str):
 
 
 class MetricLogger:
-    """Rank 0's metric writer: a failing server is counted and reported, training goes on."""
+    """Rank 0's metric writer. Training never waits for the server: points it does not take are
+    kept, in order with their original time and step, and sent with later ones, retried with
+    backoff (1 s doubling to 60 s); `close` waits for it to take the rest."""
+
+    BATCH = 1000  # MLflow's limit of metrics per log_batch
+    FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(uri), run_id
+        self.pending: list[Metric] = []
         self.failures, self.last_error = 0, ""
+        self.retry_at, self.backoff = 0.0, self.FIRST_BACKOFF_S
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(1000 * time.time())
+        self.pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if time.monotonic() >= self.retry_at:
+            self._flush(step)
+
+    def _flush(self, step: int | None = None) -> bool:
         try:
             with _quick_http():
-                self.client.log_batch(self.run_id, metrics=[
-                    Metric(k, float(v), int(1000 * time.time()), step)
-                    for k, v in metrics.items()])
-        except Exception as err:  # noqa: BLE001
+                while self.pending:
+                    self.client.log_batch(self.run_id, metrics=self.pending[: self.BATCH])
+                    del self.pending[: self.BATCH]
+        except Exception as err:  # noqa: BLE001 - MLflow raises many types for an unreachable server
             self.failures += 1
             self.last_error = str(err).splitlines()[0][:300]
-            print(f"mmpipe: warning: MLflow metric logging failed at step {step} "
-                  f"({self.failures} failures so far): {self.last_error}", flush=True)
+            self.retry_at = time.monotonic() + self.backoff
+            print(f"mmpipe: warning: MLflow did not take the metrics{'' if step is None else f' of step {step}'} "
+                  f"({len(self.pending)} points kept, retry in {self.backoff:.0f} s): {self.last_error}", flush=True)
+            self.backoff = min(2 * self.backoff, self.MAX_BACKOFF_S)
+            return False
+        self.backoff = self.FIRST_BACKOFF_S
+        return True
+
+    def close(self, wait_s: float) -> int:
+        """Wait up to `wait_s` for the server to take the points still kept; returns how many it never took."""
+        deadline = time.monotonic() + wait_s
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self.retry_at, deadline) - time.monotonic()))
+            self._flush()
+        if self.pending:
+            print(f"mmpipe: warning: MLflow did not answer for {wait_s:.0f} s: {len(self.pending)} metric points "
+                  f"of run {self.run_id} are lost ({self.last_error})", flush=True)
+        return len(self.pending)
+
+
+def wait_until_reachable(uri: str, wait_s: float, what: str) -> None:
+    """Poll the server until it answers, at most `wait_s`; then a TrackingError that says what waited."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return check_reachable(uri)
+        except TrackingError as err:
+            if time.monotonic() >= deadline:
+                raise TrackingError(f"{err} (waited {wait_s:.0f} s to {what})") from None
+            time.sleep(2.0)
 
 
 @dataclass

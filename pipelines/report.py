@@ -37,7 +37,7 @@ def dataset_markdown(summary: dict) -> str:
 def training_markdown(result: dict, alias: str, links: dict[str, str]) -> str:
     metrics = result["metrics"]
     shown = [(k, f"{metrics[k]:.4g}") for k in ("loss", "val_loss", "samples_per_second", "bad_steps",
-                                                 "tracking_failures", "resumed_from") if k in metrics]
+                                                 "tracking_failures", "tracking_lost", "resumed_from") if k in metrics]
     return (f"# Trained {result['model_uri']} (@{alias})\n\n"
             f"- run: `{result['run_name']}` in `{result['run_dir']}`\n- dataset: {result['dataset_id']}\n"
             f"{_links(links)}\n\n" + _table(("metric", "value"), shown))

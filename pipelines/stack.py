@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import secrets
@@ -57,6 +58,15 @@ def env_path(home: Path) -> Path:
 
 def token_path(home: Path) -> Path:
     return stack_dir(home) / "ray_auth_token"
+
+
+def credentials_path(home: Path) -> Path:
+    """The user and password of the Prefect and MLflow servers of a stack started with auth (0600)."""
+    return stack_dir(home) / "credentials.json"
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_USER = "mmpipe"
 
 
 def ray_temp_dir(home: Path) -> Path:
@@ -154,7 +164,8 @@ def urls_for(host: str, ports: dict[str, int]) -> dict[str, str]:
 
 
 def client_env(home: Path, urls: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a client needs to use the stack (written to <home>/stack/env).
+    """The environment a client needs to use the stack (written to <home>/stack/env, 0600): with auth,
+    the credentials too.
 
     Without `urls`: the running stack's (from state.json), or {} when it is not fully running.
     """
@@ -163,7 +174,12 @@ def client_env(home: Path, urls: dict[str, str] | None = None) -> dict[str, str]
         if not alive or not all(alive.values()):
             return {}
         urls = read_state(home)["urls"]
-    return {
+    auth = {}
+    if (read_state(home) or {}).get("auth"):
+        user, password = _credentials(home)
+        auth = {"PREFECT_API_AUTH_STRING": f"{user}:{password}", "MLFLOW_TRACKING_USERNAME": user,
+                "MLFLOW_TRACKING_PASSWORD": password}
+    return {**auth,
         "PREFECT_API_URL": urls["prefect_api"],
         "MLFLOW_TRACKING_URI": urls["mlflow_ui"],
         "RAY_ADDRESS": urls["ray_address"],
@@ -195,8 +211,19 @@ def _ray_token(home: Path) -> str:
     return path.read_text().strip()
 
 
-def _prefect_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
-    return {
+def _credentials(home: Path) -> tuple[str, str]:
+    """Reuse the stack's password across restarts (clients keep working); make one the first time."""
+    path = credentials_path(home)
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"user": AUTH_USER, "password": secrets.token_urlsafe(24)}, handle)
+    saved = json.loads(path.read_text())
+    return saved["user"], saved["password"]
+
+
+def _prefect_spec(home: Path, host: str, ports: dict[str, int], auth: bool = False) -> dict:
+    spec = {
         "command": [_executable("prefect"), "server", "start", "--host", host, "--port", str(ports["prefect"])],
         # The UI calls the API at this address (by default :4200, whatever --port says).
         "env": {"PREFECT_HOME": str(Path(home) / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -205,11 +232,15 @@ def _prefect_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
         "port": ports["prefect"],
         "stop": "group",
     }
+    if auth:  # Prefect's basic auth: the API answers 401 without it, the UI asks for it
+        spec["env"]["PREFECT_SERVER_API_AUTH_STRING"] = ":".join(_credentials(home))
+        spec.update(authed=f"http://{_url_host(host)}:{ports['prefect']}/api/admin/version", auth="basic")
+    return spec
 
 
-def _mlflow_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
+def _mlflow_spec(home: Path, host: str, ports: dict[str, int], auth: bool = False) -> dict:
     home = Path(home)
-    return {
+    spec = {
         # --artifacts-destination (proxied artifacts): runs logged through this server land in
         # <home>/mlartifacts/<experiment id>; runs the library logs straight to sqlite keep their
         # file://<home>/mlartifacts/<name> location, which the server reads as it is. One worker: 2 cores.
@@ -222,6 +253,18 @@ def _mlflow_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
         "port": ports["mlflow"],
         "stop": "group",
     }
+    if auth:  # MLflow's basic-auth app: its own user store; without credentials nothing can be read
+        user, password = _credentials(home)
+        config = stack_dir(home) / "mlflow-auth.ini"
+        config.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
+                          f"database_uri = sqlite:///{stack_dir(home) / 'mlflow-auth.db'}\n"
+                          f"admin_username = {user}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        spec["command"] += ["--app-name", "basic-auth"]
+        spec["env"].update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=password)
+        spec.update(authed=f"http://{_url_host(host)}:{ports['mlflow']}/api/2.0/mlflow/experiments/search"
+                           "?max_results=1", auth="basic")
+    return spec
 
 
 def _ray_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
@@ -243,7 +286,7 @@ def _ray_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
         "env": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path(home)),
                 "RAY_USAGE_STATS_ENABLED": "0"},
         "health": f"http://{_url_host(host)}:{ports['ray_dashboard']}/api/gcs_healthz",
-        "authed": f"http://{_url_host(host)}:{ports['ray_dashboard']}/api/version",
+        "authed": f"http://{_url_host(host)}:{ports['ray_dashboard']}/api/version", "auth": "bearer",
         "port": ports["ray"],
         # SIGTERM to `ray start --block` alone: it drains the node and stops its processes in order.
         # SIGTERM to the whole group at once leaves it waiting ~45 s for a GCS that already quit.
@@ -263,12 +306,18 @@ def _get(url: str, headers: dict | None = None, timeout: float = 2.0) -> int:
         return 0
 
 
+def auth_headers(home: Path, kind: str) -> dict[str, str]:
+    """What a client sends: Ray's token (bearer), or the stack's user and password (basic)."""
+    if kind == "bearer":
+        return {"Authorization": f"Bearer {token_path(home).read_text().strip()}"}
+    return {"Authorization": "Basic " + base64.b64encode(":".join(_credentials(home)).encode()).decode()}
+
+
 def healthy(home: Path, entry: dict) -> bool:
     if _get(entry["health"]) != 200:
         return False
-    if "authed" in entry:  # Ray: the token the clients are given must be the one the head accepts
-        bearer = {"Authorization": f"Bearer {token_path(home).read_text().strip()}"}
-        return _get(entry["authed"], bearer) == 200
+    if "authed" in entry:  # the credentials the clients are given must be the ones the server accepts
+        return _get(entry["authed"], auth_headers(home, entry["auth"])) == 200
     return True
 
 
@@ -480,28 +529,33 @@ def running(home: Path) -> dict[str, bool]:
 
 
 def up(home: Path, host: str = DEFAULT_HOST, ports: dict[str, int] | None = None,
-       timeout_s: float = 120) -> dict[str, str]:
+       timeout_s: float = 120, auth: bool = False) -> dict[str, str]:
     """Start Prefect, MLflow and a Ray head on `host`, wait until each is healthy; return their URLs.
 
-    Already up: returns the recorded URLs and starts nothing. A port already taken raises StackError
+    Already up: returns the recorded URLs and starts nothing; partly up: starts again only the servers
+    whose process is gone, on their recorded host and ports. A port already taken raises StackError
     before anything starts; a server that fails to start or to become healthy stops all of them.
+    Off loopback, `auth` is required: basic auth on Prefect and MLflow (Ray always uses its token).
     """
     home = Path(home).expanduser().resolve()
     alive = running(home)
     if alive and all(alive.values()):
         return read_state(home)["urls"]
     if any(alive.values()):
-        down_ones = ", ".join(n for n, ok in alive.items() if not ok)
-        raise StackError(f"the stack in {home} is partly running ({down_ones} stopped); run `mmpipe down` first")
+        return _restart(home, [name for name, ok in alive.items() if not ok], timeout_s)
+    if host not in LOOPBACK and not auth:
+        raise StackError(f"refusing to serve Prefect and MLflow on {host} without authentication: add --auth "
+                         f"(basic auth on both, with a password generated into {credentials_path(home)} and "
+                         f"handed to clients in {env_path(home)}; Ray already requires its token)")
     resolved = _resolve_ports(ports)
     _check_ports(host, resolved)
     _check_ray_dashboard_deps()
     (stack_dir(home) / "logs").mkdir(parents=True, exist_ok=True)
     _ray_token(home)
-    specs = {"prefect": _prefect_spec(home, host, resolved), "mlflow": _mlflow_spec(home, host, resolved),
+    specs = {"prefect": _prefect_spec(home, host, resolved, auth), "mlflow": _mlflow_spec(home, host, resolved, auth),
              "ray": _ray_spec(home, host, resolved)}
     urls = urls_for(host, resolved)
-    state = {"host": host, "ports": resolved, "urls": urls, "services": {}}
+    state = {"host": host, "ports": resolved, "urls": urls, "auth": auth, "services": {}}
     try:
         for name, spec in specs.items():
             state["services"][name] = _spawn(home, name, spec)
@@ -516,6 +570,27 @@ def up(home: Path, host: str = DEFAULT_HOST, ports: dict[str, int] | None = None
         raise
     _write_env(home, urls)
     return urls
+
+
+def _restart(home: Path, names: list[str], timeout_s: float) -> dict[str, str]:
+    """Start again the services of a running stack whose process is gone (crashed, killed), on the
+    host and ports the stack was started with; the others keep running."""
+    state = read_state(home)
+    auth = {"prefect": state.get("auth", False), "mlflow": state.get("auth", False)}
+    specs = {"prefect": _prefect_spec, "mlflow": _mlflow_spec, "ray": _ray_spec}
+    restarted = {}
+    for name in names:
+        entry = state["services"][name]
+        _kill([p for pid, created in entry.get("children", []) if (p := _alive(pid, created))], signal.SIGKILL)
+        if not port_free(state["host"], entry["port"]):
+            raise StackError(f"{name} stopped but port {entry['port']} is still taken; run `mmpipe down`, then `mmpipe up`")
+        spec = specs[name](home, state["host"], state["ports"], *([auth[name]] if name in auth else []))
+        restarted[name] = state["services"][name] = _spawn(home, name, spec)
+        _write_state(home, state)
+    _wait_healthy(home, restarted, timeout_s)  # on failure the stack stays partly up, as it was: `mmpipe down`
+    _record_children(restarted)
+    _write_state(home, state)
+    return state["urls"]
 
 
 def _link_ray_logs(home: Path) -> None:
@@ -536,7 +611,10 @@ def _check_ray_dashboard_deps() -> None:
 def _write_env(home: Path, urls: dict[str, str]) -> None:
     lines = ["# mmpipe local stack, written by `mmpipe up`: `source` this file to use it"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in client_env(home, urls).items()]
-    env_path(home).write_text("\n".join(lines) + "\n")
+    env_path(home).unlink(missing_ok=True)
+    fd = os.open(env_path(home), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold the password
+    with os.fdopen(fd, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 def status(home: Path) -> list[dict]:
@@ -581,7 +659,10 @@ def add_stack_commands(subparsers) -> None:
     start = subparsers.add_parser("up", help="start Prefect, MLflow and a Ray head on this machine")
     _add_home(start)
     start.add_argument("--host", default=DEFAULT_HOST,
-                       help="address to bind (default 127.0.0.1; anything else exposes unauthenticated servers)")
+                       help="address to bind (default 127.0.0.1; any other needs --auth)")
+    start.add_argument("--auth", action="store_true",
+                       help="basic auth on Prefect and MLflow, a password generated into <home>/stack/credentials.json "
+                            "(required off loopback; Ray always uses its token)")
     for key, port in DEFAULT_PORTS.items():
         start.add_argument("--" + key.replace("_", "-") + "-port", dest=f"{key}_port", type=int, default=port,
                            help=f"default {port}")
@@ -613,14 +694,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         console.out.print(f"the stack is already running (state in {state_path(home)})")
     elif not any(alive.values()):
         console.out.print(f"starting prefect, mlflow and ray on {args.host} (logs in {stack_dir(home) / 'logs'}) ...")
+    else:
+        stopped = ", ".join(name for name, ok in alive.items() if not ok)
+        console.out.print(f"restarting {stopped} (stopped); the other servers keep running")
     try:
-        urls = up(home, host=args.host, ports=ports, timeout_s=args.timeout)
+        urls = up(home, host=args.host, ports=ports, timeout_s=args.timeout, auth=args.auth)
     except (StackError, ValueError) as err:
         return _error(err)
     _print_urls(home, urls)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.err.print(f"warning: Prefect and MLflow on {args.host} have no authentication (Ray uses its token); "
-              "anyone who can reach this machine can use them. See docs/cluster.md.")
     return 0
 
 
@@ -631,7 +712,8 @@ def _print_urls(home: Path, urls: dict[str, str]) -> None:
     console.out.print(f"Ray address    {urls['ray_address']}" + (f"  or {urls['ray_client']}" if "ray_client" in urls else ""))
     console.out.print(f"\n# for clients (also in {env_path(home)}: `source {env_path(home)}`)")
     for key, value in client_env(home, urls).items():
-        console.out.print(f"export {key}={shlex.quote(value)}")
+        secret = key in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD")  # shown only in the 0600 file
+        console.out.print(f"export {key}={'<in the file above>' if secret else shlex.quote(value)}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import socket
+import struct
 import time
 from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
@@ -24,6 +27,10 @@ class MisbehavingHandler(SimpleHTTPRequestHandler):
 
     def log_message(self, format, *args):  # noqa: A002
         pass
+
+    def finish(self):  # a route that reset its connection has nothing left to flush
+        with contextlib.suppress(OSError, ValueError):
+            super().finish()
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         self.server.requests.append(self.path)
@@ -66,6 +73,18 @@ class MisbehavingHandler(SimpleHTTPRequestHandler):
             self.wfile.write(body[i:i + 1])
             self.wfile.flush()
             time.sleep(0.05)
+
+    def _route_reset(self):  # half the declared body, then a TCP reset (SO_LINGER 0) instead of a close
+        body = jpeg_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
+        self.close_connection = True
 
     def _route_html_typed(self):
         self._send(b"<html><body>login page</body></html>", "text/html; charset=utf-8")
@@ -116,3 +135,15 @@ def served_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     with TestServer(root) as server:
         yield server, root
+
+
+@pytest.fixture
+def fault(record_property):
+    """fault(item, injected, tries, lost): what a fault test did and what it cost, for docs/reliability.md
+    (bench/reliability.py reads it from pytest's JUnit XML; the outcome is the test's)."""
+    import json
+
+    def report(item: str, injected: str, tries: int, lost: str) -> None:
+        record_property("fault", json.dumps({"item": item, "injected": injected, "tries": tries, "lost": lost}))
+
+    return report

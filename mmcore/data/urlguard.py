@@ -253,6 +253,8 @@ def read_capped(response, policy: GuardConfig, url: str) -> bytes:
         raise FetchError("timeout", f"{url}: timed out reading the body") from None
     except http.client.IncompleteRead as err:
         raise FetchError("truncated_image", f"connection closed after {len(err.partial)} bytes") from None
+    except ConnectionError as err:  # reset or aborted by the server mid-body
+        raise FetchError("connection_error", f"{url}: {err} after {size} bytes of the body") from None
     finally:
         response.close()
     return b"".join(chunks)

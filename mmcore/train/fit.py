@@ -155,10 +155,12 @@ def fit(cfg: RunConfig) -> TrainResult:
             "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags}
     try:
         metrics = _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu)
+        tracking.wait_until_reachable(uri, cfg.tracking.wait_s, f"register the model trained in {run_dir / 'final'}")
         model_version = tracking.log_and_register(uri, run_id, run_dir / "final", model_name, cfg.tracking.alias,
                                                   tags)
     except BaseException:
-        tracking.end_run(uri, run_id, ok=False)
+        with contextlib.suppress(Exception):  # when the server is what failed, its error is the one to show
+            tracking.end_run(uri, run_id, ok=False)
         raise
     tracking.end_run(uri, run_id, ok=True)
     result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,

@@ -112,7 +112,7 @@ def _resume(engine, root: Path, rank: int) -> dict:
         return {"step": 0, "samples": 0, "rows": 0, "resumed_from": None, "bad_steps": 0}
     path = Path(choice[0])
     engine.load_checkpoint(str(path), tag="state")
-    state = checkpoint.read_meta(path)["state"]
+    state = {"rows": 0, **checkpoint.read_meta(path)["state"]}  # checkpoints of older versions start the stream over
     if rank == 0:
         log.info("resumed from %s (step %d, each rank's stream from row %d)", path, state["step"], state["rows"])
     return {**state, "resumed_from": state["step"]}
@@ -187,6 +187,7 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
     last.update(_validate(engine, cfg, dtype, device))
     if logger:
         logger.log({k: v for k, v in last.items() if k.startswith("val_")}, engine.global_steps)
+        last["tracking_lost"] = logger.close(cfg.tracking.wait_s)
         last["tracking_failures"] = logger.failures
     last.update(resumed_from=state["resumed_from"] or 0, bad_steps=guard.total, samples=state["samples"])
     return last

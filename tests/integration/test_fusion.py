@@ -116,15 +116,18 @@ print(json.dumps({{"answers": answers, "errors": errors}}))
     assert "row 0: the prompt is" in got["errors"][1] and "context is 48 tokens" in got["errors"][1]
 
 
-def test_zero3_fusion_killed_and_resumed_keeps_the_tower(trained, train_dataset, local_ray, mmpipe_home):
+@pytest.mark.fault
+def test_zero3_fusion_killed_and_resumed_keeps_the_tower(trained, train_dataset, local_ray, mmpipe_home, fault):
     cfg = fusion_config(train_dataset, trained.model_uri, "parallel.zero_stage=3", "optim.max_steps=60",
                         "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                         'tracking.model_name="mmpipe-fusion-zero3"')
-    result = fit_killing_a_worker(cfg, mmpipe_home, "debug-fusion-fusion-*/checkpoints/step-00000020")
+    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home, "debug-fusion-fusion-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 60 and result.metrics["resumed_from"] >= 20
     losses = _losses(result.mlflow_run_id, mmpipe_home)
     assert losses[-1] < 0.8 * losses[0]
     assert _same_tower(_tower(result.model_uri), _tower(trained.model_uri))
+    fault("worker-killed", "SIGKILL to a Ray Train worker after the step-20 checkpoint (fusion, ZeRO-3, frozen tower)",
+          1, f"killed at step {killed_at}, resumed from step {result.metrics['resumed_from']}; the tower unchanged")
 
 
 def test_bad_parents_fail_before_any_worker(fused, trained, train_dataset, mmpipe_home):

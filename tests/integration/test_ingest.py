@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,6 +31,7 @@ SPECIAL_ROUTES = {
     "server-error": "http_error",
     "slow": "timeout",
     "drip": "timeout",
+    "reset": "connection_error",
     "html-typed": "not_an_image",
     "robots": "robots_optout",
     "big": "too_large",
@@ -74,10 +76,16 @@ def corpus(served_dir):
     return server, _csv_url_list(sample_list, server.url, root / "urls.csv")
 
 
+INGEST_SECONDS = {}
+
+
 @pytest.fixture(scope="module")
 def dataset(corpus, tmp_path_factory):
     _, url_list = corpus
-    return ingest(_config(url_list, tmp_path_factory.mktemp("ds") / "v1"))
+    started = time.monotonic()
+    version = ingest(_config(url_list, tmp_path_factory.mktemp("ds") / "v1"))
+    INGEST_SECONDS["v1"] = time.monotonic() - started
+    return version
 
 
 def _source_rows(url_list: Path) -> int:
@@ -94,7 +102,8 @@ def test_counts_add_up(dataset, corpus):
     assert rows["kept"] == sum(dataset.manifest["splits"].values())
 
 
-def test_every_planted_defect_is_rejected_for_its_reason(dataset):
+@pytest.mark.fault
+def test_every_planted_defect_is_rejected_for_its_reason(dataset, fault):
     rejects = pq.read_table(dataset.path / "rejects.parquet").to_pylist()
     planted = [r for r in rejects if r["defect"]]
     wrong = [(r["url"], r["defect"], r["reason"], r["detail"]) for r in planted if r["reason"] != r["defect"]]
@@ -103,6 +112,11 @@ def test_every_planted_defect_is_rejected_for_its_reason(dataset):
                                                             "near_duplicate", "too_many_pixels", "empty_body",
                                                             "truncated_image", "duplicate_url", "malformed_url"}
     assert expected <= {r["reason"] for r in planted}
+    hostile = {r["url"].rsplit("/", 1)[1]: r["reason"] for r in planted if "/bad/" in r["url"]}
+    fault("hostile-web", "loopback routes: reset mid-body, 20 bytes/s drip, 3 s stall, endless redirects, "
+          "redirects to private/metadata/file URLs, oversize bodies", len(hostile),
+          f"only the hostile rows, each under its reason ({', '.join(sorted(set(hostile.values())))}); "
+          f"ingest of {dataset.manifest['rows']['in']} rows took {INGEST_SECONDS['v1']:.0f} s (2 s body deadline)")
 
 
 def test_clean_rows_are_only_dropped_as_real_near_duplicates(dataset):

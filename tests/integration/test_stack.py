@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -178,6 +179,52 @@ def test_up_again_reports_the_running_stack(running_stack):
     assert stack.read_state(running_stack.home) == before
 
 
+@pytest.mark.fault
+def test_metrics_logged_while_mlflow_is_down_arrive_after_up_restarts_it(running_stack, fault):
+    """Fault: the MLflow server of the stack killed (SIGKILL to its process group) while a run logs."""
+    import signal
+    import threading
+
+    from mlflow import MlflowClient
+
+    from mmcore.tracking import MetricLogger, TrackingError, wait_until_reachable
+
+    home, uri = running_stack.home, running_stack.urls["mlflow_ui"]
+    run_id = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("mlflow-down")).info.run_id
+    logger = MetricLogger(uri, run_id)
+    for step in range(5):
+        logger.log({"loss": 10.0 - step}, step)
+    assert logger.pending == [] and logger.failures == 0
+
+    before = stack.read_state(home)["services"]
+    os.killpg(before["mlflow"]["pgid"], signal.SIGKILL)
+    psutil.Process(before["mlflow"]["pid"]).wait(timeout=30)
+    for step in range(5, 10):
+        logger.log({"loss": 10.0 - step}, step)
+        time.sleep(0.6)
+    assert logger.failures >= 2 and len(logger.pending) == 5, "points the server did not take are kept"
+    with pytest.raises(TrackingError, match="is not reachable.*waited 1 s to register"):
+        wait_until_reachable(uri, 1, "register")
+    registration = {}
+    waiter = threading.Thread(target=lambda: registration.update(
+        waited=wait_until_reachable(uri, 120, "register") or time.monotonic()))
+    waiter.start()
+
+    assert stack.running(home) == {"prefect": True, "mlflow": False, "ray": True}
+    assert stack.up(home) == running_stack.urls, "up restarts the stopped server on its port"
+    after = stack.read_state(home)["services"]
+    assert after["mlflow"]["pid"] != before["mlflow"]["pid"]
+    assert [after[n]["pid"] for n in ("prefect", "ray")] == [before[n]["pid"] for n in ("prefect", "ray")]
+    assert logger.close(wait_s=120) == 0
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(step, 10.0 - step) for step in range(10)], "none lost"
+    waiter.join(timeout=120)
+    assert "waited" in registration, "registration waited for the server and went on once it answered"
+    fault("mlflow-down", "SIGKILL to the MLflow server of `mmpipe up` while a run logs; `mmpipe up` restarts it", 1,
+          f"0 of 10 metric points ({logger.failures} failed sends kept and resent); a registration waiting "
+          "for it went on; with the server gone past the deadline, a clear error")
+
+
 def test_down_stops_everything(running_stack):
     home = running_stack.home
     procs = running_stack.procs | session_tree(home)  # now including Ray workers the driver started
@@ -192,6 +239,42 @@ def test_down_stops_everything(running_stack):
     assert not (home / "stack" / "state.json").exists()
     assert [r["running"] for r in stack.status(home)] == [False, False, False]
     assert stack.down(home) == []  # idempotent
+
+
+@pytest.mark.fault
+def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path, fault):
+    home = tmp_path.resolve()
+    with pytest.raises(stack.StackError, match="refusing to serve Prefect and MLflow on 0.0.0.0 without "
+                                               "authentication: add --auth"):
+        stack.up(home, host="0.0.0.0", ports=free_ports())
+    assert stack.read_state(home) is None and strays(home) == [], "nothing started"
+
+    urls = stack.up(home, ports=free_ports(), timeout_s=180, auth=True)
+    try:
+        env = client_env(home)
+        user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+        assert env["PREFECT_API_AUTH_STRING"] == f"{user}:{password}" and len(password) >= 24
+        for path in (stack.credentials_path(home), stack.env_path(home)):
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        requests = {
+            "prefect": ("POST", f"{urls['prefect_api']}/flows/filter", {"auth": (user, password)}),
+            "mlflow": ("GET", f"{urls['mlflow_ui']}/api/2.0/mlflow/experiments/search?max_results=5",
+                       {"auth": (user, password)}),
+            "ray": ("GET", f"{urls['ray_dashboard']}/api/version", {"headers": {"Authorization": f"Bearer {token}"}}),
+        }
+        for name, (method, url, credentials) in requests.items():
+            assert httpx.request(method, url, json={} if method == "POST" else None).status_code == 401, name
+            wrong = {"auth": (user, "wrong")} if "auth" in credentials else {"headers": {"Authorization": "Bearer x"}}
+            assert httpx.request(method, url, json={} if method == "POST" else None, **wrong).status_code == 401, name
+            assert httpx.request(method, url, json={} if method == "POST" else None, **credentials).status_code == 200
+        logs = "".join(p.read_text(errors="replace") for p in (home / "stack" / "logs").glob("*.log"))
+        assert password not in logs and password not in json.dumps(stack.read_state(home))
+    finally:
+        stack.down(home)
+    fault("auth", "`mmpipe up --host 0.0.0.0` without --auth; anonymous and wrong-password requests to each "
+          "server of an --auth stack", 7, "nothing: refused before anything started; every request without "
+          "the stack's credentials got 401; the password in no log and not in state.json")
 
 
 def test_port_taken_names_it_and_starts_nothing(tmp_path):

@@ -1,13 +1,15 @@
-"""Killing a training worker mid-run, for the resume tests of every stage."""
+"""Killing training workers mid-run, for the resume and fault tests of every stage."""
 
 from __future__ import annotations
 
+import json
 import os
 
 
 def fit_killing_a_worker(cfg, home, checkpoint_glob: str):
     """fit(cfg) in a thread; once a checkpoint matching `checkpoint_glob` (under <home>/runs) is sealed,
-    SIGKILL one Ray Train worker; returns the TrainResult of the resumed run."""
+    SIGKILL one Ray Train worker; returns the TrainResult of the resumed run and the last step the
+    run had reported (progress.json) when the worker was killed."""
     import signal
     import threading
     import time
@@ -28,5 +30,53 @@ def fit_killing_a_worker(cfg, home, checkpoint_glob: str):
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
     assert pids, "training workers should be running"
     os.kill(pids[-1], signal.SIGKILL)
+    progress = list(runs.glob(checkpoint_glob))[0].parents[1] / "progress.json"
+    killed_at = json.loads(progress.read_text())["step"]
     thread.join(timeout=600)
-    return outcome["result"]
+    return outcome["result"], killed_at
+
+
+def train_workers() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["cmdline"])
+            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))}
+
+
+def fit_with_kills(cfg, run_dir, triggers, timeout_s: float = 900):
+    """fit(cfg) in a thread; for each (label, when) in `triggers`, once `when(run_dir)` is true SIGKILL one Ray
+    Train worker, then wait for the restarted worker group before watching for the next. Returns the
+    TrainResult and, per kill, (label, the step the run had reported when it was killed)."""
+    import signal
+    import threading
+    import time
+    from pathlib import Path
+
+    from mmcore.train.fit import fit
+
+    run_dir, outcome, kills = Path(run_dir), {}, []
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    for label, when in triggers:
+        while not when(run_dir) and thread.is_alive():
+            assert time.monotonic() < deadline, f"{label}: not reached within {timeout_s} s"
+            time.sleep(0.005)
+        killed = train_workers()
+        assert killed, f"{label}: training workers should be running"
+        os.kill(max(killed), signal.SIGKILL)
+        kills.append((label, reported_step(run_dir)))
+        while not (train_workers() and not train_workers() & killed):  # the restarted group is up
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    thread.join(timeout=max(1.0, deadline - time.monotonic()))
+    return outcome["result"], kills
+
+
+def reported_step(run_dir) -> int:
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(run_dir) / "progress.json").read_text())["step"]
+    except (OSError, ValueError):
+        return 0

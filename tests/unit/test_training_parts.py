@@ -88,7 +88,8 @@ def _write_checkpoint(root, step, payload=b"weights"):
     return checkpoint.seal(root, step, {"state": {"step": step}})
 
 
-def test_checkpoints_are_sealed_atomically_and_corrupt_ones_skipped(tmp_path):
+@pytest.mark.fault
+def test_checkpoints_are_sealed_atomically_and_corrupt_ones_skipped(tmp_path, fault):
     root = tmp_path / "checkpoints"
     _write_checkpoint(root, 10)
     newest = _write_checkpoint(root, 20)
@@ -98,6 +99,8 @@ def test_checkpoints_are_sealed_atomically_and_corrupt_ones_skipped(tmp_path):
     checkpoint.staging_dir(root, 30).mkdir()  # a crash mid-save leaves only a hidden staging dir
     assert checkpoint.latest_verified(root).name == "step-00000010"
     assert json.loads((root / "step-00000010" / "manifest.json").read_text())["state"]["step"] == 10
+    fault("corrupted", "the newest checkpoint's state file overwritten; a staging dir left by a crash", 2,
+          "one checkpoint interval: resume picks the older checkpoint that verifies")
 
 
 def test_prune_keeps_the_newest(tmp_path):

@@ -1,0 +1,167 @@
+"""The long part of the fault suite (bench/reliability.py --long): repeated kills, a killed driver, minutes
+of MLflow downtime. Deselected in `make test` (marker `long`); every fault is real: SIGKILL, a stopped server."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mmcore.cli import apply_overrides
+from mmcore.models import model_config
+from mmcore.recipes import recipe
+from mmcore.train import checkpoint
+from mmcore.train.fit import run_name
+from tests.integration.conftest import debug_config
+from tests.integration.workers import fit_with_kills, reported_step
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.long]
+
+EVERY = 20  # checkpoint interval of these runs
+
+
+def _run_dir(cfg, dataset, home: Path) -> Path:
+    return home / "runs" / run_name(cfg, dataset.id, model_config(cfg.model.name))
+
+
+def _at_step(step: int):
+    return lambda run_dir: reported_step(run_dir) >= step
+
+
+def _staging_after(step: int):
+    """True while a checkpoint after `step` is being written (its staging dir exists, not yet renamed)."""
+    return lambda run_dir: reported_step(run_dir) >= step and any((run_dir / "checkpoints").glob(".step-*.tmp"))
+
+
+def _final_save(run_dir: Path) -> bool:
+    """The final bundle being written, or (if that is too quick to see) the last step reported."""
+    return (run_dir / ".final.tmp").exists() or reported_step(run_dir) >= 120
+
+
+def test_a_run_survives_five_worker_kills_at_seeded_points(trained, train_dataset, local_ray, mmpipe_home, fault):
+    rng = random.Random(13)
+    cfg = debug_config(train_dataset, f"checkpoint.every_steps={EVERY}", "checkpoint.max_failures=6",
+                       'tracking.model_name="mmpipe-five-kills"')
+    run_dir = _run_dir(cfg, train_dataset, mmpipe_home)
+    points = [rng.randint(5, 18), rng.randint(45, 58), rng.randint(85, 98)]
+    triggers = [(f"at step {points[0]}", _at_step(points[0])),
+                ("mid-checkpoint (staging dir written, not renamed)", _staging_after(30)),
+                (f"at step {points[1]}", _at_step(points[1])), (f"at step {points[2]}", _at_step(points[2])),
+                ("during the final save", _final_save)]
+    result, kills = fit_with_kills(cfg, run_dir, triggers)
+
+    assert result.metrics["step"] == 120 and result.model_version == "1"
+    sealed = checkpoint.checkpoints(run_dir / "checkpoints")
+    assert sealed and all(checkpoint.verify(path) for path in sealed)
+    assert not list((run_dir / "checkpoints").glob(".step-*.tmp")), "no staging dir outlives the run"
+    reference = trained.metrics["val_loss"]  # the same recipe and data order without a kill
+    assert abs(result.metrics["val_loss"] - reference) <= 0.15 * reference
+    # The rows behind the model are the uninterrupted run's, as in the one-kill test.
+    for rank in range(2):
+        ours = (run_dir / "samples" / f"rank-{rank}.tsv").read_text()
+        assert ours == (Path(trained.run_dir) / "samples" / f"rank-{rank}.tsv").read_text()
+    fault("worker-killed", "SIGKILL to a Ray Train worker 5 times in one run: " + "; ".join(
+        f"{label} (step {step})" for label, step in kills), len(kills),
+        f"each kill redid at most one checkpoint interval ({EVERY} steps); final val loss "
+        f"{result.metrics['val_loss']:.3f} against {reference:.3f} without kills (tolerance 15%)")
+
+
+def _mmpipe(home: Path, *args: str, **kwargs) -> subprocess.Popen:
+    cli = Path(sys.executable).with_name("mmpipe")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    return subprocess.Popen([str(cli), *args], env={**env, "MMPIPE_HOME": str(home)}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+
+
+def test_a_killed_driver_resumes_when_the_same_command_runs_again(train_dataset, tmp_path, fault):
+    home = tmp_path / "home"
+    overrides = ["optim.max_steps=120", f"checkpoint.every_steps={EVERY}", "optim.warmup_steps=5"]
+    command = ["train", "contrastive", "--recipe", "debug", "--dataset", str(train_dataset.path),
+               *(arg for item in overrides for arg in ("--set", item))]
+    cfg = apply_overrides(recipe("debug", str(train_dataset.path)), overrides)  # as the command makes it
+    run_dir = _run_dir(cfg, train_dataset, home)
+
+    driver = _mmpipe(home, *command)
+    deadline = time.monotonic() + 300
+    while not list((run_dir / "checkpoints").glob("step-00000040")):
+        assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
+        time.sleep(0.2)
+    killed_at = reported_step(run_dir)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, as a closed terminal would
+    driver.wait()
+
+    again = _mmpipe(home, *command)
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["metrics"]["step"] == 120 and result["metrics"]["resumed_from"] >= 40, output
+
+    started = time.monotonic()
+    third = _mmpipe(home, *command)
+    output, _ = third.communicate(timeout=300)
+    assert third.returncode == 0 and f"run {run_dir.name} finished before" in output, output
+    assert "training " not in output, "a finished run is not trained again"
+    fault("driver-killed", "SIGKILL to the process group of `mmpipe train` after the step-40 checkpoint; the same "
+          "command run twice more", 1, f"killed at step {killed_at}, resumed from step "
+          f"{result['metrics']['resumed_from']}; the third run returned the registered model in "
+          f"{time.monotonic() - started:.0f} s without training")
+
+
+@pytest.fixture
+def stack_home(tmp_path):
+    from pipelines import stack
+    from tests.integration.test_stack import free_ports
+
+    home = tmp_path.resolve()
+    stack.up(home, ports=free_ports(), timeout_s=180)
+    yield home
+    stack.down(home)
+
+
+def _points(uri: str, run_id: str) -> set[tuple[str, int]]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    keys = [k for k in client.get_run(run_id).data.metrics if not k.startswith("system/")]
+    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
+
+
+def test_mlflow_down_for_a_minute_mid_run_loses_no_metric(train_dataset, local_ray, stack_home, fault):
+    from pipelines import stack
+    from mmcore.train.fit import fit
+
+    uri = stack.read_state(stack_home)["urls"]["mlflow_ui"]
+    base = [f"checkpoint.every_steps={EVERY}", f'tracking.uri="{uri}"', "data.record_samples=false"]
+    clean = fit(debug_config(train_dataset, *base, "seed=2", 'tracking.model_name="mmpipe-mlflow-clean"'))
+
+    cfg = debug_config(train_dataset, *base, "seed=3", 'tracking.model_name="mmpipe-mlflow-down"')
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
+    thread.start()
+    runs = Path(os.environ["MMPIPE_HOME"]) / "runs"
+    run_dir = runs / run_name(cfg, train_dataset.id, model_config(cfg.model.name))
+    while reported_step(run_dir) < 20:
+        assert thread.is_alive()
+        time.sleep(0.2)
+    mlflow = stack.read_state(stack_home)["services"]["mlflow"]
+    os.killpg(mlflow["pgid"], signal.SIGKILL)
+    down_at = reported_step(run_dir)
+    time.sleep(60)
+    stack.up(stack_home)
+    thread.join(timeout=600)
+    result = outcome["result"]
+
+    assert result.model_version == "1"
+    assert result.metrics["tracking_failures"] >= 1 and result.metrics["tracking_lost"] == 0
+    assert _points(uri, result.mlflow_run_id) == _points(uri, clean.mlflow_run_id), "the same metric points"
+    fault("mlflow-down", f"SIGKILL to the MLflow server of `mmpipe up` at step {down_at} of 120, restarted 60 s later",
+          1, f"0 metric points ({len(_points(uri, clean.mlflow_run_id))} logged, as in a run without the fault; "
+          f"{result.metrics['tracking_failures']:.0f} failed sends kept and resent); the model registered")
