@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ PROMISES = {
 def run_suite(long: bool, xml: Path) -> float:
     marker = "fault" if long else "fault and not long"
     command = [sys.executable, "-m", "pytest", "-q", "-m", marker, "-p", "no:cacheprovider", f"--junitxml={xml}"]
-    print("$", " ".join(command[1:]), flush=True)
+    print("$", shlex.join(command[1:]), flush=True)
     started = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=False)
     return time.perf_counter() - started
@@ -55,10 +56,12 @@ def read_results(xml: Path) -> list[dict]:
     for case in ElementTree.parse(xml).getroot().iter("testcase"):
         outcome = "failed" if case.find("failure") is not None or case.find("error") is not None \
             else "skipped" if case.find("skipped") is not None else "passed"
-        for prop in case.iter("property"):
-            if prop.get("name") == "fault":
-                rows.append({**json.loads(prop.get("value")), "test": f"{case.get('classname')}::{case.get('name')}",
-                             "outcome": outcome, "seconds": float(case.get("time", 0))})
+        test = f"{case.get('classname')}::{case.get('name')}"
+        props = [(prop.get("name"), prop.get("value")) for prop in case.iter("property")]
+        reports = [json.loads(value) for name, value in props if name == "fault"]
+        if not reports and ("fault_test", "1") in props:  # failed before it could say what it did
+            reports = [{"item": "unreported", "injected": "", "tries": 0, "lost": "unknown: the test failed first"}]
+        rows += [{**report, "test": test, "outcome": outcome} for report in reports]
     return rows
 
 
@@ -77,7 +80,9 @@ def render(rows: list[dict], args, seconds: float) -> str:
                          f"{row['lost']} |")
         if not mine:
             lines.append(f"| {promise} | none yet | | | not measured | |")
-    unknown = sorted({r["item"] for r in rows} - set(PROMISES))
+    for row in (r for r in rows if r["item"] == "unreported"):
+        lines.append(f"| (failed before reporting its fault) | `{row['test']}` | | | {row['outcome']} | {row['lost']} |")
+    unknown = sorted({r["item"] for r in rows} - set(PROMISES) - {"unreported"})
     if unknown:
         raise SystemExit(f"fault tests report promises this script does not list: {unknown}")
     lines += ["", f"_Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, Python {platform.python_version()}; "

@@ -132,17 +132,36 @@ def end_run(uri: str, run_id: str, ok: bool) -> None:
 
 
 @contextlib.contextmanager
+def fluent_uri(uri: str):
+    """MLflow's fluent API (start_run, log_model, download_artifacts, system metrics) reads one
+    process-wide URI, and set_tracking_uri also exports it as $MLFLOW_TRACKING_URI, which resolve_uri
+    reads: both are put back after the block, so one run's URI never becomes a later run's default."""
+    from mlflow.tracking._tracking_service import utils
+
+    saved, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+@contextlib.contextmanager
 def system_metrics(uri: str, run_id: str):
     """CPU/GPU/memory sampled into the run while the block runs (MLflow's system metrics monitor)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    mlflow.set_tracking_uri(uri)
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
-    monitor.start()
-    try:
-        yield
-    finally:
-        monitor.finish()
+    with fluent_uri(uri):
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5, samples_before_logging=1)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
 
 class MetricLogger:
@@ -418,22 +437,22 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
 
     If registration or aliasing fails, the half-made model version is deleted again.
     """
-    mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     bundle = ModelBundle.at(bundle_dir)
     model, _ = bundle.load()
     signature = _signature(model)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=asdict(bundle),
-                                       signature=signature, input_example=None)
-    version = None
-    try:
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
-        client.set_registered_model_alias(name, alias, version.version)
-    except Exception:
-        if version is not None:
-            client.delete_model_version(name, version.version)
-        raise
+    with fluent_uri(uri):
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=asdict(bundle),
+                                           signature=signature, input_example=None)
+        version = None
+        try:
+            version = mlflow.register_model(info.model_uri, name, tags=tags)
+            client.set_registered_model_alias(name, alias, version.version)
+        except Exception:
+            if version is not None:
+                client.delete_model_version(name, version.version)
+            raise
     return str(version.version)
 
 
@@ -443,10 +462,9 @@ def model_files(uri: str, tracking_uri: str | None = None) -> ModelBundle:
     Only a bundle of safetensors and JSON is accepted: a version whose files hold anything else (a
     pickle would run code when loaded) or a link out of their directory is refused, naming the file.
     """
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     try:
-        directory = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts"))
+        with fluent_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+            directory = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts"))
     except Exception as err:  # noqa: BLE001
         raise TrackingError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
     _check_bundle_files(directory, uri)

@@ -211,14 +211,20 @@ def _ray_token(home: Path) -> str:
     return path.read_text().strip()
 
 
-def _credentials(home: Path) -> tuple[str, str]:
-    """Reuse the stack's password across restarts (clients keep working); make one the first time."""
+def _secrets(home: Path) -> dict[str, str]:
+    """The stack's user, password and MLflow's CSRF key, reused across restarts (clients and sessions keep
+    working); made the first time."""
     path = credentials_path(home)
     if not path.exists():
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump({"user": AUTH_USER, "password": secrets.token_urlsafe(24)}, handle)
-    saved = json.loads(path.read_text())
+            json.dump({"user": AUTH_USER, "password": secrets.token_urlsafe(24),
+                       "mlflow_flask_secret_key": secrets.token_hex(32)}, handle)
+    return json.loads(path.read_text())
+
+
+def _credentials(home: Path) -> tuple[str, str]:
+    saved = _secrets(home)
     return saved["user"], saved["password"]
 
 
@@ -261,7 +267,8 @@ def _mlflow_spec(home: Path, host: str, ports: dict[str, int], auth: bool = Fals
                           f"admin_username = {user}\n"
                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         spec["command"] += ["--app-name", "basic-auth"]
-        spec["env"].update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=password)
+        spec["env"].update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                           MLFLOW_FLASK_SERVER_SECRET_KEY=_secrets(home)["mlflow_flask_secret_key"])
         spec.update(authed=f"http://{_url_host(host)}:{ports['mlflow']}/api/2.0/mlflow/experiments/search"
                            "?max_results=1", auth="basic")
     return spec

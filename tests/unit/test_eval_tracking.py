@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,7 @@ def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(
     from mlflow.tracking import MlflowClient
 
     from mmcore.models import model_config
-    from mmcore.tracking import PYFUNC_CODE, ModelBundle, load_model, log_and_register, model_files
+    from mmcore.tracking import PYFUNC_CODE, ModelBundle, fluent_uri, load_model, log_and_register, model_files
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -162,21 +163,23 @@ def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(
     bundle = ModelBundle.write(tmp_path / "bundle", model, model_config("clip-debug"), tmp_path / "tokenizer.json",
                                pre.cfg)
     run = client.create_run(experiment)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     version = log_and_register(uri, run.info.run_id, tmp_path / "bundle", "safe", "candidate", {})
     loaded, _ = load_model(f"models:/safe/{version}", uri)
     assert type(loaded) is type(model)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == before, "one call's URI must not become the default"
 
     # A version whose files hold a pickle (logged beside the bundle's own files).
     (tmp_path / "extra.pkl").write_bytes(pickle.dumps({"anything": 1}))
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=client.create_run(experiment).info.run_id):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
-                                       artifacts={**asdict(bundle), "extra": str(tmp_path / "extra.pkl")})
-    hostile = mlflow.register_model(info.model_uri, "hostile").version
+    with fluent_uri(uri):
+        with mlflow.start_run(run_id=client.create_run(experiment).info.run_id):
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
+                                           artifacts={**asdict(bundle), "extra": str(tmp_path / "extra.pkl")})
+        hostile = mlflow.register_model(info.model_uri, "hostile").version
+        with pytest.raises(TrackingError, match=r"refusing this model: it holds extra\.pkl"):  # MLflow's own loader
+            mlflow.pyfunc.load_model(f"models:/hostile/{hostile}")
     with pytest.raises(TrackingError, match=r"refusing models:/hostile/1: it holds extra\.pkl.*never a pickle"):
         load_model(f"models:/hostile/{hostile}", uri)
-    with pytest.raises(TrackingError, match=r"refusing this model: it holds extra\.pkl"):  # MLflow's own loader
-        mlflow.pyfunc.load_model(f"models:/hostile/{hostile}")
 
     # The safe version's stored tokenizer replaced by a link to a file outside its directory.
     stored = Path(model_files(f"models:/safe/{version}", uri).tokenizer)
