@@ -111,11 +111,12 @@ def units_dataset(units: list[dict], preprocess: Preprocessor, cpus: float | Non
     """
     from ray.data import ExecutionOptions, ExecutionResources
 
+    task = {"num_cpus": min(1.0, cpus)} if cpus else {}  # the same on both maps, or Ray Data does not fuse them
     dataset = (ray.data.from_items(units, override_num_blocks=len(units))
                .map_batches(read_row_groups, batch_size=1, batch_format="numpy",
-                            fn_kwargs={"columns": preprocess.columns})
+                            fn_kwargs={"columns": preprocess.columns}, **task)
                .map_batches(_keep_ids, batch_format="numpy", batch_size=None, fn_kwargs={"preprocess": preprocess},
-                            **({"num_cpus": min(1.0, cpus)} if cpus else {})))
+                            **task))
     dataset.context.execution_options = ExecutionOptions(
         preserve_order=True, resource_limits=ExecutionResources.for_limits(cpu=cpus) if cpus else None)
     return dataset
