@@ -461,9 +461,10 @@ def model_files(uri: str, tracking_uri: str | None = None) -> ModelBundle:
 
     Only a bundle of safetensors and JSON is accepted: a version whose files hold anything else (a
     pickle would run code when loaded) or a link out of their directory is refused, naming the file.
+    Without `tracking_uri`: the project's registry (resolve_uri: $MLFLOW_TRACKING_URI, else its sqlite).
     """
     try:
-        with fluent_uri(tracking_uri) if tracking_uri else contextlib.nullcontext():
+        with fluent_uri(tracking_uri or resolve_uri(TrackingConfig())):
             directory = Path(mlflow.artifacts.download_artifacts(f"{uri.rstrip('/')}/artifacts"))
     except Exception as err:  # noqa: BLE001
         raise TrackingError(f"cannot load {uri}: {str(err).splitlines()[0][:300]}") from None
