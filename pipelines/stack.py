@@ -274,6 +274,12 @@ def _mlflow_spec(home: Path, host: str, ports: dict[str, int], auth: bool = Fals
     return spec
 
 
+def _specs(home: Path, host: str, ports: dict[str, int], auth: bool) -> dict[str, dict]:
+    """How to start each server of the stack (`up` starts all, a restart the stopped ones)."""
+    return {"prefect": _prefect_spec(home, host, ports, auth), "mlflow": _mlflow_spec(home, host, ports, auth),
+            "ray": _ray_spec(home, host, ports)}
+
+
 def _ray_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
     command = [_executable("ray"), "start", "--head", "--block", "--port", str(ports["ray"]),
                "--dashboard-host", host, "--dashboard-port", str(ports["ray_dashboard"]),
@@ -559,8 +565,7 @@ def up(home: Path, host: str = DEFAULT_HOST, ports: dict[str, int] | None = None
     _check_ray_dashboard_deps()
     (stack_dir(home) / "logs").mkdir(parents=True, exist_ok=True)
     _ray_token(home)
-    specs = {"prefect": _prefect_spec(home, host, resolved, auth), "mlflow": _mlflow_spec(home, host, resolved, auth),
-             "ray": _ray_spec(home, host, resolved)}
+    specs = _specs(home, host, resolved, auth)
     urls = urls_for(host, resolved)
     state = {"host": host, "ports": resolved, "urls": urls, "auth": auth, "services": {}}
     try:
@@ -583,16 +588,14 @@ def _restart(home: Path, names: list[str], timeout_s: float) -> dict[str, str]:
     """Start again the services of a running stack whose process is gone (crashed, killed), on the
     host and ports the stack was started with; the others keep running."""
     state = read_state(home)
-    auth = {"prefect": state.get("auth", False), "mlflow": state.get("auth", False)}
-    specs = {"prefect": _prefect_spec, "mlflow": _mlflow_spec, "ray": _ray_spec}
+    specs = _specs(home, state["host"], state["ports"], state.get("auth", False))
     restarted = {}
     for name in names:
         entry = state["services"][name]
         _kill([p for pid, created in entry.get("children", []) if (p := _alive(pid, created))], signal.SIGKILL)
         if not port_free(state["host"], entry["port"]):
             raise StackError(f"{name} stopped but port {entry['port']} is still taken; run `mmpipe down`, then `mmpipe up`")
-        spec = specs[name](home, state["host"], state["ports"], *([auth[name]] if name in auth else []))
-        restarted[name] = state["services"][name] = _spawn(home, name, spec)
+        restarted[name] = state["services"][name] = _spawn(home, name, specs[name])
         _write_state(home, state)
     _wait_healthy(home, restarted, timeout_s)  # on failure the stack stays partly up, as it was: `mmpipe down`
     _record_children(restarted)
