@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,8 +458,9 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Build a (nested) config dataclass from plain data; unknown keys are an error naming them."""
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build a (nested) config dataclass from plain data; an unknown key or a value of the wrong type is an
+    error naming the field."""
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
@@ -466,6 +468,35 @@ def from_dict(cls: type, data: dict) -> Any:
     kwargs = {}
     for name, value in data.items():
         sub = hints[name]
-        nested = dataclasses.is_dataclass(sub) and isinstance(value, dict)
-        kwargs[name] = from_dict(sub, value) if nested else value
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name}: expected a section of fields, got {_shown(value)}")
+            kwargs[name] = from_dict(sub, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _typed(value, sub, f"{prefix}{name}")
     return cls(**kwargs)
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """`value` when it has the field's type (an int passes for a float), else a ValueError naming the field."""
+    if hint is Any:
+        return value
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    options = typing.get_args(hint) if union else (hint,)
+    for option in options:
+        if option is type(None) and value is None:
+            return None
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+        if option in (int, str, bool) and isinstance(value, option) and (option is bool or not isinstance(value, bool)):
+            return value
+        if typing.get_origin(option) is list and isinstance(value, list):
+            return [_typed(item, typing.get_args(option)[0], f"{name}[{i}]") for i, item in enumerate(value)]
+    wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) if typing.get_origin(o) is None
+                         else str(o) for o in options)
+    raise ValueError(f"{name}: expected {wanted}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from mmcore.redact import RedactingFormatter, redact
+
 out = Console(highlight=False, markup=False, soft_wrap=True)
 """Tables and mmpipe's lines (stdout)."""
 err = Console(stderr=True, highlight=False, markup=False, soft_wrap=True)
@@ -31,9 +33,9 @@ _state: dict = {}
 
 
 def say(message: str) -> None:
-    """One line of mmpipe's own output: to the terminal, and to the log."""
+    """One line of mmpipe's own output: to the terminal, and to the log (secrets masked in both)."""
     log.info(message)
-    out.print(message)
+    out.print(redact(message))
 
 
 def log_file() -> Path | None:
@@ -53,7 +55,7 @@ def configure(log_dir: Path, name: str, verbose: bool = False) -> Path:
     path = log_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}-{os.getpid()}.log"
     stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - open for the process's life
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
@@ -77,7 +79,7 @@ def _redirect_to(stream) -> None:
 def failure(err_: BaseException, what: str) -> str:
     """The one message a failed command shows: what failed, why, and where the details are."""
     log.error("%s failed", what, exc_info=err_)
-    detail = str(err_).strip().splitlines()[0] if str(err_).strip() else type(err_).__name__
+    detail = redact(str(err_).strip().splitlines()[0]) if str(err_).strip() else type(err_).__name__
     ours = isinstance(err_, (ValueError, OSError)) or type(err_).__module__.startswith("mmcore")
     kind = "" if ours else f"{type(err_).__name__}: "  # our messages say what happened; others get their type
     where = f"\n  details: {log_file()}" if log_file() else ""

@@ -33,6 +33,7 @@ from mmcore.config import TrackingConfig, project_home
 from mmcore.data.tokenizer import EOS, load_tokenizer
 from mmcore.models import build_model, capabilities
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+from mmcore.redact import redact
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
 
@@ -114,7 +115,7 @@ def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, datase
         run = client.create_run(experiment_id, run_name=run_name,
                                 tags={"mmpipe.git_commit": git_commit(), "mmpipe.dataset_id": dataset.id})
         run_id = run.info.run_id
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in flatten(params).items()])
+        client.log_batch(run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()])
         client.log_text(run_id, json.dumps(dataset.manifest, indent=2), "dataset/manifest.json")
         with warnings.catch_warnings():  # MLflow registers two identical local sources (schemes "" and "file")
             warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")

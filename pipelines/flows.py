@@ -26,6 +26,7 @@ from mmcore.data.ingest import ingest
 from mmcore.eval.gate import GateDecision, promote
 from mmcore.eval.run import EvalReport, evaluate
 from mmcore.progress import progress_listener
+from mmcore.redact import redact
 from mmcore.train.fit import TrainingError, fit
 from mmcore.train.loop import NonFiniteLoss
 from pipelines import report
@@ -77,7 +78,11 @@ class ProgressArtifacts:
 
 
 class RunLogs(APILogHandler):
-    """mmpipe's own lines (stage start and end, figures, errors) in the flow run's logs in the Prefect UI."""
+    """mmpipe's own lines (stage start and end, figures, errors) in the flow run's logs in the Prefect UI,
+    secrets masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
 
     def emit(self, record: logging.LogRecord) -> None:
         if FlowRunContext.get() or TaskRunContext.get():  # outside a run they stay in the console and log file

@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from mmcore.cli import apply_overrides
 from mmcore.config import GateConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, project_home, to_dict
 from mmcore.data.source import source_sha256
 from mmcore.recipes import RECIPES, recipe
+from mmcore.redact import CREDENTIAL_FREE
 
 RecipeName = Literal[tuple(RECIPES)]  # a choice in the UI form
 Stage = Literal["contrastive", "fusion", "image-tokenizer", "unified"]
+
+
+def _no_credentials(value: str) -> str:
+    if not re.match(CREDENTIAL_FREE, value):
+        raise ValueError("holds credentials in a URI (scheme://user:password@...): a flow parameter is stored "
+                         "with the run and shown in the Prefect UI; give the worker its credentials in the "
+                         "environment instead (MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD, AWS_*)")
+    return value
+
+
+Plain = Annotated[str, AfterValidator(_no_credentials), Field(json_schema_extra={"pattern": CREDENTIAL_FREE})]
+"""A text parameter without credentials; the API server checks the pattern too, so a secret typed into
+the UI's form is refused before a flow run stores it."""
 
 
 class _Params(BaseModel):
@@ -29,8 +44,8 @@ class _Params(BaseModel):
 class IngestParams(_Params):
     """URL list -> filtered, versioned dataset (the `ingest` flow)."""
 
-    url_list: str = Field(description="A .parquet, .csv or .jsonl URL list, or a directory of them.")
-    out: str = Field("", description="Dataset version directory to create. Empty: <home>/datasets/<list>-<hash of "
+    url_list: Plain = Field(description="A .parquet, .csv or .jsonl URL list, or a directory of them.")
+    out: Plain = Field("", description="Dataset version directory to create. Empty: <home>/datasets/<list>-<hash of "
                                      "the list and settings>, so a re-run resumes or reuses it.")
     url_col: str = Field("url", description="Column holding the image URL.")
     caption_col: str = Field("caption", description="Column holding the caption.")
@@ -39,7 +54,7 @@ class IngestParams(_Params):
     image_size: int = Field(64, ge=8, le=4096, description="Side of the stored images in pixels.")
     languages: list[str] = Field(default_factory=lambda: ["en"], description="Caption languages to keep "
                                  "(ISO 639-1); empty keeps every language.")
-    overrides: list[str] = Field(default_factory=list, description="Any other IngestConfig field as field=value "
+    overrides: list[Plain] = Field(default_factory=list, description="Any other IngestConfig field as field=value "
                                  "(JSON value), e.g. filters.near_dup_max_distance=2.")
 
     def to_config(self) -> IngestConfig:
@@ -69,9 +84,9 @@ class TrainSettings(_Params):
     max_steps: int | None = Field(None, ge=1, le=100_000_000, description="Optimizer steps; empty: the recipe's.")
     zero_stage: int | None = Field(None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3; empty: the recipe's.")
     num_workers: int | None = Field(None, ge=1, le=4096, description="Ray Train workers; empty: the recipe's.")
-    ray_address: str = Field("", description="An existing Ray cluster (ray://head:10001 or head:6379); empty: "
+    ray_address: Plain = Field("", description="An existing Ray cluster (ray://head:10001 or head:6379); empty: "
                                              "$RAY_ADDRESS, else a local Ray.")
-    overrides: list[str] = Field(default_factory=list, description="Any other RunConfig field as field=value "
+    overrides: list[Plain] = Field(default_factory=list, description="Any other RunConfig field as field=value "
                                  "(JSON value), e.g. optim.lr=0.0005.")
 
     def to_config(self, dataset: str) -> RunConfig:
@@ -92,7 +107,7 @@ class TrainSettings(_Params):
 class TrainParams(TrainSettings):
     """Train a stage on a dataset version and register the model (the `train` flow)."""
 
-    dataset: str = Field(description="Dataset version directory (made by ingest).")
+    dataset: Plain = Field(description="Dataset version directory (made by ingest).")
 
 
 class GateParams(_Params):
@@ -114,7 +129,7 @@ class EvaluateParams(GateParams):
     """Evaluate a registered model and, for an @candidate, run the promotion gate (the `evaluate` flow)."""
 
     model: str = Field("mmpipe-contrastive", description="Registered model name.")
-    dataset: str = Field(description="Dataset version directory to evaluate on (its test split).")
+    dataset: Plain = Field(description="Dataset version directory to evaluate on (its test split).")
     promote: bool = Field(True, description="Compare @candidate with @champion and move the alias on a clear win; "
                                             "off: only evaluate @candidate.")
 
@@ -150,7 +165,7 @@ class RetrainParams(_Params):
 
     source: IngestParams | None = Field(None, description="A URL list to ingest first; or leave empty and set "
                                                           "`dataset`.")
-    dataset: str = Field("", description="An existing dataset version to train on (the dataset.landed trigger "
+    dataset: Plain = Field("", description="An existing dataset version to train on (the dataset.landed trigger "
                                          "fills this in).")
     train: TrainSettings = Field(default_factory=TrainSettings, description="The contrastive stage.")
     gate: GateParams = Field(default_factory=GateParams, description="The contrastive stage's gate.")

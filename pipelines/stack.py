@@ -201,13 +201,19 @@ def _executable(name: str) -> str:
     return str(path)
 
 
+def _write_private(path: Path, text: str) -> None:
+    """A new file only its owner can read (a token, a password): created with that mode, so it is never
+    readable by others, not even for a moment."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
 def _ray_token(home: Path) -> str:
     """Reuse the stack's token across restarts (clients keep working); make one the first time."""
     path = token_path(home)
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` makes: 256 bits
+        _write_private(path, secrets.token_hex(32))  # what `ray get-auth-token --generate` makes: 256 bits
     return path.read_text().strip()
 
 
@@ -216,10 +222,8 @@ def _secrets(home: Path) -> dict[str, str]:
     working); made the first time."""
     path = credentials_path(home)
     if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"user": AUTH_USER, "password": secrets.token_urlsafe(24),
-                       "mlflow_flask_secret_key": secrets.token_hex(32)}, handle)
+        _write_private(path, json.dumps({"user": AUTH_USER, "password": secrets.token_urlsafe(24),
+                                         "mlflow_flask_secret_key": secrets.token_hex(32)}))
     return json.loads(path.read_text())
 
 
@@ -622,9 +626,7 @@ def _write_env(home: Path, urls: dict[str, str]) -> None:
     lines = ["# mmpipe local stack, written by `mmpipe up`: `source` this file to use it"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in client_env(home, urls).items()]
     env_path(home).unlink(missing_ok=True)
-    fd = os.open(env_path(home), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it may hold the password
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    _write_private(env_path(home), "\n".join(lines) + "\n")  # it may hold the password
 
 
 def status(home: Path) -> list[dict]:

@@ -26,27 +26,45 @@ from img2dataset.reader import Reader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import ParquetSampleWriter  # noqa: E402
 
+from mmcore import disk
 from mmcore.config import DownloadConfig, GuardConfig, to_dict
 from mmcore.data import urlguard
 from mmcore.progress import progress_bar
 
 _PROGRESS = None  # the shared row counter, set in each download process
+_DISK_FULL = None  # set to 1 by a download process whose write found the disk full
 
 
-def _init_worker(policy: GuardConfig, counter) -> None:
+def _init_worker(policy: GuardConfig, counter, disk_full) -> None:
     """Runs once in every download process, before any fetch."""
-    global _PROGRESS
-    _PROGRESS = counter
+    global _PROGRESS, _DISK_FULL
+    _PROGRESS, _DISK_FULL = counter, disk_full
     urlguard.install(policy)
 
 
 class CountingParquetWriter(ParquetSampleWriter):
-    """img2dataset's Parquet writer that also counts rows for the progress bar."""
+    """img2dataset's Parquet writer that also counts rows for the progress bar, and says when the disk
+    is full (img2dataset only prints a failed shard's error and goes on)."""
 
     def write(self, img_str, key, caption, meta):
-        super().write(img_str, key, caption, meta)
+        with _noting_full_disk():
+            super().write(img_str, key, caption, meta)
         with _PROGRESS.get_lock():
             _PROGRESS.value += 1
+
+    def close(self):
+        with _noting_full_disk():
+            super().close()
+
+
+@contextlib.contextmanager
+def _noting_full_disk():
+    try:
+        yield
+    except OSError as err:
+        if disk.is_full(err):
+            _DISK_FULL.value = 1
+        raise
 
 
 def _prepare(raw_dir: Path, request: dict) -> None:
@@ -62,10 +80,11 @@ def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardCon
              source_sha256: str) -> Path:
     """Download `rows` (row, url, caption) into img2dataset Parquet shards under `raw_dir`."""
     raw_dir = Path(raw_dir).absolute()
-    _prepare(raw_dir, {"source_sha256": source_sha256, "rows": rows.num_rows,
-                       "download": to_dict(cfg), "guard": to_dict(guard)})
-    url_list = raw_dir / "_urls.parquet"
-    pq.write_table(rows, url_list)
+    with disk.named(raw_dir):
+        _prepare(raw_dir, {"source_sha256": source_sha256, "rows": rows.num_rows,
+                           "download": to_dict(cfg), "guard": to_dict(guard)})
+        url_list = raw_dir / "_urls.parquet"
+        pq.write_table(rows, url_list)
     done = {int(p.name.split("_")[0]) for p in raw_dir.glob("*_stats.json")}
     (raw_dir / "_tmp").mkdir(exist_ok=True)
     reader = Reader(str(url_list), "parquet", "url", "caption", None, None, ["row"],
@@ -83,7 +102,7 @@ def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardCon
     shards = list(reader)
     done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
     with scratch_tmpdir(raw_dir / "_scratch"):
-        _run(downloader, shards, cfg.processes, guard, total=rows.num_rows, already=done_rows)
+        _run(downloader, shards, cfg.processes, guard, raw_dir, total=rows.num_rows, already=done_rows)
     shutil.rmtree(raw_dir / "_tmp", ignore_errors=True)
     return raw_dir
 
@@ -104,18 +123,23 @@ def scratch_tmpdir(path: Path):
             os.environ["TMPDIR"] = saved
 
 
-def _run(downloader, shards: list, processes: int, guard: GuardConfig, total: int, already: int) -> None:
-    """Download shards in a spawn pool (retrying failed shards once) under a progress bar."""
+def _run(downloader, shards: list, processes: int, guard: GuardConfig, raw_dir: Path, total: int,
+         already: int) -> None:
+    """Download shards in a spawn pool under a progress bar; failed shards are tried once more, unless the
+    disk is full (then an error naming `raw_dir`)."""
     ctx = multiprocessing.get_context("spawn")
-    counter = ctx.Value("q", 0)
+    counter, disk_full = ctx.Value("q", 0), ctx.Value("b", 0)
     with progress_bar("downloading", total=total) as advance_to, \
-            ctx.Pool(processes, initializer=_init_worker, initargs=(guard, counter), maxtasksperchild=5) as pool:
+            ctx.Pool(processes, initializer=_init_worker, initargs=(guard, counter, disk_full),
+                     maxtasksperchild=5) as pool:
         for _attempt in range(2):
             result = pool.map_async(downloader, shards, chunksize=1)
             while not result.ready():
                 advance_to(already + counter.value)
                 result.wait(0.2)
             shards = [row for ok, row in result.get() if not ok]
-            if not shards:
+            if not shards or disk_full.value:
                 break
         advance_to(already + counter.value)
+    if shards and (disk_full.value or disk.is_full(None, raw_dir)):
+        raise disk.full(raw_dir)

@@ -21,6 +21,7 @@ from mmcore.data.filters import Filter, build_filters, run_filters
 from mmcore.data.reasons import classify_download_error
 from mmcore.data.source import Rejects, Source, precheck, read_source
 from mmcore.data.tokenizer import train_tokenizer
+from mmcore.disk import staged
 from mmcore.progress import progress_bar
 
 
@@ -43,12 +44,9 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
     todo = precheck(source, cfg.guard, rejects)
     raw_dir = download(todo, work / "raw", cfg.download, cfg.guard, source.sha256)
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged(staging):
         _build(staging, cfg, source, todo, raw_dir, rejects, list(build_filters(cfg.filters)) + list(extra_filters))
         os.rename(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     shutil.rmtree(work, ignore_errors=True)
     version = DatasetVersion.open(out)
     rows = version.manifest["rows"]

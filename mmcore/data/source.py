@@ -89,7 +89,23 @@ def _read_jsonl(path: Path, cfg: SourceConfig) -> pa.Table:
             if not isinstance(record, dict):
                 raise ValueError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
             records.append({k: _jsonl_cell(v, k in raw_columns) for k, v in record.items()})
-    return pa.Table.from_pylist(records) if records else pa.table({})
+    if not records:
+        return pa.table({})
+    try:
+        return pa.Table.from_pylist(records)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        column = next((f"column {name!r}" for name in {k for r in records for k in r} if _mixed(records, name)),
+                      "a column")
+        raise ValueError(f"{path}: {column} holds values of different types on different lines ({err})") from None
+
+
+def _mixed(records: list[dict], name: str) -> bool:
+    """Whether the values of `name` cannot share one Arrow type."""
+    try:
+        pa.array([r.get(name) for r in records])
+        return False
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return True
 
 
 def _jsonl_cell(value, raw: bool):
@@ -152,7 +168,10 @@ def read_source(cfg: SourceConfig) -> Source:
         table = _read_file(path, fmt, cfg)
         _check_columns(table, path, cfg)
         tables.append(table)
-    table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ValueError(f"{root}: the files' columns do not agree ({err})") from None
     others = [c for c in table.column_names if c not in (cfg.url_col, cfg.caption_col)]
     extras = cfg.extra_cols if cfg.extra_cols is not None else [c for c in others if c not in RESERVED]
     dropped = [c for c in others if c not in extras]

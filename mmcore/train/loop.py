@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from mmcore.config import RunConfig, from_dict
 from mmcore.data.stream import rank_units, torch_batches, units_dataset
+from mmcore.disk import staged
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
 from mmcore.train.parallel import apply_activation_checkpointing, param_groups, worker_threads
@@ -248,11 +249,13 @@ def _checkpoint(engine, cfg: RunConfig, run_dir: Path, rank: int, state: dict, m
         raise NonFiniteLoss(f"parameters are not finite at step {state['step']}; refusing to write a checkpoint")
     root = run_dir / "checkpoints"
     staging = checkpoint.staging_dir(root, state["step"])
-    engine.save_checkpoint(str(staging), tag="state", save_latest=False)
+    with staged(staging):
+        engine.save_checkpoint(str(staging), tag="state", save_latest=False)
     dist.barrier()
     sealed = None
     if rank == 0:
-        final = checkpoint.seal(root, state["step"], {"state": state, "metrics": metrics})
+        with staged(staging):
+            final = checkpoint.seal(root, state["step"], {"state": state, "metrics": metrics})
         checkpoint.prune(root, cfg.checkpoint.keep)
         log.info("checkpoint %s", final)
         sealed = ray.train.Checkpoint(str(final))
@@ -275,8 +278,9 @@ def _save_final(engine, cfg: RunConfig, run_dir: Path, rank: int, config: dict) 
     with gather:
         if rank == 0:
             staging = run_dir / ".final.tmp"
-            ModelBundle.write(staging, engine.module.model, config["model_config"], Path(config["tokenizer_path"]),
-                              PreprocessConfig(**config["preprocess"]))
+            with staged(staging):
+                ModelBundle.write(staging, engine.module.model, config["model_config"],
+                                  Path(config["tokenizer_path"]), PreprocessConfig(**config["preprocess"]))
             final = run_dir / "final"
             if final.exists():
                 shutil.rmtree(final)

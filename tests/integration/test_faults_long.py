@@ -166,3 +166,52 @@ def test_mlflow_down_for_a_minute_mid_run_loses_no_metric(train_dataset, local_r
     fault("mlflow-down", f"SIGKILL to the MLflow server of `mmpipe up` at step {down_at} of 120, restarted 60 s later",
           1, f"0 metric points ({len(_points(uri, clean.mlflow_run_id))} logged, as in a run without the fault; "
           f"{result.metrics['tracking_failures']:.0f} failed sends kept and resent); the model registered")
+
+
+def _ingest_peak(url_list: Path, out: Path, home: Path) -> tuple[dict, float, float]:
+    """`mmpipe ingest` in a process of its own: (manifest rows, peak RSS in MiB of the ingest process and of any
+    process it started, seconds)."""
+    script = ("import json, resource, subprocess, sys, time\n"
+              "started = time.monotonic()\n"
+              "done = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+              "print(json.dumps({'rc': done.returncode, 'out': done.stdout[-2000:] + done.stderr[-2000:],\n"
+              "                  'peak_kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,\n"
+              "                  'seconds': time.monotonic() - started}))\n")
+    cli = str(Path(sys.executable).with_name("mmpipe"))
+    env = {**os.environ, "MMPIPE_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-c", script, cli, "ingest", str(url_list), "--out", str(out),
+                           "--allow-network", "127.0.0.1/32"], capture_output=True, text=True, env=env,
+                          timeout=3600)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0, report["out"]
+    return json.loads((out / "manifest.json").read_text())["rows"], report["peak_kib"] / 1024, report["seconds"]
+
+
+def test_a_100k_row_url_list_ingests_in_bounded_memory_and_every_row_is_counted(served_dir, tmp_path, fault):
+    """The loopback server serves 400 images under 100,000 URLs (a query string makes each URL distinct).
+    Peak RSS of a 10,000-row ingest and of the 100,000-row one must be about the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcore.data.sample import SampleSpec, make_sample
+
+    server, root = served_dir
+    base = pq.read_table(make_sample(root / "load", f"{server.url}/load",
+                                     SampleSpec(synthetic=400, digits=0, photos=False, defects=False, seed=9)))
+    peaks, rows = {}, {}
+    for n in (10_000, 100_000):
+        copies = [i % base.num_rows for i in range(n)]
+        table = base.take(copies)
+        urls = [f"{url}?copy={i}" for i, url in enumerate(table.column("url").to_pylist())]
+        table = table.set_column(table.schema.get_field_index("url"), "url", pa.array(urls))
+        url_list = tmp_path / f"urls-{n}.parquet"
+        pq.write_table(table, url_list)
+        rows[n], peaks[n], seconds = _ingest_peak(url_list, tmp_path / f"v-{n}", tmp_path / "home")
+        assert rows[n]["in"] == n and rows[n]["kept"] + sum(rows[n]["rejected"].values()) == n, rows[n]
+    assert peaks[100_000] < 1.5 * peaks[10_000], f"peak RSS grows with the list: {peaks}"
+    kept, rejected = rows[100_000]["kept"], rows[100_000]["rejected"]
+    fault("load-rows", "a 100,000-row URL list (400 images under distinct URLs) from the loopback server, and a "
+          "10,000-row one for comparison", 1,
+          f"nothing: {kept:,} kept + {sum(rejected.values()):,} rejected ({', '.join(f'{k} {v:,}' for k, v in sorted(rejected.items()))}) "
+          f"= 100,000 in {seconds / 60:.1f} min; peak RSS {peaks[100_000]:.0f} MiB against {peaks[10_000]:.0f} MiB "
+          "for 10,000 rows")

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.sample import SampleSpec, make_sample
+from pipelines.params import IngestParams
 from tests.serving import stop_served
 
 pytestmark = pytest.mark.integration
@@ -168,16 +170,22 @@ def test_served_ingest_deployment_runs_from_the_api_to_completion(served, small_
 
 def test_the_server_refuses_invalid_parameters_with_the_reason(served):
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import PrefectHTTPStatusError
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("train/mmpipe")
+        secret = "http://mmpipe:Pa55-not-for-the-ui@127.0.0.1:5000"
         for params, field in [({"dataset": "d", "zero_stage": 5}, "zero_stage"),
                               ({"dataset": "d", "recipe": "huge"}, "recipe"),
-                              ({"zero_stage": 1}, "dataset")]:
+                              ({"zero_stage": 1}, "dataset"),
+                              ({"dataset": "d", "overrides": [f"tracking.uri={json.dumps(secret)}"]}, "overrides")]:
             with pytest.raises(PrefectHTTPStatusError) as refused:
                 client.create_flow_run_from_deployment(deployment.id, parameters={"params": params})
             assert field in refused.value.response.text
+        # A password typed into the form is refused before a flow run could store it and show it in the UI.
+        stored = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+        assert all("Pa55-not-for-the-ui" not in json.dumps(run.parameters) for run in stored)
 
 
 def test_a_failed_training_run_shows_the_error_and_registers_nothing(served, tmp_path, mmpipe_home):
@@ -192,3 +200,40 @@ def test_a_failed_training_run_shows_the_error_and_registers_nothing(served, tmp
     assert run.state.is_failed()
     assert str(missing) in run.state.message
     assert len(client.search_model_versions()) == before
+
+
+@pytest.mark.fault
+@pytest.mark.long
+def test_twenty_flow_runs_submitted_at_once_all_complete_once(served, served_dir, prefect_api, fault):
+    """20 ingest runs of one URL list created through the API in one burst, as 20 clicks on the UI's Run
+    button would: every one completes, none is lost or run twice, the dataset is made once and reused."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+
+    server, root = served_dir
+    url_list = make_sample(root / "twenty", f"{server.url}/twenty",
+                           SampleSpec(synthetic=60, digits=20, photos=False, defects=False, seed=21))
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("ingest/mmpipe")
+        ids = [client.create_flow_run_from_deployment(deployment.id, parameters={"params": {
+            "url_list": str(url_list), "allow_networks": ["127.0.0.1/32"]}}).id for _ in range(20)]
+        while True:
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+            if all(run.state.is_final() for run in runs) or time.monotonic() - started > 1800:
+                break
+            time.sleep(5)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)),
+                                      task_run_filter=TaskRunFilter())
+    seconds = time.monotonic() - started
+    assert len(runs) == 20 and all(run.state.is_completed() for run in runs), [run.state for run in runs]
+    assert all(run.run_count == 1 for run in runs), "no flow run ran twice"
+    ingests = [t for t in tasks if t.name.startswith("ingest")]
+    assert sorted(t.flow_run_id for t in ingests) == sorted(ids) and all(t.run_count == 1 for t in ingests)
+    version = DatasetVersion.open(IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]).to_config().out)
+    assert _landed_events(prefect_api, version.id, expected=1) == 1, "one new version, reused 19 times"
+    images = [p for p in server.requests if p.startswith("/twenty/")]
+    assert len(images) == len(set(images)), "no image downloaded twice"
+    fault("load-flows", "20 runs of the ingest deployment created through the Prefect API at once (`mmpipe serve`, "
+          "one at a time)", 20, f"nothing: 20 of 20 completed, each once, in {seconds:.0f} s; the dataset was made "
+          "once and reused by the other 19; no image fetched twice")

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
-from mmcore.data.dataset import DatasetVersion, assign_split
+from mmcore.data.dataset import assign_split
 from mmcore.data.ingest import ingest
 from mmcore.data.sample import SampleSpec, make_sample
 from mmcore.data.schema import CURATED_NAMES

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -225,6 +226,68 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_up_restarts_it(running
           "for it went on; with the server gone past the deadline, a clear error")
 
 
+FLOW = ("import json, sys\n"
+        "from pipelines.flows import ingest_flow\n"
+        "from pipelines.params import IngestParams\n"
+        "summary = ingest_flow(IngestParams(url_list=sys.argv[1], allow_networks=['127.0.0.1/32']))\n"
+        "print('SUMMARY ' + json.dumps(summary))\n")
+
+
+def _flow_runs(api: str, flow: str) -> list[dict]:
+    body = {"flows": {"name": {"any_": [flow]}}, "sort": "START_TIME_ASC"}
+    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
+
+
+def test_a_flow_run_outlives_a_prefect_api_restart_and_a_rerun_repeats_no_work(running_stack, served_dir, tmp_path,
+                                                                                 fault):
+    """Fault: the Prefect server of the stack killed (SIGKILL to its process group) while an ingest flow runs
+    against it, then restarted by `mmpipe up`; the same flow run again."""
+    import signal
+
+    from mmcore.data.sample import SampleSpec, make_sample
+
+    server, root = served_dir
+    url_list = make_sample(root / "prefect-restart", f"{server.url}/prefect-restart",
+                           SampleSpec(synthetic=1200, digits=0, photos=False, defects=False, seed=5))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(client_env(running_stack.home), MMPIPE_HOME=str(tmp_path / "home"), PREFECT_HOME=str(tmp_path))
+    command = [sys.executable, "-c", FLOW, str(url_list)]
+    api = running_stack.urls["prefect_api"]
+
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not [r for r in _flow_runs(api, "ingest") if r["state_type"] == "RUNNING"]:
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+        time.sleep(0.5)
+    prefect = stack.read_state(running_stack.home)["services"]["prefect"]
+    os.killpg(prefect["pgid"], signal.SIGKILL)
+    psutil.Process(prefect["pid"]).wait(timeout=30)
+    killed = time.monotonic()
+    assert stack.up(running_stack.home) == running_stack.urls, "up restarts the stopped Prefect server"
+    downtime = time.monotonic() - killed
+    output = first.communicate(timeout=600)[0]
+    runs = _flow_runs(api, "ingest")
+    assert len(runs) == 1 and runs[0]["state_type"] in ("COMPLETED", "CRASHED"), (runs, output[-3000:])
+    fetched = [path for path in server.requests if path.startswith("/prefect-restart/")]
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads(again.stdout.split("SUMMARY ", 1)[1])
+    runs = _flow_runs(api, "ingest")
+    assert [r["state_type"] for r in runs][1:] == ["COMPLETED"]
+    fetched_again = [path for path in server.requests if path.startswith("/prefect-restart/")][len(fetched):]
+    if runs[0]["state_type"] == "COMPLETED":
+        assert summary["new"] is False, "the finished dataset version is reused, not ingested again"
+        assert fetched_again == []
+    else:  # the crashed run's finished downloads are resumed, not fetched again
+        assert not set(fetched_again) & set(fetched)
+    fault("prefect-restarted", f"SIGKILL to the Prefect server of `mmpipe up` while an ingest flow of 1,200 rows ran "
+          f"against it; restarted by `mmpipe up` after {downtime:.0f} s down; the flow run again", 1,
+          f"nothing: the first run ended {runs[0]['state_type'].lower()}; the re-run "
+          + ("reused its dataset version and fetched no image" if summary["new"] is False
+             else f"fetched {len(fetched_again)} images the first had not"))
+
+
 def test_down_stops_everything(running_stack):
     home = running_stack.home
     procs = running_stack.procs | session_tree(home)  # now including Ray workers the driver started
@@ -242,7 +305,7 @@ def test_down_stops_everything(running_stack):
 
 
 @pytest.mark.fault
-def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path, fault):
+def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path, train_dataset, fault):
     home = tmp_path.resolve()
     with pytest.raises(stack.StackError, match="refusing to serve Prefect and MLflow on 0.0.0.0 without "
                                                "authentication: add --auth"):
@@ -270,12 +333,52 @@ def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path
             assert httpx.request(method, url, json={} if method == "POST" else None, **credentials).status_code == 200
         logs = "".join(p.read_text(errors="replace") for p in (home / "stack" / "logs").glob("*.log"))
         assert password not in logs and password not in json.dumps(stack.read_state(home))
+        leaks = _train_with_password_in_tracking_uri(home, env, urls, train_dataset)
     finally:
         stack.down(home)
+    assert leaks == [], f"the password reached {leaks}"
     fault("auth", "`mmpipe up --host 0.0.0.0` without --auth; anonymous and wrong-password requests to each "
           "server of an --auth stack", 7, "nothing: refused before anything started; every request without "
           "the stack's credentials was refused (401; 403 for a wrong Ray token); the password in no log "
           "and not in state.json")
+    fault("secrets", "a training run on the --auth stack whose tracking URI carries the MLflow password "
+          "(`--set tracking.uri=http://user:PASSWORD@...`, no credentials in the environment)", 1,
+          "nothing: the run logged and registered through that URI; the password is in none of its MLflow params "
+          "or artifacts, the console, the project's logs, its run directory or Ray's session files")
+
+
+def _train_with_password_in_tracking_uri(home: Path, env: dict, urls: dict, dataset) -> list[str]:
+    """`mmpipe train` with the password in `tracking.uri` only; returns where the password turned up."""
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
+    uri = urls["mlflow_ui"].replace("://", f"://{user}:{password}@", 1)
+    run_env = {k: v for k, v in {**os.environ, **env}.items()
+               if k not in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING")}
+    run_env.update(MMPIPE_HOME=str(home), COLUMNS="120")
+    cli = Path(sys.executable).with_name("mmpipe")
+    result = subprocess.run(
+        [str(cli), "train", "contrastive", "--recipe", "debug", "--dataset", str(dataset.path),
+         "--set", "optim.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", f"tracking.uri={uri}"],
+        capture_output=True, text=True, timeout=600, env=run_env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run_id = re.search(r'"mlflow_run_id": "(\w+)"', result.stdout).group(1)
+    leaks = ["the console"] if password in result.stdout + result.stderr else []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        run = MlflowClient(urls["mlflow_ui"]).get_run(run_id)
+        assert run.data.params["tracking.uri"] == urls["mlflow_ui"].replace("://", f"://{user}:***@", 1)
+        leaks += [f"MLflow param {k}" for k, v in run.data.params.items() if password in v]
+        artifacts = Path(download_artifacts(run_id=run_id, tracking_uri=urls["mlflow_ui"], dst_path=str(home / "dl")))
+    secret = password.encode()
+    allowed = {stack.credentials_path(home), stack.env_path(home)}
+    for root in (home, stack.ray_temp_dir(home)):
+        for path in root.rglob("*"):
+            if path.is_file() and path not in allowed and secret in path.read_bytes():
+                leaks.append(str(path.relative_to(artifacts) if path.is_relative_to(artifacts) else path))
+    return leaks
 
 
 def test_port_taken_names_it_and_starts_nothing(tmp_path):

@@ -62,6 +62,48 @@ def test_unreachable_tracking_server_is_a_clear_error():
         check_reachable("http://127.0.0.1:9")
 
 
+@pytest.mark.parametrize(("text", "shown"), [
+    ("MLflow at http://admin:hunter2@10.0.0.5:5000 is down", "MLflow at http://admin:***@10.0.0.5:5000 is down"),
+    ("git clone https://ghp_tok3n@github.com/a/b", "git clone https://***@github.com/a/b"),
+    ("GET https://b.s3.amazonaws.com/k.jpg?X-Amz-Credential=AKIA1&X-Amz-Signature=9f&size=2",
+     "GET https://b.s3.amazonaws.com/k.jpg?X-Amz-Credential=***&X-Amz-Signature=***&size=2"),
+    ("https://h/x?access_token=abc&author=me&design=1", "https://h/x?access_token=***&author=me&design=1"),
+    ("s3://bucket/runs and ray://10.0.0.5:10001 and a@b.c", "s3://bucket/runs and ray://10.0.0.5:10001 and a@b.c"),
+])
+def test_secrets_in_text_are_masked_and_other_text_is_not(text, shown):
+    from mmcore.redact import redact
+
+    assert redact(text) == shown
+
+
+def test_a_secret_from_the_environment_is_masked_in_log_files_and_the_error_line(tmp_path, monkeypatch):
+    import logging
+
+    from mmcore import console
+    from mmcore.redact import RedactingFormatter
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI-K7MDENG")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))  # a path, not a secret: shown
+    log_path = tmp_path / "run.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(RedactingFormatter("%(message)s"))
+    logger = logging.getLogger("test-redact")
+    logger.addHandler(handler)
+    try:
+        logger.warning("signing with %s for %s", "wJalrXUtnFEMI-K7MDENG", tmp_path / "token")
+        try:
+            raise ValueError("endpoint http://u:wJalrXUtnFEMI-K7MDENG@127.0.0.1:9 refused")
+        except ValueError as err:
+            logger.exception("failed")
+            line = console.failure(err, "ingest")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    text = log_path.read_text()
+    assert "wJalrXUtnFEMI" not in text and "wJalrXUtnFEMI" not in line
+    assert f"signing with *** for {tmp_path / 'token'}" in text and "http://u:***@127.0.0.1:9" in line
+
+
 def _debug_clip():
     from mmcore.config import TokenizerConfig
     from mmcore.data.tokenizer import EOS, train_tokenizer

@@ -23,6 +23,11 @@ def test_the_form_refuses_values_out_of_range_naming_the_field():
         TrainParams.model_validate({"dataset": "d", "zero_stag": 2})  # a misspelt field is not ignored
     with pytest.raises(ValidationError, match="exactly one"):
         RetrainParams()
+    with pytest.raises(ValidationError, match=r"overrides\.0\n.*credentials in a URI.*MLFLOW_TRACKING_PASSWORD"):
+        TrainParams(dataset="d", overrides=['tracking.uri="http://admin:pw@10.0.0.5:5000"'])
+    with pytest.raises(ValidationError, match=r"url_list\n.*credentials in a URI"):
+        IngestParams(url_list="https://token@lists.example.com/urls.parquet")
+    assert TrainParams(dataset="d", overrides=['tracking.uri="http://10.0.0.5:5000"']).to_config("d")
 
 
 def test_train_params_become_the_recipe_with_the_fields_changed():
