@@ -67,13 +67,30 @@ def configure(log_dir: Path, name: str, verbose: bool = False) -> Path:
 
 
 def _redirect_to(stream) -> None:
-    """Keep the terminal for mmpipe's consoles; point fds 1 and 2 (and so every child process) at the log."""
+    """Keep the terminal for mmpipe's consoles; point fds 1 and 2 (and so every child process) at the log,
+    and this process's own prints through `redact`."""
     sys.stdout.flush()
     sys.stderr.flush()
     out.file = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     err.file = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8")
     os.dup2(stream.fileno(), 1)
     os.dup2(stream.fileno(), 2)
+    sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
+
+
+class _Redacting:
+    """sys.stdout/sys.stderr for the log file: what Python code prints passes through `redact` (MLflow
+    prints run links with the tracking URI's password in them)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(redact(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def failure(err_: BaseException, what: str) -> str:
