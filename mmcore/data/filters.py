@@ -203,5 +203,5 @@ def run_filters(chunks: Iterable[pa.Table], chain: Sequence[Filter], rejects: Re
                     keep.append(index)
                 else:
                     rejects.add(row, *verdict)
-            chunk = chunk.take(keep)
+            chunk = chunk.take(pa.array(keep, pa.int64()))  # an empty list would be a null-typed array
         yield chunk

@@ -104,3 +104,16 @@ def test_chain_counts_each_rejected_row_once_in_order():
     kept = pa.concat_tables(run_filters([chunk], chain, rejects))
     assert kept.column("row").to_pylist() == [0, 3]
     assert {r: reason for r, (reason, _) in rejects.by_row.items()} == {1: "caption_too_short", 2: "exact_duplicate"}
+
+
+def test_a_chunk_whose_every_row_is_rejected_yields_an_empty_chunk_and_counts_them():
+    """A later chunk of copies of earlier images: the duplicate filter rejects all of it (this broke a
+    100,000-row ingest of 400 images: Arrow cannot take an empty, untyped index list)."""
+    rejects = Rejects()
+    chain = [ExactDuplicateFilter(), CaptionFilter(min_words=2, max_chars=200)]
+    first = _rows(["a red circle", "a blue square"], digests=["x", "y"])
+    again = pa.table({"row": [2, 3], "caption": ["a red circle", "a blue square"], "image": [b"", b""],
+                      "sha256": ["y", "x"]})
+    kept = list(run_filters([first, again], chain, rejects))
+    assert [chunk.num_rows for chunk in kept] == [2, 0]
+    assert {r: reason for r, (reason, _) in rejects.by_row.items()} == {2: "exact_duplicate", 3: "exact_duplicate"}
