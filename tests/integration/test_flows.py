@@ -168,7 +168,8 @@ def test_served_ingest_deployment_runs_from_the_api_to_completion(served, small_
                "Downloading starting now" in text for text in logs), logs
 
 
-def test_the_server_refuses_invalid_parameters_with_the_reason(served):
+@pytest.mark.fault
+def test_the_server_refuses_invalid_parameters_with_the_reason(served, fault):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.exceptions import PrefectHTTPStatusError
@@ -186,6 +187,9 @@ def test_the_server_refuses_invalid_parameters_with_the_reason(served):
         # A password typed into the form is refused before a flow run could store it and show it in the UI.
         stored = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
         assert all("Pa55-not-for-the-ui" not in json.dumps(run.parameters) for run in stored)
+    fault("secrets", "a password in a flow parameter (`overrides: tracking.uri=\"http://user:PASSWORD@...\"`) sent to "
+          "the API as the UI's form would", 1, "nothing: the API server refused the run naming the field; no "
+          "stored flow run holds the password")
 
 
 def test_a_failed_training_run_shows_the_error_and_registers_nothing(served, tmp_path, mmpipe_home):

@@ -238,6 +238,7 @@ def _flow_runs(api: str, flow: str) -> list[dict]:
     return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
 
 
+@pytest.mark.fault
 def test_a_flow_run_outlives_a_prefect_api_restart_and_a_rerun_repeats_no_work(running_stack, served_dir, tmp_path,
                                                                                  fault):
     """Fault: the Prefect server of the stack killed (SIGKILL to its process group) while an ingest flow runs

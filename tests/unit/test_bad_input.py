@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -69,16 +69,19 @@ URL_LISTS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(URL_LISTS))
-def test_a_malformed_url_list_is_named_before_anything_is_made(kind, tmp_path):
-    make, expected = URL_LISTS[kind]
-    path = make(tmp_path)
-    out = tmp_path / "datasets" / "v1"
-    cfg = IngestConfig(source=SourceConfig(str(path), extra_cols=["split"] if "mmpipe writes" in kind else None),
-                       out=str(out))
-    with pytest.raises((ValueError, FileNotFoundError), match=expected.format(path=re.escape(str(path)))):
-        ingest(cfg)
-    assert not (tmp_path / "datasets").exists(), "nothing made: no version, staging or download directory"
+@pytest.mark.fault
+def test_a_malformed_url_list_is_named_before_anything_is_made(tmp_path, fault):
+    for number, (kind, (make, expected)) in enumerate(URL_LISTS.items()):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        path = make(folder)
+        cfg = IngestConfig(source=SourceConfig(str(path), extra_cols=["split"] if "mmpipe writes" in kind else None),
+                           out=str(folder / "datasets" / "v1"))
+        with pytest.raises((ValueError, FileNotFoundError), match=expected.format(path=re.escape(str(path)))):
+            ingest(cfg)
+        assert not (folder / "datasets").exists(), f"{kind}: made something (a version, staging or download dir)"
+    fault("bad-input", f"{len(URL_LISTS)} kinds of malformed URL list through ingest(): "
+          + "; ".join(URL_LISTS), len(URL_LISTS), "nothing: each refused naming the file (and line), nothing made")
 
 
 RUN = recipe("debug", "some/dataset")
@@ -98,16 +101,19 @@ OVERRIDES = {
 }
 
 
-@pytest.mark.parametrize("kind", list(OVERRIDES))
-def test_a_bad_training_setting_names_the_field(kind):
-    overrides, expected = OVERRIDES[kind]
-    with pytest.raises(ValueError, match=expected):
-        cfg = apply_overrides(RUN, overrides)
-        cfg.validate()
-        model_config(cfg.model.name)  # as fit() checks it, before any worker starts
+@pytest.mark.fault
+def test_a_bad_training_setting_names_the_field(fault):
+    for kind, (overrides, expected) in OVERRIDES.items():
+        with pytest.raises(ValueError, match=expected):
+            cfg = apply_overrides(RUN, overrides)
+            cfg.validate()
+            model_config(cfg.model.name)  # as fit() checks it, before any worker starts
+    fault("bad-input", f"{len(OVERRIDES)} kinds of bad training setting (`--set`): " + "; ".join(OVERRIDES),
+          len(OVERRIDES), "nothing: each refused naming the field, before any worker starts")
 
 
-def test_bad_ingest_settings_and_paths_name_the_field_or_path(tmp_path):
+@pytest.mark.fault
+def test_bad_ingest_settings_and_paths_name_the_field_or_path(tmp_path, fault):
     base = IngestConfig(source=SourceConfig(str(tmp_path / "l.parquet")), out=str(tmp_path / "v1"))
     for overrides, expected in [(['guard.allow_networks=["10.0.0.0/33"]'], r"guard.allow_networks"),
                                 (["split.val_fraction=0.7", "split.test_fraction=0.5"], r"^split"),
@@ -120,9 +126,12 @@ def test_bad_ingest_settings_and_paths_name_the_field_or_path(tmp_path):
     with pytest.raises(FileExistsError, match=f"{re.escape(str(tmp_path / 'v1'))} already exists"):
         ingest(base)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.parquet", "v1"]
+    fault("bad-input", "4 bad ingest settings (a CIDR, split fractions over 1, an image format, a vocabulary) and "
+          "an --out that exists", 5, "nothing: each refused naming the field or the path; nothing else made")
 
 
-def test_bad_flow_parameters_name_the_field():
+@pytest.mark.fault
+def test_bad_flow_parameters_name_the_field(fault):
     cases = [(lambda: TrainParams.model_validate({"dataset": "d", "zero_stag": 2}), "zero_stag"),
              (lambda: TrainParams(dataset="d", recipe="huge"), "recipe"),
              (lambda: TrainParams(dataset="d", num_workers=0), "num_workers"),
@@ -135,6 +144,9 @@ def test_bad_flow_parameters_name_the_field():
             make()
     with pytest.raises(ValueError, match="recipe debug-fusion trains the fusion stage, not contrastive"):
         TrainParams(dataset="d", recipe="debug-fusion").to_config("d")
+    fault("bad-input", f"{len(cases) + 1} kinds of bad flow parameter (a misspelt field, an unknown recipe, out of "
+          "range, credentials in a URI, neither source nor dataset, a recipe of another stage)", len(cases) + 1,
+          "nothing: each refused naming the field")
 
 
 FLAT = {f"{section}.{name}": value for section, fields in to_dict(RUN).items() if isinstance(fields, dict)
@@ -143,20 +155,31 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.
                     | st.text(max_size=12), lambda inner: st.lists(inner, max_size=3), max_leaves=6)
 
 
+@pytest.mark.fault
+def test_arbitrary_input_is_taken_or_refused_with_a_clear_error(tmp_path_factory, fault):
+    """The three properties below, run under one report."""
+    _any_value_for_any_training_field()
+    _any_json_lines_file(tmp_path_factory)
+    _any_csv_bytes(tmp_path_factory)
+    fault("bad-input", "hypothesis: any JSON value for any training field (300 examples), any JSON-lines content "
+          "(150), any CSV bytes after the header (150)", 600,
+          "nothing: each taken, or refused with a ValueError naming the field or the file")
+
+
 @settings(max_examples=300, deadline=None)
 @given(field=st.sampled_from(sorted(FLAT)), value=JSON)
-def test_any_value_for_any_training_field_is_taken_or_refused_naming_the_field(field, value):
+def _any_value_for_any_training_field(field, value):
     try:
         apply_overrides(RUN, [f"{field}={json.dumps(value)}"]).validate()
     except ValueError as err:
         assert field in str(err) or field.split(".")[0] in str(err), str(err)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None)
 @given(lines=st.lists(st.one_of(
     st.fixed_dictionaries({"url": JSON, "caption": JSON}, optional={"extra": JSON}),
     JSON, st.text(max_size=30)), max_size=6))
-def test_any_json_lines_file_is_read_or_refused_naming_the_file(lines, tmp_path_factory):
+def _any_json_lines_file(tmp_path_factory, lines):
     path = tmp_path_factory.mktemp("jsonl") / "l.jsonl"
     path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
                     encoding="utf-8", errors="surrogateescape")
@@ -169,9 +192,9 @@ def test_any_json_lines_file_is_read_or_refused_naming_the_file(lines, tmp_path_
         assert source.table.num_rows == sum(bool(line.strip()) for line in text.split("\n"))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None)
 @given(body=st.binary(max_size=200))
-def test_any_csv_bytes_are_read_or_refused_naming_the_file(body, tmp_path_factory):
+def _any_csv_bytes(tmp_path_factory, body):
     path = tmp_path_factory.mktemp("csv") / "l.csv"
     path.write_bytes(b"url,caption\n" + body)
     try:
