@@ -1,9 +1,9 @@
 """Writes that fail leave nothing half-written behind, and a full disk says so and names the path.
 
 Libraries report a full disk unevenly: Python's OSError carries errno 28, pyarrow's says "No space
-left on device" in its message, torch's zip writer raises `RuntimeError: ... unexpected pos` with
-neither. `named(path)` turns any failure on a disk with (almost) no room left into one
-`OSError(ENOSPC)` naming the path; `staged(path)` also removes the staging directory it was writing.
+left on device" in its message, others wrap it in their own error types, and img2dataset only prints
+it. `named(path)` turns any failure on a disk with (almost) no room left into one `OSError(ENOSPC)`
+naming the path; `staged(path)` also removes the staging directory it was writing.
 """
 
 from __future__ import annotations
