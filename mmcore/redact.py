@@ -14,7 +14,7 @@ import os
 import re
 
 MASK = "***"
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:'\"]+)(?::[^/@\s'\"]*)?@")
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^/@\s:'\"]+)(?P<password>:[^/@\s'\"]*)?@")
 _QUERY = re.compile(r"(?P<key>[?&](?:[^=&\s#]*[_.-])?(?:token|secret|passw(?:or)?d|pwd|signature|sig|credential|"
                     r"api[_-]?key|access[_-]?key|auth)(?:[_.-][^=&\s#]*)?=)[^&\s#'\"]+", re.IGNORECASE)
 _SECRET_ENV = re.compile(r"^(?!.*_(?:PATH|FILE|DIR|MODE|SOCK)$).*(?:TOKEN|SECRET|PASSWORD|PASSWD|AUTH_STRING|API_KEY)")
@@ -23,8 +23,7 @@ CREDENTIAL_FREE = r"^(?![\s\S]*://[^/@\s]*@)[\s\S]*$"
 
 
 def _userinfo(match: re.Match) -> str:
-    has_password = match.group(0)[len(match.group("scheme")) + len(match.group("user"))] == ":"
-    user = f"{match.group('user')}:{MASK}" if has_password else MASK
+    user = f"{match.group('user')}:{MASK}" if match.group("password") is not None else MASK
     return f"{match.group('scheme')}{user}@"
 
 
