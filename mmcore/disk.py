@@ -23,7 +23,8 @@ def is_full(err: BaseException | None, path: Path | None = None) -> bool:
         if getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err):
             return True
         err = err.__cause__ or err.__context__
-    existing = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None) if path else None
+    local = path if isinstance(path, Path) else None  # a bucket has no disk to fill
+    existing = next((p for p in (local, *local.parents) if p.exists()), None) if local else None
     return existing is not None and shutil.disk_usage(existing).free < LOW_BYTES
 
 

@@ -14,6 +14,19 @@ import pytest
 from PIL import Image
 
 from mmcore.data.server import FileServer
+from tests.objectstore import ObjectStore, configure_environment
+
+
+def pytest_configure(config):
+    configure_environment()  # before any process is forked: they all reach the tests' object store
+
+
+@pytest.fixture(scope="session")
+def object_store():
+    """The S3 API of tests/objectstore.py, for the session."""
+    store = ObjectStore()
+    yield store
+    store.stop()
 
 
 def jpeg_bytes(size=(48, 40), color=(200, 30, 30)) -> bytes:

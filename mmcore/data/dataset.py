@@ -5,6 +5,9 @@ Layout of a version directory:
   shards/{split}-NNNNN.parquet   curated rows (schema.CURATED_FIELDS + extras), source order
   tokenizer.json         BPE trained on the train split's captions
   rejects.parquet        every rejected source row with its reason and detail
+
+A version is a local directory or a prefix in a bucket (mmcore/storage.py); either way it counts only
+once its manifest, written last, is there and verifies.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmcore import storage
 from mmcore.config import SplitConfig
 from mmcore.data.schema import SCHEMA_VERSION, SPLITS, SchemaError, curated_schema, read_shard
 from mmcore.data.tokenizer import load_tokenizer
@@ -40,12 +44,8 @@ def assign_split(key: str, cfg: SplitConfig) -> str:
     return "train"
 
 
-def file_digest(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
+def file_digest(path) -> dict:
+    return {"sha256": storage.sha256(path), "bytes": path.stat().st_size}
 
 
 class ShardWriter:
@@ -132,11 +132,13 @@ class DatasetVersion:
     """An opened dataset version (read-only)."""
 
     path: Path
+    """A local Path, or a path object over a bucket (storage.path)."""
     manifest: dict
 
     @classmethod
     def open(cls, path: str | Path) -> "DatasetVersion":
-        path = Path(path)
+        storage.check(path)
+        path = storage.path(path)
         if not path.is_dir():
             raise DatasetError(f"{path}: no dataset version here (not a directory)")
         manifest_path = path / MANIFEST

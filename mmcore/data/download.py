@@ -13,7 +13,7 @@ import contextlib
 import json
 import multiprocessing
 import os
-import shutil
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,7 +26,7 @@ from img2dataset.reader import Reader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import ParquetSampleWriter  # noqa: E402
 
-from mmcore import disk
+from mmcore import disk, storage
 from mmcore.config import DownloadConfig, GuardConfig, to_dict
 from mmcore.data import urlguard
 from mmcore.progress import progress_bar
@@ -67,28 +67,46 @@ def _noting_full_disk():
         raise
 
 
-def _prepare(raw_dir: Path, request: dict) -> None:
+def _prepare(raw_dir, request: dict) -> None:
     """Reuse finished shards only when they were made from the same rows and settings."""
     stamp = raw_dir / "request.json"
     if raw_dir.exists() and (not stamp.exists() or json.loads(stamp.read_text()) != request):
-        shutil.rmtree(raw_dir)  # made from another URL list or other settings
+        storage.remove_tree(raw_dir)  # made from another URL list or other settings
     raw_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(request, indent=2, sort_keys=True))
 
 
-def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardConfig,
-             source_sha256: str) -> Path:
-    """Download `rows` (row, url, caption) into img2dataset Parquet shards under `raw_dir`."""
-    raw_dir = Path(raw_dir).absolute()
+def download(rows: pa.Table, raw_dir, cfg: DownloadConfig, guard: GuardConfig, source_sha256: str):
+    """Download `rows` (row, url, caption) into img2dataset Parquet shards under `raw_dir`.
+
+    `raw_dir` is a local Path or a prefix in a bucket (storage.path): img2dataset writes each shard through
+    fsspec and its `_stats.json` last, so the shards finished before an interruption are not fetched again,
+    from wherever they are. The URL list and img2dataset's scratch files stay on the local disk.
+    """
+    if isinstance(raw_dir, Path):
+        raw_dir = raw_dir.absolute()
     with disk.named(raw_dir):
         _prepare(raw_dir, {"source_sha256": source_sha256, "rows": rows.num_rows,
                            "download": to_dict(cfg), "guard": to_dict(guard)})
-        url_list = raw_dir / "_urls.parquet"
-        pq.write_table(rows, url_list)
     done = {int(p.name.split("_")[0]) for p in raw_dir.glob("*_stats.json")}
-    (raw_dir / "_tmp").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mmpipe-download-", dir=_scratch_parent(raw_dir)) as scratch:
+        _download(rows, raw_dir, Path(scratch), done, cfg, guard)
+    return raw_dir
+
+
+def _scratch_parent(raw_dir) -> Path | None:
+    """Beside a local raw_dir (a full disk is then reported under its name); the system temp dir otherwise."""
+    return raw_dir if isinstance(raw_dir, Path) else None
+
+
+def _download(rows: pa.Table, raw_dir, scratch: Path, done: set[int], cfg: DownloadConfig,
+              guard: GuardConfig) -> None:
+    url_list = scratch / "urls.parquet"
+    with disk.named(scratch):
+        pq.write_table(rows, url_list)
+    (scratch / "reader").mkdir()
     reader = Reader(str(url_list), "parquet", "url", "caption", None, None, ["row"],
-                    cfg.samples_per_shard, done, str(raw_dir / "_tmp"))
+                    cfg.samples_per_shard, done, str(scratch / "reader"))
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
                       min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio)
@@ -101,10 +119,8 @@ def download(rows: pa.Table, raw_dir: Path, cfg: DownloadConfig, guard: GuardCon
     )
     shards = list(reader)
     done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
-    with scratch_tmpdir(raw_dir / "_scratch"):
+    with scratch_tmpdir(scratch / "tmp"):
         _run(downloader, shards, cfg.processes, guard, raw_dir, total=rows.num_rows, already=done_rows)
-    shutil.rmtree(raw_dir / "_tmp", ignore_errors=True)
-    return raw_dir
 
 
 @contextlib.contextmanager
@@ -123,7 +139,7 @@ def scratch_tmpdir(path: Path):
             os.environ["TMPDIR"] = saved
 
 
-def _run(downloader, shards: list, processes: int, guard: GuardConfig, raw_dir: Path, total: int,
+def _run(downloader, shards: list, processes: int, guard: GuardConfig, raw_dir, total: int,
          already: int) -> None:
     """Download shards in a spawn pool under a progress bar; failed shards are tried once more, unless the
     disk is full (then an error naming `raw_dir`)."""

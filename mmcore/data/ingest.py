@@ -13,7 +13,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmcore.config import IngestConfig, to_dict
+from mmcore import storage
+from mmcore.config import IngestConfig, project_home, to_dict
 from mmcore.console import say
 from mmcore.data.dataset import MANIFEST, DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.download import download
@@ -26,36 +27,49 @@ from mmcore.progress import progress_bar
 
 
 def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVersion:
-    """Build the dataset version `cfg.out` from the URL list `cfg.source`.
+    """Build the dataset version `cfg.out` (a directory, or a prefix in a bucket) from the URL list `cfg.source`.
 
-    Nothing appears at `cfg.out` until the version is complete: it is written to a hidden
-    staging directory beside it and renamed into place. Downloads live in `cfg.work_dir`
-    (default `<out>.partial`) so an interrupted run resumes; it is removed on success.
-    `extra_filters` run after the configured ones (the slot for model-score filters).
+    Nothing counts at `cfg.out` until the version is complete: it is built in a hidden staging
+    directory, then renamed into place on a disk, or uploaded with its manifest last to a bucket.
+    Downloads live in `cfg.work_dir` (default `<out>.partial`, in the bucket too) so an interrupted run
+    resumes; it is removed on success. `extra_filters` run after the configured ones (the slot for
+    model-score filters).
     """
     cfg.validate()
-    out = Path(cfg.out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; dataset versions are immutable, choose another --out")
-    work = Path(cfg.work_dir or f"{out}.partial")
+    for location in (cfg.out, cfg.work_dir or ""):
+        storage.check(location)  # a bucket that cannot be used fails here, before any download
+    out = storage.path(cfg.out)
+    if (out / MANIFEST).exists() if storage.is_remote(cfg.out) else out.exists():
+        raise FileExistsError(f"{cfg.out} already exists; dataset versions are immutable, choose another --out")
+    work = storage.path(cfg.work_dir or f"{cfg.out}.partial")
     source = read_source(cfg.source)
-    say(f"ingesting {source.table.num_rows} rows of {source.path} into {out} (downloads in {work})")
+    say(f"ingesting {source.table.num_rows} rows of {source.path} into {cfg.out} (downloads in {work})")
     rejects = Rejects()
     todo = precheck(source, cfg.guard, rejects)
     raw_dir = download(todo, work / "raw", cfg.download, cfg.guard, source.sha256)
-    staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
-    with staged(staging):
-        _build(staging, cfg, source, todo, raw_dir, rejects, list(build_filters(cfg.filters)) + list(extra_filters))
-        os.rename(staging, out)
-    shutil.rmtree(work, ignore_errors=True)
-    version = DatasetVersion.open(out)
+    chain = list(build_filters(cfg.filters)) + list(extra_filters)
+    if isinstance(out, Path):
+        staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
+        with staged(staging):
+            _build(staging, cfg, source, todo, raw_dir, rejects, chain)
+            os.rename(staging, out)
+    else:
+        staging = project_home() / "tmp" / f"ingest-{uuid.uuid4().hex[:8]}"
+        with staged(staging):
+            _build(staging, cfg, source, todo, raw_dir, rejects, chain)
+            storage.remove_tree(out)  # the objects of an upload that never finished: no manifest vouched for them
+            with progress_bar("uploading", total=sum(1 for p in staging.rglob("*") if p.is_file())) as advance_to:
+                storage.upload_tree(staging, out, last=MANIFEST, advance_to=advance_to)
+        shutil.rmtree(staging)
+    storage.remove_tree(work)
+    version = DatasetVersion.open(cfg.out)
     rows = version.manifest["rows"]
     say(f"dataset {version.id}: kept {rows['kept']} of {rows['in']} rows ({sum(rows['rejected'].values())} "
-        f"rejected, reasons in {out / 'rejects.parquet'}) at {out}")
+        f"rejected, reasons in {out / 'rejects.parquet'}) at {cfg.out}")
     return version
 
 
-def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw_dir: Path,
+def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw_dir,
            rejects: Rejects, chain: list[Filter]) -> None:
     """Filter, split, shard, tokenize, then write the manifest last."""
     extras = source.table.select(source.extras).schema
@@ -83,13 +97,13 @@ def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-def _raw_chunks(raw_dir: Path, todo: pa.Table, source: Source, rejects: Rejects,
+def _raw_chunks(raw_dir, todo: pa.Table, source: Source, rejects: Rejects,
                 image_column: str) -> Iterator[pa.Table]:
     """img2dataset's shards in source-row order: failures go to `rejects`, successes are yielded."""
     seen = set()
     columns = ["row", "url", "caption", "status", "error_message", image_column, "width", "height"]
     for path in sorted(raw_dir.glob("[0-9]*.parquet")):
-        table = pq.read_table(path, columns=columns).sort_by("row")
+        table = pq.read_table(str(path), columns=columns).sort_by("row")
         ok = []
         for index, (row, status, message) in enumerate(zip(
                 table.column("row").to_pylist(), table.column("status").to_pylist(),

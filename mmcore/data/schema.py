@@ -47,7 +47,7 @@ def check_schema(schema: pa.Schema, where: str | Path) -> None:
 def open_shard(path: str | Path) -> pq.ParquetFile:
     """Open one curated shard and validate its schema (footer only); errors name the file."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(str(path))  # pyarrow reads s3:// itself
     except FileNotFoundError:
         raise SchemaError(f"{path}: shard file is missing") from None
     except (pa.ArrowException, OSError) as err:

@@ -44,7 +44,7 @@ def work_units(version: DatasetVersion, split: str, epochs: int = 1, seed: int =
     """
     groups, first_row = [], 0
     for path in version.shard_paths(split):
-        metadata = pq.ParquetFile(path).metadata
+        metadata = pq.ParquetFile(str(path)).metadata
         for group in range(metadata.num_row_groups):
             rows = metadata.row_group(group).num_rows
             groups.append({"path": str(path), "row_group": group, "first_row": first_row, "rows": rows})

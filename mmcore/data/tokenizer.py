@@ -30,10 +30,10 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json; the error names the file."""
+def load_tokenizer(path) -> Tokenizer:
+    """Load a tokenizer.json (a local path or a path object in a bucket); the error names the file."""
     try:
-        return Tokenizer.from_file(str(path))
+        return Tokenizer.from_str(Path(path).read_text() if isinstance(path, str) else path.read_text())
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ValueError(f"{path}: not a loadable tokenizer ({err})") from None
 

@@ -7,11 +7,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from mmcore import tracking
 from mmcore.config import STAGE_PARENTS, RunConfig
 from mmcore.data.dataset import DatasetVersion
+from mmcore.data.tokenizer import load_tokenizer
 from mmcore.models import STAGE_FAMILIES, architecture
 
 
@@ -89,8 +88,8 @@ def _pinned(uri: str, tracking_uri: str, field: str, stage: str) -> tuple[str, d
 
 
 def _check_tokenizer(parent: str, tokenizer_path: Path, version: DatasetVersion) -> None:
-    theirs = Tokenizer.from_file(str(tokenizer_path)).get_vocab()
-    ours = Tokenizer.from_file(str(version.tokenizer_path)).get_vocab()
+    theirs = load_tokenizer(tokenizer_path).get_vocab()
+    ours = load_tokenizer(version.tokenizer_path).get_vocab()
     if theirs != ours:
         raise ValueError(f"model.parent: {parent} was trained with another tokenizer ({len(theirs)} tokens) than "
                          f"dataset {version.id}'s ({len(ours)} tokens); train one on this dataset first")

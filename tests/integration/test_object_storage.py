@@ -1,0 +1,105 @@
+"""Dataset versions and runs in a bucket: a real S3 API on 127.0.0.1 (moto_server, tests/objectstore.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmcore import storage
+from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.dataset import MANIFEST, DatasetVersion
+from mmcore.data.ingest import ingest
+from mmcore.data.sample import SampleSpec, make_sample
+from tests.objectstore import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _mmpipe(*args, env=None):
+    cli = Path(sys.executable).with_name("mmpipe")
+    return subprocess.run([str(cli), *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def _config(url_list: Path, out: str) -> IngestConfig:
+    return IngestConfig(source=SourceConfig(path=str(url_list)), out=out, rows_per_shard=128,
+                        guard=GuardConfig(allow_networks=["127.0.0.1/32"]),
+                        download=DownloadConfig(samples_per_shard=100))
+
+
+@pytest.fixture(scope="module")
+def url_list(served_dir):
+    server, root = served_dir
+    return make_sample(root / "bucket-corpus", f"{server.url}/bucket-corpus",
+                       SampleSpec(synthetic=240, digits=60, photos=False, defects=False, seed=11))
+
+
+@pytest.fixture(scope="module")
+def bucket(object_store):
+    return object_store.bucket()
+
+
+def test_ingest_into_a_bucket_counts_only_once_its_manifest_is_written_and_resumes_from_the_bucket(
+        object_store, bucket, url_list, served_dir, mmpipe_home):
+    server, _ = served_dir
+    out = f"{bucket}/datasets/v1"
+    leftover = storage.path(out) / "shards" / "train-00000.parquet"
+    leftover.write_bytes(b"half of an upload that never finished")
+    assert "no manifest.json" in _mmpipe("dataset", "verify", out).stderr
+
+    def crash(rows):
+        raise RuntimeError("model-score filter crashed")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        ingest(_config(url_list, out), extra_filters=[crash])
+    assert object_store.keys(out + "/") == ["datasets/v1/shards/train-00000.parquet"], "nothing new is visible"
+    finished = [k for k in object_store.keys(f"{out}.partial/") if k.endswith("_stats.json")]
+    assert len(finished) == 3, "the downloaded shards are kept in the bucket"
+    assert not list((mmpipe_home / "tmp").iterdir()), "no local staging dir is left behind"
+
+    before = len(server.requests)
+    version = ingest(_config(url_list, out))
+    assert [p for p in server.requests[before:] if p.startswith("/bucket-corpus/")] == [], \
+        "the shards finished before the crash are not fetched again"
+    assert version.verify() == [] and version.manifest["rows"]["in"] == 300
+    assert object_store.keys(out + "/") == sorted(f"datasets/v1/{name}" for name in
+                                                  [*version.manifest["files"], MANIFEST])
+    assert object_store.keys(f"{out}.partial/") == [], "the work dir in the bucket is removed on success"
+
+    shown = _mmpipe("dataset", "show", out)
+    assert shown.returncode == 0 and version.id in shown.stdout, shown.stderr
+    verified = _mmpipe("dataset", "verify", out)
+    assert verified.returncode == 0 and "OK" in verified.stdout, verified.stderr
+    reopened = DatasetVersion.open(out)
+    assert reopened.read("test").num_rows == version.manifest["splits"]["test"]
+
+    copy = f"{bucket}/datasets/flipped"
+    storage.download_tree(storage.path(out), mmpipe_home / "flip")
+    shard = sorted((mmpipe_home / "flip" / "shards").glob("train-*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    storage.upload_tree(mmpipe_home / "flip", storage.path(copy), last=MANIFEST)
+    flipped = _mmpipe("dataset", "verify", copy)
+    assert flipped.returncode == 1 and f"{copy}/shards/{shard.name}: sha256" in flipped.stdout
+
+
+def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, url_list, served_dir, tmp_path):
+    server, _ = served_dir
+    before = len(server.requests)
+    missing = _mmpipe("ingest", str(url_list), "--out", "s3://no-such-bucket/v1", "--allow-network", "127.0.0.1/32")
+    assert missing.returncode == 2
+    assert "bucket 'no-such-bucket' does not exist" in missing.stderr and len(missing.stderr.splitlines()) == 2
+
+    down = {**__import__("os").environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    result = _mmpipe("ingest", str(url_list), "--out", f"{object_store.bucket()}/v1", "--allow-network",
+                     "127.0.0.1/32", env=down)
+    assert result.returncode == 2 and "does not answer" in result.stderr, result.stderr
+    assert len(server.requests) == before
+
+    shown = _mmpipe("dataset", "show", "s3://no-such-bucket/v1")
+    assert shown.returncode == 2 and "does not exist" in shown.stderr
+    odd = _mmpipe("dataset", "show", "gs2://elsewhere/v1")
+    assert odd.returncode == 2 and "unsupported location" in odd.stderr
