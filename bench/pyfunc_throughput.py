@@ -53,7 +53,7 @@ def register(root: Path, captions: list[str]) -> str:
     tokenizer.save(str(root / "tokenizer.json"))
     config = model_config("clip-demo")
     model, pre = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-    tracking.ModelBundle.write(root / "bundle", model, config, root / "tokenizer.json", pre)
+    tracking.ModelBundle.write(root / "bundle", model, config, (root / "tokenizer.json").read_text(), pre)
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("bench", artifact_location=(root / "mlartifacts").as_uri())

@@ -124,6 +124,14 @@ def download_tree(remote, local: Path) -> Path:
     return local
 
 
+def scratch_dir(run_dir) -> Path:
+    """Where a process keeps a run's files that need a local disk (DeepSpeed's checkpoint files, a
+    download to load): the run dir itself on a disk, <home>/scratch/<run name> for a run in a bucket."""
+    from mmcore.config import project_home
+
+    return run_dir if isinstance(run_dir, Path) else project_home() / "scratch" / run_dir.name
+
+
 def write_text(file, text: str) -> None:
     """Never seen half-written: a local file is renamed into place; one object PUT is atomic already."""
     if isinstance(file, Path):

@@ -236,13 +236,13 @@ class ModelBundle:
     preprocess: str
 
     @classmethod
-    def write(cls, directory: Path, model: torch.nn.Module, config: dict, tokenizer_path: Path,
+    def write(cls, directory: Path, model: torch.nn.Module, config: dict, tokenizer_json: str,
               preprocess: PreprocessConfig) -> "ModelBundle":
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, directory / "weights.safetensors")
         (directory / "model.json").write_text(json.dumps(config, indent=2))
-        (directory / "tokenizer.json").write_text(Path(tokenizer_path).read_text())
+        (directory / "tokenizer.json").write_text(tokenizer_json)
         (directory / "preprocess.json").write_text(json.dumps(asdict(preprocess), indent=2))
         return cls.at(directory)
 

@@ -12,11 +12,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmcore import tracking
+from mmcore import storage, tracking
 from mmcore.console import say
 from mmcore.config import RunConfig, project_home, to_dict
 from mmcore.data.dataset import DatasetError, DatasetVersion
@@ -128,14 +129,16 @@ def connect_ray(address: str = "", num_cpus: int = 0):
 def fit(cfg: RunConfig) -> TrainResult:
     """Train one stage on a dataset version and register the model with alias `cfg.tracking.alias`."""
     cfg.validate()
+    storage.check(cfg.cluster.storage_path)  # a bucket that cannot be used fails here, before any worker starts
     version = open_dataset(cfg)
     uri = tracking.resolve_uri(cfg.tracking)
     tracking.check_reachable(uri)
     parents = pin_parents(cfg, model_config(cfg.model.name), uri, version)
     cfg, arch = parents.cfg, parents.arch
     name = run_name(cfg, version.id, arch)
-    storage = Path(cfg.cluster.storage_path or project_home() / "runs").absolute()
-    run_dir = storage / name
+    runs = storage.path(cfg.cluster.storage_path or project_home() / "runs")
+    runs = runs.absolute() if isinstance(runs, Path) else runs
+    run_dir = runs / name
     if (run_dir / "result.json").exists():
         finished = TrainResult(**json.loads((run_dir / "result.json").read_text()))
         say(f"run {name} finished before: {finished.model_uri}, run directory {run_dir}")
@@ -154,15 +157,18 @@ def fit(cfg: RunConfig) -> TrainResult:
     tags = {"dataset_id": version.id, "stage": cfg.task.stage, "git_commit": tracking.git_commit(),
             "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags}
     try:
-        metrics = _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu)
+        metrics = _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu)
         tracking.wait_until_reachable(uri, cfg.tracking.wait_s, f"register the model trained in {run_dir / 'final'}")
-        model_version = tracking.log_and_register(uri, run_id, run_dir / "final", model_name, cfg.tracking.alias,
-                                                  tags)
+        final = run_dir / "final" if isinstance(run_dir, Path) \
+            else storage.download_tree(run_dir / "final", storage.scratch_dir(run_dir) / "final")
+        model_version = tracking.log_and_register(uri, run_id, final, model_name, cfg.tracking.alias, tags)
     except BaseException:
         with contextlib.suppress(Exception):  # when the server is what failed, its error is the one to show
             tracking.end_run(uri, run_id, ok=False)
         raise
     tracking.end_run(uri, run_id, ok=True)
+    if not isinstance(run_dir, Path):
+        shutil.rmtree(storage.scratch_dir(run_dir), ignore_errors=True)  # the bundle's download, registered now
     result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,
                          f"models:/{model_name}/{model_version}", metrics)
     result.save(run_dir / "result.json")
@@ -170,7 +176,7 @@ def fit(cfg: RunConfig) -> TrainResult:
     return result
 
 
-def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> dict:
+def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -190,13 +196,13 @@ def _train(cfg, version, arch, run_dir, storage, name, uri, run_id, use_gpu) -> 
     datasets = {"val": split_dataset(version, "val", pre)} if cfg.data.val_batches else {}
     loop_config = {
         "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
-        "tokenizer_path": str(run_dir / "tokenizer.json"), "preprocess": asdict(preprocess),
+        "preprocess": asdict(preprocess),
         "tracking_uri": uri, "mlflow_run_id": run_id, "train_stream": train_stream,
     }
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+        run_config=ray.train.RunConfig(name=name, storage_path=str(runs),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )
     with tracking.system_metrics(uri, run_id), _training_bar(run_dir, cfg.optim.max_steps):
@@ -220,7 +226,7 @@ def train_stream_cpus(ray, cfg: RunConfig) -> float:
 
 
 @contextlib.contextmanager
-def _training_bar(run_dir: Path, max_steps: int):
+def _training_bar(run_dir, max_steps: int):
     """A progress bar of optimizer steps, fed from the `progress.json` that rank 0 writes."""
     done = threading.Event()
 

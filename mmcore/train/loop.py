@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mmcore import storage
 from mmcore.config import RunConfig, from_dict
 from mmcore.data.stream import rank_units, torch_batches, units_dataset
 from mmcore.disk import staged
@@ -82,7 +83,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed + rank)
     torch.set_num_threads(worker_threads(cfg.parallel, context.get_local_world_size()))
-    run_dir = Path(config["run_dir"])
+    run_dir = storage.path(config["run_dir"])  # a local (shared) directory, or a prefix in a bucket
     task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"], tracking_uri=config["tracking_uri"])
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(task)
@@ -90,12 +91,12 @@ def train_loop_per_worker(config: dict) -> None:
     precision = resolve_precision(cfg.parallel.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
                                       config=build_ds_config(cfg, precision), dist_init_required=False)
-    state = _resume(engine, run_dir / "checkpoints", rank)
+    state = _resume(engine, run_dir / "checkpoints", rank, storage.scratch_dir(run_dir))
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     stream = config["train_stream"]
     units = rank_units(stream["units"], rank, context.get_world_size(), skip_rows=state["rows"])
     train = torch_batches(units_dataset(units, stream["preprocess"], stream["cpus"]), cfg.micro_batch, device)
-    recorder = SampleRecorder(run_dir / "samples" / f"rank-{rank}.tsv", state["rows"]) \
+    recorder = SampleRecorder(storage.scratch_dir(run_dir) / "samples" / f"rank-{rank}.tsv", state["rows"]) \
         if cfg.data.record_samples else None
     metrics = _train(engine, cfg, train, state, dtype, device, run_dir, rank, config, recorder)
     _save_final(engine, cfg, run_dir, rank, config)
@@ -104,16 +105,20 @@ def train_loop_per_worker(config: dict) -> None:
     ray.train.report(metrics)
 
 
-def _resume(engine, root: Path, rank: int) -> dict:
-    """Load the newest verified checkpoint (rank 0 picks it, every rank loads it)."""
+def _resume(engine, root, rank: int, scratch: Path) -> dict:
+    """Load the newest verified checkpoint (rank 0 picks it, every rank loads it; from a bucket, each rank
+    loads its own download of it)."""
     choice = [str(checkpoint.latest_verified(root) or "") if rank == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(choice, src=0)
     if not choice[0]:
         return {"step": 0, "samples": 0, "rows": 0, "resumed_from": None, "bad_steps": 0}
-    path = Path(choice[0])
-    engine.load_checkpoint(str(path), tag="state")
-    state = {"rows": 0, **checkpoint.read_meta(path)["state"]}  # checkpoints of older versions start the stream over
+    path = storage.path(choice[0])
+    local = path if isinstance(path, Path) else storage.download_tree(path, scratch / f".resume-rank-{rank}")
+    engine.load_checkpoint(str(local), tag="state")
+    state = {"rows": 0, **checkpoint.read_meta(local)["state"]}  # checkpoints of older versions start the stream over
+    if local != path:
+        shutil.rmtree(local)
     if rank == 0:
         log.info("resumed from %s (step %d, each rank's stream from row %d)", path, state["step"], state["rows"])
     return {**state, "resumed_from": state["step"]}
@@ -145,7 +150,7 @@ class SampleRecorder:
         self.handle.flush()
 
 
-def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir: Path, rank: int,
+def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir, rank: int,
            config: dict, recorder: SampleRecorder | None) -> dict:
     import ray.train
 
@@ -194,12 +199,10 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir:
     return last
 
 
-def write_progress(run_dir: Path, step: int, max_steps: int, metrics: dict) -> None:
-    """`progress.json` for the driver's progress bar (renamed into place, so never read half-written)."""
-    tmp = run_dir / ".progress.json.tmp"
-    tmp.write_text(json.dumps({"step": step, "max_steps": max_steps, "loss": metrics["loss"],
-                               "samples_per_second": metrics["samples_per_second"]}))
-    tmp.replace(run_dir / "progress.json")
+def write_progress(run_dir, step: int, max_steps: int, metrics: dict) -> None:
+    """`progress.json` for the driver's progress bar (never read half-written)."""
+    storage.write_text(run_dir / "progress.json", json.dumps({
+        "step": step, "max_steps": max_steps, "loss": metrics["loss"], "samples_per_second": metrics["samples_per_second"]}))
 
 
 def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> dict:
@@ -241,31 +244,58 @@ def _params_finite(engine, device) -> bool:
     return all_ranks_true(local, device)
 
 
-def _checkpoint(engine, cfg: RunConfig, run_dir: Path, rank: int, state: dict, metrics: dict) -> None:
-    """Every rank writes into the staging dir; rank 0 seals it (manifest + rename); then Ray Train is told."""
+def _checkpoint(engine, cfg: RunConfig, run_dir, rank: int, state: dict, metrics: dict) -> None:
+    """Every rank saves its part; rank 0 seals (on a disk) or commits (in a bucket) it; then Ray Train is told."""
     import ray.train
 
     if not _params_finite(engine, next(engine.module.parameters()).device):
         raise NonFiniteLoss(f"parameters are not finite at step {state['step']}; refusing to write a checkpoint")
-    root = run_dir / "checkpoints"
-    staging = checkpoint.staging_dir(root, state["step"])
-    with staged(staging):
-        engine.save_checkpoint(str(staging), tag="state", save_latest=False)
-    dist.barrier()
+    root, meta = run_dir / "checkpoints", {"state": state, "metrics": metrics}
+    final = _save_on_disk(engine, root, rank, state["step"], meta) if isinstance(root, Path) \
+        else _save_in_bucket(engine, root, rank, state["step"], meta, storage.scratch_dir(run_dir))
     sealed = None
     if rank == 0:
-        with staged(staging):
-            final = checkpoint.seal(root, state["step"], {"state": state, "metrics": metrics})
         checkpoint.prune(root, cfg.checkpoint.keep)
         log.info("checkpoint %s", final)
         sealed = ray.train.Checkpoint(str(final))
     dist.barrier()
-    # Ray Train records the sealed directory as it is (already on shared storage: no copy, no deletion).
+    # Ray Train records the checkpoint where it is (already on shared storage: no copy, no deletion).
     ray.train.report(metrics, checkpoint=sealed, checkpoint_upload_fn=lambda ckpt, _name: ckpt,
                      delete_local_checkpoint_after_upload=False)
 
 
-def _save_final(engine, cfg: RunConfig, run_dir: Path, rank: int, config: dict) -> None:
+def _save_on_disk(engine, root: Path, rank: int, step: int, meta: dict) -> Path | None:
+    """Every rank writes into the one staging dir; rank 0 writes the manifest and renames it into place."""
+    staging = checkpoint.staging_dir(root, step)
+    with staged(staging):
+        engine.save_checkpoint(str(staging), tag="state", save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        with staged(staging):
+            return checkpoint.seal(root, step, meta)
+    return None
+
+
+def _save_in_bucket(engine, root, rank: int, step: int, meta: dict, scratch: Path):
+    """Every rank saves into a dir of its own on its node's disk and uploads its files; rank 0 writes the
+    manifest, listing every rank's files, last. A step written again first loses its old manifest."""
+    final = checkpoint.step_dir(root, step)
+    if rank == 0:
+        storage.remove_tree(final)
+    dist.barrier()
+    local = scratch / f".{final.name}.rank-{rank}.tmp"
+    with staged(local):
+        engine.save_checkpoint(str(local), tag="state", save_latest=False)
+        files = storage.upload_tree(local, final)
+    shutil.rmtree(local)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, files)
+    if rank == 0:
+        return checkpoint.commit(root, step, {name: digest for part in every for name, digest in part.items()}, meta)
+    return None
+
+
+def _save_final(engine, cfg: RunConfig, run_dir, rank: int, config: dict) -> None:
     """Consolidated fp32 weights (ZeRO-3 gathered) as a model bundle, written by rank 0."""
     import deepspeed
 
@@ -277,14 +307,16 @@ def _save_final(engine, cfg: RunConfig, run_dir: Path, rank: int, config: dict) 
         else contextlib.nullcontext()
     with gather:
         if rank == 0:
-            staging = run_dir / ".final.tmp"
+            staging = storage.scratch_dir(run_dir) / ".final.tmp"
             with staged(staging):
-                ModelBundle.write(staging, engine.module.model, config["model_config"],
-                                  Path(config["tokenizer_path"]), PreprocessConfig(**config["preprocess"]))
+                ModelBundle.write(staging, engine.module.model, config["model_config"], config["tokenizer_json"],
+                                  PreprocessConfig(**config["preprocess"]))
             final = run_dir / "final"
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
+            storage.remove_tree(final)
+            if isinstance(final, Path):
+                staging.rename(final)
+            else:
+                storage.upload_tree(staging, final)
+                shutil.rmtree(staging)
     if dist.is_initialized():
         dist.barrier()
-

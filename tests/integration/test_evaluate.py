@@ -72,7 +72,7 @@ def _untrained_bundle(dataset, directory: Path) -> Path:
     tokenizer = load_tokenizer(dataset.tokenizer_path)
     config = model_config("clip-debug")
     model, pre = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-    ModelBundle.write(directory, model, config, dataset.tokenizer_path, pre)
+    ModelBundle.write(directory, model, config, dataset.tokenizer_path.read_text(), pre)
     return directory
 
 

@@ -121,7 +121,8 @@ def test_zero3_fusion_killed_and_resumed_keeps_the_tower(trained, train_dataset,
     cfg = fusion_config(train_dataset, trained.model_uri, "parallel.zero_stage=3", "optim.max_steps=60",
                         "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                         'tracking.model_name="mmpipe-fusion-zero3"')
-    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home, "debug-fusion-fusion-*/checkpoints/step-00000020")
+    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home / "runs",
+                                             "debug-fusion-fusion-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 60 and result.metrics["resumed_from"] >= 20
     losses = _losses(result.mlflow_run_id, mmpipe_home)
     assert losses[-1] < 0.8 * losses[0]

@@ -103,3 +103,43 @@ def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, ur
     assert shown.returncode == 2 and "does not exist" in shown.stderr
     odd = _mmpipe("dataset", "show", "gs2://elsewhere/v1")
     assert odd.returncode == 2 and "unsupported location" in odd.stderr
+
+
+@pytest.mark.fault
+def test_a_run_with_its_dataset_and_checkpoints_in_a_bucket_resumes_from_the_bucket(
+        object_store, bucket, train_dataset, local_ray, mmpipe_home, debug_cfg, fault):
+    from mmcore import load_model
+    from mmcore.train import checkpoint
+    from mmcore.train.fit import fit
+    from tests.integration.workers import fit_killing_a_worker
+
+    data = f"{bucket}/datasets/train"
+    storage.upload_tree(train_dataset.path, storage.path(data), last=MANIFEST)
+    runs = storage.path(f"{bucket}/runs")
+    cfg = debug_cfg(DatasetVersion.open(data), "optim.max_steps=40", "checkpoint.every_steps=20",
+                    "checkpoint.max_failures=1", f'cluster.storage_path="{runs}"',
+                    'tracking.model_name="mmpipe-bucket-test"')
+    result, killed_at = fit_killing_a_worker(cfg, runs, "*/checkpoints/step-00000020/manifest.json")
+    assert result.metrics["step"] == 40 and result.metrics["resumed_from"] == 20
+    assert result.run_dir.startswith(f"{bucket}/runs/")
+    assert not (mmpipe_home / "runs" / Path(result.run_dir).name).exists(), "nothing of the run on the local disk"
+
+    run = storage.path(result.run_dir)
+    step20 = run / "checkpoints" / "step-00000020"
+    listed = checkpoint.read_meta(step20)["files"]
+    assert any("zero_pp_rank_0" in name for name in listed) and any("zero_pp_rank_1" in name for name in listed), \
+        "each rank's own files, uploaded by that rank, are in the manifest"
+    assert checkpoint.latest_verified(run / "checkpoints") == step20
+    (run / "checkpoints" / "step-00000030" / "state" / "part").write_text("uploaded, never committed")
+    wrong = run / "checkpoints" / "step-00000035"
+    (wrong / "state" / "part").write_text("bytes")
+    (wrong / MANIFEST).write_text('{"step": 35, "files": {"state/part": "0000"}, "state": {}}')
+    assert checkpoint.latest_verified(run / "checkpoints") == step20, "no manifest or a wrong one: skipped"
+
+    assert (run / "final" / "weights.safetensors").exists() and (run / "result.json").exists()
+    model = load_model(result.model_uri)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    again = fit(cfg)
+    assert again.model_version == result.model_version, "a finished run (result.json in the bucket) is not retrained"
+    fault("bucket-resume", "SIGKILL to a Ray Train worker after the step-20 checkpoint was committed in the bucket",
+          1, f"killed at step {killed_at}, resumed from step 20 in the bucket: {killed_at - 20} steps trained again")

@@ -116,7 +116,8 @@ def test_a_killed_worker_resumes_at_the_row_its_checkpoint_was_taken(trained, tr
                                                                        mmpipe_home, debug_cfg, fault):
     cfg = debug_cfg(train_dataset, "checkpoint.every_steps=20", "checkpoint.max_failures=1",
                'tracking.model_name="mmpipe-resume-test"')
-    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home, "debug-contrastive-*/checkpoints/step-00000020")
+    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home / "runs",
+                                             "debug-contrastive-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 120
     assert result.metrics["resumed_from"] >= 20, "the restarted workers resume from a checkpoint"
     assert result.model_version == "1"

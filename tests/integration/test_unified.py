@@ -95,7 +95,8 @@ def test_a_fresh_process_gets_text_and_a_png_through_the_pyfunc_by_alias(unified
 def test_unified_resumes_after_a_killed_worker(image_tokenizer, train_dataset, local_ray, mmpipe_home, fault):
     cfg = unified_config(train_dataset, image_tokenizer.model_uri, "optim.max_steps=60", "checkpoint.every_steps=20",
                          "checkpoint.max_failures=1", 'tracking.model_name="mmpipe-unified-resumed"')
-    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home, "debug-unified-unified-*/checkpoints/step-00000020")
+    result, killed_at = fit_killing_a_worker(cfg, mmpipe_home / "runs",
+                                             "debug-unified-unified-*/checkpoints/step-00000020")
     assert result.metrics["step"] == 60 and result.metrics["resumed_from"] >= 20
     fault("worker-killed", "SIGKILL to a Ray Train worker after the step-20 checkpoint (unified)", 1,
           f"killed at step {killed_at}, resumed from step {result.metrics['resumed_from']}")

@@ -6,14 +6,13 @@ import json
 import os
 
 
-def fit_killing_a_worker(cfg, home, checkpoint_glob: str):
-    """fit(cfg) in a thread; once a checkpoint matching `checkpoint_glob` (under <home>/runs) is sealed,
-    SIGKILL one Ray Train worker; returns the TrainResult of the resumed run and the last step the
-    run had reported (progress.json) when the worker was killed."""
+def fit_killing_a_worker(cfg, runs, checkpoint_glob: str):
+    """fit(cfg) in a thread; once a checkpoint matching `checkpoint_glob` under `runs` (a directory, or a
+    prefix in a bucket) is there, SIGKILL one Ray Train worker; returns the TrainResult of the resumed
+    run and the last step the run had reported (progress.json) when the worker was killed."""
     import signal
     import threading
     import time
-    from pathlib import Path
 
     import psutil
 
@@ -22,7 +21,6 @@ def fit_killing_a_worker(cfg, home, checkpoint_glob: str):
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(result=fit(cfg)), daemon=True)
     thread.start()
-    runs = Path(home) / "runs"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(runs.glob(checkpoint_glob)):
         time.sleep(0.5)
@@ -30,8 +28,9 @@ def fit_killing_a_worker(cfg, home, checkpoint_glob: str):
             if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
     assert pids, "training workers should be running"
     os.kill(pids[-1], signal.SIGKILL)
-    progress = list(runs.glob(checkpoint_glob))[0].parents[1] / "progress.json"
-    killed_at = json.loads(progress.read_text())["step"]
+    found = list(runs.glob(checkpoint_glob))[0]
+    run_dir = next(p for p in found.parents if p.name == "checkpoints").parent
+    killed_at = json.loads((run_dir / "progress.json").read_text())["step"]
     thread.join(timeout=600)
     return outcome["result"], killed_at
 

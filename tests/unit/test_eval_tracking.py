@@ -201,9 +201,7 @@ def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(
     client = MlflowClient(uri)
     experiment = client.create_experiment("registry", artifact_location=str(tmp_path / "artifacts"))
     model, pre = _debug_clip()
-    (tmp_path / "tokenizer.json").write_text(pre.tokenizer.to_str())
-    bundle = ModelBundle.write(tmp_path / "bundle", model, model_config("clip-debug"), tmp_path / "tokenizer.json",
-                               pre.cfg)
+    bundle = ModelBundle.write(tmp_path / "bundle", model, model_config("clip-debug"), pre.tokenizer.to_str(), pre.cfg)
     run = client.create_run(experiment)
     before = os.environ.get("MLFLOW_TRACKING_URI")
     version = log_and_register(uri, run.info.run_id, tmp_path / "bundle", "safe", "candidate", {})
