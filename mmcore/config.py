@@ -393,7 +393,16 @@ class ClusterConfig:
     num_cpus: int = 0
     """Logical CPUs of a local Ray; 0 = max(4, cores), so data tasks are not starved by workers."""
     storage_path: str = ""
-    """Where runs and checkpoints live (shared by every node); empty = <home>/runs."""
+    """Where runs and checkpoints live: a directory every node sees, or object storage (s3://bucket/prefix);
+    empty = <home>/runs."""
+    placement_strategy: str = "PACK"
+    """How Ray places the training workers: PACK (as few nodes as fit), SPREAD (across nodes), or
+    STRICT_PACK / STRICT_SPREAD."""
+
+    def validate(self) -> None:
+        _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+               "cluster.placement_strategy", f"must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
+               f"got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -413,7 +422,7 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
-        for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint):
+        for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint, self.cluster):
             part.validate()
         if self.task.stage in STAGE_PARENTS:
             kind, example = STAGE_PARENTS[self.task.stage]

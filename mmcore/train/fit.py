@@ -201,7 +201,8 @@ def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dic
     }
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu,
+                                               placement_strategy=cfg.cluster.placement_strategy),
         run_config=ray.train.RunConfig(name=name, storage_path=str(runs),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures)),
     )

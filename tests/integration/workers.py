@@ -14,8 +14,6 @@ def fit_killing_a_worker(cfg, runs, checkpoint_glob: str):
     import threading
     import time
 
-    import psutil
-
     from mmcore.train.fit import fit
 
     outcome = {}
@@ -24,10 +22,9 @@ def fit_killing_a_worker(cfg, runs, checkpoint_glob: str):
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not list(runs.glob(checkpoint_glob)):
         time.sleep(0.5)
-    pids = [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))]
+    pids = train_workers()
     assert pids, "training workers should be running"
-    os.kill(pids[-1], signal.SIGKILL)
+    os.kill(max(pids), signal.SIGKILL)
     found = list(runs.glob(checkpoint_glob))[0]
     run_dir = next(p for p in found.parents if p.name == "checkpoints").parent
     killed_at = json.loads((run_dir / "progress.json").read_text())["step"]
