@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from mmcore import console
+from mmcore import console, storage
 
 DEFAULT_HOST = "127.0.0.1"
 SERVICES = ("prefect", "mlflow", "ray")
@@ -248,15 +248,16 @@ def _prefect_spec(home: Path, host: str, ports: dict[str, int], auth: bool = Fal
     return spec
 
 
-def _mlflow_spec(home: Path, host: str, ports: dict[str, int], auth: bool = False) -> dict:
+def _mlflow_spec(home: Path, host: str, ports: dict[str, int], auth: bool = False, artifacts: str = "") -> dict:
     home = Path(home)
     spec = {
         # --artifacts-destination (proxied artifacts): runs logged through this server land in
-        # <home>/mlartifacts/<experiment id>; runs the library logs straight to sqlite keep their
+        # <artifacts or home/mlartifacts>/<experiment id>, clients never hold the bucket's keys (the server
+        # reads them from the AWS variables); runs the library logs straight to sqlite keep their
         # file://<home>/mlartifacts/<name> location, which the server reads as it is. One worker: 2 cores.
         "command": [_executable("mlflow"), "server", "--host", host, "--port", str(ports["mlflow"]),
                     "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-                    "--artifacts-destination", str(home / "mlartifacts"), "--workers", "1"],
+                    "--artifacts-destination", artifacts or str(home / "mlartifacts"), "--workers", "1"],
         # The job runner (GenAI scorers) starts ~7 huey consumers; nothing here uses it.
         "env": {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         "health": f"http://{_url_host(host)}:{ports['mlflow']}/health",
@@ -278,10 +279,10 @@ def _mlflow_spec(home: Path, host: str, ports: dict[str, int], auth: bool = Fals
     return spec
 
 
-def _specs(home: Path, host: str, ports: dict[str, int], auth: bool) -> dict[str, dict]:
+def _specs(home: Path, host: str, ports: dict[str, int], auth: bool, artifacts: str = "") -> dict[str, dict]:
     """How to start each server of the stack (`up` starts all, a restart the stopped ones)."""
-    return {"prefect": _prefect_spec(home, host, ports, auth), "mlflow": _mlflow_spec(home, host, ports, auth),
-            "ray": _ray_spec(home, host, ports)}
+    return {"prefect": _prefect_spec(home, host, ports, auth),
+            "mlflow": _mlflow_spec(home, host, ports, auth, artifacts), "ray": _ray_spec(home, host, ports)}
 
 
 def _ray_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
@@ -546,13 +547,14 @@ def running(home: Path) -> dict[str, bool]:
 
 
 def up(home: Path, host: str = DEFAULT_HOST, ports: dict[str, int] | None = None,
-       timeout_s: float = 120, auth: bool = False) -> dict[str, str]:
+       timeout_s: float = 120, auth: bool = False, artifacts: str = "") -> dict[str, str]:
     """Start Prefect, MLflow and a Ray head on `host`, wait until each is healthy; return their URLs.
 
     Already up: returns the recorded URLs and starts nothing; partly up: starts again only the servers
     whose process is gone, on their recorded host and ports. A port already taken raises StackError
     before anything starts; a server that fails to start or to become healthy stops all of them.
     Off loopback, `auth` is required: basic auth on Prefect and MLflow (Ray always uses its token).
+    `artifacts`: where MLflow's server keeps model artifacts (s3://bucket/prefix; default <home>/mlartifacts).
     """
     home = Path(home).expanduser().resolve()
     alive = running(home)
@@ -567,11 +569,14 @@ def up(home: Path, host: str = DEFAULT_HOST, ports: dict[str, int] | None = None
     resolved = _resolve_ports(ports)
     _check_ports(host, resolved)
     _check_ray_dashboard_deps()
+    if artifacts:
+        storage.path(artifacts)  # a local path or s3://: anything else is refused here
+        storage.check(artifacts)
     (stack_dir(home) / "logs").mkdir(parents=True, exist_ok=True)
     _ray_token(home)
-    specs = _specs(home, host, resolved, auth)
+    specs = _specs(home, host, resolved, auth, artifacts)
     urls = urls_for(host, resolved)
-    state = {"host": host, "ports": resolved, "urls": urls, "auth": auth, "services": {}}
+    state = {"host": host, "ports": resolved, "urls": urls, "auth": auth, "artifacts": artifacts, "services": {}}
     try:
         for name, spec in specs.items():
             state["services"][name] = _spawn(home, name, spec)
@@ -592,7 +597,7 @@ def _restart(home: Path, names: list[str], timeout_s: float) -> dict[str, str]:
     """Start again the services of a running stack whose process is gone (crashed, killed), on the
     host and ports the stack was started with; the others keep running."""
     state = read_state(home)
-    specs = _specs(home, state["host"], state["ports"], state.get("auth", False))
+    specs = _specs(home, state["host"], state["ports"], state.get("auth", False), state.get("artifacts", ""))
     restarted = {}
     for name in names:
         entry = state["services"][name]
@@ -678,6 +683,9 @@ def add_stack_commands(subparsers) -> None:
     for key, port in DEFAULT_PORTS.items():
         start.add_argument("--" + key.replace("_", "-") + "-port", dest=f"{key}_port", type=int, default=port,
                            help=f"default {port}")
+    start.add_argument("--artifacts", default="",
+                       help="where MLflow keeps model artifacts: s3://bucket/prefix (credentials and endpoint from "
+                            "the AWS variables of this shell) or a directory; default <home>/mlartifacts")
     start.add_argument("--timeout", type=float, default=120.0,
                        help="seconds to wait for every server to answer its health check")
     start.set_defaults(func=cmd_up)
@@ -710,8 +718,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         stopped = ", ".join(name for name, ok in alive.items() if not ok)
         console.out.print(f"restarting {stopped} (stopped); the other servers keep running")
     try:
-        urls = up(home, host=args.host, ports=ports, timeout_s=args.timeout, auth=args.auth)
-    except (StackError, ValueError) as err:
+        urls = up(home, host=args.host, ports=ports, timeout_s=args.timeout, auth=args.auth,
+                  artifacts=args.artifacts)
+    except (StackError, ValueError, OSError) as err:
         return _error(err)
     _print_urls(home, urls)
     return 0

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from pipelines import stack
+from tests import objectstore
 
 pytestmark = pytest.mark.integration
 
@@ -306,14 +307,16 @@ def test_down_stops_everything(running_stack):
 
 
 @pytest.mark.fault
-def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path, train_dataset, fault):
+def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path, train_dataset, object_store,
+                                                                        fault):
     home = tmp_path.resolve()
     with pytest.raises(stack.StackError, match="refusing to serve Prefect and MLflow on 0.0.0.0 without "
                                                "authentication: add --auth"):
         stack.up(home, host="0.0.0.0", ports=free_ports())
     assert stack.read_state(home) is None and strays(home) == [], "nothing started"
 
-    urls = stack.up(home, ports=free_ports(), timeout_s=180, auth=True)
+    bucket = object_store.bucket()
+    urls = stack.up(home, ports=free_ports(), timeout_s=180, auth=True, artifacts=f"{bucket}/mlflow")
     try:
         env = client_env(home)
         user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
@@ -335,6 +338,12 @@ def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path
         logs = "".join(p.read_text(errors="replace") for p in (home / "stack" / "logs").glob("*.log"))
         assert password not in logs and password not in json.dumps(stack.read_state(home))
         leaks = _train_with_password_in_tracking_uri(home, env, urls, train_dataset)
+        stored = object_store.keys(f"{bucket}/mlflow/")
+        assert any(key.endswith("/weights.safetensors") for key in stored), "model artifacts go to the bucket"
+        client = {k: v for k, v in {**os.environ, **env}.items() if not k.startswith("AWS_")}  # no bucket keys
+        code = "import mmcore; print(type(mmcore.load_model('models:/mmpipe-contrastive@candidate')).__name__)"
+        loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=client)
+        assert loaded.returncode == 0 and "Clip" in loaded.stdout, loaded.stderr[-2000:]
     finally:
         stack.down(home)
     assert leaks == [], f"the password reached {leaks}"
@@ -373,11 +382,11 @@ def _train_with_password_in_tracking_uri(home: Path, env: dict, urls: dict, data
         assert run.data.params["tracking.uri"] == urls["mlflow_ui"].replace("://", f"://{user}:***@", 1)
         leaks += [f"MLflow param {k}" for k, v in run.data.params.items() if password in v]
         artifacts = Path(download_artifacts(run_id=run_id, tracking_uri=urls["mlflow_ui"], dst_path=str(home / "dl")))
-    secret = password.encode()
     allowed = {stack.credentials_path(home), stack.env_path(home)}
     for root in (home, stack.ray_temp_dir(home)):
         for path in root.rglob("*"):
-            if path.is_file() and path not in allowed and secret in path.read_bytes():
+            if path.is_file() and path not in allowed and any(secret in path.read_bytes() for secret in
+                                                              (password.encode(), objectstore.SECRET.encode())):
                 leaks.append(str(path.relative_to(artifacts) if path.is_relative_to(artifacts) else path))
     return leaks
 
