@@ -42,13 +42,6 @@ def path(location):
     return Path(text)
 
 
-def local_path(location) -> Path:
-    """The location as a local Path; a clear error where only a local path will do."""
-    if is_remote(location):
-        raise StorageError(f"{location}: must be a local path here, not object storage")
-    return Path(location)
-
-
 def check(location) -> None:
     """One clear error, before any work starts, when `location` is in a bucket that cannot be used."""
     if not is_remote(location):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from mmcore import storage
 from mmcore.config import TokenizerConfig
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<bos>", "<eos>", "<image>"
@@ -33,7 +33,7 @@ def train_tokenizer(captions: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
 def load_tokenizer(path) -> Tokenizer:
     """Load a tokenizer.json (a local path or a path object in a bucket); the error names the file."""
     try:
-        return Tokenizer.from_str(Path(path).read_text() if isinstance(path, str) else path.read_text())
+        return Tokenizer.from_str(storage.path(path).read_text())
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exception
         raise ValueError(f"{path}: not a loadable tokenizer ({err})") from None
 

@@ -152,8 +152,6 @@ class SampleRecorder:
 
 def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir, rank: int,
            config: dict, recorder: SampleRecorder | None) -> dict:
-    import ray.train
-
     from mmcore.tracking import MetricLogger
 
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
@@ -201,8 +199,9 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir,
 
 def write_progress(run_dir, step: int, max_steps: int, metrics: dict) -> None:
     """`progress.json` for the driver's progress bar (never read half-written)."""
-    storage.write_text(run_dir / "progress.json", json.dumps({
-        "step": step, "max_steps": max_steps, "loss": metrics["loss"], "samples_per_second": metrics["samples_per_second"]}))
+    progress = {"step": step, "max_steps": max_steps, "loss": metrics["loss"],
+                "samples_per_second": metrics["samples_per_second"]}
+    storage.write_text(run_dir / "progress.json", json.dumps(progress))
 
 
 def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> dict:

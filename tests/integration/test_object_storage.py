@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -93,7 +94,7 @@ def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, ur
     assert missing.returncode == 2
     assert "bucket 'no-such-bucket' does not exist" in missing.stderr and len(missing.stderr.splitlines()) == 2
 
-    down = {**__import__("os").environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    down = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
     result = _mmpipe("ingest", str(url_list), "--out", f"{object_store.bucket()}/v1", "--allow-network",
                      "127.0.0.1/32", env=down)
     assert result.returncode == 2 and "does not answer" in result.stderr, result.stderr
