@@ -394,7 +394,7 @@ class ClusterConfig:
     """Logical CPUs of a local Ray; 0 = max(4, cores), so data tasks are not starved by workers."""
     storage_path: str = ""
     """Where runs and checkpoints live: a directory every node sees, or object storage (s3://bucket/prefix);
-    empty = <home>/runs."""
+    empty = $MMPIPE_STORAGE/runs, else <home>/runs."""
     placement_strategy: str = "PACK"
     """How Ray places the training workers: PACK (as few nodes as fit), SPREAD (across nodes), or
     STRICT_PACK / STRICT_SPREAD."""

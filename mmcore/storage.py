@@ -42,6 +42,15 @@ def path(location):
     return Path(text)
 
 
+def root():
+    """Where dataset versions (`datasets/`) and runs (`runs/`) go when no location is given:
+    $MMPIPE_STORAGE (a directory or s3://bucket/prefix, what every node of a cluster can reach),
+    else the project home."""
+    from mmcore.config import project_home
+
+    return path(os.environ.get("MMPIPE_STORAGE") or project_home())
+
+
 def check(location) -> None:
     """One clear error, before any work starts, when `location` is in a bucket that cannot be used."""
     if not is_remote(location):

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -19,9 +18,9 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.events import emit_event
 from prefect.logging.handlers import APILogHandler
 
-from mmcore import console, tracking
+from mmcore import console, storage, tracking
 from mmcore.config import TrackingConfig, project_home
-from mmcore.data.dataset import DatasetVersion
+from mmcore.data.dataset import MANIFEST, DatasetVersion
 from mmcore.data.ingest import ingest
 from mmcore.eval.gate import GateDecision, promote
 from mmcore.eval.run import EvalReport, evaluate
@@ -104,8 +103,8 @@ def _console(flow_name: str) -> None:
 def ingest_task(params: IngestParams) -> dict:
     """Download, filter and version a URL list (mmcore.data.ingest); the same list and settings are reused."""
     cfg = params.to_config()
-    out = Path(cfg.out)
-    if not params.out and out.exists():
+    out = storage.path(cfg.out)
+    if not params.out and (out / MANIFEST).exists():
         version = DatasetVersion.open(out)
         problems = version.verify()
         if problems:

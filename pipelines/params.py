@@ -14,8 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from mmcore import storage
 from mmcore.cli import apply_overrides
-from mmcore.config import GateConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, project_home, to_dict
+from mmcore.config import GateConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, to_dict
 from mmcore.data.source import source_sha256
 from mmcore.recipes import RECIPES, recipe
 from mmcore.redact import CREDENTIAL_FREE
@@ -45,8 +46,9 @@ class IngestParams(_Params):
     """URL list -> filtered, versioned dataset (the `ingest` flow)."""
 
     url_list: Plain = Field(description="A .parquet, .csv or .jsonl URL list, or a directory of them.")
-    out: Plain = Field("", description="Dataset version directory to create. Empty: <home>/datasets/<list>-<hash of "
-                                     "the list and settings>, so a re-run resumes or reuses it.")
+    out: Plain = Field("", description="Dataset version to create: a directory or s3://bucket/prefix. Empty: "
+                                     "<storage>/datasets/<list>-<hash of the list and settings>, so a re-run "
+                                     "resumes or reuses it (<storage>: $MMPIPE_STORAGE, else the project home).")
     url_col: str = Field("url", description="Column holding the image URL.")
     caption_col: str = Field("caption", description="Column holding the caption.")
     allow_networks: list[str] = Field(default_factory=list, description="CIDRs the URL guard may reach although "
@@ -68,11 +70,11 @@ class IngestParams(_Params):
         return cfg
 
 
-def default_out(cfg: IngestConfig) -> Path:
-    """<home>/datasets/<list name>-<hash>: the same list and settings always map to the same directory."""
+def default_out(cfg: IngestConfig):
+    """<storage root>/datasets/<list name>-<hash>: the same list and settings always map to the same version."""
     settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out", "work_dir")}
     digest = hashlib.sha256(json.dumps([source_sha256(cfg.source), settings], sort_keys=True).encode())
-    return project_home() / "datasets" / f"{Path(cfg.source.path).stem}-{digest.hexdigest()[:12]}"
+    return storage.root() / "datasets" / f"{Path(cfg.source.path).stem}-{digest.hexdigest()[:12]}"
 
 
 class TrainSettings(_Params):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mmcore import storage, tracking
 from mmcore.console import say
-from mmcore.config import RunConfig, project_home, to_dict
+from mmcore.config import RunConfig, to_dict
 from mmcore.data.dataset import DatasetError, DatasetVersion
 from mmcore.data.schema import open_shard
 from mmcore.data.tokenizer import load_tokenizer
@@ -129,14 +129,14 @@ def connect_ray(address: str = "", num_cpus: int = 0):
 def fit(cfg: RunConfig) -> TrainResult:
     """Train one stage on a dataset version and register the model with alias `cfg.tracking.alias`."""
     cfg.validate()
-    storage.check(cfg.cluster.storage_path)  # a bucket that cannot be used fails here, before any worker starts
+    runs = storage.path(cfg.cluster.storage_path) if cfg.cluster.storage_path else storage.root() / "runs"
+    storage.check(runs)  # a bucket that cannot be used fails here, before any worker starts
     version = open_dataset(cfg)
     uri = tracking.resolve_uri(cfg.tracking)
     tracking.check_reachable(uri)
     parents = pin_parents(cfg, model_config(cfg.model.name), uri, version)
     cfg, arch = parents.cfg, parents.arch
     name = run_name(cfg, version.id, arch)
-    runs = storage.path(cfg.cluster.storage_path or project_home() / "runs")
     runs = runs.absolute() if isinstance(runs, Path) else runs
     run_dir = runs / name
     if (run_dir / "result.json").exists():

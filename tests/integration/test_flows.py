@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcore.data.dataset import DatasetVersion
+from mmcore.data.dataset import MANIFEST, DatasetVersion
 from mmcore.data.sample import SampleSpec, make_sample
 from pipelines.params import IngestParams
 from tests.serving import stop_served
@@ -80,15 +80,20 @@ def _landed_events(api_url: str, dataset_id: str, expected: int, wait_s: float =
         time.sleep(1)
 
 
-def test_ingest_flow_versions_the_list_leaves_artifacts_and_reuses_it(prefect_api, small_list, served_dir):
+def test_ingest_flow_versions_the_list_in_the_storage_bucket_leaves_artifacts_and_reuses_it(
+        prefect_api, small_list, served_dir, object_store, monkeypatch):
     from pipelines.flows import ingest_flow
     from pipelines.params import IngestParams
 
     server, _ = served_dir
+    storage_root = f"{object_store.bucket()}/mmpipe"
+    monkeypatch.setenv("MMPIPE_STORAGE", storage_root)  # as on a cluster: versions go to the bucket by default
     params = IngestParams(url_list=str(small_list), allow_networks=["127.0.0.1/32"])
     state = ingest_flow(params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
+    assert summary["path"].startswith(f"{storage_root}/datasets/urls-"), summary["path"]
+    assert f"{summary['path'][5:].split('/', 1)[1]}/{MANIFEST}" in object_store.keys(storage_root)
     version = DatasetVersion.open(summary["path"])
     assert version.verify() == []
     rows = summary["rows"]

@@ -14,7 +14,7 @@ from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfi
 from mmcore.data.dataset import MANIFEST, DatasetVersion
 from mmcore.data.ingest import ingest
 from mmcore.data.sample import SampleSpec, make_sample
-from tests.objectstore import free_port
+from tests.objectstore import ObjectStore, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -104,4 +104,25 @@ def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, ur
     assert shown.returncode == 2 and "does not exist" in shown.stderr
     odd = _mmpipe("dataset", "show", "gs2://elsewhere/v1")
     assert odd.returncode == 2 and "unsupported location" in odd.stderr
+
+
+def test_credentials_the_store_refuses_fail_before_any_download_or_worker(url_list, served_dir):
+    server, _ = served_dir
+    store = ObjectStore(auth=True)  # checks signatures, unlike the session's store
+    try:
+        bucket = store.bucket()  # the store's own credentials work
+        wrong = "wrong-secret-9c1e"
+        env = {**os.environ, "AWS_ENDPOINT_URL": store.endpoint,
+               "AWS_ACCESS_KEY_ID": store.credentials["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": wrong}
+        before = len(server.requests)
+        ingest = _mmpipe("ingest", str(url_list), "--out", f"{bucket}/v1", "--allow-network", "127.0.0.1/32", env=env)
+        train = _mmpipe("train", "contrastive", "--recipe", "debug", "--dataset", f"{bucket}/v1", env=env)
+        for result in (ingest, train):
+            assert result.returncode == 2, result.stderr
+            assert "refused the credentials" in result.stderr and wrong not in result.stderr, result.stderr
+            assert "Traceback" not in result.stderr and " on dataset " not in result.stdout + result.stderr
+        assert len(server.requests) == before
+        assert store.keys(bucket) == []
+    finally:
+        store.stop()
 

@@ -281,3 +281,47 @@ def test_the_docs_page_names_only_files_that_exist():
     assert named
     missing = sorted(p for p in named if not (ROOT / p).exists())
     assert not missing, f"docs/cluster.md names missing files: {missing}"
+
+
+# ---- storage: one bucket, no shared filesystem ------------------------------------------------
+
+
+def env_file(path: Path) -> dict[str, str]:
+    lines = [line.split("=", 1) for line in path.read_text().splitlines() if re.match(r"[A-Z_]+=", line)]
+    return dict(lines)
+
+
+def k8s_env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_every_node_and_worker_reads_and_writes_one_bucket_and_nothing_mounts_a_shared_filesystem(monkeypatch):
+    from mmcore import storage
+
+    cluster = load(INFRA / "kuberay" / "raycluster.yaml")
+    worker = load(INFRA / "prefect" / "worker-k8s.yaml")
+    containers = ray_containers(cluster) + worker["spec"]["template"]["spec"]["containers"]
+    locations, key_sources = set(), set()
+    for container in containers:
+        env = k8s_env(container)
+        locations.add(env["MMPIPE_STORAGE"]["value"])
+        key_sources |= {env[name]["valueFrom"]["secretKeyRef"]["name"]
+                        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+        assert "MMPIPE_HOME" not in env  # the home (logs, scratch) is the pod's own disk
+    launcher = load(INFRA / "ray" / "cluster.yaml")
+    node_env = env_file(INFRA / "ray" / "node.env.example")
+    worker_env = env_file(INFRA / "prefect" / "worker.env.example")
+    locations |= {node_env["MMPIPE_STORAGE"], worker_env["MMPIPE_STORAGE"]}
+    assert len(locations) == 1 and len(key_sources) == 1, (locations, key_sources)
+    for env in (node_env, worker_env):
+        assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env) and "MMPIPE_HOME" not in env
+
+    monkeypatch.setenv("MMPIPE_STORAGE", locations.pop())
+    assert storage.is_remote(storage.root() / "datasets"), "the code does not read MMPIPE_STORAGE as a bucket"
+
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    pod_specs = [g["template"]["spec"] for g in groups] + [worker["spec"]["template"]["spec"]]
+    volumes = [v for spec in pod_specs for v in spec.get("volumes", [])]
+    assert not [v for v in volumes if "persistentVolumeClaim" in v or "nfs" in v]
+    assert not [o for o in launcher["docker"]["run_options"] if o.startswith(("--volume", "-v "))]
+    assert "mount" not in " ".join(launcher.get("initialization_commands") or [])
