@@ -91,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     precision = resolve_precision(cfg.parallel.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
                                       config=build_ds_config(cfg, precision), dist_init_required=False)
-    state = _resume(engine, run_dir / "checkpoints", rank, storage.scratch_dir(run_dir))
+    state = _resume(engine, run_dir / "checkpoints", rank, storage.scratch_dir(run_dir), device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     stream = config["train_stream"]
     units = rank_units(stream["units"], rank, context.get_world_size(), skip_rows=state["rows"])
@@ -105,20 +105,35 @@ def train_loop_per_worker(config: dict) -> None:
     ray.train.report(metrics)
 
 
-def _resume(engine, root, rank: int, scratch: Path) -> dict:
-    """Load the newest verified checkpoint (rank 0 picks it, every rank loads it; from a bucket, each rank
-    loads its own download of it)."""
-    choice = [str(checkpoint.latest_verified(root) or "") if rank == 0 else None]
-    if dist.is_initialized():
-        dist.broadcast_object_list(choice, src=0)
-    if not choice[0]:
+def _resume(engine, root, rank: int, scratch: Path, device) -> dict:
+    """Load the newest checkpoint that verifies. On a disk rank 0 picks it and every rank loads it; from a
+    bucket every rank downloads each candidate once and checks its own copy, so what a rank loads is
+    what it verified, and a candidate counts only when it verified on every rank."""
+    if isinstance(root, Path):
+        choice = [str(checkpoint.latest_verified(root) or "") if rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(choice, src=0)
+        found = Path(choice[0]) if choice[0] else None
+        path = found
+    else:
+        names = [[p.name for p in checkpoint.checkpoints(root)] if rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(names, src=0)  # one list: the ranks must try the same candidates
+        found = path = None
+        for name in names[0]:
+            remote = root / name
+            local = scratch / f".resume-rank-{rank}"
+            ok = (remote / checkpoint.MANIFEST).exists() and checkpoint.verify(storage.download_tree(remote, local))
+            if all_ranks_true(ok, device):
+                found, path = local, remote
+                break
+            shutil.rmtree(local, ignore_errors=True)
+    if found is None:
         return {"step": 0, "samples": 0, "rows": 0, "resumed_from": None, "bad_steps": 0}
-    path = storage.path(choice[0])
-    local = path if isinstance(path, Path) else storage.download_tree(path, scratch / f".resume-rank-{rank}")
-    engine.load_checkpoint(str(local), tag="state")
-    state = {"rows": 0, **checkpoint.read_meta(local)["state"]}  # checkpoints of older versions start the stream over
-    if local != path:
-        shutil.rmtree(local)
+    engine.load_checkpoint(str(found), tag="state")
+    state = {"rows": 0, **checkpoint.read_meta(found)["state"]}  # checkpoints of older versions start the stream over
+    if found != path:
+        shutil.rmtree(found)
     if rank == 0:
         log.info("resumed from %s (step %d, each rank's stream from row %d)", path, state["step"], state["rows"])
     return {**state, "resumed_from": state["step"]}
