@@ -114,6 +114,17 @@ def upload_tree(local: Path, remote, last: str | None = None, advance_to=None) -
     return digests
 
 
+def publish(staging: Path, target) -> None:
+    """Put the finished local directory `staging` at `target`, replacing what is there: renamed into
+    place on a disk, uploaded (then removed) in a bucket."""
+    remove_tree(target)
+    if isinstance(target, Path):
+        staging.rename(target)
+    else:
+        upload_tree(staging, target)
+        shutil.rmtree(staging)
+
+
 def download_tree(remote, local: Path) -> Path:
     """Copy every object under `remote` into `local` (made anew)."""
     shutil.rmtree(local, ignore_errors=True)

@@ -25,7 +25,7 @@ from mmcore.data.ingest import ingest
 from mmcore.eval.gate import GateDecision, promote
 from mmcore.eval.run import EvalReport, evaluate
 from mmcore.progress import progress_listener
-from mmcore.redact import redact
+from mmcore.redact import RedactingFormatter
 from mmcore.train.fit import TrainingError, fit
 from mmcore.train.loop import NonFiniteLoss
 from pipelines import report
@@ -80,8 +80,9 @@ class RunLogs(APILogHandler):
     """mmpipe's own lines (stage start and end, figures, errors) in the flow run's logs in the Prefect UI,
     secrets masked."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(RedactingFormatter())
 
     def emit(self, record: logging.LogRecord) -> None:
         if FlowRunContext.get() or TaskRunContext.get():  # outside a run they stay in the console and log file

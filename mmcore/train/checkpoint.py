@@ -34,9 +34,7 @@ def seal(root: Path, step: int, meta: dict) -> Path:
     files = {str(p.relative_to(staging)): storage.sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()}
     (staging / MANIFEST).write_text(json.dumps({"step": step, "files": files, **meta}, indent=2))
     final = step_dir(root, step)
-    if final.exists():  # the same step written again after a restart
-        shutil.rmtree(final)
-    staging.rename(final)
+    storage.publish(staging, final)  # the same step may be written again after a restart
     return final
 
 

@@ -325,12 +325,6 @@ def _save_final(engine, cfg: RunConfig, run_dir, rank: int, config: dict) -> Non
             with staged(staging):
                 ModelBundle.write(staging, engine.module.model, config["model_config"], config["tokenizer_json"],
                                   PreprocessConfig(**config["preprocess"]))
-            final = run_dir / "final"
-            storage.remove_tree(final)
-            if isinstance(final, Path):
-                staging.rename(final)
-            else:
-                storage.upload_tree(staging, final)
-                shutil.rmtree(staging)
+            storage.publish(staging, run_dir / "final")
     if dist.is_initialized():
         dist.barrier()
