@@ -27,10 +27,14 @@ DOC = ROOT / "docs" / "reliability.md"
 PROMISES = {
     "worker-killed": "A training worker killed (SIGKILL): the run finishes from the newest checkpoint that verifies",
     "driver-killed": "The driver killed and the same command run again: it resumes; a finished run is not trained again",
+    "two-nodes": "A worker on the second node of a two-node cluster killed, dataset and checkpoints in a bucket: "
+                 "the run resumes from the bucket",
     "mlflow-down": "MLflow down in the middle of a run: no metric lost; registration waits, then fails clearly",
     "prefect-restarted": "The Prefect API restarted in the middle of a flow run: no finished work repeated",
     "disk-full": "A full disk during ingest or checkpointing: a clear error naming the path, nothing half-written",
     "corrupted": "A corrupted shard or checkpoint: named before any training step; resume skips the checkpoint",
+    "bucket": "Object storage that fails (an ingest crash, a missing bucket, refused credentials, an endpoint "
+              "down): one clear error before any work; nothing counts without its manifest",
     "hostile-web": "A misbehaving web server (resets, tarpits, redirect loops): ingest ends, each row counted",
     "exactly-once": "Exactly-once data on resume: the rows behind a resumed model are the uninterrupted run's",
     "load-flows": "20 flow runs submitted at once through the Prefect API: all complete, none lost or run twice",

@@ -42,8 +42,9 @@ def bucket(object_store):
     return object_store.bucket()
 
 
+@pytest.mark.fault
 def test_ingest_into_a_bucket_counts_only_once_its_manifest_is_written_and_resumes_from_the_bucket(
-        object_store, bucket, url_list, served_dir, mmpipe_home):
+        object_store, bucket, url_list, served_dir, mmpipe_home, fault):
     server, _ = served_dir
     out = f"{bucket}/datasets/v1"
     leftover = storage.path(out) / "shards" / "train-00000.parquet"
@@ -85,9 +86,14 @@ def test_ingest_into_a_bucket_counts_only_once_its_manifest_is_written_and_resum
     storage.upload_tree(mmpipe_home / "flip", storage.path(copy), last=MANIFEST)
     flipped = _mmpipe("dataset", "verify", copy)
     assert flipped.returncode == 1 and f"{copy}/shards/{shard.name}: sha256" in flipped.stdout
+    fault("bucket", "ingest into a bucket crashed after img2dataset's 3 shards; objects of an upload that never "
+          "finished left under the version; a byte flipped in an uploaded shard", 3,
+          "nothing: the version was not visible until its manifest was uploaded, the resumed ingest fetched no "
+          "image again, the leftovers were removed; `dataset verify` named the flipped shard")
 
 
-def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, url_list, served_dir, tmp_path):
+@pytest.mark.fault
+def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, url_list, served_dir, fault):
     server, _ = served_dir
     before = len(server.requests)
     missing = _mmpipe("ingest", str(url_list), "--out", "s3://no-such-bucket/v1", "--allow-network", "127.0.0.1/32")
@@ -104,9 +110,13 @@ def test_a_bucket_that_cannot_be_used_fails_before_any_download(object_store, ur
     assert shown.returncode == 2 and "does not exist" in shown.stderr
     odd = _mmpipe("dataset", "show", "gs2://elsewhere/v1")
     assert odd.returncode == 2 and "unsupported location" in odd.stderr
+    fault("bucket", "`mmpipe ingest` to a bucket that does not exist and to an endpoint that does not answer; "
+          "`dataset show` of a missing bucket and of an unsupported scheme", 4,
+          "nothing: one message each (exit status 2), no image fetched")
 
 
-def test_credentials_the_store_refuses_fail_before_any_download_or_worker(url_list, served_dir):
+@pytest.mark.fault
+def test_credentials_the_store_refuses_fail_before_any_download_or_worker(url_list, served_dir, fault):
     server, _ = served_dir
     store = ObjectStore(auth=True)  # checks signatures, unlike the session's store
     try:
@@ -123,6 +133,9 @@ def test_credentials_the_store_refuses_fail_before_any_download_or_worker(url_li
             assert "Traceback" not in result.stderr and " on dataset " not in result.stdout + result.stderr
         assert len(server.requests) == before
         assert store.keys(bucket) == []
+        fault("bucket", "a wrong secret key for `mmpipe ingest` and `mmpipe train`, against an S3 server that "
+              "checks signatures", 2, "nothing: one message each naming the bucket, the secret in neither, "
+              "no image fetched, no object written, no worker started")
     finally:
         store.stop()
 
