@@ -570,8 +570,10 @@ def up(home: Path, host: str = DEFAULT_HOST, ports: dict[str, int] | None = None
     _check_ports(host, resolved)
     _check_ray_dashboard_deps()
     if artifacts:
-        storage.path(artifacts)  # a local path or s3://: anything else is refused here
+        location = storage.path(artifacts)  # a local path or s3://: anything else is refused here
         storage.check(artifacts)
+        if isinstance(location, Path):  # relative to where `mmpipe up` was typed, not the server's directory
+            artifacts = str(location.expanduser().absolute())
     (stack_dir(home) / "logs").mkdir(parents=True, exist_ok=True)
     _ray_token(home)
     specs = _specs(home, host, resolved, auth, artifacts)

@@ -75,8 +75,9 @@ def open_dataset(cfg: RunConfig) -> DatasetVersion:
     problems = version.verify() if cfg.data.verify else []
     if problems:
         raise DatasetError(f"{version.path} fails verification ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
-    for path in version.shard_paths():
-        open_shard(path)
+    if not cfg.data.verify:  # verify() read every shard already; without it, each footer and schema
+        for path in version.shard_paths():
+            open_shard(path)
     for split in ("train", "val"):
         if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
             raise DatasetError(f"{version.path}: the {split} split is empty")

@@ -1,6 +1,6 @@
 """A real two-node Ray cluster on loopback: `ray start --head` and `ray start --address` as separate processes,
 token auth on, dataset and checkpoints in a bucket (tests/objectstore.py), ZeRO-3 with activation checkpointing,
-one node's worker killed once."""
+one node's worker killed once after a byte of its newest checkpoint was flipped."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def _descendants(process: subprocess.Popen) -> set[int]:
 
 
 @pytest.mark.fault
-def test_zero3_on_two_ray_nodes_with_a_bucket_survives_a_killed_worker(train_dataset, two_nodes, object_store,
+def test_zero3_on_two_ray_nodes_with_a_bucket_survives_a_killed_worker_and_a_corrupted_checkpoint(train_dataset, two_nodes, object_store,
                                                                        mmpipe_home, fault):
     address, head, second = two_nodes
     bucket = object_store.bucket()
@@ -96,7 +96,7 @@ def test_zero3_on_two_ray_nodes_with_a_bucket_survives_a_killed_worker(train_dat
     command = [
         mmpipe, "train", "contrastive", "--recipe", "debug", "--dataset", data, "--ray-address", address,
         "--set", "optim.max_steps=120", "--set", "optim.lr=0.003", "--set", "optim.warmup_steps=5",
-        "--set", "checkpoint.every_steps=60", "--set", "checkpoint.max_failures=1", "--set", "parallel.zero_stage=3",
+        "--set", "checkpoint.every_steps=30", "--set", "checkpoint.max_failures=1", "--set", "parallel.zero_stage=3",
         "--set", "parallel.activation_checkpointing=true", "--set", f'cluster.storage_path="{bucket}/runs"',
         "--set", 'cluster.placement_strategy="SPREAD"', "--set", 'tracking.model_name="mmpipe-two-nodes-test"']
     driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -111,13 +111,17 @@ def test_zero3_on_two_ray_nodes_with_a_bucket_survives_a_killed_worker(train_dat
     step60 = next(iter(runs.glob("*/checkpoints/step-00000060")))
     run_dir = step60.parents[1]
     killed_at = json.loads((run_dir / "progress.json").read_text())["step"]
+    flipped = step60 / next(n for n in checkpoint.read_meta(step60)["files"] if "zero_pp_rank_1_" in n)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(data))  # the newest checkpoint no longer verifies: resume must skip it
     os.kill(min(on_second), signal.SIGKILL)
     out, err = driver.communicate(timeout=900)
     assert driver.returncode == 0, err
 
     result = json.loads((run_dir / "result.json").read_text())
     assert f'"run_dir": "{run_dir}"' in out, out
-    assert result["metrics"]["resumed_from"] == 60 and result["metrics"]["step"] == 120
+    assert result["metrics"]["resumed_from"] == 30 and result["metrics"]["step"] == 120
     assert result["metrics"]["loss"] < 0.85 * math.log(32)
     assert not (mmpipe_home / "runs" / run_dir.name).exists(), "nothing of the run on a local disk"
     final = storage.download_tree(run_dir / "final", mmpipe_home / "two-nodes-final")
@@ -127,15 +131,22 @@ def test_zero3_on_two_ray_nodes_with_a_bucket_survives_a_killed_worker(train_dat
     listed = checkpoint.read_meta(step60)["files"]
     assert {rank for rank in (0, 1) if any(f"zero_pp_rank_{rank}_" in name for name in listed)} == {0, 1}, \
         "each rank's own files, uploaded from its own node, are in the manifest"
-    assert checkpoint.latest_verified(run_dir / "checkpoints") == step60
-    (run_dir / "checkpoints" / "step-00000070" / "state" / "part").write_text("uploaded, never committed")
-    wrong = run_dir / "checkpoints" / "step-00000080"
+    assert checkpoint.verify(step60), "step 60, written again after the resume, replaced the corrupted one"
+    step90 = run_dir / "checkpoints" / "step-00000090"
+    assert checkpoint.latest_verified(run_dir / "checkpoints") == step90
+    (run_dir / "checkpoints" / "step-00000100" / "state" / "part").write_text("uploaded, never committed")
+    wrong = run_dir / "checkpoints" / "step-00000110"
     (wrong / "state" / "part").write_text("bytes")
-    (wrong / checkpoint.MANIFEST).write_text('{"step": 80, "files": {"state/part": "0000"}, "state": {}}')
-    assert checkpoint.latest_verified(run_dir / "checkpoints") == step60, "no manifest or a wrong one: skipped"
+    (wrong / checkpoint.MANIFEST).write_text('{"step": 110, "files": {"state/part": "0000"}, "state": {}}')
+    assert checkpoint.latest_verified(run_dir / "checkpoints") == step90, "no manifest or a wrong one: skipped"
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "finished before" in again.stderr + again.stdout, again.stderr
     fault("two-nodes", "SIGKILL to the Ray Train worker on the second `ray start` node after the step-60 checkpoint "
           "was committed in the bucket (ZeRO-3, token auth)", 1,
-          f"killed at step {killed_at}, resumed from step 60 in the bucket: {killed_at - 60} steps trained again")
+          f"killed at step {killed_at}, resumed from the bucket at step 30 (step 60 corrupted, see below): "
+          f"{killed_at - 30} steps trained again")
+    fault("corrupted", "a byte flipped in rank 1's ZeRO-3 file of the newest checkpoint in the bucket (step 60), then a "
+          "worker killed; after the run, a checkpoint without a manifest and one with a wrong one", 3,
+          "one checkpoint interval: every rank downloaded step 60, found it differs from its manifest and skipped it; "
+          "the run resumed from step 30 and wrote step 60 anew; the two bad ones were skipped too")
