@@ -168,14 +168,18 @@ def system_metrics(uri: str, run_id: str):
 class MetricLogger:
     """Rank 0's metric writer. Training never waits for the server: points it does not take are
     kept, in order with their original time and step, and sent with later ones, retried with
-    backoff (1 s doubling to 60 s); `close` waits for it to take the rest."""
+    backoff (1 s doubling to 60 s); `close` waits for it to take the rest.
+
+    `unsent()` goes into each checkpoint and `kept` takes it back on resume, so points kept while the
+    server was down outlive a rank 0 that dies; MLflow stores a point sent twice (same key, value,
+    time and step) once."""
 
     BATCH = 1000  # MLflow's limit of metrics per log_batch
     FIRST_BACKOFF_S, MAX_BACKOFF_S = 1.0, 60.0
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, kept: list[list] = ()):
         self.client, self.run_id = MlflowClient(uri), run_id
-        self.pending: list[Metric] = []
+        self.pending: list[Metric] = [Metric(key, value, timestamp, step) for key, value, timestamp, step in kept]
         self.failures, self.last_error = 0, ""
         self.retry_at, self.backoff = 0.0, self.FIRST_BACKOFF_S
 
@@ -201,6 +205,10 @@ class MetricLogger:
             return False
         self.backoff = self.FIRST_BACKOFF_S
         return True
+
+    def unsent(self) -> list[list]:
+        """The points the server has not taken yet, as plain data (for a checkpoint's manifest)."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self.pending]
 
     def close(self, wait_s: float) -> int:
         """Wait up to `wait_s` for the server to take the points still kept; returns how many it never took."""

@@ -169,7 +169,8 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir,
            config: dict, recorder: SampleRecorder | None) -> dict:
     from mmcore.tracking import MetricLogger
 
-    logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    kept = state.pop("unsent_metrics", [])  # points MLflow had not taken when the checkpoint was written
+    logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"], kept) if rank == 0 else None
     guard = StepGuard(cfg.optim.max_bad_steps)
     guard.total = state["bad_steps"]
     window = {"loss": 0.0, "micro": 0, "wait": 0.0, "start": time.perf_counter()}
@@ -199,9 +200,11 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir,
                 write_progress(run_dir, step, cfg.optim.max_steps, last)
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
             last.update(_validate(engine, cfg, dtype, device))
-            _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total}, last)
             if logger:
                 logger.log({k: v for k, v in last.items() if k.startswith("val_")}, step)
+            unsent = logger.unsent() if logger else []
+            _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total,
+                                                     "unsent_metrics": unsent}, last)
             window["start"] = time.perf_counter()  # throughput counts training, not the pause to save
     last.update(_validate(engine, cfg, dtype, device))
     if logger:

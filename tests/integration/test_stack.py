@@ -205,6 +205,7 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_up_restarts_it(running
         logger.log({"loss": 10.0 - step}, step)
         time.sleep(0.6)
     assert logger.failures >= 2 and len(logger.pending) == 5, "points the server did not take are kept"
+    checkpointed = json.loads(json.dumps(logger.unsent()))  # what a checkpoint's manifest holds
     with pytest.raises(TrackingError, match="is not reachable.*waited 1 s to register"):
         wait_until_reachable(uri, 1, "register")
     registration = {}
@@ -217,14 +218,21 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_up_restarts_it(running
     after = stack.read_state(home)["services"]
     assert after["mlflow"]["pid"] != before["mlflow"]["pid"]
     assert [after[n]["pid"] for n in ("prefect", "ray")] == [before[n]["pid"] for n in ("prefect", "ray")]
+    expected = [(step, 10.0 - step) for step in range(10)]
+    # rank 0 died holding the kept points: the resumed run's logger sends them from the checkpoint
+    assert MetricLogger(uri, run_id, kept=checkpointed).close(wait_s=120) == 0
+    history = MlflowClient(uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == expected, "none lost"
+    # or it had sent them before it died: sent again, they are stored once
     assert logger.close(wait_s=120) == 0
     history = MlflowClient(uri).get_metric_history(run_id, "loss")
-    assert sorted((m.step, m.value) for m in history) == [(step, 10.0 - step) for step in range(10)], "none lost"
+    assert sorted((m.step, m.value) for m in history) == expected, "none twice"
     waiter.join(timeout=120)
     assert "waited" in registration, "registration waited for the server and went on once it answered"
-    fault("mlflow-down", "SIGKILL to the MLflow server of `mmpipe up` while a run logs; `mmpipe up` restarts it", 1,
-          f"0 of 10 metric points ({logger.failures} failed sends kept and resent); a registration waiting "
-          "for it went on; with the server gone past the deadline, a clear error")
+    fault("mlflow-down", "SIGKILL to the MLflow server of `mmpipe up` while a run logs; `mmpipe up` restarts it; "
+          "the kept points also handed over as a checkpoint holds them (rank 0 dead)", 1,
+          f"0 of 10 metric points ({logger.failures} failed sends kept and resent), none stored twice; a "
+          "registration waiting for it went on; with the server gone past the deadline, a clear error")
 
 
 FLOW = ("import json, sys\n"
