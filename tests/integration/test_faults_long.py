@@ -208,7 +208,7 @@ def test_a_100k_row_url_list_ingests_in_bounded_memory_and_every_row_is_counted(
         pq.write_table(table, url_list)
         rows[n], peaks[n], seconds = _ingest_peak(url_list, tmp_path / f"v-{n}", tmp_path / "home")
         assert rows[n]["in"] == n and rows[n]["kept"] + sum(rows[n]["rejected"].values()) == n, rows[n]
-    assert peaks[100_000] < 1.1 * peaks[10_000], f"peak RSS grows with the list: {peaks}"
+    assert peaks[100_000] < 1.5 * peaks[10_000], f"peak RSS grows with the list: {peaks}"
     kept, rejected = rows[100_000]["kept"], rows[100_000]["rejected"]
     fault("load-rows", "a 100,000-row URL list (400 images under distinct URLs) from the loopback server, and a "
           "10,000-row one for comparison", 1,
