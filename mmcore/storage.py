@@ -114,14 +114,14 @@ def upload_tree(local: Path, remote, last: str | None = None, advance_to=None) -
     return digests
 
 
-def publish(staging: Path, target) -> None:
+def publish(staging: Path, target, last: str | None = None, advance_to=None) -> None:
     """Put the finished local directory `staging` at `target`, replacing what is there: renamed into
-    place on a disk, uploaded (then removed) in a bucket."""
+    place on a disk, uploaded (the file `last` after all others, see upload_tree), then removed, in a bucket."""
     remove_tree(target)
     if isinstance(target, Path):
         staging.rename(target)
     else:
-        upload_tree(staging, target)
+        upload_tree(staging, target, last=last, advance_to=advance_to)
         shutil.rmtree(staging)
 
 

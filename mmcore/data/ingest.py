@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,10 +60,9 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
         staging = project_home() / "tmp" / f"ingest-{uuid.uuid4().hex[:8]}"
         with staged(staging):
             _build(staging, cfg, source, todo, raw_dir, rejects, chain)
-            storage.remove_tree(out)  # the objects of an upload that never finished: no manifest vouched for them
+            # replaces the objects of an upload that never finished: no manifest vouched for them
             with progress_bar("uploading", total=sum(1 for p in staging.rglob("*") if p.is_file())) as advance_to:
-                storage.upload_tree(staging, out, last=MANIFEST, advance_to=advance_to)
-        shutil.rmtree(staging)
+                storage.publish(staging, out, last=MANIFEST, advance_to=advance_to)
     storage.remove_tree(work)
     version = DatasetVersion.open(cfg.out)
     rows = version.manifest["rows"]
