@@ -1,6 +1,7 @@
 """img2dataset, driven from here: its reader, resizer and downloader, with the URL guard inside.
 
 We build img2dataset's parts ourselves instead of calling `img2dataset.download` so that
+  - its input shards are slices of the rows already in memory (its Reader reads the list again, whole),
   - every download process installs the URL guard (pool initializer) before fetching,
   - a progress bar counts images, not shards (a counting writer feeds a shared counter),
   - none of its traps apply (STACK_NOTES): no `incremental_mode="overwrite"`, no wandb,
@@ -17,12 +18,10 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 # albumentations (imported by img2dataset) checks PyPI for updates at import unless told not to.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from img2dataset.downloader import Downloader  # noqa: E402
-from img2dataset.reader import Reader  # noqa: E402
 from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import ParquetSampleWriter  # noqa: E402
 
@@ -99,28 +98,41 @@ def _scratch_parent(raw_dir) -> Path | None:
     return raw_dir if isinstance(raw_dir, Path) else None
 
 
+COLUMNS = ["row", "caption", "url"]  # what img2dataset's Reader would put in a shard, in its order
+
+
 def _download(rows: pa.Table, raw_dir, scratch: Path, done: set[int], cfg: DownloadConfig,
               guard: GuardConfig) -> None:
-    url_list = scratch / "urls.parquet"
-    with disk.named(scratch):
-        pq.write_table(rows, url_list)
-    (scratch / "reader").mkdir()
-    reader = Reader(str(url_list), "parquet", "url", "caption", None, None, ["row"],
-                    cfg.samples_per_shard, done, str(scratch / "reader"))
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
                       min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio)
     downloader = Downloader(
         sample_writer_class=CountingParquetWriter, resizer=resizer, thread_count=cfg.threads, save_caption=True,
-        extract_exif=False, output_folder=str(raw_dir), column_list=reader.column_list,
+        extract_exif=False, output_folder=str(raw_dir), column_list=COLUMNS,
         timeout=cfg.timeout_s, number_sample_per_shard=cfg.samples_per_shard, oom_shard_count=5,
         compute_hash=None, verify_hash_type=None, encode_format=cfg.encode_format, retries=cfg.retries,
         user_agent_token=cfg.user_agent_token, disallowed_header_directives=cfg.disallowed_header_directives,
     )
-    shards = list(reader)
+    with disk.named(scratch):
+        shards = _input_shards(rows, scratch, cfg.samples_per_shard, done)
     done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
     with scratch_tmpdir(scratch / "tmp"):
         _run(downloader, shards, cfg.processes, guard, raw_dir, total=rows.num_rows, already=done_rows)
+
+
+def _input_shards(rows: pa.Table, scratch: Path, per_shard: int, done: set[int]) -> list[tuple[int, str]]:
+    """img2dataset's input shards, Arrow IPC files of `per_shard` rows (shard ids number them from the first
+    row), except the finished ones in `done`."""
+    shards = []
+    for shard_id, start in enumerate(range(0, rows.num_rows, per_shard)):
+        if shard_id in done:
+            continue
+        path = scratch / f"{shard_id}.feather"
+        shard = rows.slice(start, per_shard).select(COLUMNS)
+        with pa.ipc.new_file(str(path), shard.schema) as writer:
+            writer.write_table(shard)
+        shards.append((shard_id, str(path)))
+    return shards
 
 
 @contextlib.contextmanager

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -9,6 +11,8 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+from filelock import FileLock, Timeout
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -35,12 +39,29 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
     model-score filters).
     """
     cfg.validate()
-    # Arrow's default pool (mimalloc) keeps pages of the shards read and filtered: on the system
-    # allocator peak RSS grows less with the list (100,000 rows: 1.4 KiB a row over a 10,000-row
-    # ingest, against 1.8; the rest is not found yet).
+    # Arrow's default pool (mimalloc) keeps the pages of every shard read and filtered.
     pa.set_memory_pool(pa.system_memory_pool())
     for location in (cfg.out, cfg.work_dir or ""):
         storage.check(location)  # a bucket that cannot be used fails here, before any download
+    try:
+        lock = ingest_lock(cfg.out).acquire()
+    except Timeout:
+        raise FileExistsError(f"another mmpipe ingest is building {cfg.out} on this machine; wait for it to "
+                              "finish (then this version exists) or choose another --out") from None
+    with lock:
+        return _ingest(cfg, extra_filters)
+
+
+def ingest_lock(out: str) -> FileLock:
+    """Held while `out` is built, so that a second ingest into it on this machine (a second click on Run) fails
+    at once instead of sharing its downloads. The operating system lets go when the process dies."""
+    key = out if storage.is_remote(out) else str(Path(out).resolve())
+    path = project_home() / "locks" / f"ingest-{hashlib.sha256(key.encode()).hexdigest()[:16]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path, timeout=0)
+
+
+def _ingest(cfg: IngestConfig, extra_filters: Sequence[Filter]) -> DatasetVersion:
     out = storage.path(cfg.out)
     if (out / MANIFEST).exists() if storage.is_remote(cfg.out) else out.exists():
         raise FileExistsError(f"{cfg.out} already exists; dataset versions are immutable, choose another --out")
@@ -49,6 +70,7 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
     say(f"ingesting {source.table.num_rows} rows of {source.path} into {cfg.out} (downloads in {work})")
     rejects = Rejects()
     todo = precheck(source, cfg.guard, rejects)
+    _trim_heap()
     raw_dir = download(todo, work / "raw", cfg.download, cfg.guard, source.sha256)
     chain = list(build_filters(cfg.filters)) + list(extra_filters)
     if isinstance(out, Path):
@@ -71,18 +93,26 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
     return version
 
 
+def _trim_heap() -> None:
+    """Hand freed heap back to the system (after checking the list, after each downloaded shard): glibc keeps
+    it, fragmented, and the language detector's allocator does not reuse it, so without this the peak grows
+    with the list."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw_dir,
            rejects: Rejects, chain: list[Filter]) -> None:
     """Filter, split, shard, tokenize, then write the manifest last."""
     extras = source.table.select(source.extras).schema
     writer = ShardWriter(staging, extras, cfg.rows_per_shard, cfg.split)
     chunks = _raw_chunks(raw_dir, todo, source, rejects, cfg.download.encode_format)
-    before, kept = len(rejects.by_row), 0
+    before, kept = len(rejects), 0
     with progress_bar("filtering", total=todo.num_rows) as advance_to:
         for chunk in run_filters(chunks, chain, rejects):
             writer.write(chunk)
             kept += chunk.num_rows
-            advance_to(kept + len(rejects.by_row) - before)
+            advance_to(kept + len(rejects) - before)
     shards = writer.close()
     if not writer.train_captions:
         raise ValueError(f"{cfg.source.path}: no row survived download and filtering into the train split; "
@@ -102,7 +132,7 @@ def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw
 def _raw_chunks(raw_dir, todo: pa.Table, source: Source, rejects: Rejects,
                 image_column: str) -> Iterator[pa.Table]:
     """img2dataset's shards in source-row order: failures go to `rejects`, successes are yielded."""
-    seen = set()
+    seen = np.zeros(source.table.num_rows, bool)
     columns = ["row", "url", "caption", "status", "error_message", image_column, "width", "height"]
     for path in sorted(raw_dir.glob("[0-9]*.parquet")):
         table = pq.read_table(str(path), columns=columns).sort_by("row")
@@ -110,15 +140,17 @@ def _raw_chunks(raw_dir, todo: pa.Table, source: Source, rejects: Rejects,
         for index, (row, status, message) in enumerate(zip(
                 table.column("row").to_pylist(), table.column("status").to_pylist(),
                 table.column("error_message").to_pylist())):
-            seen.add(row)
+            seen[row] = True
             if status == "success":
                 ok.append(index)
             else:
                 rejects.add(row, *classify_download_error(message))
         if ok:
             yield _candidates(table.take(ok), source, image_column)
+        del table
+        _trim_heap()
     for row in todo.column("row").to_pylist():
-        if row not in seen:
+        if not seen[row]:
             rejects.add(row, "download_error", "img2dataset returned no result for this row (its shard failed)")
 
 
@@ -141,19 +173,29 @@ def _stats(source: Source, shards: list[dict], rejects: Rejects) -> dict:
     return stats
 
 
-def _as_text(values: list) -> list[str | None]:
-    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
+def _as_text(column: pa.Array) -> pa.Array:
+    """Text as it is; anything else as text (csv and jsonl lists keep url and caption as raw bytes: bad bytes
+    become U+FFFD)."""
+    if pa.types.is_string(column.type):
+        return column
+    return pa.array([v.decode("utf-8", "replace") if isinstance(v, bytes) else None if v is None else str(v)
+                     for v in column.to_pylist()], pa.string())
 
 
 def _write_rejects(path: Path, rejects: Rejects, source: Source) -> None:
-    rows = sorted(rejects.by_row)
-    picked = source.table.take(pa.array(rows, pa.int64()))
-    table = pa.table({
-        "row": pa.array(rows, pa.int64()),
-        "url": pa.array(_as_text(picked.column("url").to_pylist()), pa.string()),
-        "caption": pa.array(_as_text(picked.column("caption").to_pylist()), pa.string()),
-        "reason": [rejects.by_row[r][0] for r in rows],
-        "detail": [rejects.by_row[r][1] for r in rows],
-        **{name: picked.column(name) for name in source.extras},
-    })
-    pq.write_table(table, path)
+    """rejects.parquet: each rejected row with its url, caption and extras, written a slice at a time."""
+    table = rejects.table()
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for batch in table.to_batches(max_chunksize=8192) or [table]:
+            picked = source.table.take(batch.column("row"))
+            part = pa.table({
+                "row": batch.column("row"),
+                "url": _as_text(picked.column("url").combine_chunks()),
+                "caption": _as_text(picked.column("caption").combine_chunks()),
+                "reason": batch.column("reason"),
+                "detail": batch.column("detail"),
+                **{name: picked.column(name) for name in source.extras},
+            })
+            writer = writer or stack.enter_context(pq.ParquetWriter(path, part.schema))
+            writer.write_table(part)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -20,21 +23,48 @@ RESERVED = set(CURATED_NAMES) | {"row", "status", "error_message", "original_wid
                                  "exif", "md5", "sha512", "txt", "jpg", "png", "webp"}
 
 
-@dataclass
 class Rejects:
-    """Rows that will not reach the dataset: source row -> (reason, detail)."""
+    """Rows that will not reach the dataset, each with a reason (reasons.REASONS) and a detail.
 
-    by_row: dict[int, tuple[str, str]] = field(default_factory=dict)
+    Kept as Arrow batches, tens of bytes a row, not as Python objects: a long URL list whose rows are
+    mostly rejected (copies of the same images) does not grow the process by a kilobyte a row.
+    A row rejected twice is a bug the ingest's row count check catches (in != kept + rejected).
+    """
+
+    _BATCH = 8192
+
+    def __init__(self):
+        self._batches: list[pa.RecordBatch] = []
+        self._pending: tuple[list, list, list] = ([], [], [])
+        self._counts: Counter[str] = Counter()
 
     def add(self, row: int, reason: str, detail: str) -> None:
-        assert row not in self.by_row, f"row {row} rejected twice"
-        self.by_row[row] = (reason, detail)
+        for column, value in zip(self._pending, (row, reason, detail)):
+            column.append(value)
+        self._counts[reason] += 1
+        if len(self._pending[0]) >= self._BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        rows, reasons, details = self._pending
+        if rows:
+            self._batches.append(pa.record_batch([pa.array(rows, pa.int64()), pa.array(reasons, pa.string()),
+                                                  pa.array(details, pa.string())], schema=REJECTS_SCHEMA))
+            self._pending = ([], [], [])
+
+    def __len__(self) -> int:
+        return self._counts.total()
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for reason, _ in self.by_row.values():
-            out[reason] = out.get(reason, 0) + 1
-        return dict(sorted(out.items()))
+        return dict(sorted(self._counts.items()))
+
+    def table(self) -> pa.Table:
+        """Every rejected row (row, reason, detail), in row order."""
+        self._flush()
+        return pa.Table.from_batches(self._batches, REJECTS_SCHEMA).sort_by("row")
+
+
+REJECTS_SCHEMA = pa.schema([("row", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
 
 
 @dataclass
@@ -192,11 +222,22 @@ def _text(value) -> str | None:
 
 
 def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
-    """Reject rows with a bad URL, a bad caption or a repeated URL; return the rest (row, url, caption)."""
+    """Reject rows with a bad URL, a bad caption or a repeated URL; return the rest (row, url, caption).
+
+    Python sees one batch of rows at a time and repeated URLs are found by Arrow, so a long list costs its
+    Arrow columns, not a Python string per URL.
+    """
+    checked = [_check_batch(batch, guard, rejects)
+               for batch in source.table.select(["row", "url", "caption"]).to_batches(max_chunksize=8192)]
+    return _drop_repeated_urls(pa.Table.from_batches(checked, TODO_SCHEMA), rejects)
+
+
+TODO_SCHEMA = pa.schema([("row", pa.int64()), ("url", pa.string()), ("caption", pa.string())])
+
+
+def _check_batch(batch: pa.RecordBatch, guard: GuardConfig, rejects: Rejects) -> pa.RecordBatch:
     rows, urls, captions = [], [], []
-    seen: dict[str, int] = {}
-    for row, url, caption in zip(source.table.column("row").to_pylist(), source.table.column("url").to_pylist(),
-                                 source.table.column("caption").to_pylist()):
+    for row, url, caption in zip(*(column.to_pylist() for column in batch.columns)):
         try:
             url = _text(url)
             check_url(url, guard)
@@ -214,12 +255,21 @@ def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
         if not caption:
             rejects.add(row, "caption_empty", "the caption is missing or blank")
             continue
-        if url in seen:
-            rejects.add(row, "duplicate_url", f"same URL as row {seen[url]}")
-            continue
-        seen[url] = row
         rows.append(row)
         urls.append(url)
         captions.append(caption)
-    return pa.table({"row": pa.array(rows, pa.int64()), "url": pa.array(urls, pa.string()),
-                     "caption": pa.array(captions, pa.string())})
+    return pa.record_batch([pa.array(rows, pa.int64()), pa.array(urls, pa.string()),
+                            pa.array(captions, pa.string())], schema=TODO_SCHEMA)
+
+
+def _drop_repeated_urls(table: pa.Table, rejects: Rejects) -> pa.Table:
+    """Keep the first row of each URL; the later ones are rejected naming it."""
+    urls = table.column("url")
+    distinct = pc.index_in(urls, value_set=pc.unique(urls)).to_numpy()  # numbered in order of first appearance
+    first = np.unique(distinct, return_index=True)[1]  # the position of each URL's first row
+    repeated = np.ones(len(distinct), bool)
+    repeated[first] = False
+    rows = table.column("row").to_numpy()
+    for position in np.flatnonzero(repeated):
+        rejects.add(int(rows[position]), "duplicate_url", f"same URL as row {rows[first[distinct[position]]]}")
+    return table.filter(pa.array(~repeated))

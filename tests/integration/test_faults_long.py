@@ -189,7 +189,9 @@ def _ingest_peak(url_list: Path, out: Path, home: Path) -> tuple[dict, float, fl
 
 def test_a_100k_row_url_list_ingests_in_bounded_memory_and_every_row_is_counted(served_dir, tmp_path, fault):
     """The loopback server serves 400 images under 100,000 URLs (a query string makes each URL distinct).
-    Peak RSS of a 10,000-row ingest and of the 100,000-row one must be about the same."""
+    Peak RSS of the 100,000-row ingest may exceed a 10,000-row one's by less than 1 KiB a row: the list itself
+    is held as Arrow columns (about 0.3 KiB a row here, with its 11 extra columns); the rest is the same
+    (the language detector's models, about 370 MiB, vary by tens of MiB from run to run)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -208,10 +210,11 @@ def test_a_100k_row_url_list_ingests_in_bounded_memory_and_every_row_is_counted(
         pq.write_table(table, url_list)
         rows[n], peaks[n], seconds = _ingest_peak(url_list, tmp_path / f"v-{n}", tmp_path / "home")
         assert rows[n]["in"] == n and rows[n]["kept"] + sum(rows[n]["rejected"].values()) == n, rows[n]
-    assert peaks[100_000] < 1.5 * peaks[10_000], f"peak RSS grows with the list: {peaks}"
+    per_row = (peaks[100_000] - peaks[10_000]) * 1024 / 90_000
+    assert per_row < 1.0, f"peak RSS grows {per_row:.2f} KiB a row with the list: {peaks}"
     kept, rejected = rows[100_000]["kept"], rows[100_000]["rejected"]
     fault("load-rows", "a 100,000-row URL list (400 images under distinct URLs) from the loopback server, and a "
           "10,000-row one for comparison", 1,
           f"nothing: {kept:,} kept + {sum(rejected.values()):,} rejected ({', '.join(f'{k} {v:,}' for k, v in sorted(rejected.items()))}) "
           f"= 100,000 in {seconds / 60:.1f} min; peak RSS {peaks[100_000]:.0f} MiB against {peaks[10_000]:.0f} MiB "
-          f"for 10,000 rows ({(peaks[100_000] - peaks[10_000]) * 1024 / 90_000:.1f} KiB more a row)")
+          f"for 10,000 rows ({per_row:.2f} KiB more a row)")

@@ -5,6 +5,7 @@ succeed, never with another exception."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from mmcore.cli import apply_overrides
 from mmcore.config import IngestConfig, SourceConfig, to_dict
-from mmcore.data.ingest import ingest
+from mmcore.data.ingest import ingest, ingest_lock
 from mmcore.data.source import read_source
 from mmcore.models import model_config
 from mmcore.recipes import recipe
@@ -125,9 +126,14 @@ def test_bad_ingest_settings_and_paths_name_the_field_or_path(tmp_path, fault):
     _parquet(tmp_path / "l.parquet", **ROWS)
     with pytest.raises(FileExistsError, match=f"{re.escape(str(tmp_path / 'v1'))} already exists"):
         ingest(base)
+    second = dataclasses.replace(base, out=str(tmp_path / "v2"))
+    with ingest_lock(second.out):  # held as an ingest into v2 running in another process holds it
+        with pytest.raises(FileExistsError, match=f"another mmpipe ingest is building {re.escape(second.out)}"):
+            ingest(second)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.parquet", "v1"]
-    fault("bad-input", "4 bad ingest settings (a CIDR, split fractions over 1, an image format, a vocabulary) and "
-          "an --out that exists", 5, "nothing: each refused naming the field or the path; nothing else made")
+    fault("bad-input", "4 bad ingest settings (a CIDR, split fractions over 1, an image format, a vocabulary), "
+          "an --out that exists and one another ingest is building", 6,
+          "nothing: each refused naming the field or the path; nothing else made")
 
 
 @pytest.mark.fault

@@ -103,7 +103,7 @@ def test_chain_counts_each_rejected_row_once_in_order():
     chunk = _rows(["a cat", "cat", "a cat", "a dog"], digests=["x", "y", "x", "z"])
     kept = pa.concat_tables(run_filters([chunk], chain, rejects))
     assert kept.column("row").to_pylist() == [0, 3]
-    assert {r: reason for r, (reason, _) in rejects.by_row.items()} == {1: "caption_too_short", 2: "exact_duplicate"}
+    assert {r["row"]: r["reason"] for r in rejects.table().to_pylist()} == {1: "caption_too_short", 2: "exact_duplicate"}
 
 
 def test_a_chunk_whose_every_row_is_rejected_yields_an_empty_chunk_and_counts_them():
@@ -116,4 +116,4 @@ def test_a_chunk_whose_every_row_is_rejected_yields_an_empty_chunk_and_counts_th
                       "sha256": ["y", "x"]})
     kept = list(run_filters([first, again], chain, rejects))
     assert [chunk.num_rows for chunk in kept] == [2, 0]
-    assert {r: reason for r, (reason, _) in rejects.by_row.items()} == {2: "exact_duplicate", 3: "exact_duplicate"}
+    assert {r["row"]: r["reason"] for r in rejects.table().to_pylist()} == {2: "exact_duplicate", 3: "exact_duplicate"}

@@ -79,7 +79,7 @@ def test_non_utf8_captions_reject_the_row_not_the_file(tmp_path):
                       b'{"url": "http://e.com/2.jpg", "caption": "a cup of tea"}\n')
     for path, fmt in ((csv, "csv"), (jsonl, "jsonl")):
         source, kept, rejects = _rejected(path, fmt)
-        assert rejects.by_row[0][0] == "caption_not_utf8"
+        assert rejects.table().to_pylist()[0]["reason"] == "caption_not_utf8"
         assert kept.column("caption").to_pylist() == ["a cup of tea"]
 
 
@@ -95,9 +95,9 @@ def test_precheck_counts_every_row_once(tmp_path):
         {"url": "http://e.com/4.jpg", "caption": "  a blue square  "},
     ]
     source, kept, rejects = _rejected(_write(tmp_path / "list.parquet", "parquet", rows), "parquet")
-    assert {row: reason for row, (reason, _) in rejects.by_row.items()} == {
+    assert {r["row"]: r["reason"] for r in rejects.table().to_pylist()} == {
         1: "duplicate_url", 2: "scheme_not_allowed", 3: "malformed_url", 4: "caption_empty",
         5: "caption_empty", 6: "malformed_url"}
     assert kept.column("row").to_pylist() == [0, 7]
     assert kept.column("caption").to_pylist() == ["a red circle", "a blue square"]
-    assert kept.num_rows + len(rejects.by_row) == source.table.num_rows
+    assert kept.num_rows + len(rejects) == source.table.num_rows
