@@ -12,9 +12,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock, Timeout
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from mmcore import storage
 from mmcore.config import IngestConfig, project_home, to_dict
