@@ -1,4 +1,4 @@
-"""img2dataset, driven from here: its reader, resizer and downloader, with the URL guard inside.
+"""img2dataset, driven from here: its downloader, resizer and writer, with the URL guard inside.
 
 We build img2dataset's parts ourselves instead of calling `img2dataset.download` so that
   - its input shards are slices of the rows already in memory (its Reader reads the list again, whole),
