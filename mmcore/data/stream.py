@@ -130,11 +130,17 @@ def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor,
 
 def torch_batches(shard, batch_size: int, device: torch.device,
                   epochs: int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(batch, seconds waited for it), pass after pass, from a dataset or a worker's dataset shard."""
+    """(batch, seconds waited for it), pass after pass, from a dataset or a worker's dataset shard.
+
+    Endless passes (`epochs=None`) that yield no batch would spin forever: that is an error instead."""
     epoch = 0
     while epochs is None or epoch < epochs:
-        started = time.perf_counter()
+        started, batches = time.perf_counter(), 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
+            batches += 1
             yield batch, time.perf_counter() - started
             started = time.perf_counter()
+        if epochs is None and batches == 0:
+            raise ValueError(f"this rank's share of the stream holds fewer rows than one batch of {batch_size}: "
+                             "the split is too small for the batch size and the number of workers")
         epoch += 1

@@ -238,3 +238,20 @@ def test_each_rank_streams_its_own_units_and_a_resume_starts_at_the_next_row(tmp
     for rank, stream in enumerate(streams):
         for skip in (0, 3, units[rank]["rows"], 11):
             assert _read(rank_units(units, rank, 2, skip_rows=skip)) == stream[skip:]
+
+
+def test_an_endless_stream_without_a_whole_batch_is_an_error_not_a_spin():
+    """A rank whose share of the train split is smaller than one batch got no batch from any pass and
+    restarted the pass forever (a 3-row share of a 259-row split, batch 16); validation's single pass
+    may come back empty."""
+    import torch
+
+    from mmcore.data.stream import torch_batches
+
+    class Shard:  # three rows: no whole batch of 16 with drop_last
+        def iter_torch_batches(self, batch_size, drop_last, device):
+            return iter(())
+
+    with pytest.raises(ValueError, match="fewer rows than one batch of 16"):
+        next(torch_batches(Shard(), 16, torch.device("cpu")))
+    assert list(torch_batches(Shard(), 16, torch.device("cpu"), epochs=1)) == []
