@@ -23,7 +23,7 @@ from mmcore.data.dataset import MANIFEST, DatasetVersion, ShardWriter, build_man
 from mmcore.data.download import download
 from mmcore.data.filters import Filter, build_filters, run_filters
 from mmcore.data.reasons import classify_download_error
-from mmcore.data.source import Rejects, Source, precheck, read_source
+from mmcore.data.source import REJECTS_SCHEMA, ROWS_AT_A_TIME, Rejects, Source, precheck, read_source
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.disk import staged
 from mmcore.progress import progress_bar
@@ -184,18 +184,17 @@ def _as_text(column: pa.Array) -> pa.Array:
 
 def _write_rejects(path: Path, rejects: Rejects, source: Source) -> None:
     """rejects.parquet: each rejected row with its url, caption and extras, written a slice at a time."""
-    table = rejects.table()
-    with contextlib.ExitStack() as stack:
-        writer = None
-        for batch in table.to_batches(max_chunksize=8192) or [table]:
+    schema = pa.schema([REJECTS_SCHEMA.field("row"), ("url", pa.string()), ("caption", pa.string()),
+                        REJECTS_SCHEMA.field("reason"), REJECTS_SCHEMA.field("detail"),
+                        *(source.table.schema.field(name) for name in source.extras)])
+    with pq.ParquetWriter(path, schema) as writer:
+        for batch in rejects.table().to_batches(max_chunksize=ROWS_AT_A_TIME):
             picked = source.table.take(batch.column("row"))
-            part = pa.table({
+            writer.write_table(pa.table({
                 "row": batch.column("row"),
                 "url": _as_text(picked.column("url").combine_chunks()),
                 "caption": _as_text(picked.column("caption").combine_chunks()),
                 "reason": batch.column("reason"),
                 "detail": batch.column("detail"),
                 **{name: picked.column(name) for name in source.extras},
-            })
-            writer = writer or stack.enter_context(pq.ParquetWriter(path, part.schema))
-            writer.write_table(part)
+            }, schema=schema))

@@ -23,6 +23,9 @@ RESERVED = set(CURATED_NAMES) | {"row", "status", "error_message", "original_wid
                                  "exif", "md5", "sha512", "txt", "jpg", "png", "webp"}
 
 
+ROWS_AT_A_TIME = 8192  # rows Python handles at once in the checks and the rejects (each a batch)
+
+
 class Rejects:
     """Rows that will not reach the dataset, each with a reason (reasons.REASONS) and a detail.
 
@@ -30,8 +33,6 @@ class Rejects:
     mostly rejected (copies of the same images) does not grow the process by a kilobyte a row.
     A row rejected twice is a bug the ingest's row count check catches (in != kept + rejected).
     """
-
-    _BATCH = 8192
 
     def __init__(self):
         self._batches: list[pa.RecordBatch] = []
@@ -42,7 +43,7 @@ class Rejects:
         for column, value in zip(self._pending, (row, reason, detail)):
             column.append(value)
         self._counts[reason] += 1
-        if len(self._pending[0]) >= self._BATCH:
+        if len(self._pending[0]) >= ROWS_AT_A_TIME:
             self._flush()
 
     def _flush(self) -> None:
@@ -228,7 +229,7 @@ def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
     Arrow columns, not a Python string per URL.
     """
     checked = [_check_batch(batch, guard, rejects)
-               for batch in source.table.select(["row", "url", "caption"]).to_batches(max_chunksize=8192)]
+               for batch in source.table.select(["row", "url", "caption"]).to_batches(max_chunksize=ROWS_AT_A_TIME)]
     return _drop_repeated_urls(pa.Table.from_batches(checked, TODO_SCHEMA), rejects)
 
 
