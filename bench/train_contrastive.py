@@ -89,6 +89,7 @@ def stall_loop(config: dict) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
+    import torch
 
     from mmcore.data.stream import rank_units, torch_batches, units_dataset
     from mmcore.tasks import build_task
@@ -97,6 +98,7 @@ def stall_loop(config: dict) -> None:
     from mmcore.train.parallel import param_groups
 
     cfg = from_dict(RunConfig, config["run"])
+    torch.set_num_threads(worker_threads(cfg.parallel, ray.train.get_context().get_local_world_size()))  # as fit()
     task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"])
     engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, 0.1),
                                       config=build_ds_config(cfg, "fp32"), dist_init_required=False)
@@ -197,16 +199,19 @@ def main() -> None:
     from mmcore.data.dataset import DatasetVersion
     from mmcore.train.fit import fit
 
+    steady: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MMPIPE_HOME"] = str(Path(tmp) / "home")
         version = DatasetVersion.open(args.dataset) if args.dataset else sample_dataset(Path(tmp))
         cfg = recipe(args.recipe, str(version.path))
         if args.steps:
             cfg = apply_overrides(cfg, [f"optim.max_steps={args.steps}"])
+        if args.recipe == "demo":  # before fit() starts the local Ray: the loop a user runs without one
+            steady["plain, no Ray"] = plain_pytorch(cfg, version)
         started = time.perf_counter()
         result = fit(cfg)
         wall = time.perf_counter() - started
-        steady = {cfg.parallel.num_workers: steady_samples_per_second(result)}
+        steady[cfg.parallel.num_workers] = steady_samples_per_second(result)
         stall = {"whole fit": whole_fit_stall(result)}
         evaluation = quality(result, version)
         if args.recipe == "demo":
@@ -251,18 +256,22 @@ def measures(args, cfg, result, wall, steady, stall) -> list[str]:
     ]
     if "plain" not in steady:
         return lines
-    plain = steady["plain"]
+    plain, alone = steady["plain"], steady["plain, no Ray"]
     return lines + [
         f"| step time, streamed from the dataset (mean of {STEPS} consecutive steps) | "
         f"{1000 * stall['stream']:.0f} ms |",
         f"| step time, batches already in memory (mean of {STEPS}) | {1000 * stall['memory']:.0f} ms |",
         f"| data stall in that window: streamed / in-memory step time | {stall['stream'] / stall['memory']:.3f} |",
-        f"| plain PyTorch loop, same model and batch, 1 process x {threads} threads | {plain:.0f} samples/s |",
+        f"| plain PyTorch loop, same model and batch, 1 process x {threads} threads, beside the local Ray the fits "
+        f"left running (idle) | {plain:.0f} samples/s |",
+        f"| the same loop before any Ray was started | {alone:.0f} samples/s |",
         f"| fit(), 1 worker x {threads} threads ({args.one_worker_steps} steps, logged windows after the first) | "
         f"{steady[1]:.0f} samples/s |",
         f"| ours / plain PyTorch, 1 worker, equal threads (target >= 0.90) | {steady[1] / plain:.2f} |",
         f"| ours / plain PyTorch, {workers} workers x {worker_threads(cfg.parallel, workers)} thread(s) (the recipe's "
         f"setting) | {steady[workers] / plain:.2f} |",
+        f"| ours / the plain loop without Ray, 1 worker; {workers} workers | {steady[1] / alone:.2f}; "
+        f"{steady[workers] / alone:.2f} |",
     ]
 
 
