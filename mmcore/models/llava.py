@@ -18,6 +18,9 @@ from mmcore.models.transformer import KVCache
 class LlavaConfig(FusionConfig):
     """Vision tower + projector + LM: the projector's sizes follow from the two widths."""
 
+    image_positions: bool = False
+    """Add each patch token's row and column in the image (learned embeddings) to its projected token."""
+
 
 class LlavaModel(FusionModel):
     family = "llava"
@@ -29,10 +32,18 @@ class LlavaModel(FusionModel):
         self.projector = nn.Sequential(nn.Linear(cfg.vision.width, cfg.lm.width), nn.GELU(),
                                        nn.Linear(cfg.lm.width, cfg.lm.width))
         self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
+        if cfg.image_positions:
+            grid = cfg.vision.image_size // cfg.vision.patch_size
+            self.patch_row = nn.Parameter(torch.randn(grid, 1, cfg.lm.width) * 0.02)
+            self.patch_column = nn.Parameter(torch.randn(1, grid, cfg.lm.width) * 0.02)
 
     def context(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens in the LM's width (B, 1 + P, D)."""
-        return self.projector(self.image_features(images))
+        tokens = self.projector(self.image_features(images))
+        if not self.cfg.image_positions:
+            return tokens
+        grid = (self.patch_row + self.patch_column).flatten(0, 1)  # (P, D), row-major like the patches
+        return torch.cat([tokens[:, :1], tokens[:, 1:] + grid], dim=1)
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
                caches: list[KVCache] | None = None) -> torch.Tensor:

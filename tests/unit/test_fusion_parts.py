@@ -216,3 +216,18 @@ def test_vision_layer_picks_the_towers_hidden_state():
     assert torch.equal(llava.image_features(images), states[1])
     with pytest.raises(ValueError, match="vision_layer -4 is outside the tower's 2 layers"):
         build_model({**config, "vision_layer": -4}, 400, 3)
+
+
+def test_llava_image_positions_add_each_patchs_row_and_column():
+    torch.manual_seed(0)
+    model = build_model({**model_config("llava-debug"), "vision": VISION, "image_positions": True}, 400, 3)[0].eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, context = model.projector(model.image_features(images)), model.context(images)
+        grid = VISION["image_size"] // VISION["patch_size"]
+        added = (context - tokens)[:, 1:]  # (B, P, D): the same for every image
+        assert torch.equal(context[:, 0], tokens[:, 0])  # CLS has no place in the grid
+        for row, column in [(0, 0), (0, grid - 1), (grid - 1, 1)]:
+            expected = model.patch_row[row, 0] + model.patch_column[0, column]
+            assert torch.allclose(added[:, row * grid + column], expected.expand(2, -1), atol=1e-6)
+    assert {"patch_row", "patch_column"} <= {n for n, p in model.named_parameters() if p.requires_grad}
