@@ -27,13 +27,13 @@ class LlavaModel(FusionModel):
 
     def __init__(self, cfg: LlavaConfig, eos_id: int):
         super().__init__(cfg, eos_id)
-        self.image_tokens = 1 + (cfg.vision.image_size // cfg.vision.patch_size) ** 2  # CLS + patches
+        grid = cfg.vision.image_size // cfg.vision.patch_size
+        self.image_tokens = 1 + grid ** 2  # CLS + patches
         self.extra_positions = self.image_tokens - 1
         self.projector = nn.Sequential(nn.Linear(cfg.vision.width, cfg.lm.width), nn.GELU(),
                                        nn.Linear(cfg.lm.width, cfg.lm.width))
         self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
         if cfg.image_positions:
-            grid = cfg.vision.image_size // cfg.vision.patch_size
             self.patch_row = nn.Parameter(torch.randn(grid, 1, cfg.lm.width) * 0.02)
             self.patch_column = nn.Parameter(torch.randn(1, grid, cfg.lm.width) * 0.02)
 
