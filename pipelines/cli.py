@@ -25,6 +25,9 @@ def _home(args) -> Path:
     # No telemetry: this machine may be offline, and the temporary API server's heartbeat writes
     # to its sqlite file while the flow starts ("database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Prefect gives its temporary API server 20 s to answer; its first start in a new home (imports
+    # from a cold disk, then the database migrations) took longer on a 2-core CI machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return home
 
 
