@@ -278,7 +278,8 @@ class DataConfig:
     batch_size: int = 64
     """Global batch: per-worker batch x workers x gradient accumulation."""
     val_batches: int = 4
-    """Validation batches per evaluation (val split, streamed)."""
+    """Validation batches per worker, at every checkpoint and at the end: the first ones of the worker's
+    share of the val split, the same rows every time."""
     verify: bool = True
     """Check every shard's sha256 against the manifest before training starts."""
     augment: bool = True

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import ray.data
 import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
+from ray.data.block import BlockAccessor
 
 from mmcore.data.dataset import DatasetVersion
 from mmcore.models.preprocess import Preprocessor
@@ -130,25 +131,37 @@ def units_dataset(units: list[dict], preprocess: Preprocessor, cpus: float | Non
     return dataset
 
 
-def split_dataset(version: DatasetVersion, split: str, preprocess: Preprocessor, epochs: int = 1,
-                  augment: bool = False, seed: int = 0) -> ray.data.Dataset:
-    """One split, epoch after epoch (see work_units and units_dataset)."""
-    return units_dataset(work_units(version, split, epochs, seed), preprocess.for_split(split, augment))
+def fixed_batches(units: list[dict], preprocess: Preprocessor, batch_size: int, count: int, rank: int = 0,
+                  world: int = 1) -> list[dict]:
+    """Batches rank, rank + world, ... of the first count x world whole batches of `units`' rows, read
+    and preprocessed in this process, as (B, ...) tensors on the CPU: the same rows at every call
+    (validation). So few rows are read that Ray Data's tasks, and the Ray processes they would start,
+    would cost more than they save; dealing batches, not row groups, gives every rank its share of a
+    split held in one row group."""
+    wanted, tables, rows = batch_size * count * world, [], 0
+    for unit in units:
+        if rows >= wanted:
+            break
+        tables.append(read_row_groups({k: [v] for k, v in unit.items()}, preprocess.columns))
+        rows += tables[-1].num_rows
+    table = pa.concat_tables(tables).slice(0, wanted) if tables else None
+    batches = []
+    for start in range(rank * batch_size, (table.num_rows if table else 0) - batch_size + 1, world * batch_size):
+        columns = BlockAccessor.for_block(table.slice(start, batch_size)).to_batch_format("numpy")  # as map_batches
+        batches.append({k: torch.tensor(v) for k, v in _keep_ids(columns, preprocess).items()})
+    return batches
 
 
-def torch_batches(shard, batch_size: int, device: torch.device,
-                  epochs: int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
-    """(batch, seconds waited for it), pass after pass, from a dataset or a worker's dataset shard.
+def torch_batches(shard, batch_size: int, device: torch.device) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """(batch, seconds waited for it), pass after pass without end, from a dataset or a worker's shard.
 
-    Endless passes (`epochs=None`) that yield no batch would spin forever: that is an error instead."""
-    epoch = 0
-    while epochs is None or epoch < epochs:
+    Passes that yield no batch would spin forever: that is an error instead."""
+    while True:
         started, batches = time.perf_counter(), 0
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device):
             batches += 1
             yield batch, time.perf_counter() - started
             started = time.perf_counter()
-        if epochs is None and batches == 0:
+        if batches == 0:
             raise ValueError(f"this rank's share of the stream holds fewer rows than one batch of {batch_size}: "
                              "the split is too small for the batch size and the number of workers")
-        epoch += 1

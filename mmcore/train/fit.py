@@ -181,7 +181,7 @@ def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dic
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmcore.data.stream import split_dataset, work_units
+    from mmcore.data.stream import work_units
     from mmcore.train.loop import train_loop_per_worker
 
     task_class = TASKS[cfg.task.stage]
@@ -191,17 +191,20 @@ def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dic
     pre = task_class.preprocessor(cfg, preprocess, tokenizer_json)
     epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
     # Each worker streams its own share of the train split (see loop.py), so that a resumed run goes
-    # on at the row where its checkpoint was taken; Ray Train splits the val split.
+    # on at the row where its checkpoint was taken. Validation reads the first val_batches batches of
+    # its share of the val split in the worker itself, the same rows every time (comparable losses; a
+    # Ray Data stream of it started three more Ray processes per run, about 10 s on 2 cores).
     train_stream = {"units": work_units(version, "train", epochs, cfg.seed), "cpus": train_stream_cpus(ray, cfg),
                     "preprocess": pre.for_split("train", cfg.data.augment)}
-    datasets = {"val": split_dataset(version, "val", pre)} if cfg.data.val_batches else {}
+    val_stream = {"units": work_units(version, "val"), "preprocess": pre.for_split("val", False)} \
+        if cfg.data.val_batches else None
     loop_config = {
         "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
         "preprocess": asdict(preprocess),
-        "tracking_uri": uri, "mlflow_run_id": run_id, "train_stream": train_stream,
+        "tracking_uri": uri, "mlflow_run_id": run_id, "train_stream": train_stream, "val_stream": val_stream,
     }
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_config, datasets=datasets,
+        train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.parallel.num_workers, use_gpu=use_gpu,
                                                placement_strategy=cfg.cluster.placement_strategy),
         run_config=ray.train.RunConfig(name=name, storage_path=str(runs),
@@ -219,12 +222,10 @@ def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dic
 
 def train_stream_cpus(ray, cfg: RunConfig) -> float:
     """Logical CPUs each worker's train stream may hold: the data CPUs (those the workers do not
-    hold) shared among the workers, less one for the val stream. Ray Data's tasks are streaming
-    generators that keep their CPU while backpressure pauses them (the stream is ahead of the
-    trainers); with every data CPU held so, the val stream got none and validation waited forever
-    (seen at step 500 of the quality recipe on 2 cores)."""
+    hold) shared among the workers. (Ray Data's tasks are streaming generators that keep their CPU
+    while backpressure pauses them, so a second stream beside these would have to be left a CPU.)"""
     data_cpus = ray.cluster_resources().get("CPU", 1) - cfg.parallel.num_workers
-    return max(0.25, (data_cpus - (1 if cfg.data.val_batches else 0)) / cfg.parallel.num_workers)
+    return max(0.25, data_cpus / cfg.parallel.num_workers)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from mmcore import storage
 from mmcore.config import RunConfig, from_dict
-from mmcore.data.stream import rank_units, torch_batches, units_dataset
+from mmcore.data.stream import fixed_batches, rank_units, torch_batches, units_dataset
 from mmcore.disk import staged
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
@@ -96,9 +96,12 @@ def train_loop_per_worker(config: dict) -> None:
     stream = config["train_stream"]
     units = rank_units(stream["units"], rank, context.get_world_size(), skip_rows=state["rows"])
     train = torch_batches(units_dataset(units, stream["preprocess"], stream["cpus"]), cfg.micro_batch, device)
+    val = config["val_stream"]
+    val = fixed_batches(val["units"], val["preprocess"], cfg.micro_batch, cfg.data.val_batches, rank,
+                        context.get_world_size()) if val else []
     recorder = SampleRecorder(storage.scratch_dir(run_dir) / "samples" / f"rank-{rank}.tsv", state["rows"]) \
         if cfg.data.record_samples else None
-    metrics = _train(engine, cfg, train, state, dtype, device, run_dir, rank, config, recorder)
+    metrics = _train(engine, cfg, train, val, state, dtype, device, run_dir, rank, config, recorder)
     _save_final(engine, cfg, run_dir, rank, config)
     if rank == 0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -165,7 +168,7 @@ class SampleRecorder:
         self.handle.flush()
 
 
-def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir, rank: int,
+def _train(engine, cfg: RunConfig, batches, val: list[dict], state: dict, dtype, device, run_dir, rank: int,
            config: dict, recorder: SampleRecorder | None) -> dict:
     from mmcore.tracking import MetricLogger
 
@@ -199,14 +202,14 @@ def _train(engine, cfg: RunConfig, batches, state: dict, dtype, device, run_dir,
             if rank == 0:
                 write_progress(run_dir, step, cfg.optim.max_steps, last)
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
-            last.update(_validate(engine, cfg, dtype, device))
+            last.update(_validate(engine, cfg, val, dtype, device))
             if logger:
                 logger.log({k: v for k, v in last.items() if k.startswith("val_")}, step)
             unsent = logger.unsent() if logger else []
             _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total,
                                                      "unsent_metrics": unsent}, last)
             window["start"] = time.perf_counter()  # throughput counts training, not the pause to save
-    last.update(_validate(engine, cfg, dtype, device))
+    last.update(_validate(engine, cfg, val, dtype, device))
     if logger:
         logger.log({k: v for k, v in last.items() if k.startswith("val_")}, engine.global_steps)
         last["tracking_lost"] = logger.close(cfg.tracking.wait_s)
@@ -237,23 +240,22 @@ def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> 
     return metrics
 
 
-def _validate(engine, cfg: RunConfig, dtype, device) -> dict:
-    """Mean loss over val_batches batches of each worker's val shard."""
-    import ray.train
-
-    if cfg.data.val_batches == 0:
+def _validate(engine, cfg: RunConfig, val: list[dict], dtype, device) -> dict:
+    """Mean loss over the workers' validation batches (the same rows every time: see fit.py)."""
+    if not cfg.data.val_batches:
         return {}
-    shard = ray.train.get_dataset_shard("val")
-    losses = []
+    total = 0.0
     engine.eval()
     with torch.no_grad():
-        for batch, _ in torch_batches(shard, cfg.micro_batch, device, epochs=1):
-            losses.append(engine(cast_floating(split_ids(batch)[0], dtype))["loss"].item())
-            if len(losses) == cfg.data.val_batches:
-                break
+        for batch in val:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            total += engine(cast_floating(split_ids(batch)[0], dtype))["loss"].item()
     engine.train()
-    local = {"val_loss": sum(losses) / len(losses) if losses else 0.0, "val_batches": float(len(losses))}
-    return mean_over_ranks(local, device)
+    summed = torch.tensor([total, len(val)], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(summed)  # a rank may hold fewer batches than another (a small val split)
+    loss, batches = summed.tolist()
+    return {"val_loss": loss / max(batches, 1), "val_batches": batches}
 
 
 def _params_finite(engine, device) -> bool:

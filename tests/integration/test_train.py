@@ -15,6 +15,7 @@ import pytest
 from mmcore.config import FilterConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import DatasetError
 from mmcore.data.ingest import ingest
+from mmcore.models.preprocess import Preprocessor, PreprocessConfig
 from mmcore.tracking import ModelBundle, TrackingError
 from mmcore.train import checkpoint
 from mmcore.train.fit import fit
@@ -141,6 +142,27 @@ def test_a_killed_worker_resumes_at_the_row_its_checkpoint_was_taken(trained, tr
     fault("exactly-once", "the same kill; rows recorded per rank against an uninterrupted run", 1,
           f"0 rows repeated or skipped: 2 ranks x {len(streams[0])} rows identical, "
           f"{finished} complete epochs each row once")
+
+
+def test_validation_batches_are_the_first_ones_the_val_stream_would_give(train_dataset, local_ray):
+    """Validation reads its few batches in the worker, without Ray Data's tasks: the same rows and
+    tensors as the Ray Data stream of the val split, the stream's batches dealt to the ranks in turn."""
+    import torch
+
+    from mmcore.data.stream import fixed_batches, torch_batches, units_dataset, work_units
+
+    pre = Preprocessor(PreprocessConfig(image_size=32, context_length=16), train_dataset.tokenizer_path.read_text())
+    units = work_units(train_dataset, "val")
+    ranks = [fixed_batches(units, pre, 8, 2, rank, 2) for rank in range(2)]
+    assert [len(batches) for batches in ranks] == [2, 2], "a split in one row group still reaches every rank"
+    assert fixed_batches(units, pre, 8, 2, 1, 2)[1]["sample"].tolist() == ranks[1][1]["sample"].tolist()
+    rows = train_dataset.manifest["splits"]["val"]
+    assert len(fixed_batches(units, pre, 8, 1000)) == rows // 8, "whole batches, as many as the split holds"
+    streamed = torch_batches(units_dataset(units, pre), 8, torch.device("cpu"))
+    for fixed in (ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]):
+        batch, _ = next(streamed)
+        assert batch.keys() == fixed.keys() == {"image", "tokens", "epoch", "sample"}
+        assert all(torch.equal(batch[k], fixed[k]) and batch[k].dtype == fixed[k].dtype for k in batch)
 
 
 @pytest.mark.fault
