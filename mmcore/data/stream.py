@@ -133,21 +133,23 @@ def units_dataset(units: list[dict], preprocess: Preprocessor, cpus: float | Non
 
 def fixed_batches(units: list[dict], preprocess: Preprocessor, batch_size: int, count: int, rank: int = 0,
                   world: int = 1) -> list[dict]:
-    """Batches rank, rank + world, ... of the first count x world whole batches of `units`' rows, read
-    and preprocessed in this process, as (B, ...) tensors on the CPU: the same rows at every call
-    (validation). So few rows are read that Ray Data's tasks, and the Ray processes they would start,
-    would cost more than they save; dealing batches, not row groups, gives every rank its share of a
-    split held in one row group."""
+    """This rank's validation batches: the first whole batches of `units`' rows dealt to the ranks in
+    turn (batches rank, rank + world, ...), at most `count` each and the same number on every rank
+    (a forward pass may be a collective: CLIP's loss gathers every rank's features), read and
+    preprocessed in this process as (B, ...) tensors on the CPU; the same rows at every call. So few
+    rows are read that Ray Data's tasks, and the Ray processes they start, would cost more than they
+    save. Empty on every rank when the split holds fewer than one batch per rank."""
     wanted, tables, rows = batch_size * count * world, [], 0
     for unit in units:
         if rows >= wanted:
             break
         tables.append(read_row_groups({k: [v] for k, v in unit.items()}, preprocess.columns))
         rows += tables[-1].num_rows
-    table = pa.concat_tables(tables).slice(0, wanted) if tables else None
-    batches = []
-    for start in range(rank * batch_size, (table.num_rows if table else 0) - batch_size + 1, world * batch_size):
-        columns = BlockAccessor.for_block(table.slice(start, batch_size)).to_batch_format("numpy")  # as map_batches
+    each = min(count, rows // (batch_size * world))
+    table, batches = pa.concat_tables(tables) if tables else None, []
+    for index in range(rank, each * world, world):
+        part = table.slice(index * batch_size, batch_size)
+        columns = BlockAccessor.for_block(part).to_batch_format("numpy")  # as map_batches gives it
         batches.append({k: torch.tensor(v) for k, v in _keep_ids(columns, preprocess).items()})
     return batches
 

@@ -198,6 +198,11 @@ def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dic
                     "preprocess": pre.for_split("train", cfg.data.augment)}
     val_stream = {"units": work_units(version, "val"), "preprocess": pre.for_split("val", False)} \
         if cfg.data.val_batches else None
+    val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * cfg.parallel.num_workers
+    if val_stream and val_rows < one_each:
+        say(f"no validation: the val split's {val_rows} rows are fewer than a batch of {cfg.micro_batch} for each "
+            f"of {cfg.parallel.num_workers} workers")
+        val_stream = None
     loop_config = {
         "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
         "preprocess": asdict(preprocess),

@@ -202,14 +202,14 @@ def _train(engine, cfg: RunConfig, batches, val: list[dict], state: dict, dtype,
             if rank == 0:
                 write_progress(run_dir, step, cfg.optim.max_steps, last)
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
-            last.update(_validate(engine, cfg, val, dtype, device))
+            last.update(_validate(engine, val, dtype, device))
             if logger:
                 logger.log({k: v for k, v in last.items() if k.startswith("val_")}, step)
             unsent = logger.unsent() if logger else []
             _checkpoint(engine, cfg, run_dir, rank, {**state, "step": step, "bad_steps": guard.total,
                                                      "unsent_metrics": unsent}, last)
             window["start"] = time.perf_counter()  # throughput counts training, not the pause to save
-    last.update(_validate(engine, cfg, val, dtype, device))
+    last.update(_validate(engine, val, dtype, device))
     if logger:
         logger.log({k: v for k, v in last.items() if k.startswith("val_")}, engine.global_steps)
         last["tracking_lost"] = logger.close(cfg.tracking.wait_s)
@@ -240,22 +240,19 @@ def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> 
     return metrics
 
 
-def _validate(engine, cfg: RunConfig, val: list[dict], dtype, device) -> dict:
-    """Mean loss over the workers' validation batches (the same rows every time: see fit.py)."""
-    if not cfg.data.val_batches:
+def _validate(engine, val: list[dict], dtype, device) -> dict:
+    """Mean loss over this worker's validation batches, averaged over the workers (each holds as many:
+    see fixed_batches; none when the val split is smaller than a batch per worker)."""
+    if not val:
         return {}
-    total = 0.0
+    losses = []
     engine.eval()
     with torch.no_grad():
         for batch in val:
             batch = {k: v.to(device) for k, v in batch.items()}
-            total += engine(cast_floating(split_ids(batch)[0], dtype))["loss"].item()
+            losses.append(engine(cast_floating(split_ids(batch)[0], dtype))["loss"].item())
     engine.train()
-    summed = torch.tensor([total, len(val)], device=device, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(summed)  # a rank may hold fewer batches than another (a small val split)
-    loss, batches = summed.tolist()
-    return {"val_loss": loss / max(batches, 1), "val_batches": batches}
+    return mean_over_ranks({"val_loss": sum(losses) / len(losses), "val_batches": float(len(losses))}, device)
 
 
 def _params_finite(engine, device) -> bool:

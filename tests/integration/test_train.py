@@ -158,6 +158,10 @@ def test_validation_batches_are_the_first_ones_the_val_stream_would_give(train_d
     assert fixed_batches(units, pre, 8, 2, 1, 2)[1]["sample"].tolist() == ranks[1][1]["sample"].tolist()
     rows = train_dataset.manifest["splits"]["val"]
     assert len(fixed_batches(units, pre, 8, 1000)) == rows // 8, "whole batches, as many as the split holds"
+    # As many on every rank (CLIP's loss is a collective): the 2 * 3 whole batches of `rows` // 2 rows.
+    size = rows // 6
+    assert [len(fixed_batches(units, pre, size, 1000, rank, 3)) for rank in range(3)] == [2, 2, 2]
+    assert [len(fixed_batches(units, pre, rows, 1, rank, 2)) for rank in range(2)] == [0, 0]
     streamed = torch_batches(units_dataset(units, pre), 8, torch.device("cpu"))
     for fixed in (ranks[0][0], ranks[1][0], ranks[0][1], ranks[1][1]):
         batch, _ = next(streamed)
