@@ -31,7 +31,7 @@ PORT_OWNER = {"prefect": "prefect", "mlflow": "mlflow", "ray": "ray",
 # Inherited by every process the stack starts (Ray workers included), so `down` finds a process
 # even after it left the session and lost its parent.
 MARKER_ENV = "MMPIPE_STACK_HOME"
-STOP_GRACE_S = 45.0  # Ray drains for up to 30 s after SIGTERM before it stops its own processes
+STOP_GRACE_S = 45.0  # a server's own orderly stop; Ray's drain on SIGTERM is off (_ray_spec)
 KILL_WAIT_S = 5.0
 LOG_TAIL_LINES = 30
 
@@ -301,12 +301,14 @@ def _ray_spec(home: Path, host: str, ports: dict[str, int]) -> dict:
     return {
         "command": command,
         # Token auth, explicitly: `ray start --head` enables it only when it finds a token.
+        # No drain on SIGTERM: Ray 2.60 waits up to 30 s for every worker lease to come back (for Ray
+        # Serve's replicas, which the stack has none of), so `mmpipe down` after a training run took 30 s.
         "env": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path(home)),
-                "RAY_USAGE_STATS_ENABLED": "0"},
+                "RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"},
         "health": f"http://{_url_host(host)}:{ports['ray_dashboard']}/api/gcs_healthz",
         "authed": f"http://{_url_host(host)}:{ports['ray_dashboard']}/api/version", "auth": "bearer",
         "port": ports["ray"],
-        # SIGTERM to `ray start --block` alone: it drains the node and stops its processes in order.
+        # SIGTERM to `ray start --block` alone: it stops its node's processes in order.
         # SIGTERM to the whole group at once leaves it waiting ~45 s for a GCS that already quit.
         "stop": "leader",
     }

@@ -54,6 +54,9 @@ def two_nodes(tmp_path, monkeypatch):
     token.chmod(0o600)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    # As `mmpipe up` starts its head: no 30 s drain of each node on SIGTERM (it waits for Ray Serve's
+    # replicas; this cluster has none).
+    monkeypatch.setenv("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     port = free_port()
     address = f"127.0.0.1:{port}"
     head = _ray_start("--head", "--port", str(port), "--temp-dir", f"/tmp/mmpipe-2n-{uuid.uuid4().hex[:6]}",
@@ -71,10 +74,10 @@ def two_nodes(tmp_path, monkeypatch):
             time.sleep(1)
         yield address, head, second
     finally:
-        for node in (second, head):  # SIGTERM to `ray start --block` stops its node's processes in order
-            if node is None:
-                continue
-            node.send_signal(signal.SIGTERM)
+        nodes = [node for node in (second, head) if node is not None]
+        for node in nodes:
+            node.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes in order
+        for node in nodes:
             try:
                 node.wait(timeout=60)
             except subprocess.TimeoutExpired:
