@@ -255,8 +255,19 @@ def _validate(engine, val: list[dict], dtype, device) -> dict:
     return mean_over_ranks({"val_loss": sum(losses) / len(losses), "val_batches": float(len(losses))}, device)
 
 
+def held_values(param: torch.Tensor) -> torch.Tensor:
+    """The values of `param` this rank holds: all of them, or under ZeRO-3 its partition less the padding
+    that evens the partitions out. DeepSpeed leaves that padding uninitialised (torch.empty), so it can
+    hold NaN bit patterns: read whole, it failed the finiteness check of a healthy run at random."""
+    part = getattr(param, "ds_tensor", None)
+    if part is None:
+        return param
+    start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * part.ds_numel
+    return part.narrow(0, 0, max(0, min(param.ds_numel - start, part.ds_numel)))
+
+
 def _params_finite(engine, device) -> bool:
-    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    local = all(bool(torch.isfinite(held_values(p)).all()) for p in engine.module.parameters())
     return all_ranks_true(local, device)
 
 

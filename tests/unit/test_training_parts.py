@@ -275,3 +275,25 @@ def test_an_endless_stream_without_a_whole_batch_is_an_error_not_a_spin():
     with pytest.raises(ValueError, match="fewer rows than one batch of 16"):
         next(torch_batches(Shard(), 16, torch.device("cpu")))
 
+
+
+def test_the_finiteness_check_reads_a_zero3_partition_without_its_padding(monkeypatch):
+    """ZeRO-3 pads the last partitions of a parameter with uninitialised memory, which can hold NaN bit
+    patterns: a healthy two-node run was refused a checkpoint ("parameters are not finite") at random."""
+    import torch
+
+    from mmcore.train import loop
+
+    param = torch.nn.Parameter(torch.arange(7.0))  # 7 values in partitions of 4: rank 1 holds 3 and 1 of padding
+    param.ds_numel = 7
+    param.ds_tensor = torch.tensor([4.0, 5.0, 6.0, float("nan")])
+    param.ds_tensor.ds_numel = 4
+    monkeypatch.setattr(loop.dist, "get_rank", lambda group=None: 1)
+    assert loop.held_values(param).tolist() == [4.0, 5.0, 6.0]
+    param.ds_tensor[1] = float("inf")
+    assert not torch.isfinite(loop.held_values(param)).all(), "a value the rank holds is still checked"
+    monkeypatch.setattr(loop.dist, "get_rank", lambda group=None: 0)
+    param.ds_tensor = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    param.ds_tensor.ds_numel = 4
+    assert loop.held_values(param).tolist() == [0.0, 1.0, 2.0, 3.0]
+    assert loop.held_values(torch.nn.Parameter(torch.ones(2))).tolist() == [1.0, 1.0], "without ZeRO-3: all of it"
