@@ -46,6 +46,23 @@ def champion(dataset: str) -> str:
     return f"models:/mmpipe-contrastive/{tracking.alias_version('mmpipe-contrastive', 'champion', uri)}"
 
 
+def describe(parent: str) -> str:
+    """What the parent is: its recipe and its compositional probe, read from the registry."""
+    from mlflow.tracking import MlflowClient
+
+    from mmcore import tracking
+    from mmcore.config import TrackingConfig
+
+    uri = tracking.resolve_uri(TrackingConfig())
+    client = MlflowClient(uri)
+    found = client.get_model_version(*tracking.resolve_version(parent, uri))
+    tags, params = found.tags or {}, client.get_run(found.run_id).data.params
+    scores = dict(item.split("=") for item in tags.get("eval.summary", "").split("; ") if "=" in item)
+    probe = f", compositional probe {float(scores['compositional.accuracy']):.3f}" if "compositional.accuracy" in scores else ""
+    return (f"the `{params['recipe']}` recipe, {params['optim.max_steps']} steps of {params['data.batch_size']}"
+            f"{probe}")
+
+
 def run_seconds(result) -> float:
     """The MLflow run's duration: fit() from tracking start to registration."""
     from mlflow.tracking import MlflowClient
@@ -131,7 +148,7 @@ def main() -> None:
     command += "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families)
     command += f" --steps {args.steps}" if args.steps else ""
     lines = ["## Fusion stage: LLaVA and Flamingo (demo recipes, CPU)", "", f"Command: `{command}`", "",
-             f"Both on the frozen tower of {parent} (the home's contrastive champion), 2 Ray Train workers, DeepSpeed "
+             f"Both on the frozen tower of {parent} (the home's contrastive champion: {describe(parent)}), 2 Ray Train workers, DeepSpeed "
              "ZeRO-2, fp32; quality on the test split from `evaluate()` on the registered model (held-out "
              "wordings: `heldout_accuracy`). Chance: colour 1/6, shape 1/3, count 1/3, relation 1/4, yes/no "
              "1/2, digit 1/10, compositional 1/2.", ""] + table(runs)

@@ -24,11 +24,18 @@ class FlamingoConfig(FusionConfig):
     resampler_layers: int = 2
     cross_every: int = 1
     """A gated cross-attention block before LM layers 0, k, 2k, ..."""
+    gate_scale: float = 1.0
+    """The gates are tanh(gate_scale * a). Adam moves `a` by about the learning rate a step whatever
+    its gradient's size, so this is the gates' learning rate times gate_scale. An LM trained from
+    scratch next to zero gates learns the text alone first; at 1 the gates of `flamingo-demo` could
+    stay shut for a whole run (docs/benchmarks.md, fusion)."""
 
     def validate(self) -> None:
         super().validate()
         if self.latents < 1 or self.resampler_layers < 1 or self.cross_every < 1:
             raise ValueError("flamingo: latents, resampler_layers and cross_every must be at least 1")
+        if self.gate_scale <= 0:
+            raise ValueError(f"flamingo: gate_scale must be > 0, got {self.gate_scale}")
 
 
 class PerceiverResampler(nn.Module):
@@ -53,10 +60,11 @@ class PerceiverResampler(nn.Module):
 
 
 class GatedCrossAttention(nn.Module):
-    """x + tanh(a) * xattn(ln(x), latents); x + tanh(b) * mlp(ln(x)); a = b = 0 at initialisation."""
+    """x + tanh(s * a) * xattn(ln(x), latents); x + tanh(s * b) * mlp(ln(x)); a = b = 0 at initialisation."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, scale: float = 1.0):
         super().__init__()
+        self.scale = scale
         self.ln_attn = nn.LayerNorm(width)
         self.attn = CrossAttention(width, heads)
         self.attn_gate = nn.Parameter(torch.zeros(1))  # shape [1]: DeepSpeed fails on 0-dim parameters
@@ -65,8 +73,8 @@ class GatedCrossAttention(nn.Module):
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        x = x + torch.tanh(self.attn_gate) * self.attn(self.ln_attn(x), latents)
-        return x + torch.tanh(self.mlp_gate) * self.mlp(self.ln_mlp(x))
+        x = x + torch.tanh(self.scale * self.attn_gate) * self.attn(self.ln_attn(x), latents)
+        return x + torch.tanh(self.scale * self.mlp_gate) * self.mlp(self.ln_mlp(x))
 
 
 class FlamingoModel(FusionModel):
@@ -76,7 +84,7 @@ class FlamingoModel(FusionModel):
         super().__init__(cfg, eos_id)
         self.media_proj = nn.Linear(cfg.vision.width, cfg.lm.width)
         self.resampler = PerceiverResampler(cfg.lm.width, cfg.lm.heads, cfg.latents, cfg.resampler_layers)
-        self.cross = nn.ModuleList(GatedCrossAttention(cfg.lm.width, cfg.lm.heads)
+        self.cross = nn.ModuleList(GatedCrossAttention(cfg.lm.width, cfg.lm.heads, cfg.gate_scale)
                                    for _ in range(0, cfg.lm.layers, cfg.cross_every))
         self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length)
 
