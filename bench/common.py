@@ -1,12 +1,14 @@
-"""Helpers shared by the benchmarks: machine description and writing a section of docs/benchmarks.md."""
+"""Helpers shared by the benchmarks: machine description, writing a section of docs/benchmarks.md, the lr schedule."""
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -42,3 +44,28 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = pattern.sub(lambda _: stamped, text) if pattern.search(text) else text.rstrip() + "\n\n" + stamped + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def warmup_cosine(params: dict) -> Callable[[int], float]:
+    """The lr factor of optimizer step k (from 0) under DeepSpeed's WarmupCosineLR with these params.
+
+    DeepSpeed sets the factor of iteration -1 (zero) when it builds the scheduler and advances one iteration
+    after each optimizer step, so step k runs at the factor of iteration k - 1. Warm-up is logarithmic
+    unless warmup_type says linear (DeepSpeed's default is "log"; our config sets "linear").
+    """
+    warmup, total = max(2, params["warmup_num_steps"]), params["total_num_steps"]
+    low, floor, kind = params["warmup_min_ratio"], params["cos_min_ratio"], params.get("warmup_type", "log")
+    if kind not in ("log", "linear"):
+        raise ValueError(f"scheduler warmup_type {kind!r}: only log and linear are reproduced")
+
+    def factor(step: int) -> float:
+        iteration = step - 1
+        if iteration < 0:
+            return 0.0
+        if iteration < warmup:
+            ramp = math.log(iteration + 1) / math.log(warmup) if kind == "log" else iteration / warmup
+            return low + ramp * (1 - low)
+        progress = min(1.0, (iteration - warmup + 1) / max(1, total - warmup))
+        return max(0.0, floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+    return factor

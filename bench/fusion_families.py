@@ -47,7 +47,7 @@ def champion(dataset: str) -> str:
 
 
 def describe(parent: str) -> str:
-    """What the parent is: its recipe and its compositional probe, read from the registry."""
+    """What the parent is: its recipe and its compositional probe (from its evaluation run), read from the registry."""
     from mlflow.tracking import MlflowClient
 
     from mmcore import tracking
@@ -56,9 +56,10 @@ def describe(parent: str) -> str:
     uri = tracking.resolve_uri(TrackingConfig())
     client = MlflowClient(uri)
     found = client.get_model_version(*tracking.resolve_version(parent, uri))
-    tags, params = found.tags or {}, client.get_run(found.run_id).data.params
-    scores = dict(item.split("=") for item in tags.get("eval.summary", "").split("; ") if "=" in item)
-    probe = f", compositional probe {float(scores['compositional.accuracy']):.3f}" if "compositional.accuracy" in scores else ""
+    params = client.get_run(found.run_id).data.params
+    evaluation = (found.tags or {}).get("eval.run_id")
+    scores = client.get_run(evaluation).data.metrics if evaluation else {}
+    probe = f", compositional probe {scores['compositional.accuracy']:.3f}" if "compositional.accuracy" in scores else ""
     return (f"the `{params['recipe']}` recipe, {params['optim.max_steps']} steps of {params['data.batch_size']}"
             f"{probe}")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import sys
 import time
@@ -37,6 +36,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import warmup_cosine  # noqa: E402
 from mmcore.config import RunConfig, from_dict  # noqa: E402
 from mmcore.data.dataset import DatasetVersion  # noqa: E402
 from mmcore.data.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS  # noqa: E402
@@ -209,31 +209,6 @@ class ParquetPairs(torch.utils.data.Dataset):
         with Image.open(io.BytesIO(self.images[index])) as image:
             pixels = self.transform(image)
         return pixels, torch.tensor(self.tokenizer.encode(str(self.captions[index])).ids)
-
-
-def warmup_cosine(params: dict) -> Callable[[int], float]:
-    """The lr factor of optimizer step k (from 0) under DeepSpeed's WarmupCosineLR with these params.
-
-    DeepSpeed sets the factor of iteration -1 (zero) when it builds the scheduler and advances one iteration
-    after each optimizer step, so step k runs at the factor of iteration k - 1. Warm-up is logarithmic
-    unless warmup_type says linear (DeepSpeed's default is "log"; our config sets "linear").
-    """
-    warmup, total = max(2, params["warmup_num_steps"]), params["total_num_steps"]
-    low, floor, kind = params["warmup_min_ratio"], params["cos_min_ratio"], params.get("warmup_type", "log")
-    if kind not in ("log", "linear"):
-        raise ValueError(f"scheduler warmup_type {kind!r}: only log and linear are reproduced")
-
-    def factor(step: int) -> float:
-        iteration = step - 1
-        if iteration < 0:
-            return 0.0
-        if iteration < warmup:
-            ramp = math.log(iteration + 1) / math.log(warmup) if kind == "log" else iteration / warmup
-            return low + ramp * (1 - low)
-        progress = min(1.0, (iteration - warmup + 1) / max(1, total - warmup))
-        return max(0.0, floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
-
-    return factor
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -26,9 +26,10 @@ class FlamingoConfig(FusionConfig):
     """A gated cross-attention block before LM layers 0, k, 2k, ..."""
     gate_scale: float = 1.0
     """The gates are tanh(gate_scale * a). Adam moves `a` by about the learning rate a step whatever
-    its gradient's size, so this is the gates' learning rate times gate_scale. An LM trained from
-    scratch next to zero gates learns the text alone first; at 1 the gates of `flamingo-demo` could
-    stay shut for a whole run (docs/benchmarks.md, fusion)."""
+    its gradient's size, so the gates move about gate_scale times faster (though their gradients,
+    gate_scale times larger, also weigh that much more in the global-norm clipping). An LM trained
+    from scratch next to zero gates learns the text alone first; at 1 the gates of `flamingo-demo`
+    once stayed shut for a whole run (docs/benchmarks.md, fusion)."""
 
     def validate(self) -> None:
         super().validate()
@@ -62,7 +63,7 @@ class PerceiverResampler(nn.Module):
 class GatedCrossAttention(nn.Module):
     """x + tanh(s * a) * xattn(ln(x), latents); x + tanh(s * b) * mlp(ln(x)); a = b = 0 at initialisation."""
 
-    def __init__(self, width: int, heads: int, scale: float = 1.0):
+    def __init__(self, width: int, heads: int, scale: float):
         super().__init__()
         self.scale = scale
         self.ln_attn = nn.LayerNorm(width)
