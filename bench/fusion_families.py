@@ -93,7 +93,7 @@ def run_family(family: str, dataset: str, steps: int = 0) -> dict:
     cfg.optim.max_steps = steps or cfg.optim.max_steps
     result = fit(cfg)  # a run finished before (same recipe, dataset and parent) is returned as it is
     arch = model_config(cfg.model.name)
-    positions = arch["lm"]["context_length"]
+    positions = cfg.data.pack_length or arch["lm"]["context_length"]
     if family == "llava":  # the image's tokens sit in the LM's sequence
         from mmcore.tracking import load_model
 
@@ -102,6 +102,7 @@ def run_family(family: str, dataset: str, steps: int = 0) -> dict:
     rate = steady_samples_per_second(result)
     return {"family": family, "recipe": cfg.recipe, "model": cfg.model.name, "steps": cfg.optim.max_steps,
             "batch": cfg.data.batch_size, "wall": run_seconds(result), "samples_per_second": rate,
+            "questions": result.metrics.get("questions_per_image", 1.0),
             "positions_per_second": rate * positions, "positions": positions, "params": total,
             "trainable": trainable, "loss": result.metrics["loss"], "parent": result.model_uri,
             "report": evaluate(result.model_uri, dataset)}
@@ -117,7 +118,9 @@ def table(runs: list[dict]) -> list[str]:
     row("recipe", [f"`{r['recipe']}`: {r['steps']} steps of {r['batch']}" for r in runs])
     row("parameters (trainable)", [f"{r['params'] / 1e6:.2f} M ({r['trainable'] / 1e6:.2f} M)" for r in runs])
     row("fit() run time (MLflow run)", [f"{r['wall']:.0f} s" for r in runs])
-    row("samples/s (steady)", [f"{r['samples_per_second']:.0f}" for r in runs])
+    row("samples/s (steady; a sample is an image and its questions)", [f"{r['samples_per_second']:.0f}" for r in runs])
+    row("questions per sample (`data.pack_length`)", [f"{r['questions']:.2f}" for r in runs])
+    row("questions/s", [f"{r['samples_per_second'] * r['questions']:.0f}" for r in runs])
     row("LM positions per sample", [str(r["positions"]) for r in runs])
     row("LM positions/s", [f"{r['positions_per_second']:.0f}" for r in runs])
     row("final train loss (answer tokens)", [f"{r['loss']:.3f}" for r in runs])

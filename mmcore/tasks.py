@@ -19,6 +19,7 @@ from mmcore.config import RunConfig
 from mmcore.data.tokenizer import CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, with_chat_tokens, with_tokens
 from mmcore.losses import LOSSES
 from mmcore.models import architecture, build_model
+from mmcore.models.decoder import Packing
 from mmcore.models.fusion import loss_on_answers
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
@@ -90,7 +91,8 @@ class _PixelTask(nn.Module):
 
 class FusionTask(_PixelTask):
     """LLaVA / Flamingo on a parent's vision tower. Batch: {"image": (B, 3, H, W) uint8,
-    "input_ids": (B, L), "labels": (B, L) (IGNORE outside answers), "truncated": (B,)}."""
+    "input_ids": (B, L), "labels": (B, L) (IGNORE outside answers), "truncated": (B,)}, and with
+    `data.pack_length` "segments", "positions" (B, L) and "questions" (B,)."""
 
     stage = "fusion"
 
@@ -116,13 +118,14 @@ class FusionTask(_PixelTask):
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
         from mmcore.data.instruct import InstructPreprocessor
 
-        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed)
+        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = self.pixels(batch["image"], self.model.lm.head.weight.dtype)
-        logits = self.model(images, batch["input_ids"])
-        return {"loss": loss_on_answers(logits, batch["labels"]),
-                "truncated_fraction": batch["truncated"].float().mean()}
+        packing = Packing(batch["segments"], batch["positions"]) if "segments" in batch else None  # data.pack_length
+        out = {"loss": loss_on_answers(self.model(images, batch["input_ids"], packing), batch["labels"]),
+               "truncated_fraction": batch["truncated"].float().mean()}
+        return out | ({"questions_per_image": batch["questions"].float().mean()} if packing else {})
 
 
 class ImageTokenizerTask(_PixelTask):

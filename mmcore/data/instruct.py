@@ -6,6 +6,11 @@ counts the answer's tokens and its <eos> only. Questions come from the row's att
 scikit-learn digits) and every row can be asked for its caption. Each question type has seen
 templates (training and evaluation) and held-out ones, which only evaluation on the test split
 uses: the difference measures whether the model learned the question or the wording.
+
+Packed (`data.pack_length`), one training sequence carries several of the row's questions after one
+shared `<bos> <|user|> <image>`: each question sees that prefix and itself only, at the positions it
+would have alone (models/decoder.py's `Packing`), so the model learns from several questions for
+the cost of one image.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                "which number does the image show?", "read the digit in the image.", "what is this digit?"),
               ("name the handwritten digit.",)),
 }
+SHARED = 3
+"""<bos> <|user|> <image>: the prefix every question about one image shares in a packed sequence."""
 CAPTION_PROMPT = TEMPLATES["caption"][0][0]
 """The prompt evaluation asks for a caption with (captioning; the compositional probe, scoring): seen."""
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
@@ -122,13 +129,21 @@ def questions(row: dict, held_out: bool = False) -> list[Question]:
     return out
 
 
-def training_question(row: dict, seed: int, epoch: int) -> Question:
-    """The row's question for this epoch: a type and a seen template drawn from (seed, epoch, key)."""
+def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
+    """Every question type the row can answer, in an order drawn from (seed, epoch, key), each worded
+    by a seen template drawn the same way."""
     rng = row_rng(row, seed, epoch)
     kinds = _kinds(row)
-    kind = kinds[int(rng.integers(len(kinds)))]
-    template = str(rng.choice(TEMPLATES[kind][0]))
-    return _question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True)
+    out = []
+    for kind in (kinds[i] for i in rng.permutation(len(kinds))):
+        template = str(rng.choice(TEMPLATES[kind][0]))
+        out.append(_question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True))
+    return out
+
+
+def training_question(row: dict, seed: int, epoch: int) -> Question:
+    """The row's question for this epoch when a sequence holds one: the first of `training_questions`."""
+    return training_questions(row, seed, epoch)[0]
 
 
 class ChatFormat:
@@ -149,24 +164,58 @@ class ChatFormat:
         return [i[BOS], i[USER], i[IMAGE], *self.tokenizer.encode(question, add_special_tokens=False).ids,
                 i[ASSISTANT]]
 
-    def encode(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
-        """(input_ids, labels, truncated), each list context_length long; labels IGNORE outside the answer."""
+    def _turn(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
+        """(input_ids, labels, truncated) of one question, cut to the context, unpadded."""
         prompt = self.prompt(question)
         answer_ids = self.tokenizer.encode(answer, add_special_tokens=False).ids + [self.ids[EOS]]
         ids, labels = prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids
-        truncated = len(ids) > self.context_length
-        ids, labels = ids[: self.context_length], labels[: self.context_length]
+        return ids[: self.context_length], labels[: self.context_length], len(ids) > self.context_length
+
+    def encode(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
+        """(input_ids, labels, truncated), each list context_length long; labels IGNORE outside the answer."""
+        ids, labels, truncated = self._turn(question, answer)
         pad = self.context_length - len(ids)
         return ids + [self.ids[PAD]] * pad, labels + [IGNORE] * pad, truncated
 
+    def encode_packed(self, asked: list[Question], length: int) -> tuple[list[int], list[int], list[int], list[int],
+                                                                        bool, int]:
+        """Questions about one image in one sequence of `length` tokens: the shared <bos> <|user|> <image>,
+        then each question's turn (question, <|assistant|>, answer, <eos>) while it fits, in order, a
+        turn that does not fit left out. -> (input_ids, labels, segments, positions, truncated,
+        questions): segments 0 on the shared prefix, k on the k-th turn, -1 on padding; positions
+        where each token stands in the question's own sequence (0 on padding). `length` is at least
+        the context, so the first question always fits."""
+        ids, labels, truncated = self._turn(asked[0].question, asked[0].answer)
+        segments, positions = [0] * SHARED + [1] * (len(ids) - SHARED), list(range(len(ids)))
+        for question in asked[1:]:
+            turn_ids, turn_labels, cut = self._turn(question.question, question.answer)
+            turn_ids, turn_labels = turn_ids[SHARED:], turn_labels[SHARED:]
+            if len(ids) + len(turn_ids) > length:
+                continue
+            segments += [segments[-1] + 1] * len(turn_ids)
+            positions += range(SHARED, SHARED + len(turn_ids))
+            ids, labels, truncated = ids + turn_ids, labels + turn_labels, truncated or cut
+        pad = length - len(ids)
+        return (ids + [self.ids[PAD]] * pad, labels + [IGNORE] * pad, segments + [-1] * pad, positions + [0] * pad,
+                truncated, segments[-1])
 
-def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int) -> dict[str, np.ndarray]:
-    """Training rows (with an `epoch`) -> input_ids, labels (B, context) int64 and truncated (B,) int64."""
-    encoded = [chat.encode(q.question, q.answer)
-               for q in (training_question(row, seed, int(row.get("epoch") or 0)) for row in rows)]
-    return {"input_ids": np.array([e[0] for e in encoded], np.int64).reshape(len(rows), chat.context_length),
-            "labels": np.array([e[1] for e in encoded], np.int64).reshape(len(rows), chat.context_length),
-            "truncated": np.array([e[2] for e in encoded], np.int64)}
+
+def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0) -> dict[str, np.ndarray]:
+    """Training rows (with an `epoch`) -> input_ids, labels (B, context) int64 and truncated (B,) int64:
+    one question a row; with `pack_length`, all the row's questions that fit in that many tokens (B,
+    pack_length), with segments and positions (B, pack_length) and the number of questions (B,)."""
+    if not pack_length:
+        encoded = [chat.encode(q.question, q.answer)
+                   for q in (training_question(row, seed, int(row.get("epoch") or 0)) for row in rows)]
+        keys = ("input_ids", "labels", "truncated")
+    else:
+        encoded = [chat.encode_packed(training_questions(row, seed, int(row.get("epoch") or 0)), pack_length)
+                   for row in rows]
+        keys = ("input_ids", "labels", "segments", "positions", "truncated", "questions")
+    shapes = {"truncated": (len(rows),), "questions": (len(rows),)}
+    width = pack_length or chat.context_length
+    return {key: np.array([e[i] for e in encoded], np.int64).reshape(shapes.get(key, (len(rows), width)))
+            for i, key in enumerate(keys)}
 
 
 class InstructPreprocessor(Preprocessor):
@@ -174,9 +223,13 @@ class InstructPreprocessor(Preprocessor):
 
     columns = ["image", *ROW_COLUMNS]
 
-    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False, seed: int = 0):
+    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False, seed: int = 0,
+                 pack_length: int = 0):
         super().__init__(cfg, tokenizer_json, augment)
-        self.seed = seed
+        if pack_length and pack_length < cfg.context_length:
+            raise ValueError(f"data.pack_length {pack_length} is shorter than the model's context of "
+                             f"{cfg.context_length} tokens: one question would not fit")
+        self.seed, self.pack_length = seed, pack_length
         self._chat: ChatFormat | None = None
 
     @property
@@ -190,7 +243,7 @@ class InstructPreprocessor(Preprocessor):
 
     def __call__(self, batch: dict) -> dict:
         return {"image": self.batch_pixels(batch["image"]),
-                **instruction_batch(batch_rows(batch), self.chat, self.seed)}
+                **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length)}
 
 
 def batch_rows(batch: dict) -> list[dict]:

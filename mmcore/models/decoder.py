@@ -38,6 +38,24 @@ class DecoderConfig:
             raise ValueError(f"lm.context_length {self.context_length} is below 8")
 
 
+@dataclass
+class Packing:
+    """Several sequences in each row of a batch after one shared prefix (the fusion stage's questions
+    about one image, data/instruct.py): each sees the prefix and itself only, at the positions it
+    would have alone, so its logits are the ones it would get alone."""
+
+    segments: torch.Tensor
+    """(B, N): 0 on the shared prefix, k on the k-th sequence, -1 on padding."""
+    positions: torch.Tensor
+    """(B, N): each token's position in its own sequence."""
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, N, N) bool: token i sees token j <= i of the prefix or of its own sequence."""
+        s, n = self.segments, self.segments.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+        return (causal & ((s[:, None, :] == 0) | (s[:, None, :] == s[:, :, None])))[:, None]
+
+
 Between = Callable[[int, torch.Tensor], torch.Tensor]
 """between(i, hidden) -> hidden, applied before decoder layer i (Flamingo's cross-attention)."""
 
@@ -59,15 +77,16 @@ class DecoderLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def forward(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
-                between: Between | None = None) -> torch.Tensor:
-        if start + x.shape[1] > self.pos.shape[1]:
+                between: Between | None = None, packing: Packing | None = None) -> torch.Tensor:
+        if packing is None and start + x.shape[1] > self.pos.shape[1]:
             raise ValueError(f"sequence of {start + x.shape[1]} positions is longer than the model's "
                              f"{self.pos.shape[1]}")
-        x = x + self.pos[:, start: start + x.shape[1]]
+        x = x + (self.pos[:, start: start + x.shape[1]] if packing is None else self.pos[0, packing.positions])
+        mask = None if packing is None else packing.mask()
         for i, block in enumerate(self.blocks):
             if between is not None:
                 x = between(i, x)
-            x = block(x, causal=True, cache=caches[i] if caches is not None else None)
+            x = block(x, mask=mask, causal=True, cache=caches[i] if caches is not None else None)
         return self.ln_f(x)
 
     def new_caches(self) -> list[KVCache]:

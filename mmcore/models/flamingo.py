@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmcore.models.decoder import DecoderLM
+from mmcore.models.decoder import DecoderLM, Packing
 from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.transformer import CrossAttention, KVCache, mlp
 
@@ -94,9 +94,9 @@ class FlamingoModel(FusionModel):
         return self.resampler(self.media_proj(self.image_features(images)))
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
-               caches: list[KVCache] | None = None) -> torch.Tensor:
+               caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
         """Every text position attends to the image's latents (one image per sample, first in the prompt)."""
         def between(i: int, x: torch.Tensor) -> torch.Tensor:
             return self.cross[i // self.cfg.cross_every](x, context) if i % self.cfg.cross_every == 0 else x
 
-        return self.lm(self.lm.embed(input_ids), start=start, caches=caches, between=between)
+        return self.lm(self.lm.embed(input_ids), start=start, caches=caches, between=between, packing=packing)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from mmcore.data.tokenizer import IMAGE, SPECIAL_TOKENS
-from mmcore.models.decoder import DecoderLM
+from mmcore.models.decoder import DecoderLM, Packing
 from mmcore.models.transformer import KVCache
 
 IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)
@@ -29,9 +29,9 @@ class TextGenerator(nn.Module):
     extra_positions = 0
     """LM positions a sample takes beyond its text tokens (LLaVA: the image tokens minus <image>)."""
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W), (B, L) -> logits (B, L, V)."""
-        return self.head(self.hidden(input_ids, self.context(images)))
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """(B, 3, H, W), (B, L) -> logits (B, L, V); `packing` in text positions (the <image> token one)."""
+        return self.head(self.hidden(input_ids, self.context(images), packing=packing))
 
     def head(self, states: torch.Tensor) -> torch.Tensor:
         """LM states (..., D) -> logits over the vocabulary (..., V)."""
@@ -97,16 +97,16 @@ class TextGenerator(nn.Module):
         raise NotImplementedError
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
-               caches: list[KVCache] | None = None) -> torch.Tensor:
+               caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
         raise NotImplementedError
 
 
 def splice_hidden(lm: DecoderLM, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
-                  caches: list[KVCache] | None = None) -> torch.Tensor:
+                  caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
     """Text (B, L) with one <image> token per row, image tokens (B, N, D) -> LM states at the text
     positions (B, L, D); the <image> position gets the state of the last image token, which predicts
     the token after <image>. Continuing after a prefill (start > 0), the ids are text only and follow
-    the image."""
+    the image. A packing's image stands in the shared prefix, before every packed sequence."""
     text = lm.embed(input_ids)  # (B, L, D)
     if start:
         return lm(text, start=start, caches=caches)
@@ -117,7 +117,11 @@ def splice_hidden(lm: DecoderLM, input_ids: torch.Tensor, context: torch.Tensor,
     text_index = torch.where(j < at[:, None], j, j - n + 1).clamp(0, length - 1)
     image_index = (j - at[:, None]).clamp(0, n - 1)
     spliced = torch.where(in_image[..., None], _take(context, image_index), _take(text, text_index))
-    states = lm(spliced, caches=caches)  # (B, L + N - 1, D)
+    if packing is not None:
+        positions = packing.positions.gather(1, text_index)
+        packing = Packing(torch.where(in_image, 0, packing.segments.gather(1, text_index)),
+                          torch.where(in_image, j, positions + (n - 1) * (positions > at[:, None])))
+    states = lm(spliced, caches=caches, packing=packing)  # (B, L + N - 1, D)
     t = torch.arange(length, device=input_ids.device)[None]
     return _take(states, torch.where(t < at[:, None], t, t + n - 1))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmcore.models.decoder import DecoderLM
+from mmcore.models.decoder import DecoderLM, Packing
 from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.generate import splice_hidden
 from mmcore.models.transformer import KVCache
@@ -19,7 +19,9 @@ class LlavaConfig(FusionConfig):
     """Vision tower + projector + LM: the projector's sizes follow from the two widths."""
 
     image_positions: bool = False
-    """Add each patch token's row and column in the image (learned embeddings) to its projected token."""
+    """Add each patch token's row and column in the image (learned embeddings) to its projected token;
+    initialised at std 0.2, about the projected tokens' own scale, so the LM sees where a patch is
+    from the first steps (at 0.02 the relation questions gained less: docs/benchmarks.md, fusion)."""
 
 
 class LlavaModel(FusionModel):
@@ -34,8 +36,8 @@ class LlavaModel(FusionModel):
                                        nn.Linear(cfg.lm.width, cfg.lm.width))
         self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
         if cfg.image_positions:
-            self.patch_row = nn.Parameter(torch.randn(grid, 1, cfg.lm.width) * 0.02)
-            self.patch_column = nn.Parameter(torch.randn(1, grid, cfg.lm.width) * 0.02)
+            self.patch_row = nn.Parameter(torch.randn(grid, 1, cfg.lm.width) * 0.2)
+            self.patch_column = nn.Parameter(torch.randn(1, grid, cfg.lm.width) * 0.2)
 
     def context(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens in the LM's width (B, 1 + P, D)."""
@@ -46,5 +48,5 @@ class LlavaModel(FusionModel):
         return torch.cat([tokens[:, :1], tokens[:, 1:] + grid], dim=1)
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
-               caches: list[KVCache] | None = None) -> torch.Tensor:
-        return splice_hidden(self.lm, input_ids, context, start, caches)
+               caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
+        return splice_hidden(self.lm, input_ids, context, start, caches, packing)

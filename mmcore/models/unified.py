@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmcore.models.decoder import DecoderConfig, DecoderLM
+from mmcore.models.decoder import DecoderConfig, DecoderLM, Packing
 from mmcore.models.generate import IGNORE, TextGenerator, splice_hidden
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.preprocess import PreprocessConfig
@@ -126,8 +126,8 @@ class UnifiedModel(TextGenerator):
         return self.embed(self.image_ids(images))
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
-               caches: list[KVCache] | None = None) -> torch.Tensor:
-        return splice_hidden(self.lm, input_ids, context, start, caches)
+               caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
+        return splice_hidden(self.lm, input_ids, context, start, caches, packing)
 
     def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Text is written with text ids only."""

@@ -10,11 +10,13 @@ import torch
 from PIL import Image
 
 from mmcore.config import RunConfig, TaskConfig, TokenizerConfig
-from mmcore.data.instruct import TEMPLATES, ChatFormat, InstructPreprocessor, questions, training_question
+from mmcore.data.instruct import (SHARED, TEMPLATES, ChatFormat, InstructPreprocessor, instruction_batch, questions,
+                                  training_question, training_questions)
 from mmcore.data.sample import describe
 from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_tokens
 from mmcore.eval.generative import parse_scene
 from mmcore.models import build_model, model_config
+from mmcore.models.decoder import Packing
 from mmcore.models.encode import generate_answers
 from mmcore.models.fusion import loss_on_answers
 from mmcore.models.generate import IGNORE
@@ -141,6 +143,52 @@ def test_held_out_wordings_never_reach_training():
 def _worded_by(question: str, template: str) -> bool:
     fixed = [part for part in template.replace("}", "{").split("{")[::2] if part.strip()]
     return all(part in question for part in fixed)
+
+
+def test_packed_questions_share_the_image_and_see_nothing_of_each_other(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    chat = ChatFormat(Tokenizer.from_str(tokenizer_json), 32)
+    rows = [dict(SCENE, key=f"k{i}", epoch=0) for i in range(3)] + [dict(DIGIT, epoch=1)]
+    batch = instruction_batch(rows, chat, seed=0, pack_length=96)
+    assert batch["input_ids"].shape == batch["segments"].shape == batch["positions"].shape == (4, 96)
+    assert batch["questions"].tolist()[3] == 2 and (batch["questions"][:3] >= 3).all()  # digit: caption + digit
+    for row, ids, labels, segments, positions in zip(rows, batch["input_ids"], batch["labels"], batch["segments"],
+                                                     batch["positions"]):
+        asked = training_questions(row, seed=0, epoch=row["epoch"])
+        for k in range(1, int(segments.max()) + 1):  # each turn is its question alone, minus the shared prefix
+            alone_ids, alone_labels, _ = chat.encode(asked[k - 1].question, asked[k - 1].answer)
+            turn = segments == k
+            length = int(turn.sum()) + SHARED
+            assert ids[:SHARED].tolist() + ids[turn].tolist() == alone_ids[:length]
+            assert labels[turn].tolist() == alone_labels[SHARED:length]
+            assert positions[turn].tolist() == list(range(SHARED, length))
+    with pytest.raises(ValueError, match="data.pack_length 16 is shorter than the model's context of 32"):
+        InstructPreprocessor(PreprocessConfig(image_size=32, context_length=32), tokenizer_json, pack_length=16)
+
+
+@pytest.mark.parametrize("family", ["llava", "flamingo"])
+def test_a_packed_question_gets_the_logits_it_gets_alone(family, tokenizer_json):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    model = _model(family, tokenizer.get_vocab_size())
+    with torch.no_grad():  # open the gates: a shut Flamingo would ignore the image
+        for p in model.parameters():
+            if p.numel() == 1:
+                p.fill_(0.5)
+    chat = ChatFormat(tokenizer, model.cfg.lm.context_length)
+    rows = [dict(SCENE, key=f"k{i}", epoch=0) for i in range(2)] + [dict(DIGIT, epoch=0)]
+    batch = {k: torch.from_numpy(v) for k, v in instruction_batch(rows, chat, seed=1, pack_length=96).items()}
+    images = torch.randn(3, 3, 32, 32)
+    packed = model(images, batch["input_ids"], Packing(batch["segments"], batch["positions"]))
+    for r in range(3):
+        for k in range(1, int(batch["questions"][r]) + 1):
+            turn = batch["segments"][r] == k
+            ids = batch["input_ids"][r]
+            alone = model(images[r:r + 1], torch.cat([ids[:SHARED], ids[turn]])[None])
+            assert torch.allclose(packed[r, turn], alone[0, SHARED:], atol=1e-5)
+            assert torch.allclose(packed[r, :SHARED], alone[0, :SHARED], atol=1e-5)
 
 
 def test_instruct_preprocessor_makes_the_fusion_batch(tokenizer_json):

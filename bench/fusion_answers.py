@@ -1,0 +1,105 @@
+"""What a fusion model answers to the two-group questions it gets wrong, asked on test-split scenes.
+
+VQA scores a relation answer right or wrong; this says how it is wrong: the right axis (left/right
+against above/below) with the wrong side, or the wrong axis; whether yes/no answers follow the truth;
+whether the colour of one of two groups is the other group's. Questions are the seen wordings
+evaluation asks (mmcore.data.instruct.questions), answered greedily through the registered model.
+Usage:
+  python bench/fusion_answers.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate] [--scenes 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import write_section  # noqa: E402
+
+AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
+
+
+def answer_profile(model_uri: str, rows: list[dict]) -> dict:
+    """Counts of the model's answers on two-group scenes: relation by axis and side, yes/no by truth,
+    two-group colour by which group's colour."""
+    from mmcore.data.instruct import questions
+    from mmcore.models.encode import generate_answers
+    from mmcore.tracking import load_model
+
+    model, preprocess = load_model(model_uri)
+    asked = [{q.kind: q for q in questions(row)} for row in rows]
+
+    def answers(kind: str) -> list[tuple[dict, str, str]]:
+        pairs = [(row, qs[kind]) for row, qs in zip(rows, asked) if kind in qs]
+        got = generate_answers(model, preprocess, [row["image"] for row, _ in pairs], [q.question for _, q in pairs])
+        return [(row, q.answer, a) for (row, q), a in zip(pairs, got)]
+
+    relation = answers("relation")
+    yes_no = answers("yes_no")
+    colour = answers("colour")
+    axis_right = [(t, a) for _, t, a in relation if AXIS.get(a) == AXIS[t]]
+    return {
+        "scenes": len(rows),
+        "relation": len(relation),
+        "relation right": sum(t == a for _, t, a in relation),
+        "relation right axis": len(axis_right),
+        "relation right side, of the right-axis answers": sum(t == a for t, a in axis_right),
+        "yes/no": Counter((t, a) for _, t, a in yes_no),
+        "colour": len(colour),
+        "colour right": sum(t == a for _, t, a in colour),
+        "colour of the other group": sum(a == row["color2"] for row, _, a in colour),
+    }
+
+
+def report(profile: dict) -> list[str]:
+    def share(part: int, whole: int) -> str:
+        return f"{part / whole:.2f} ({part} of {whole})" if whole else "-"
+
+    yn = profile["yes/no"]
+    said_yes_true, said_yes_false = yn[("yes", "yes")], yn[("no", "yes")]
+    true, false = said_yes_true + yn[("yes", "no")], said_yes_false + yn[("no", "no")]
+    axis = profile["relation right axis"]
+    return ["| question (two-group test scenes) | measure | value |", "|---|---|---|",
+            f"| relation | right answer | {share(profile['relation right'], profile['relation'])} |",
+            f"| relation | right axis (left/right or above/below) | {share(axis, profile['relation'])} |",
+            f"| relation | right side, of the right-axis answers | "
+            f"{share(profile['relation right side, of the right-axis answers'], axis)} |",
+            f"| yes/no | 'yes' to a true statement | {share(said_yes_true, true)} |",
+            f"| yes/no | 'yes' to a false statement | {share(said_yes_false, false)} |",
+            f"| colour of one of two groups | right | {share(profile['colour right'], profile['colour'])} |",
+            f"| colour of one of two groups | the other group's colour | "
+            f"{share(profile['colour of the other group'], profile['colour'])} |"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", required=True, help="the project home whose registry holds the model")
+    parser.add_argument("--dataset", required=True, help="a dataset version directory")
+    parser.add_argument("--model", default="models:/mmpipe-fusion@candidate")
+    parser.add_argument("--scenes", type=int, default=200, help="two-group test scenes to ask about")
+    parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
+    args = parser.parse_args()
+    os.environ["MMPIPE_HOME"] = args.home
+
+    from mmcore.config import TrackingConfig
+    from mmcore.data.dataset import DatasetVersion
+    from mmcore.tracking import resolve_uri, resolve_version
+
+    version = DatasetVersion.open(args.dataset)
+    rows = [r for r in version.read("test").to_pylist() if r.get("source") == "synthetic" and r.get("relation")]
+    model = "models:/{}/{}".format(*resolve_version(args.model, resolve_uri(TrackingConfig())))
+    lines = report(answer_profile(model, rows[: args.scenes]))
+    print("\n".join(lines))
+    command = f"python bench/fusion_answers.py --home HOME --dataset DIR --model {model} --scenes {args.scenes}"
+    body = "\n".join(["## Fusion: how the two-group answers go wrong", "", f"Command: `{command}`", "",
+                      f"{model} on the first {args.scenes} two-group scenes of the test split of dataset "
+                      f"{version.id}; greedy answers to the seen wordings evaluation asks.", "", *lines])
+    write_section("fusion-answers", body, **({"doc": args.out} if args.out else {}))
+
+
+if __name__ == "__main__":
+    main()
