@@ -41,13 +41,10 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
     relation = answers("relation")
     yes_no = answers("yes_no")
     colour = answers("colour")
-    axis_right = [(t, a) for _, t, a in relation if AXIS.get(a) == AXIS[t]]
     return {
-        "scenes": len(rows),
         "relation": len(relation),
-        "relation right": sum(t == a for _, t, a in relation),
-        "relation right axis": len(axis_right),
-        "relation right side, of the right-axis answers": sum(t == a for t, a in axis_right),
+        "relation right": sum(t == a for _, t, a in relation),  # a right answer is also on the right axis
+        "relation right axis": sum(AXIS.get(a) == AXIS[t] for _, t, a in relation),
         "yes/no": Counter((t, a) for _, t, a in yes_no),
         "colour": len(colour),
         "colour right": sum(t == a for _, t, a in colour),
@@ -66,8 +63,7 @@ def report(profile: dict) -> list[str]:
     return ["| question (two-group test scenes) | measure | value |", "|---|---|---|",
             f"| relation | right answer | {share(profile['relation right'], profile['relation'])} |",
             f"| relation | right axis (left/right or above/below) | {share(axis, profile['relation'])} |",
-            f"| relation | right side, of the right-axis answers | "
-            f"{share(profile['relation right side, of the right-axis answers'], axis)} |",
+            f"| relation | right side, of the right-axis answers | {share(profile['relation right'], axis)} |",
             f"| yes/no | 'yes' to a true statement | {share(said_yes_true, true)} |",
             f"| yes/no | 'yes' to a false statement | {share(said_yes_false, false)} |",
             f"| colour of one of two groups | right | {share(profile['colour right'], profile['colour'])} |",
