@@ -285,9 +285,10 @@ class DataConfig:
     augment: bool = True
     """Random crops on the train split (never flips: captions say left and right)."""
     pack_length: int = 0
-    """Fusion stage: 0 asks one question per image in a training sequence; N packs as many of the
-    image's questions as fit in N text tokens (at least the model's context), each seeing the image
-    and itself only: several questions learned for one image's cost."""
+    """Fusion and unified stages: 0 asks one question per image in a training sequence; N packs as
+    many of the image's questions as fit in N text tokens (at least the model's context), each seeing
+    the image and itself only: several questions learned for one image's cost (the unified stage's
+    drawing samples are padded to the same length)."""
     record_samples: bool = False
     """Write the rows each worker trained on, in order, to <run dir>/samples/rank-N.tsv (epoch, row index
     in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""
@@ -437,8 +438,8 @@ class RunConfig:
                    f"e.g. {example}")
         _check(not self.model.lm_parent or self.task.stage == "fusion", "model.lm_parent",
                "only the fusion stage starts its LM from a registered fusion model")
-        _check(not self.data.pack_length or self.task.stage == "fusion", "data.pack_length",
-               "only the fusion stage packs questions")
+        _check(not self.data.pack_length or self.task.stage in ("fusion", "unified"), "data.pack_length",
+               "only the fusion and unified stages pack questions")
         step_rows = self.parallel.num_workers * self.parallel.grad_accum
         _check(self.data.batch_size % step_rows == 0, "data.batch_size",
                f"{self.data.batch_size} is not divisible by parallel.num_workers x parallel.grad_accum = {step_rows}")

@@ -119,7 +119,7 @@ def debug_unified(dataset: str) -> RunConfig:
     return RunConfig(
         recipe="debug-unified", model=ModelConfig("unified-debug", parent=TOKENIZER_CHAMPION),
         task=TaskConfig(stage="unified", loss="next-token"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False),
+        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False, pack_length=40),
         optim=OptimConfig(lr=3e-3, warmup_steps=5, max_steps=200),
         parallel=ParallelConfig(num_workers=2, zero_stage=2),
         checkpoint=CheckpointConfig(every_steps=100),
@@ -128,11 +128,13 @@ def debug_unified(dataset: str) -> RunConfig:
 
 def demo_unified(dataset: str) -> RunConfig:
     """Minutes on 2 CPU cores: one transformer that answers about the sample corpus's images and
-    draws scenes from captions, over the demo image tokenizer's 8 x 8 codes."""
+    draws scenes from captions, over the demo image tokenizer's 8 x 8 codes. A reading sample packs
+    as many of its image's questions as fit in the context, the length a drawing sample takes anyway
+    (longer packs pad the drawings too: docs/benchmarks.md, unified)."""
     return RunConfig(
         recipe="demo-unified", model=ModelConfig("unified-demo", parent=TOKENIZER_CHAMPION),
         task=TaskConfig(stage="unified", loss="next-token"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=4, augment=False),
+        data=DataConfig(dataset=dataset, batch_size=32, val_batches=4, augment=False, pack_length=40),
         optim=OptimConfig(lr=1e-3, warmup_steps=50, max_steps=800),
         parallel=ParallelConfig(num_workers=2, zero_stage=2),
         checkpoint=CheckpointConfig(every_steps=200),

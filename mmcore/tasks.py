@@ -148,8 +148,9 @@ class ImageTokenizerTask(_PixelTask):
 
 class UnifiedTask(nn.Module):
     """One transformer over text and image codes. Batch: {"input_ids": (B, T), "labels": (B, T) (IGNORE
-    where not counted), "truncated": (B,), "drawing": (B,)}: the codes are made in the Ray Data step
-    (data/mixed.py), so no pixels reach the trainers."""
+    where not counted), "truncated": (B,), "drawing": (B,)}, packed (data.pack_length) also "segments",
+    "positions" (B, T) and "questions" (B,): the codes are made in the Ray Data step (data/mixed.py),
+    so no pixels reach the trainers."""
 
     stage = "unified"
 
@@ -181,12 +182,17 @@ class UnifiedTask(nn.Module):
         files = model_files(cfg.model.parent, resolve_uri(cfg.tracking))
         config = architecture(json.loads(Path(files.config).read_text()))
         return MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, pack_length=cfg.data.pack_length)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = unified_loss(self.model, self.model.logits(batch["input_ids"]), batch["labels"])
-        return {**out, "truncated_fraction": batch["truncated"].float().mean(),
+        packing = Packing(batch["segments"], batch["positions"]) if "segments" in batch else None  # data.pack_length
+        out = unified_loss(self.model, self.model.logits(batch["input_ids"], packing), batch["labels"])
+        out |= {"truncated_fraction": batch["truncated"].float().mean(),
                 "drawing_fraction": batch["drawing"].float().mean()}
+        reading = batch["drawing"] == 0
+        if packing is not None and bool(reading.any()):
+            out["questions_per_image"] = batch["questions"][reading].float().mean()
+        return out
 
 
 TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask, "image-tokenizer": ImageTokenizerTask,

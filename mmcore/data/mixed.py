@@ -8,6 +8,10 @@ Per row and epoch, one of:
   marker and <eos>; one drawing sample in ten drops the caption, which teaches the unconditional
   image the classifier-free guidance of `generate_image` subtracts.
 
+With `data.pack_length`, a reading sample carries several of the row's questions, as the fusion
+stage's do (instruct.py), and a drawing sample is padded to the same length; the image's span
+stands in the shared prefix.
+
 The image's codes come from the registered image tokenizer, run here on the data workers' CPUs:
 the trainers then see token ids only (why not a derived token dataset: docs/benchmarks.md,
 "unified-codes", from bench/unified_codes.py).
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from mmcore.data.instruct import ROW_COLUMNS, InstructPreprocessor, batch_rows, row_rng, training_question
+from mmcore.data.instruct import (ROW_COLUMNS, InstructPreprocessor, batch_rows, row_rng, training_question,
+                                  training_questions)
 from mmcore.data.tokenizer import BOS, EOS, IMAGE_END, IMAGE_START, PAD
 from mmcore.models.generate import IGNORE, IMAGE_ID
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
@@ -30,13 +35,22 @@ UNCONDITIONAL_FRACTION = 0.1
 """Of the drawing samples, those without a caption."""
 
 
-def expand_image(ids: list[int], labels: list[int], image: list[int], labelled: bool) -> tuple[list[int], list[int]]:
-    """Replace the one <image> id by the image's ids (start, codes,
-    end); their labels are the ids themselves when the image is what the sample teaches to draw
-    (the start marker is given by the prompt, so it is not counted)."""
-    at = ids.index(IMAGE_ID)
+def expand_image(ids: list[int], labels: list[int], image: list[int], labelled: bool,
+                 segments: list[int] | None = None, positions: list[int] | None = None) -> tuple[list[int], ...]:
+    """Replace the one <image> id by the image's ids (start, codes, end); their labels are the ids
+    themselves when the image is what the sample teaches to draw (the start marker is given by the
+    prompt, so it is not counted). A packed sample's segments and positions (instruct.py) are
+    expanded with them: the span takes the <image> token's segment and the positions from its own,
+    and the positions after it move along by the span's extra length."""
+    at, extra = ids.index(IMAGE_ID), len(image) - 1
     span_labels = [IGNORE, *image[1:]] if labelled else [IGNORE] * len(image)
-    return ids[:at] + image + ids[at + 1:], labels[:at] + span_labels + labels[at + 1:]
+    out = ids[:at] + image + ids[at + 1:], labels[:at] + span_labels + labels[at + 1:]
+    if segments is None or positions is None:
+        return out
+    image_at = positions[at]
+    return (*out, segments[:at] + [segments[at]] * len(image) + segments[at + 1:],
+            positions[:at] + list(range(image_at, image_at + len(image)))
+            + [p + extra if p > image_at else p for p in positions[at + 1:]])
 
 
 class MixedFormat:
@@ -51,14 +65,15 @@ class MixedFormat:
             raise ValueError("the unified stage's tokenizer must end with <|image_start|> <|image_end|> "
                              "(data.tokenizer.with_tokens adds them)")
 
-    def drawing(self, caption: str) -> tuple[list[int], list[int], bool]:
-        """<bos> caption <image> <eos>, padded to the context (the caption is cut if it must be)."""
+    def drawing(self, caption: str, length: int = 0) -> tuple[list[int], list[int], bool]:
+        """<bos> caption <image> <eos>, the caption cut to fit the context, padded to `length` (default:
+        the context)."""
         i = self.ids
         text = self.tokenizer.encode(caption, add_special_tokens=False).ids if caption else []
         room = self.context_length - 3
         ids = [i[BOS], *text[:room], IMAGE_ID, i[EOS]]
         labels = [IGNORE] * (len(ids) - 1) + [i[EOS]]
-        pad = self.context_length - len(ids)
+        pad = (length or self.context_length) - len(ids)
         return ids + [i[PAD]] * pad, labels + [IGNORE] * pad, len(text) > room
 
     def image(self, codes: np.ndarray) -> list[int]:
@@ -68,12 +83,14 @@ class MixedFormat:
 
 class MixedPreprocessor(InstructPreprocessor):
     """The unified stage's stream: per row this epoch's reading or drawing sample as one sequence of
-    text and image ids (`input_ids`, `labels`: context + codes + 1 long), `truncated` and `drawing`."""
+    text and image ids (`input_ids`, `labels`: context (or pack_length) + codes + 1 long), `truncated`
+    and `drawing`; packed, also `segments`, `positions` and `questions` (0 for a drawing)."""
 
     columns = ["image", *ROW_COLUMNS]
 
-    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, image_tokenizer: dict, seed: int = 0):
-        super().__init__(cfg, tokenizer_json, seed=seed)
+    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, image_tokenizer: dict, seed: int = 0,
+                 pack_length: int = 0):
+        super().__init__(cfg, tokenizer_json, seed=seed, pack_length=pack_length)
         self.image_tokenizer = image_tokenizer
         """{"config": the tokenizer's architecture, "state": its weights as numpy arrays}."""
         self._encoder: ImageTokenizer | None = None
@@ -92,22 +109,34 @@ class MixedPreprocessor(InstructPreprocessor):
         with torch.no_grad():
             return self._encoder.encode(normalize(torch.from_numpy(pixels), self.mean, self.std)).numpy()
 
+    def sample(self, row: dict, image: list[int]) -> dict:
+        """One row's sample for this epoch: reading or drawing, its image expanded inline."""
+        epoch = int(row.get("epoch") or 0)
+        rng = row_rng(row, self.seed, epoch, 11)
+        drawing = bool(rng.random() < DRAW_FRACTION)
+        segments = positions = None
+        questions = 0
+        if drawing:
+            caption = "" if rng.random() < UNCONDITIONAL_FRACTION else str(row["caption"])
+            ids, labels, truncated = self._format.drawing(caption, self.pack_length)
+            if self.pack_length:  # one sequence, then padding
+                segments = [-1 if i == self._format.ids[PAD] else 1 for i in ids]
+                positions = [k if segment > 0 else 0 for k, segment in enumerate(segments)]
+        elif self.pack_length:
+            ids, labels, segments, positions, truncated, questions = self.chat.encode_packed(
+                training_questions(row, self.seed, epoch), self.pack_length)
+        else:
+            question = training_question(row, self.seed, epoch)
+            ids, labels, truncated = self.chat.encode(question.question, question.answer)
+        expanded = expand_image(ids, labels, image, drawing, segments, positions)
+        out = {"input_ids": expanded[0], "labels": expanded[1], "truncated": truncated, "drawing": drawing}
+        if self.pack_length:
+            out |= {"segments": expanded[2], "positions": expanded[3], "questions": questions}
+        return out
+
     def __call__(self, batch: dict) -> dict:
         if self._format is None:
             self._format = MixedFormat(Tokenizer.from_str(self.tokenizer_json), self.cfg.context_length)
-        rows = batch_rows(batch)
         codes = self.codes(self.batch_pixels(batch["image"]))
-        out = {"input_ids": [], "labels": [], "truncated": [], "drawing": []}
-        for row, row_codes in zip(rows, codes):
-            rng = row_rng(row, self.seed, int(row.get("epoch") or 0), 11)
-            drawing = bool(rng.random() < DRAW_FRACTION)
-            if drawing:
-                caption = "" if rng.random() < UNCONDITIONAL_FRACTION else str(row["caption"])
-                ids, labels, truncated = self._format.drawing(caption)
-            else:
-                question = training_question(row, self.seed, int(row.get("epoch") or 0))
-                ids, labels, truncated = self.chat.encode(question.question, question.answer)
-            ids, labels = expand_image(ids, labels, self._format.image(row_codes), labelled=drawing)
-            for key, value in zip(out, (ids, labels, truncated, drawing)):
-                out[key].append(value)
-        return {key: np.asarray(value, np.int64) for key, value in out.items()}
+        samples = [self.sample(row, self._format.image(row_codes)) for row, row_codes in zip(batch_rows(batch), codes)]
+        return {key: np.asarray([s[key] for s in samples], np.int64) for key in samples[0]}

@@ -51,9 +51,9 @@ class TextGenerator(nn.Module):
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """Continue each prompt (B, L; all rows the same length, no padding) -> new ids (B, T), T <= max_new_tokens.
 
-        Greedy when temperature is 0, else nucleus sampling (top_p). A row that produced <eos> is
-        padded with <eos> until every row has. Without the cache every step reruns the whole
-        sequence: the same tokens, slower (a test holds them equal).
+        Greedy when temperature is 0, else nucleus sampling (top_p); never the <image> token. A row
+        that produced <eos> is padded with <eos> until every row has. Without the cache every step
+        reruns the whole sequence: the same tokens, slower (a test holds them equal).
         """
         limit = self.lm.pos.shape[1] - self.extra_positions - prompt_ids.shape[1]
         if limit < 1:
@@ -64,7 +64,9 @@ class TextGenerator(nn.Module):
         last = self.hidden(prompt_ids, context, caches=caches)[:, -1]
         ids, done = prompt_ids, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
         for _ in range(min(max_new_tokens, limit)):
-            token = self._pick(self.text_logits(self.head(last).float()), temperature, top_p, generator)
+            logits = self.text_logits(self.head(last).float())
+            logits[:, IMAGE_ID] = -torch.inf  # an answer never asks for another image
+            token = self._pick(logits, temperature, top_p, generator)
             token = torch.where(done, torch.full_like(token, self.eos_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             done |= token == self.eos_id

@@ -117,9 +117,10 @@ class UnifiedModel(TextGenerator):
         codes = self.digit_head(states) @ self.code_incidence.to(states.dtype)  # (..., codes)
         return torch.cat([logits[..., :self.offset], logits[..., self.offset:] + codes], dim=-1)
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Training: a full mixed sequence (B, T) of text and image ids -> logits (B, T, V)."""
-        return self.head(self.lm(self.embed(input_ids)))
+    def logits(self, input_ids: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
+        """Training: a full mixed sequence (B, T) of text and image ids -> logits (B, T, V); `packing`
+        for packed questions (data.pack_length), in the same positions as the ids."""
+        return self.head(self.lm(self.embed(input_ids), packing=packing))
 
     # ----- reading: TextGenerator's generate and score -----
     def context(self, images: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,8 @@ def unified_config(dataset, parent: str, *overrides):
 
 @pytest.fixture(scope="module")
 def unified(image_tokenizer, train_dataset, local_ray, mmpipe_home):
-    """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, 2 workers."""
+    """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, 2 workers,
+    questions packed."""
     return fit(unified_config(train_dataset, image_tokenizer.model_uri))
 
 
@@ -47,6 +48,7 @@ def test_unified_learns_both_modalities_and_records_its_tokenizer(unified, image
     assert len(text) == len(image) == 20
     assert text[-1] < 0.5 * text[0] and image[-1] < image[0] - 0.3, (text, image)
     assert unified.model_name == "mmpipe-unified" and unified.metrics["bad_steps"] == 0
+    assert unified.metrics["questions_per_image"] > 1.0  # packed: a scene's reading sample asks it 1 to 3 questions
     version = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").get_model_version("mmpipe-unified",
                                                                                          unified.model_version)
     assert version.tags["parent_model"] == f"{image_tokenizer.model_name}/{image_tokenizer.model_version}"

@@ -181,6 +181,9 @@ def test_stages_that_build_on_a_parent_say_which_one_they_need():
               model=ModelConfig(parent="models:/t@c", lm_parent="models:/f@c"))
     with pytest.raises(ValueError, match="^model.lm_parent: only the fusion stage"):
         lm.validate()
+    packed = RunConfig(data=DataConfig(dataset="d", pack_length=96))  # a contrastive run has no questions
+    with pytest.raises(ValueError, match="^data.pack_length: only the fusion and unified stages pack questions"):
+        packed.validate()
 
 
 class _Version:

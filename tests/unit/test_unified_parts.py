@@ -15,6 +15,7 @@ from mmcore.data.instruct import ChatFormat, questions
 from mmcore.data.mixed import MixedPreprocessor
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.models import architecture, build_model, capabilities, model_config
+from mmcore.models.decoder import Packing
 from mmcore.models.generate import IGNORE
 from mmcore.models.unified import unified_loss
 from mmcore.tasks import UnifiedTask
@@ -69,6 +70,38 @@ def test_mixed_samples_read_or_draw_the_image_as_codes(unified, tokenizer_json):
             assert (counted >= offset).sum() == model.image_codes and counted[-1] == tokenizer.token_to_id("<eos>")
         else:  # an answer about the image: text only
             assert (counted < offset - 2).all() and len(counted) >= 2
+
+
+def test_packed_unified_samples_give_each_question_the_logits_it_gets_alone(unified, tokenizer_json):
+    model, pre, tokenizer = unified
+    weights = {k: v.numpy() for k, v in model.image_tokenizer.state_dict().items()}
+    image_tokenizer = {"config": TOKENIZER, "state": weights}
+    batch = {"image": np.array([_png((30, 30, 200))] * len(SCENES), dtype=object), "epoch": np.ones(len(SCENES)),
+             **{k: np.array([s[k] for s in SCENES], dtype=object) for k in SCENES[0]}}
+    packed = MixedPreprocessor(pre, tokenizer_json, image_tokenizer, seed=2, pack_length=80)(batch)
+    alone = MixedPreprocessor(pre, tokenizer_json, image_tokenizer, seed=2)(batch)
+    assert packed["input_ids"].shape == packed["segments"].shape == (len(SCENES), 80 + model.image_codes + 1)
+    assert np.array_equal(packed["drawing"], alone["drawing"])  # packing changes what a reading sample asks only
+    reading = packed["drawing"] == 0
+    assert (packed["questions"][reading] >= 2).all() and (packed["questions"][~reading] == 0).all()
+    data = {k: torch.from_numpy(v) for k, v in packed.items()}
+    with torch.no_grad():
+        logits = model.logits(data["input_ids"], Packing(data["segments"], data["positions"]))
+        for r in range(len(SCENES)):
+            ids, segments = data["input_ids"][r], data["segments"][r]
+            if not reading[r]:  # a drawing is its unpacked sample, padded further
+                n = alone["input_ids"].shape[1]
+                assert torch.equal(ids[:n], torch.from_numpy(alone["input_ids"][r]))
+                assert torch.allclose(logits[r, :n][segments[:n] > 0], model.logits(ids[:n][None])[0][segments[:n] > 0],
+                                      atol=1e-5)
+                continue
+            prefix = segments == 0  # <bos> <|user|> and the image's span
+            assert int(prefix.sum()) == 2 + model.image_codes + 2
+            for k in range(1, int(data["questions"][r]) + 1):
+                turn = segments == k
+                single = model.logits(torch.cat([ids[prefix], ids[turn]])[None])[0]
+                assert torch.allclose(logits[r, turn], single[int(prefix.sum()):], atol=1e-5)
+                assert torch.allclose(logits[r, prefix], single[:int(prefix.sum())], atol=1e-5)
 
 
 def test_reading_writes_text_only_and_the_cache_changes_nothing(unified):
