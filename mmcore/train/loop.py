@@ -176,7 +176,7 @@ def _train(engine, cfg: RunConfig, batches, val: list[dict], state: dict, dtype,
     logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"], kept) if rank == 0 else None
     guard = StepGuard(cfg.optim.max_bad_steps)
     guard.total = state["bad_steps"]
-    window = {"loss": 0.0, "micro": 0, "wait": 0.0, "start": time.perf_counter()}
+    window = {"loss": 0.0, "micro": 0, "wait": 0.0, "start": time.perf_counter(), "extras": {}}
     last: dict = {}
     while engine.global_steps < cfg.optim.max_steps:
         batch, waited = next(batches)
@@ -193,12 +193,16 @@ def _train(engine, cfg: RunConfig, batches, val: list[dict], state: dict, dtype,
         engine.step()
         window["loss"] += out["loss"].item()
         window["micro"] += 1
+        for key, value in out.items():  # the task's other scalars (e.g. logit_scale), summed with their count
+            if key != "loss" and value.numel() == 1:
+                total, count = window["extras"].get(key, (0.0, 0))
+                window["extras"][key] = (total + float(value), count + 1)
         state["samples"] += cfg.micro_batch * cfg.parallel.num_workers
         if engine.global_steps == before:
             continue
         step = engine.global_steps
         if step % 10 == 0 or step == cfg.optim.max_steps or step % cfg.checkpoint.every_steps == 0:
-            last = _log_window(engine, cfg, window, step, guard, device, rank, logger, out)
+            last = _log_window(engine, cfg, window, step, guard, device, rank, logger)
             if rank == 0:
                 write_progress(run_dir, step, cfg.optim.max_steps, last)
         if step % cfg.checkpoint.every_steps == 0 and step < cfg.optim.max_steps:
@@ -225,18 +229,18 @@ def write_progress(run_dir, step: int, max_steps: int, metrics: dict) -> None:
     storage.write_text(run_dir / "progress.json", json.dumps(progress))
 
 
-def _log_window(engine, cfg, window, step, guard, device, rank, logger, out) -> dict:
+def _log_window(engine, cfg, window, step, guard, device, rank, logger) -> dict:
     elapsed = time.perf_counter() - window["start"]
     local = {"loss": window["loss"] / max(window["micro"], 1), "data_wait_fraction": window["wait"] / elapsed}
     metrics = mean_over_ranks(local, device)
     rows = window["micro"] * cfg.micro_batch * cfg.parallel.num_workers
     metrics.update(step=step, lr=engine.get_lr()[0], samples_per_second=rows / elapsed, bad_steps=guard.total,
-                   **{k: float(v) for k, v in out.items() if k != "loss" and v.numel() == 1})  # e.g. logit_scale
+                   **{k: total / count for k, (total, count) in window["extras"].items()})  # this rank's window means
     if rank == 0:
         log.info("step %d/%d loss %.4f lr %.2e samples/s %.0f data wait %.0f%%", step, cfg.optim.max_steps,
                  metrics["loss"], metrics["lr"], metrics["samples_per_second"], 100 * metrics["data_wait_fraction"])
         logger.log({k: v for k, v in metrics.items() if k != "step"}, step)
-    window.update(loss=0.0, micro=0, wait=0.0, start=time.perf_counter())
+    window.update(loss=0.0, micro=0, wait=0.0, start=time.perf_counter(), extras={})
     return metrics
 
 
