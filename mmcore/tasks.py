@@ -122,7 +122,7 @@ class FusionTask(_PixelTask):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = self.pixels(batch["image"], self.model.lm.head.weight.dtype)
-        packing = Packing(batch["segments"], batch["positions"]) if "segments" in batch else None  # data.pack_length
+        packing = Packing.of(batch)
         out = {"loss": loss_on_answers(self.model(images, batch["input_ids"], packing), batch["labels"]),
                "truncated_fraction": batch["truncated"].float().mean()}
         return out | ({"questions_per_image": batch["questions"].float().mean()} if packing else {})
@@ -185,7 +185,7 @@ class UnifiedTask(nn.Module):
                                  seed=cfg.seed, pack_length=cfg.data.pack_length)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        packing = Packing(batch["segments"], batch["positions"]) if "segments" in batch else None  # data.pack_length
+        packing = Packing.of(batch)
         out = unified_loss(self.model, self.model.logits(batch["input_ids"], packing), batch["labels"])
         out |= {"truncated_fraction": batch["truncated"].float().mean(),
                 "drawing_fraction": batch["drawing"].float().mean()}

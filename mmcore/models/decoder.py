@@ -49,6 +49,11 @@ class Packing:
     positions: torch.Tensor
     """(B, N): each token's position in its own sequence."""
 
+    @classmethod
+    def of(cls, batch: dict[str, torch.Tensor]) -> "Packing | None":
+        """A training batch's packing (its "segments" and "positions", data.pack_length), None unpacked."""
+        return cls(batch["segments"], batch["positions"]) if "segments" in batch else None
+
     def mask(self) -> torch.Tensor:
         """(B, 1, N, N) bool: token i sees token j <= i of the prefix or of its own sequence."""
         s, n = self.segments, self.segments.shape[1]

@@ -193,10 +193,10 @@ def _train(engine, cfg: RunConfig, batches, val: list[dict], state: dict, dtype,
         engine.step()
         window["loss"] += out["loss"].item()
         window["micro"] += 1
-        for key, value in out.items():  # the task's other scalars (e.g. logit_scale), summed with their count
+        for key, value in out.items():  # the task's other scalars (e.g. logit_scale), summed on the device
             if key != "loss" and value.numel() == 1:
                 total, count = window["extras"].get(key, (0.0, 0))
-                window["extras"][key] = (total + float(value), count + 1)
+                window["extras"][key] = (total + value.detach().float(), count + 1)
         state["samples"] += cfg.micro_batch * cfg.parallel.num_workers
         if engine.global_steps == before:
             continue
@@ -235,7 +235,7 @@ def _log_window(engine, cfg, window, step, guard, device, rank, logger) -> dict:
     metrics = mean_over_ranks(local, device)
     rows = window["micro"] * cfg.micro_batch * cfg.parallel.num_workers
     metrics.update(step=step, lr=engine.get_lr()[0], samples_per_second=rows / elapsed, bad_steps=guard.total,
-                   **{k: total / count for k, (total, count) in window["extras"].items()})  # this rank's window means
+                   **{k: float(total) / count for k, (total, count) in window["extras"].items()})  # this rank's window means
     if rank == 0:
         log.info("step %d/%d loss %.4f lr %.2e samples/s %.0f data wait %.0f%%", step, cfg.optim.max_steps,
                  metrics["loss"], metrics["lr"], metrics["samples_per_second"], 100 * metrics["data_wait_fraction"])
