@@ -20,7 +20,8 @@ def embed_texts(model, preprocess, texts: list[str], batch_size: int = 256) -> n
                                .numpy() for i in range(0, len(texts), batch_size)])
 
 
-def _chat(preprocess):
+def chat_format(preprocess):
+    """The chat format of a fusion or unified model's preprocessor (its tokenizer without padding)."""
     from tokenizers import Tokenizer
 
     from mmcore.data.instruct import ChatFormat
@@ -36,7 +37,7 @@ def generate_answers(model, preprocess, images: list[bytes], prompts: list[str],
     its neighbours). A prompt that does not leave room for an answer in the context is a ValueError
     naming the row and the limit.
     """
-    chat = _chat(preprocess)
+    chat = chat_format(preprocess)
     encoded = [chat.prompt(p) for p in prompts]
     for row, ids in enumerate(encoded):
         if len(ids) >= chat.context_length:
@@ -55,7 +56,7 @@ def generate_answers(model, preprocess, images: list[bytes], prompts: list[str],
 def score_answers(model, preprocess, images: list[bytes], prompts: list[str], answers: list[str],
                   batch_size: int = 64) -> np.ndarray:
     """log p(answer | image, prompt) under a fusion model, summed over the answer's tokens: (N,)."""
-    chat = _chat(preprocess)
+    chat = chat_format(preprocess)
     scores = []
     for i in range(0, len(prompts), batch_size):
         encoded = [chat.encode(p, a) for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size])]
