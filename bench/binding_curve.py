@@ -156,7 +156,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--every", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the initialisation and the draw of scenes and questions")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
@@ -175,16 +175,16 @@ def main() -> None:
               for step, loss, acc in points]
     print("\n".join(lines))
     command = (f"python bench/binding_curve.py --home HOME --dataset DIR --model {args.model} --kinds "
-               f"{' '.join(args.kinds)} --input {args.input} --steps {args.steps} --lr {args.lr}")
+               f"{' '.join(args.kinds)} --input {args.input} --steps {args.steps} --lr {args.lr} --seed {args.seed}")
     body = "\n".join([
-        f"## Fusion: how many questions binding takes ({args.input} input)", "", f"Command: `{command}`", "",
+        f"## Fusion: how many questions binding takes ({args.input} input, seed {args.seed})", "", f"Command: `{command}`", "",
         f"A fresh LLaVA of {args.model}'s architecture (its weights unused), one process, on the "
         f"{'frozen tower patch tokens' if args.input == 'tower' else 'raw 8x8 pixel patches'} of the "
         f"{facts['train']} two-group train scenes of dataset {facts['version']}, one {'/'.join(args.kinds)} "
         f"question per scene and step, batch {args.batch}, lr {args.lr}; exact-match accuracy on the "
         f"{facts['test']} two-group test scenes (seen wordings). {facts['seconds']:.0f} s in all.",
         "", *lines])
-    write_section(f"binding-curve-{args.input}", body, **({"doc": args.out} if args.out else {}))
+    write_section(f"binding-curve-{args.input}-seed{args.seed}", body, **({"doc": args.out} if args.out else {}))
 
 
 if __name__ == "__main__":
