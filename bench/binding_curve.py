@@ -7,8 +7,8 @@ or the LM: the same LLaVA architecture as a registered fusion model, freshly ini
 in one process on questions of the chosen types only, reading either the tower's patch tokens
 (computed once: the tower is frozen and nothing is augmented) or the raw 8x8 pixel patches, and
 is scored on the test split's two-group scenes (exact match of the greedy answer tokens, teacher
-forced) every `--every` steps. AdamW, linear warm-up over 50 steps then cosine to zero, global-norm
-clipping at 1.0, like the recipes.
+forced) every `--every` steps. AdamW without weight decay, the lr a linear warm-up over 50 steps
+times a cosine to zero over the run, global-norm clipping at 1.0.
 Usage:
   python bench/binding_curve.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate]
       [--kinds relation] [--steps 2000] [--lr 2e-3] [--input tower|pixels]
@@ -55,62 +55,68 @@ def image_tokens(tower, preprocess, rows: list[dict], source: str):
     return torch.cat(out)
 
 
-def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
-    import torch
-    import torch.nn.functional as F
+def fresh_llava(registered, token_width: int):
+    """A freshly initialised LLaVA of `registered`'s architecture reading image tokens `token_width`
+    wide (the tower's or pixel patches), without a tower: its image tokens are computed once."""
     from torch import nn
 
-    from mmcore.data.dataset import DatasetVersion
-    from mmcore.data.instruct import questions, training_questions
-    from mmcore.models.encode import chat_format
-    from mmcore.models.generate import IGNORE
-    from mmcore.tracking import load_model
-
-    torch.manual_seed(args.seed)
-    registered, preprocess = load_model(args.model)
-    cfg = copy.deepcopy(registered.cfg)
     if registered.family != "llava":
-        raise SystemExit(f"{args.model} is a {registered.family} model; this bench rebuilds a LLaVA")
-    version = DatasetVersion.open(args.dataset)
-    train, test = two_group_rows(version, "train"), two_group_rows(version, "test")
-    tower = registered.visual.eval()
-    train_x, test_x = (image_tokens(tower, preprocess, rows, args.input) for rows in (train, test))
+        raise SystemExit(f"a {registered.family} model; this bench rebuilds a LLaVA")
+    cfg = copy.deepcopy(registered.cfg)
     model = type(registered)(cfg, registered.eos_id)
-    del model.visual  # the image tokens are computed above, once
-    model.projector = nn.Sequential(nn.Linear(train_x.shape[-1], cfg.lm.width), nn.GELU(),
+    del model.visual
+    model.projector = nn.Sequential(nn.Linear(token_width, cfg.lm.width), nn.GELU(),
                                     nn.Linear(cfg.lm.width, cfg.lm.width))
-    chat = chat_format(preprocess)
-    kinds = set(args.kinds)
+    return model
 
-    def context(tokens):
-        projected = model.projector(tokens)
-        if not cfg.image_positions:
-            return projected
-        grid = (model.patch_row + model.patch_column).flatten(0, 1)
-        return torch.cat([projected[:, :1], projected[:, 1:] + grid], dim=1)
 
-    def batch(asked):
-        encoded = [chat.encode(q.question, q.answer) for q in asked]
-        return torch.tensor([e[0] for e in encoded]), torch.tensor([e[1] for e in encoded])
+def encode(chat, asked):
+    """Questions -> (input_ids, labels), each (B, context)."""
+    import torch
 
-    test_asked = [[q for q in questions(row) if q.kind in kinds] for row in test]
-    test_pairs = [(i, q) for i, asked in enumerate(test_asked) for q in asked]
+    encoded = [chat.encode(q.question, q.answer) for q in asked]
+    return torch.tensor([e[0] for e in encoded]), torch.tensor([e[1] for e in encoded])
 
-    @torch.no_grad()
-    def score() -> dict:
-        model.eval()
-        right, total = {}, {}
-        for start in range(0, len(test_pairs), 256):
-            chunk = test_pairs[start:start + 256]
-            ids, labels = batch([q for _, q in chunk])
-            logits = model.head(model.hidden(ids, context(test_x[[i for i, _ in chunk]])))
+
+def exact_match(model, chat, tokens, pairs: list[tuple[int, object]]) -> dict[str, float]:
+    """Share of (row, question) pairs whose answer tokens are all the model's argmax, per question type."""
+    import torch
+
+    from mmcore.models.generate import IGNORE
+
+    model.eval()
+    right, total = {}, {}
+    with torch.no_grad():
+        for start in range(0, len(pairs), 256):
+            chunk = pairs[start:start + 256]
+            ids, labels = encode(chat, [q for _, q in chunk])
+            logits = model.head(model.hidden(ids, model.project(tokens[[i for i, _ in chunk]])))
             targets = labels[:, 1:]
             exact = ((logits[:, :-1].argmax(-1) == targets) | (targets == IGNORE)).all(1)
             for (_, q), ok in zip(chunk, exact.tolist()):
                 right[q.kind] = right.get(q.kind, 0) + ok
                 total[q.kind] = total.get(q.kind, 0) + 1
-        model.train()
-        return {k: right[k] / total[k] for k in sorted(total)}
+    model.train()
+    return {k: right[k] / total[k] for k in sorted(total)}
+
+
+def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
+    import torch
+
+    from mmcore.data.dataset import DatasetVersion
+    from mmcore.data.instruct import ChatFormat, questions, training_questions
+    from mmcore.models.fusion import loss_on_answers
+    from mmcore.tracking import load_model
+
+    torch.manual_seed(args.seed)
+    registered, preprocess = load_model(args.model)
+    version = DatasetVersion.open(args.dataset)
+    train, test = two_group_rows(version, "train"), two_group_rows(version, "test")
+    tower = registered.visual.eval()
+    train_x, test_x = (image_tokens(tower, preprocess, rows, args.input) for rows in (train, test))
+    model = fresh_llava(registered, train_x.shape[-1])
+    chat, kinds = ChatFormat.of(preprocess), set(args.kinds)
+    test_pairs = [(i, q) for i, row in enumerate(test) for q in questions(row) if q.kind in kinds]
 
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -121,13 +127,10 @@ def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
     points, losses, started = [], [], time.perf_counter()
     for step in range(1, args.steps + 1):
         index = rng.integers(0, len(train), args.batch)
-        asked = []
-        for i in index:  # one question of the chosen kinds per row, drawn like training draws them
-            mine = [q for q in training_questions(train[i], args.seed, step) if q.kind in kinds]
-            asked.append(mine[0])
-        ids, labels = batch(asked)
-        logits = model.head(model.hidden(ids, context(train_x[torch.from_numpy(index)])))
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        # one question of the chosen kinds per row, drawn like training draws them
+        asked = [next(q for q in training_questions(train[i], args.seed, step) if q.kind in kinds) for i in index]
+        ids, labels = encode(chat, asked)
+        loss = loss_on_answers(model.head(model.hidden(ids, model.project(train_x[torch.from_numpy(index)]))), labels)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -135,7 +138,7 @@ def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
         schedule.step()
         losses.append(loss.item())
         if step % args.every == 0:
-            points.append((step, float(np.mean(losses[-args.every:])), score()))
+            points.append((step, float(np.mean(losses[-args.every:])), exact_match(model, chat, test_x, test_pairs)))
             print(f"step {step}: train loss {points[-1][1]:.3f}, test {points[-1][2]} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
     facts = {"train": len(train), "test": len(test), "seconds": time.perf_counter() - started,

@@ -158,6 +158,12 @@ class ChatFormat:
                              f"(data.tokenizer.with_chat_tokens)")
         self.ids = ids
 
+    @classmethod
+    def of(cls, preprocess: Preprocessor) -> "ChatFormat":
+        """The chat format of a fusion or unified model's preprocessor: its tokenizer (without the
+        preprocessor's padding) and its context."""
+        return cls(Tokenizer.from_str(preprocess.tokenizer_json), preprocess.cfg.context_length)
+
     def prompt(self, question: str) -> list[int]:
         """<bos> <|user|> <image> question <|assistant|>"""
         i = self.ids
@@ -235,7 +241,7 @@ class InstructPreprocessor(Preprocessor):
     @property
     def chat(self) -> ChatFormat:
         if self._chat is None:
-            self._chat = ChatFormat(Tokenizer.from_str(self.tokenizer_json), self.cfg.context_length)
+            self._chat = ChatFormat.of(self)
         return self._chat
 
     def __getstate__(self):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mmcore.data.instruct import ChatFormat
+
 
 def embed_images(model, preprocess, images: list[bytes], batch_size: int = 256) -> np.ndarray:
     """Encoded image bytes -> (N, E) unit-norm embeddings."""
@@ -20,15 +22,6 @@ def embed_texts(model, preprocess, texts: list[str], batch_size: int = 256) -> n
                                .numpy() for i in range(0, len(texts), batch_size)])
 
 
-def chat_format(preprocess):
-    """The chat format of a fusion or unified model's preprocessor (its tokenizer without padding)."""
-    from tokenizers import Tokenizer
-
-    from mmcore.data.instruct import ChatFormat
-
-    return ChatFormat(Tokenizer.from_str(preprocess.tokenizer_json), preprocess.cfg.context_length)
-
-
 def generate_answers(model, preprocess, images: list[bytes], prompts: list[str], max_new_tokens: int = 16,
                      temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
     """A fusion model's answer to each (image, prompt), in the chat format it was trained with.
@@ -37,7 +30,7 @@ def generate_answers(model, preprocess, images: list[bytes], prompts: list[str],
     its neighbours). A prompt that does not leave room for an answer in the context is a ValueError
     naming the row and the limit.
     """
-    chat = chat_format(preprocess)
+    chat = ChatFormat.of(preprocess)
     encoded = [chat.prompt(p) for p in prompts]
     for row, ids in enumerate(encoded):
         if len(ids) >= chat.context_length:
@@ -56,7 +49,7 @@ def generate_answers(model, preprocess, images: list[bytes], prompts: list[str],
 def score_answers(model, preprocess, images: list[bytes], prompts: list[str], answers: list[str],
                   batch_size: int = 64) -> np.ndarray:
     """log p(answer | image, prompt) under a fusion model, summed over the answer's tokens: (N,)."""
-    chat = chat_format(preprocess)
+    chat = ChatFormat.of(preprocess)
     scores = []
     for i in range(0, len(prompts), batch_size):
         encoded = [chat.encode(p, a) for p, a in zip(prompts[i: i + batch_size], answers[i: i + batch_size])]

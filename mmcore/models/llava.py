@@ -41,7 +41,12 @@ class LlavaModel(FusionModel):
 
     def context(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens in the LM's width (B, 1 + P, D)."""
-        tokens = self.projector(self.image_features(images))
+        return self.project(self.image_features(images))
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The tower's tokens (B, 1 + P, Dv) -> image tokens in the LM's width (B, 1 + P, D), with each
+        patch's row and column when the config says."""
+        tokens = self.projector(features)
         if not self.cfg.image_positions:
             return tokens
         grid = (self.patch_row + self.patch_column).flatten(0, 1)  # (P, D), row-major like the patches
