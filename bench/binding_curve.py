@@ -8,10 +8,12 @@ in one process on questions of the chosen types only, reading either the tower's
 (computed once: the tower is frozen and nothing is augmented) or the raw 8x8 pixel patches, and
 is scored on the test split's two-group scenes (exact match of the greedy answer tokens, teacher
 forced) every `--every` steps. AdamW without weight decay, the lr a linear warm-up over 50 steps
-times a cosine to zero over the run, global-norm clipping at 1.0.
+times a cosine to zero over the run, global-norm clipping at 1.0. Variants: the LM's heads, the
+patch rows' and columns' initial std, and the fusion task's loss on the questions' tokens.
 Usage:
   python bench/binding_curve.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate]
-      [--kinds relation] [--steps 2000] [--lr 2e-3] [--input tower|pixels]
+      [--kinds relation] [--steps 2000] [--lr 2e-3] [--input tower|pixels] [--heads N]
+      [--positions-std S] [--question-loss W]
 """
 
 from __future__ import annotations
@@ -55,16 +57,21 @@ def image_tokens(tower, preprocess, rows: list[dict], source: str):
     return torch.cat(out)
 
 
-def fresh_llava(registered, token_width: int):
+def fresh_llava(registered, token_width: int, heads: int = 0, positions_std: float | None = None):
     """A freshly initialised LLaVA of `registered`'s architecture reading image tokens `token_width`
-    wide (the tower's or pixel patches), without a tower: its image tokens are computed once."""
+    wide (the tower's or pixel patches), without a tower: its image tokens are computed once. `heads`
+    and `positions_std` (the patch rows' and columns' initial std) replace the registered model's."""
     from torch import nn
 
     if registered.family != "llava":
         raise SystemExit(f"a {registered.family} model; this bench rebuilds a LLaVA")
     cfg = copy.deepcopy(registered.cfg)
+    cfg.lm.heads = heads or cfg.lm.heads
     model = type(registered)(cfg, registered.eos_id)
     del model.visual
+    if positions_std is not None and cfg.image_positions:
+        for grid in (model.patch_row, model.patch_column):
+            nn.init.normal_(grid, std=positions_std)
     model.projector = nn.Sequential(nn.Linear(token_width, cfg.lm.width), nn.GELU(),
                                     nn.Linear(cfg.lm.width, cfg.lm.width))
     return model
@@ -106,6 +113,7 @@ def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
     from mmcore.data.dataset import DatasetVersion
     from mmcore.data.instruct import ChatFormat, questions, training_questions
     from mmcore.models.fusion import loss_on_answers
+    from mmcore.tasks import question_labels
     from mmcore.tracking import load_model
 
     torch.manual_seed(args.seed)
@@ -114,7 +122,7 @@ def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
     train, test = two_group_rows(version, "train"), two_group_rows(version, "test")
     tower = registered.visual.eval()
     train_x, test_x = (image_tokens(tower, preprocess, rows, args.input) for rows in (train, test))
-    model = fresh_llava(registered, train_x.shape[-1])
+    model = fresh_llava(registered, train_x.shape[-1], args.heads, args.positions_std)
     chat, kinds = ChatFormat.of(preprocess), set(args.kinds)
     test_pairs = [(i, q) for i, row in enumerate(test) for q in questions(row) if q.kind in kinds]
 
@@ -130,7 +138,10 @@ def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
         # one question of the chosen kinds per row, drawn like training draws them
         asked = [next(q for q in training_questions(train[i], args.seed, step) if q.kind in kinds) for i in index]
         ids, labels = encode(chat, asked)
-        loss = loss_on_answers(model.head(model.hidden(ids, model.project(train_x[torch.from_numpy(index)]))), labels)
+        logits = model.head(model.hidden(ids, model.project(train_x[torch.from_numpy(index)])))
+        loss = loss_on_answers(logits, labels)
+        if args.question_loss:  # the fusion task's task.question_loss
+            loss = loss + args.question_loss * loss_on_answers(logits, question_labels(ids, labels))
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -155,6 +166,11 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["relation"],
                         choices=["relation", "yes_no", "colour", "shape", "count"])
     parser.add_argument("--input", choices=["tower", "pixels"], default="tower")
+    parser.add_argument("--heads", type=int, default=0, help="the LM's attention heads (default: the model's)")
+    parser.add_argument("--positions-std", type=float, default=None,
+                        help="initial std of the patch rows and columns (default: the model's, 0.2)")
+    parser.add_argument("--question-loss", type=float, default=0.0,
+                        help="weight of a next-token loss on the question's tokens beside the answer's (default 0)")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -165,7 +181,7 @@ def main() -> None:
     os.environ["MMPIPE_HOME"] = args.home
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     from mmcore.config import TrackingConfig
     from mmcore.tracking import resolve_uri, resolve_version
 
@@ -177,8 +193,12 @@ def main() -> None:
     lines += [f"| {step} | {step * args.batch} | {loss:.3f} | {' | '.join(f'{acc[k]:.3f}' for k in kinds)} |"
               for step, loss, acc in points]
     print("\n".join(lines))
+    variant = (f" --heads {args.heads}" if args.heads else "") + \
+        (f" --positions-std {args.positions_std}" if args.positions_std is not None else "") + \
+        (f" --question-loss {args.question_loss}" if args.question_loss else "")
     command = (f"python bench/binding_curve.py --home HOME --dataset DIR --model {args.model} --kinds "
-               f"{' '.join(args.kinds)} --input {args.input} --steps {args.steps} --lr {args.lr} --seed {args.seed}")
+               f"{' '.join(args.kinds)} --input {args.input} --steps {args.steps} --lr {args.lr} --seed {args.seed}"
+               f"{variant}")
     body = "\n".join([
         f"## Fusion: how many questions binding takes ({args.input} input, seed {args.seed})", "", f"Command: `{command}`", "",
         f"A fresh LLaVA of {args.model}'s architecture (its weights unused), one process, on the "
@@ -187,7 +207,8 @@ def main() -> None:
         f"question per scene and step, batch {args.batch}, lr {args.lr}; exact-match accuracy on the "
         f"{facts['test']} two-group test scenes (seen wordings). {facts['seconds']:.0f} s in all.",
         "", *lines])
-    write_section(f"binding-curve-{args.input}-seed{args.seed}", body, **({"doc": args.out} if args.out else {}))
+    name = f"binding-curve-{args.input}-seed{args.seed}" + variant.replace(" --", "-").replace(" ", "")
+    write_section(name, body, **({"doc": args.out} if args.out else {}))
 
 
 if __name__ == "__main__":

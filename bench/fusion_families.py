@@ -84,12 +84,13 @@ def parameters(model_uri: str) -> tuple[int, int]:
     return total, total - sum(p.numel() for p in model.visual.parameters())
 
 
-def run_family(family: str, dataset: str, steps: int = 0) -> dict:
+def run_family(family: str, dataset: str, steps: int = 0, overrides: list[str] = ()) -> dict:
+    from mmcore.cli import apply_overrides
     from mmcore.eval.run import evaluate
     from mmcore.models import model_config
     from mmcore.train.fit import fit
 
-    cfg = recipe(FAMILIES[family], dataset)
+    cfg = apply_overrides(recipe(FAMILIES[family], dataset), list(overrides))
     cfg.optim.max_steps = steps or cfg.optim.max_steps
     result = fit(cfg)  # a run finished before (same recipe, dataset and parent) is returned as it is
     arch = model_config(cfg.model.name)
@@ -103,8 +104,9 @@ def run_family(family: str, dataset: str, steps: int = 0) -> dict:
     return {"family": family, "recipe": cfg.recipe, "model": cfg.model.name, "steps": cfg.optim.max_steps,
             "batch": cfg.data.batch_size, "wall": run_seconds(result), "samples_per_second": rate,
             "questions": result.metrics.get("questions_per_image", 1.0),
+            "loss": result.metrics.get("answer_loss", result.metrics["loss"]),  # with task.question_loss, the answers' part
             "positions_per_second": rate * positions, "positions": positions, "params": total,
-            "trainable": trainable, "loss": result.metrics["loss"], "parent": result.model_uri,
+            "trainable": trainable, "parent": result.model_uri,
             "report": evaluate(result.model_uri, dataset)}
 
 
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--dataset", help="its dataset version (needed with --home)")
     parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config override for every family's recipe, as `mmpipe train --set`")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     if bool(args.home) != bool(args.dataset):
@@ -147,10 +151,11 @@ def main() -> None:
         os.environ["MMPIPE_HOME"] = args.home or str(Path(tmp) / "home")
         dataset = args.dataset or str(sample_dataset(Path(tmp)).path)
         parent = champion(dataset)
-        runs = [run_family(family, dataset, args.steps) for family in args.families]
+        runs = [run_family(family, dataset, args.steps, args.set) for family in args.families]
     command = ".venv/bin/python bench/fusion_families.py" + (" --home HOME --dataset DIR" if args.home else "")
     command += "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families)
     command += f" --steps {args.steps}" if args.steps else ""
+    command += "".join(f" --set {item}" for item in args.set)
     lines = ["## Fusion stage: LLaVA and Flamingo (demo recipes, CPU)", "", f"Command: `{command}`", "",
              f"Both on the frozen tower of {parent} (the home's contrastive champion: {describe(parent)}), 2 Ray Train workers, DeepSpeed "
              "ZeRO-2, fp32; quality on the test split from `evaluate()` on the registered model (held-out "

@@ -262,11 +262,18 @@ class TaskConfig:
     loss: str = "clip"
     """contrastive: clip (InfoNCE) or siglip (pairwise sigmoid); fusion: next-token (on answer tokens);
     image-tokenizer: mse (pixel reconstruction); unified: next-token (answers, captions and image codes)."""
+    question_loss: float = 0.0
+    """fusion: weight of a next-token loss on the questions' tokens beside the answers' (0: answers
+    only, as instruction tuning a pretrained LM does). An LM trained from scratch with it learns to carry
+    the asked group from the question to the answer much sooner (docs/benchmarks.md, fusion)."""
 
     def validate(self) -> None:
         _check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {STAGES}")
         losses = STAGE_LOSSES[self.stage]
         _check(self.loss in losses, "task.loss", f"{self.loss!r} is not one of {losses} (stage {self.stage})")
+        _check(self.question_loss >= 0, "task.question_loss", f"{self.question_loss} is negative")
+        _check(self.question_loss == 0 or self.stage == "fusion", "task.question_loss",
+               f"is a fusion setting (stage {self.stage})")
 
 
 @dataclass

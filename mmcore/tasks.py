@@ -16,11 +16,13 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from mmcore.config import RunConfig
-from mmcore.data.tokenizer import CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, with_chat_tokens, with_tokens
+from mmcore.data.instruct import SHARED
+from mmcore.data.tokenizer import CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens, with_tokens
 from mmcore.losses import LOSSES
 from mmcore.models import architecture, build_model
 from mmcore.models.decoder import Packing
 from mmcore.models.fusion import loss_on_answers
+from mmcore.models.generate import IGNORE
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
 from mmcore.models.unified import unified_loss
@@ -108,7 +110,7 @@ class FusionTask(_PixelTask):
             if cfg.model.lm_parent:
                 model.lm.load_state_dict(load_model(cfg.model.lm_parent, tracking_uri)[0].lm.state_dict())
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
-        return cls(model, preprocess)
+        return cls(model, preprocess, question_loss=cfg.task.question_loss)
 
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str) -> str:
@@ -120,12 +122,34 @@ class FusionTask(_PixelTask):
 
         return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
 
+    def __init__(self, model: nn.Module, preprocess: PreprocessConfig, question_loss: float = 0.0):
+        super().__init__(model, preprocess)
+        self.question_loss = question_loss
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images = self.pixels(batch["image"], self.model.lm.head.weight.dtype)
         packing = Packing.of(batch)
-        out = {"loss": loss_on_answers(self.model(images, batch["input_ids"], packing), batch["labels"]),
-               "truncated_fraction": batch["truncated"].float().mean()}
+        logits = self.model(images, batch["input_ids"], packing)
+        answers = loss_on_answers(logits, batch["labels"])
+        out = {"loss": answers, "truncated_fraction": batch["truncated"].float().mean()}
+        if self.question_loss:
+            asked = loss_on_answers(logits, question_labels(batch["input_ids"], batch["labels"], batch.get("segments")))
+            out |= {"loss": answers + self.question_loss * asked, "answer_loss": answers.detach(),
+                    "question_loss": asked.detach()}
         return out | ({"questions_per_image": batch["questions"].float().mean()} if packing else {})
+
+
+def question_labels(input_ids: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """The questions' tokens as next-token targets, IGNORE elsewhere: the tokens of each turn after the
+    shared <bos> <|user|> <image> that are neither answer nor padding, each one that follows a token of
+    its own turn (a turn's first word, after the image or another turn, is not asked for). `segments`:
+    a packed batch's (0 on the shared prefix, k on turn k, -1 on padding); unpacked, one turn."""
+    if segments is None:
+        turn = (torch.arange(input_ids.shape[1], device=input_ids.device) >= SHARED).long()
+        segments = torch.where(input_ids == SPECIAL_TOKENS.index(PAD), -1, turn.expand_as(input_ids))
+    follows = torch.zeros_like(labels, dtype=torch.bool)
+    follows[:, 1:] = segments[:, 1:] == segments[:, :-1]
+    return torch.where((labels == IGNORE) & (segments > 0) & follows, input_ids, IGNORE)
 
 
 class ImageTokenizerTask(_PixelTask):

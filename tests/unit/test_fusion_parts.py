@@ -246,6 +246,38 @@ def test_a_frozen_tower_stays_out_of_the_optimizer():
     assert all(id(p) in trainable for p in task.model.projector.parameters())
 
 
+def test_question_loss_predicts_each_questions_words_and_counts_it_beside_the_answers(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    from mmcore.tasks import FusionTask, question_labels
+
+    chat = ChatFormat(Tokenizer.from_str(tokenizer_json), 32)
+    rows = [dict(SCENE, key=f"k{i}", epoch=0) for i in range(3)] + [dict(DIGIT, epoch=1)]
+    for pack_length in (0, 96):
+        batch = {k: torch.from_numpy(v) for k, v in instruction_batch(rows, chat, 0, pack_length).items()}
+        asked = question_labels(batch["input_ids"], batch["labels"], batch.get("segments"))
+        for row, row_asked, turns in zip(rows, asked, batch.get("questions", torch.ones(len(rows), dtype=torch.long))):
+            expected = []  # each turn's prompt after <bos> <|user|> <image> and its first word: the rest, <|assistant|>
+            for q in training_questions(row, seed=0, epoch=row["epoch"])[: int(turns)]:
+                ids, labels, _ = chat.encode(q.question, q.answer)
+                expected += [i for t, (i, label) in enumerate(zip(ids, labels))
+                             if t > SHARED and label == IGNORE and i != chat.ids["<pad>"]]
+            assert row_asked[row_asked != IGNORE].tolist() == expected
+        assert not ((asked != IGNORE) & (batch["labels"] != IGNORE)).any()  # an answer's token is not a question's
+
+    torch.manual_seed(0)
+    model, pre = build_model({**model_config("llava-debug"), "vision": VISION}, chat.tokenizer.get_vocab_size(), 3)
+    batch["image"] = torch.randint(0, 256, (len(rows), 3, 32, 32), dtype=torch.uint8)
+    plain = FusionTask.build(RunConfig(task=TaskConfig(stage="fusion", loss="next-token")), model, pre)(batch)
+    cfg = RunConfig(task=TaskConfig(stage="fusion", loss="next-token", question_loss=0.5))
+    both = FusionTask.build(cfg, model, pre)(batch)
+    assert set(plain) == {"loss", "truncated_fraction", "questions_per_image"}
+    assert torch.equal(both["answer_loss"], plain["loss"])
+    assert torch.allclose(both["loss"], plain["loss"] + 0.5 * both["question_loss"]) and both["question_loss"] > 0
+    with pytest.raises(ValueError, match="task.question_loss: is a fusion setting"):
+        TaskConfig(stage="unified", loss="next-token", question_loss=1.0).validate()
+
+
 def test_vision_layer_picks_the_towers_hidden_state():
     torch.manual_seed(0)
     config = {**model_config("llava-debug"), "vision": {**VISION, "layers": 2}}
