@@ -200,7 +200,8 @@ def main() -> None:
                f"{' '.join(args.kinds)} --input {args.input} --steps {args.steps} --lr {args.lr} --seed {args.seed}"
                f"{variant}")
     body = "\n".join([
-        f"## Fusion: how many questions binding takes ({args.input} input, seed {args.seed})", "", f"Command: `{command}`", "",
+        f"## Fusion: how many questions binding takes ({args.input} input, seed {args.seed}"
+        f"{',' + variant if variant else ''})", "", f"Command: `{command}`", "",
         f"A fresh LLaVA of {args.model}'s architecture (its weights unused), one process, on the "
         f"{'frozen tower patch tokens' if args.input == 'tower' else 'raw 8x8 pixel patches'} of the "
         f"{facts['train']} two-group train scenes of dataset {facts['version']}, one {'/'.join(args.kinds)} "

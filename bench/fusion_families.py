@@ -104,7 +104,8 @@ def run_family(family: str, dataset: str, steps: int = 0, overrides: list[str] =
     return {"family": family, "recipe": cfg.recipe, "model": cfg.model.name, "steps": cfg.optim.max_steps,
             "batch": cfg.data.batch_size, "wall": run_seconds(result), "samples_per_second": rate,
             "questions": result.metrics.get("questions_per_image", 1.0),
-            "loss": result.metrics.get("answer_loss", result.metrics["loss"]),  # with task.question_loss, the answers' part
+            # with task.question_loss, the answers' part of the loss
+            "loss": result.metrics.get("answer_loss", result.metrics["loss"]),
             "positions_per_second": rate * positions, "positions": positions, "params": total,
             "trainable": trainable, "parent": result.model_uri,
             "report": evaluate(result.model_uri, dataset)}

@@ -61,7 +61,8 @@ def lookup_model(token_width: int, width: int, heads: int, grid: int, positions_
             self.colour = nn.Embedding(colours, width)
             self.ln_q, self.ln_kv = nn.LayerNorm(width), nn.LayerNorm(width)
             self.attn = CrossAttention(width, heads)
-            self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, len(SIDES)))
+            self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                      nn.Linear(width, len(SIDES)))
 
         def forward(self, tokens, colour):
             x = self.projector(tokens)
