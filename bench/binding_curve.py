@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_section  # noqa: E402
+from common import pinned_model, write_section  # noqa: E402
 
 PATCH = 8  # pixel patches of --input pixels: 8x8x3 values each
 
@@ -182,10 +182,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    from mmcore.config import TrackingConfig
-    from mmcore.tracking import resolve_uri, resolve_version
-
-    args.model = "models:/{}/{}".format(*resolve_version(args.model, resolve_uri(TrackingConfig())))
+    args.model = pinned_model(args.model)
     points, facts = curve(args)
     kinds = sorted(points[0][2])
     lines = [f"| step | questions seen | train loss | {' | '.join(f'test {k}' for k in kinds)} |",

@@ -46,6 +46,15 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     doc.write_text(text)
 
 
+def pinned_model(uri: str) -> str:
+    """models:/NAME@ALIAS (or /VERSION) -> models:/NAME/VERSION in the registry of $MMPIPE_HOME, so a
+    section's command names the version it measured."""
+    from mmcore.config import TrackingConfig
+    from mmcore.tracking import resolve_uri, resolve_version
+
+    return "models:/{}/{}".format(*resolve_version(uri, resolve_uri(TrackingConfig())))
+
+
 def warmup_cosine(params: dict) -> Callable[[int], float]:
     """The lr factor of optimizer step k (from 0) under DeepSpeed's WarmupCosineLR with these params.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_section  # noqa: E402
+from common import pinned_model, write_section  # noqa: E402
 
 AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
@@ -81,13 +81,11 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
 
-    from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.tracking import resolve_uri, resolve_version
 
     version = DatasetVersion.open(args.dataset)
     rows = [r for r in version.read("test").to_pylist() if r.get("source") == "synthetic" and r.get("relation")]
-    model = "models:/{}/{}".format(*resolve_version(args.model, resolve_uri(TrackingConfig())))
+    model = pinned_model(args.model)
     lines = report(answer_profile(model, rows[: args.scenes]))
     print("\n".join(lines))
     command = f"python bench/fusion_answers.py --home HOME --dataset DIR --model {model} --scenes {args.scenes}"

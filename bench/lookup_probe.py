@@ -29,7 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from binding_curve import image_tokens, two_group_rows  # noqa: E402
-from common import write_section  # noqa: E402
+from common import pinned_model, write_section  # noqa: E402
 
 SIDES = ("left of", "right of", "above", "below")
 """Where the asked group is, as the relation of that group to the other one: the four answers."""
@@ -116,11 +116,10 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.tracking import load_model, resolve_uri, resolve_version
+    from mmcore.tracking import load_model
 
-    args.model = "models:/{}/{}".format(*resolve_version(args.model, resolve_uri(TrackingConfig())))
+    args.model = pinned_model(args.model)
     registered, preprocess = load_model(args.model)
     version = DatasetVersion.open(args.dataset)
     train, test = two_group_rows(version, "train"), two_group_rows(version, "test")
