@@ -19,6 +19,14 @@ Re-run a command to refresh its section; the other sections are left as they are
 """
 
 
+PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}
+"""Dense bf16 tensor-core peak per GPU (vendor data sheets, without sparsity), by name fragment."""
+
+
+def peak_tflops(name: str) -> float | None:
+    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

@@ -22,19 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import write_section  # noqa: E402
+from common import peak_tflops, write_section  # noqa: E402
 from train_contrastive import sample_dataset, steady_samples_per_second  # noqa: E402
 
 from mmcore.cli import apply_overrides  # noqa: E402
 from mmcore.recipes import recipe  # noqa: E402
-
-PEAK_BF16_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121, "A10": 125}
-"""Dense bf16 tensor-core peak per GPU (vendor data sheets, without sparsity), by name fragment."""
-
-
-def peak_tflops(name: str) -> float | None:
-    return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
-
 
 def flops_per_sample(cfg, version) -> float:
     """FLOPs of one training sample (forward + backward) of the recipe's Task, counted by torch."""
@@ -72,7 +64,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MMPIPE_HOME"] = str(Path(tmp) / "home")
-        version = sample_dataset(Path(tmp))
+        version = sample_dataset(Path(tmp), image_size=224)  # a model may not take larger images than stored
         cfg = apply_overrides(recipe("gpu-base", str(version.path)), [
             f"optim.max_steps={args.steps}", f"optim.warmup_steps={args.steps // 10}",
             f"data.batch_size={args.batch * gpus}", f"parallel.num_workers={gpus}",
@@ -88,7 +80,7 @@ def main() -> None:
         f"Command: `.venv/bin/python bench/gpu.py --steps {args.steps} --batch {args.batch}`", "",
         f"{gpus} x {name}, recipe `gpu-base` ({cfg.parallel.num_workers} Ray Train workers, DeepSpeed "
         f"ZeRO-{cfg.parallel.zero_stage}, bf16, NCCL), global batch {cfg.data.batch_size}, {args.steps} steps, "
-        "the sample corpus upscaled to 224 px.", "",
+        "the sample corpus ingested at 224 px.", "",
         "| measure | value |", "|---|---|",
         f"| fit() wall time (Ray start, workers, steps, validation, registration) | {wall:.0f} s |",
         f"| training throughput (logged windows after the first) | {rate:.0f} samples/s |",

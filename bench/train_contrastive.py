@@ -28,14 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_section  # noqa: E402
 
 from mmcore.cli import apply_overrides  # noqa: E402
-from mmcore.config import GuardConfig, IngestConfig, RunConfig, SourceConfig, from_dict, to_dict  # noqa: E402
+from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, from_dict, to_dict  # noqa: E402
 from mmcore.recipes import recipe  # noqa: E402
 from mmcore.train.parallel import worker_threads  # noqa: E402
 
 STEPS = 60  # steps per feeding mode in the stall measurement
 
 
-def sample_dataset(root: Path):
+def sample_dataset(root: Path, image_size: int = 64):
+    """The sample corpus served on loopback and ingested, its images stored `image_size` pixels wide."""
     from mmcore.data.ingest import ingest
     from mmcore.data.sample import make_sample
     from mmcore.data.server import FileServer
@@ -43,7 +44,8 @@ def sample_dataset(root: Path):
     with FileServer(root / "corpus") as server:
         url_list = make_sample(root / "corpus", server.url)
         return ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(root / "dataset"),
-                                   guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
+                                   guard=GuardConfig(allow_networks=["127.0.0.1/32"]),
+                                   download=DownloadConfig(image_size=image_size)))
 
 
 def quality(result, version):

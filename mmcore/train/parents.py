@@ -11,7 +11,7 @@ from mmcore import tracking
 from mmcore.config import STAGE_PARENTS, RunConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.tokenizer import load_tokenizer
-from mmcore.models import STAGE_FAMILIES, architecture
+from mmcore.models import PARENT_PARTS, STAGE_FAMILIES
 
 
 @dataclasses.dataclass
@@ -22,13 +22,6 @@ class Parents:
     """The architecture with the parent's part in it (PARENT_PARTS)."""
     tags: dict[str, str]
     """parent_model (and lm_parent_model) = name/version, for the registered version."""
-
-
-PARENT_PARTS = {"fusion": (lambda parent: {"vision": parent["vision"]}, True),
-                "unified": (lambda parent: {"image_tokenizer": architecture(parent)}, False)}
-"""stage -> (the part of the parent's architecture it takes, whether the parent must have the
-dataset's text tokenizer: a contrastive tower's text side must; an image tokenizer reads no text,
-so one trained on another dataset version serves). The parent's stage: config.STAGE_PARENTS."""
 
 
 def check_family(cfg: RunConfig, arch: dict) -> None:
