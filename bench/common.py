@@ -27,6 +27,16 @@ def peak_tflops(name: str) -> float | None:
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
+def nccl_world_of_one(port: int) -> None:
+    """A process group of one rank on NCCL, as a training worker has on one GPU (the GPU benches run
+    the workers' engine without Ray)."""
+    import deepspeed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)), RANK="0",
+                      LOCAL_RANK="0", WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend="nccl")
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_tflops, write_section  # noqa: E402
+from common import nccl_world_of_one, peak_tflops, write_section  # noqa: E402
 
 MODELS = {  # model -> (recipe whose optimizer and task it trains with, micro-batch on one GPU)
     "clip-vit-b16": ("gpu-base", 256),
@@ -191,11 +190,9 @@ def main() -> None:
 
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu_engine.py needs a CUDA GPU and a CUDA build of torch; none found here")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"), RANK="0",
-                      LOCAL_RANK="0", WORLD_SIZE="1")
+    nccl_world_of_one(29511)
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl")
     results = []
     for name in args.models:
         torch.manual_seed(0)
