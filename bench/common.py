@@ -27,6 +27,17 @@ def peak_tflops(name: str) -> float | None:
     return next((value for key, value in PEAK_BF16_TFLOPS.items() if key in name), None)
 
 
+def flops_per_sample(task, batch: dict) -> float:
+    """FLOPs of one training sample of a Task (forward + backward), counted by torch's FlopCounterMode
+    over `batch` (2 samples, on the Task's device); the gradients it leaves are cleared."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        task(batch)["loss"].backward()
+    task.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
 def nccl_world_of_one(port: int) -> None:
     """A process group of one rank on NCCL, as a training worker has on one GPU (the GPU benches run
     the workers' engine without Ray)."""

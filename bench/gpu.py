@@ -22,16 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import peak_tflops, write_section  # noqa: E402
+from common import flops_per_sample, peak_tflops, write_section  # noqa: E402
 from train_contrastive import sample_dataset, steady_samples_per_second  # noqa: E402
 
 from mmcore.cli import apply_overrides  # noqa: E402
 from mmcore.recipes import recipe  # noqa: E402
 
-def flops_per_sample(cfg, version) -> float:
-    """FLOPs of one training sample (forward + backward) of the recipe's Task, counted by torch."""
+def recipe_flops_per_sample(cfg, version) -> float:
+    """FLOPs of one training sample (forward + backward) of the recipe's Task, on 2 random samples."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from mmcore.models import model_config
     from mmcore.tasks import build_task
@@ -39,9 +38,7 @@ def flops_per_sample(cfg, version) -> float:
     task, pre = build_task(cfg, model_config(cfg.model.name), version.tokenizer_path.read_text())
     batch = {"image": torch.randint(0, 256, (2, 3, pre.image_size, pre.image_size), dtype=torch.uint8),
              "tokens": torch.randint(5, 100, (2, pre.context_length))}
-    with FlopCounterMode(display=False) as counter:
-        task(batch)["loss"].backward()
-    return counter.get_total_flops() / 2
+    return flops_per_sample(task, batch)
 
 
 def main() -> None:
@@ -73,7 +70,7 @@ def main() -> None:
         result = fit(cfg)
         wall = time.perf_counter() - started
         rate = steady_samples_per_second(result)
-        per_sample = flops_per_sample(cfg, version)
+        per_sample = recipe_flops_per_sample(cfg, version)
     mfu = rate * per_sample / (gpus * peak * 1e12)
     body = "\n".join([
         "## GPU path (clip-vit-b16, bf16)", "",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import nccl_world_of_one, peak_tflops, write_section  # noqa: E402
+from common import flops_per_sample, nccl_world_of_one, peak_tflops, write_section  # noqa: E402
 
 MODELS = {  # model -> (recipe whose optimizer and task it trains with, micro-batch on one GPU)
     "clip-vit-b16": ("gpu-base", 256),
@@ -89,18 +89,6 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
     return cfg, task, pre, batches
 
 
-def flops_per_sample(task, batch: dict) -> float:
-    """FLOPs of one sample's forward + backward of the Task, counted by torch on a 2-sample batch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    two = {k: v[:2].to(next(task.parameters()).device) for k, v in batch.items()}
-    with FlopCounterMode(display=False) as counter:
-        task(two)["loss"].backward()
-    task.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
-
-
 def generation(task, pre, batch: dict) -> str:
     """The trained model's inference on this GPU: a fusion model answers 8 of the batch's images with and
     without the KV cache (greedy; are the tokens the same?); the unified model draws 8 images from a
@@ -132,22 +120,18 @@ def generation(task, pre, batch: dict) -> str:
 
 
 def train(name: str, dataset: str, steps: int, warmup: int, batch_size: int | None, zero: int) -> dict:
-    import deepspeed
     import torch
 
-    from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
-    from mmcore.train.parallel import param_groups
+    from mmcore.train.deepspeed_config import cast_floating, initialize
 
     batch = batch_size or MODELS[name][1]
     cfg, task, pre, batches = prepared(name, dataset, batch, steps, zero)
-    per_sample = flops_per_sample(task.cuda(), batches[0])
-    precision = resolve_precision(cfg.parallel.precision, True, torch.cuda.is_bf16_supported())
+    two = {k: v[:2].cuda() for k, v in batches[0].items()}
+    per_sample = flops_per_sample(task.cuda(), two)
     parameters = sum(p.numel() for p in task.parameters())
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
-    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
-                                      config=build_ds_config(cfg, precision), dist_init_required=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    on_device = [{k: (v.to(dtype) if v.is_floating_point() else v).cuda() for k, v in b.items()} for b in batches]
+    engine, precision, dtype = initialize(task, cfg, cuda=True)
+    on_device = [cast_floating({k: v.cuda() for k, v in b.items()}, dtype) for b in batches]
     torch.cuda.reset_peak_memory_stats()
     losses, started = [], None
     for step in range(steps):

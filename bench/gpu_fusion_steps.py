@@ -82,7 +82,6 @@ def epochs(pre, dataset: str, batch: int, workers: int):
 
 
 def run(parent_files: Path, dataset: str, steps: list[int], budget_s: float, workers: int) -> tuple[list[dict], dict]:
-    import deepspeed
     import torch
     from safetensors.torch import load_file
 
@@ -91,8 +90,7 @@ def run(parent_files: Path, dataset: str, steps: list[int], budget_s: float, wor
     from mmcore.models import PARENT_PARTS, model_config
     from mmcore.recipes import recipe
     from mmcore.tasks import TASKS, build_task
-    from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
-    from mmcore.train.parallel import param_groups
+    from mmcore.train.deepspeed_config import cast_floating, initialize
 
     cfg = recipe("demo-fusion", dataset)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, parent=""),
@@ -108,15 +106,11 @@ def run(parent_files: Path, dataset: str, steps: list[int], budget_s: float, wor
     task.model.visual.load_state_dict(tower)
     task.model.visual.requires_grad_(False)
     pre = TASKS["fusion"].preprocessor(cfg, preprocess, tokenizer_json)
-    precision = resolve_precision(cfg.parallel.precision, True, torch.cuda.is_bf16_supported())
-    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
-                                      config=build_ds_config(cfg, precision), dist_init_required=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    engine, precision, dtype = initialize(task, cfg, cuda=True)
     batches = epochs(pre, dataset, cfg.data.batch_size, workers)
     results, started, losses, evaluating = [], time.perf_counter(), [], 0.0
     for step in range(1, max(steps) + 1):
-        batch = {k: torch.as_tensor(v).cuda() for k, v in next(batches).items()}
-        batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        batch = cast_floating({k: torch.as_tensor(v).cuda() for k, v in next(batches).items()}, dtype)
         out = engine(batch)
         engine.backward(out["loss"])
         engine.step()

@@ -1,4 +1,5 @@
-"""The DeepSpeed config, built from the typed RunConfig (never written by hand)."""
+"""The DeepSpeed config, built from the typed RunConfig (never written by hand), and the engine a
+training worker starts from it."""
 
 from __future__ import annotations
 
@@ -47,3 +48,23 @@ def build_ds_config(cfg: RunConfig, precision: str) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+
+
+def initialize(task, cfg: RunConfig, cuda: bool):
+    """DeepSpeed around a Task as a training worker starts it: the precision resolve_precision picks for
+    the device, AdamW over param_groups (frozen parameters left out), build_ds_config.
+    -> (engine, precision, the dtype cast_floating gives the engine's inputs)."""
+    import deepspeed
+    import torch
+
+    from mmcore.train.parallel import param_groups
+
+    precision = resolve_precision(cfg.parallel.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
+                                      config=build_ds_config(cfg, precision), dist_init_required=False)
+    return engine, precision, torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def cast_floating(batch: dict, dtype) -> dict:
+    """Floating tensors in the training dtype; the rest (token ids, uint8 pixels) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}

@@ -17,8 +17,8 @@ from mmcore.config import RunConfig, from_dict
 from mmcore.data.stream import fixed_batches, rank_units, torch_batches, units_dataset
 from mmcore.disk import staged
 from mmcore.train import checkpoint
-from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
-from mmcore.train.parallel import apply_activation_checkpointing, param_groups, worker_threads
+from mmcore.train.deepspeed_config import cast_floating, initialize
+from mmcore.train.parallel import apply_activation_checkpointing, worker_threads
 
 log = logging.getLogger("mmpipe.train")
 """Worker lines go to Ray Train's worker log (and the driver's log file), never twice: Ray Train turns a
@@ -27,11 +27,6 @@ worker's print() into a log record and also echoes it when something wrapped sys
 
 class NonFiniteLoss(RuntimeError):
     """The loss stayed NaN/inf for optim.max_bad_steps micro-batches in a row."""
-
-
-def cast_floating(batch: dict[str, torch.Tensor], dtype) -> dict[str, torch.Tensor]:
-    """Floating tensors in the training dtype; the rest (token ids, uint8 pixels) as they are."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
 
 def all_ranks_true(flag: bool, device) -> bool:
@@ -71,7 +66,6 @@ class StepGuard:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs in every Ray Train worker; `config` is plain data (see fit.py)."""
-    import deepspeed
     import ray.train
     import ray.train.torch
 
@@ -87,12 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
     task, _ = build_task(cfg, config["model_config"], config["tokenizer_json"], tracking_uri=config["tracking_uri"])
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(task)
-    cuda = device.type == "cuda"
-    precision = resolve_precision(cfg.parallel.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
-                                      config=build_ds_config(cfg, precision), dist_init_required=False)
+    engine, _, dtype = initialize(task, cfg, cuda=device.type == "cuda")
     state = _resume(engine, run_dir / "checkpoints", rank, storage.scratch_dir(run_dir), device)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     stream = config["train_stream"]
     units = rank_units(stream["units"], rank, context.get_world_size(), skip_rows=state["rows"])
     train = torch_batches(units_dataset(units, stream["preprocess"], stream["cpus"]), cfg.micro_batch, device)
