@@ -34,29 +34,46 @@ TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
                 ("tell me what you see in this picture.",)),
     "colour": (("what colour is the {shape}?", "which colour does the {shape} have?", "the {shape} is what colour?",
                 "what is the colour of the {shape}?", "which colour is the {shape} drawn in?",
-                "say which colour the {shape} is."),
+                "say which colour the {shape} is.", "describe the colour of the {shape}.",
+                "what colour has the {shape} shape?"),
                ("name the colour of the {shape}.",)),
     "shape": (("which shape is drawn in {color}?", "what is the shape of the {color} object?",
                "which shape is {color}?", "what shape does the {color} object have?",
-               "the {color} object is which shape?", "say which shape is {color}."),
+               "the {color} object is which shape?", "say which shape is {color}.",
+               "describe the shape of the {color} object.", "which shape has the colour {color}?"),
               ("name the shape coloured {color}.",)),
     "count": (("how many {color} {shapes} are there?", "count the {color} {shapes}.",
                "what is the number of {color} {shapes}?", "how many {shapes} are {color}?",
-               "give the number of {color} {shapes}.", "how many {color} {shapes} does the image show?"),
+               "give the number of {color} {shapes}.", "how many {color} {shapes} does the image show?",
+               "describe how many {color} {shapes} there are.", "how many {color} {shapes} are in the picture?"),
               ("how many {color} {shapes} can you see?",)),
     "relation": (("where {be} {first} relative to {second}?", "how {be} {first} placed relative to {second}?",
                   "what is the position of {first} relative to {second}?",
                   "relative to {second}, where {be} {first}?", "say where {first} {be} relative to {second}.",
-                  "in which direction from {second} {be} {first}?"),
+                  "in which direction from {second} {be} {first}?",
+                  "describe the position of {first} relative to {second}.",
+                  "give the direction from {second} to {first}."),
                  ("describe where {first} {be} compared with {second}.",)),
     "yes_no": (("{be} {first} {relation} {second}?", "is it true that {first} {be} {relation} {second}?",
                 "answer yes or no: {be} {first} {relation} {second}?", "{first} {be} {relation} {second}: yes or no?",
-                "{be} {first} placed {relation} {second}?", "does the image show {first} {relation} {second}?"),
+                "{be} {first} placed {relation} {second}?", "does the image show {first} {relation} {second}?",
+                "say whether {first} {be} {relation} {second}.", "does the picture show {first} {relation} {second}?"),
                ("would you say {first} {be} {relation} {second}?",)),
     "digit": (("which digit is this?", "what number is written here?", "what digit is shown?",
-               "which number does the image show?", "read the digit in the image.", "what is this digit?"),
+               "which number does the image show?", "read the digit in the image.", "what is this digit?",
+               "describe the digit.", "which digit does the picture show?"),
               ("name the handwritten digit.",)),
 }
+"""Each type has seen wordings that open like another type's ("describe ...") or carry another
+type's word ("... has the colour red"), so that no single word decides the type; the held-out
+wordings use words no seen question has ("name", "tell me", "can you see", "compared with",
+"would you say", "coloured", "handwritten")."""
+OPENINGS = ("look: ", "so, ", "here: ")
+CLOSINGS = (" in short.", " one word.")
+ONE_WORD = ("colour", "shape", "count", "digit")
+"""Training only: half of the questions of ONE_WORD types open with one of OPENINGS and a third close
+with one of CLOSINGS, so that words around a question do not decide its type (captions and the
+two-group questions are too long to leave room in the context)."""
 SHARED = 3
 """<bos> <|user|> <image>: the prefix every question about one image shares in a packed sequence."""
 CAPTION_PROMPT = TEMPLATES["caption"][0][0]
@@ -131,12 +148,15 @@ def questions(row: dict, held_out: bool = False) -> list[Question]:
 
 def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
     """Every question type the row can answer, in an order drawn from (seed, epoch, key), each worded
-    by a seen template drawn the same way."""
+    by a seen template drawn the same way, with or without an opening and a closing (OPENINGS)."""
     rng = row_rng(row, seed, epoch)
     kinds = _kinds(row)
     out = []
     for kind in (kinds[i] for i in rng.permutation(len(kinds))):
         template = str(rng.choice(TEMPLATES[kind][0]))
+        if kind in ONE_WORD:
+            template = (str(rng.choice(OPENINGS)) if rng.random() < 0.5 else "") + template
+            template += str(rng.choice(CLOSINGS)) if rng.random() < 1 / 3 else ""
         out.append(_question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True))
     return out
 

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from mmcore.config import RunConfig, TaskConfig, TokenizerConfig
-from mmcore.data.instruct import (SHARED, TEMPLATES, ChatFormat, InstructPreprocessor, instruction_batch, questions,
-                                  training_question, training_questions)
+from mmcore.data.instruct import (CLOSINGS, OPENINGS, SHARED, TEMPLATES, ChatFormat, InstructPreprocessor,
+                                  instruction_batch, questions, training_question, training_questions)
 from mmcore.data.sample import describe
 from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_tokens
 from mmcore.eval.generative import parse_scene
@@ -138,6 +138,27 @@ def test_held_out_wordings_never_reach_training():
     for q in drawn:
         assert all(not _worded_by(q.question, t) for t in held_out)
     assert training_question(SCENE, 0, 1) == training_question(dict(SCENE), 0, 1)  # deterministic
+
+
+def test_no_word_of_the_opening_decides_a_question_type():
+    """Seen wordings cross types ("describe the colour ...") and training adds openings and closings;
+    every held-out wording keeps a word that no training question has."""
+    rows = [dict(SCENE, key=f"k{i}") for i in range(60)] + [dict(DIGIT, key=f"d{i}") for i in range(20)]
+    drawn = [q for row in rows for e in range(4) for q in training_questions(row, seed=0, epoch=e)]
+    opening = {}
+    for q in drawn:
+        opening.setdefault(q.question.split()[0], set()).add(q.kind)
+    assert len(opening["describe"]) >= 4 and any(q.question.startswith(OPENINGS) for q in drawn)
+    assert any(q.question.endswith(CLOSINGS) for q in drawn)
+    trained_words = {w for q in drawn for w in _words(q.question)}
+    for kind, (_, held_out) in TEMPLATES.items():
+        for template in held_out:
+            assert _words(template) - trained_words - {"{shape}", "{color}", "{shapes}", "{first}", "{second}"}, \
+                (kind, template)
+
+
+def _words(text: str) -> set[str]:
+    return set(text.replace("?", " ").replace(".", " ").replace(",", " ").replace(":", " ").split())
 
 
 def _worded_by(question: str, template: str) -> bool:
