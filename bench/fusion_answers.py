@@ -4,8 +4,11 @@ VQA scores a relation answer right or wrong; this says how it is wrong: the righ
 against above/below) with the wrong side, or the wrong axis; whether yes/no answers follow the truth;
 whether the colour of one of two groups is the other group's. Questions are the seen wordings
 evaluation asks (mmcore.data.instruct.questions), answered greedily through the registered model.
+With --held-out: the held-out wordings instead, on every synthetic scene, and per question type the
+answers given most often (is a wrong answer another type's answer, or a caption?).
 Usage:
   python bench/fusion_answers.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate] [--scenes 200]
+      [--held-out]
 """
 
 from __future__ import annotations
@@ -52,6 +55,25 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
     }
 
 
+def held_out_answers(model_uri: str, rows: list[dict]) -> list[str]:
+    """Per question type: the held-out wording, its accuracy and the answers given most often."""
+    from mmcore.data.instruct import TEMPLATES, questions
+    from mmcore.models.encode import generate_answers
+    from mmcore.tracking import load_model
+
+    model, preprocess = load_model(model_uri)
+    pairs = [(row, q) for row in rows for q in questions(row, held_out=True) if q.kind != "caption"]
+    got = generate_answers(model, preprocess, [row["image"] for row, _ in pairs], [q.question for _, q in pairs])
+    lines = ["| type | held-out wording | right | answers given most often |", "|---|---|---|---|"]
+    for kind in dict.fromkeys(q.kind for _, q in pairs):
+        answered = [(q.answer, a) for (_, q), a in zip(pairs, got) if q.kind == kind]
+        right = sum(t == a for t, a in answered)
+        common = ", ".join(f'"{a}" {n}' for a, n in Counter(a for _, a in answered).most_common(6))
+        lines.append(f"| {kind} | {TEMPLATES[kind][1][0]} | {right / len(answered):.2f} ({right} of "
+                     f"{len(answered)}) | {common} |")
+    return lines
+
+
 def report(profile: dict) -> list[str]:
     def share(part: int, whole: int) -> str:
         return f"{part / whole:.2f} ({part} of {whole})" if whole else "-"
@@ -77,6 +99,8 @@ def main() -> None:
     parser.add_argument("--dataset", required=True, help="a dataset version directory")
     parser.add_argument("--model", default="models:/mmpipe-fusion@candidate")
     parser.add_argument("--scenes", type=int, default=200, help="two-group test scenes to ask about")
+    parser.add_argument("--held-out", action="store_true",
+                        help="ask the held-out wordings of every question type on that many synthetic scenes")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
@@ -84,15 +108,23 @@ def main() -> None:
     from mmcore.data.dataset import DatasetVersion
 
     version = DatasetVersion.open(args.dataset)
-    rows = [r for r in version.read("test").to_pylist() if r.get("source") == "synthetic" and r.get("relation")]
+    rows = [r for r in version.read("test").to_pylist()
+            if r.get("source") == "synthetic" and (args.held_out or r.get("relation"))]
     model = pinned_model(args.model)
-    lines = report(answer_profile(model, rows[: args.scenes]))
-    print("\n".join(lines))
     command = f"python bench/fusion_answers.py --home HOME --dataset DIR --model {model} --scenes {args.scenes}"
-    body = "\n".join(["## Fusion: how the two-group answers go wrong", "", f"Command: `{command}`", "",
-                      f"{model} on the first {args.scenes} two-group scenes of the test split of dataset "
-                      f"{version.id}; greedy answers to the seen wordings evaluation asks.", "", *lines])
-    write_section("fusion-answers", body, **({"doc": args.out} if args.out else {}))
+    if args.held_out:
+        lines = held_out_answers(model, rows[: args.scenes])
+        title, asked, name = "what the held-out wordings get", "synthetic", "fusion-answers-held-out"
+        command += " --held-out"
+    else:
+        lines = report(answer_profile(model, rows[: args.scenes]))
+        title, asked, name = "how the two-group answers go wrong", "two-group", "fusion-answers"
+    print("\n".join(lines))
+    body = "\n".join([f"## Fusion: {title}", "", f"Command: `{command}`", "",
+                      f"{model} on the first {args.scenes} {asked} scenes of the test split of dataset "
+                      f"{version.id}; greedy answers to the {'held-out' if args.held_out else 'seen'} "
+                      f"wordings evaluation asks.", "", *lines])
+    write_section(name, body, **({"doc": args.out} if args.out else {}))
 
 
 if __name__ == "__main__":

@@ -153,8 +153,7 @@ def test_no_word_of_the_opening_decides_a_question_type():
     trained_words = {w for q in drawn for w in _words(q.question)}
     for kind, (_, held_out) in TEMPLATES.items():
         for template in held_out:
-            assert _words(template) - trained_words - {"{shape}", "{color}", "{shapes}", "{first}", "{second}"}, \
-                (kind, template)
+            assert {w for w in _words(template) if not w.startswith("{")} - trained_words, (kind, template)
 
 
 def _words(text: str) -> set[str]:
