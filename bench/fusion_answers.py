@@ -3,9 +3,10 @@
 VQA scores a relation answer right or wrong; this says how it is wrong: the right axis (left/right
 against above/below) with the wrong side, or the wrong axis; whether yes/no answers follow the truth;
 whether the colour of one of two groups is the other group's. Questions are the seen wordings
-evaluation asks (mmcore.data.instruct.questions), answered greedily through the registered model.
-With --held-out: the held-out wordings instead, on every synthetic scene, and per question type the
-answers given most often (is a wrong answer another type's answer, or a caption?).
+evaluation asks (mmcore.data.instruct.questions), answered greedily through the registered model
+and scored as the vqa suite scores them. With --held-out: the held-out wordings instead, on every
+synthetic scene, and per question type the answers given most often (is a wrong answer another
+type's answer, or a caption?).
 Usage:
   python bench/fusion_answers.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate] [--scenes 200]
       [--held-out]
@@ -26,11 +27,21 @@ from common import pinned_model, write_section  # noqa: E402
 AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
 
+def ask(model, preprocess, pairs: list[tuple[dict, object]]) -> list[str]:
+    """Greedy answers to (row, question) pairs as the vqa suite gets and scores them: at most
+    ANSWER_TOKENS new tokens, normalized."""
+    from mmcore.eval.generative import ANSWER_TOKENS, normalize_answer
+    from mmcore.models.encode import generate_answers
+
+    got = generate_answers(model, preprocess, [row["image"] for row, _ in pairs], [q.question for _, q in pairs],
+                           max_new_tokens=ANSWER_TOKENS)
+    return [normalize_answer(a) for a in got]
+
+
 def answer_profile(model_uri: str, rows: list[dict]) -> dict:
     """Counts of the model's answers on two-group scenes: relation by axis and side, yes/no by truth,
     two-group colour by which group's colour."""
     from mmcore.data.instruct import questions
-    from mmcore.models.encode import generate_answers
     from mmcore.tracking import load_model
 
     model, preprocess = load_model(model_uri)
@@ -38,8 +49,7 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
 
     def answers(kind: str) -> list[tuple[dict, str, str]]:
         pairs = [(row, qs[kind]) for row, qs in zip(rows, asked) if kind in qs]
-        got = generate_answers(model, preprocess, [row["image"] for row, _ in pairs], [q.question for _, q in pairs])
-        return [(row, q.answer, a) for (row, q), a in zip(pairs, got)]
+        return [(row, q.answer, a) for (row, q), a in zip(pairs, ask(model, preprocess, pairs))]
 
     relation = answers("relation")
     yes_no = answers("yes_no")
@@ -58,12 +68,11 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
 def held_out_answers(model_uri: str, rows: list[dict]) -> list[str]:
     """Per question type: the held-out wording, its accuracy and the answers given most often."""
     from mmcore.data.instruct import TEMPLATES, questions
-    from mmcore.models.encode import generate_answers
     from mmcore.tracking import load_model
 
     model, preprocess = load_model(model_uri)
     pairs = [(row, q) for row in rows for q in questions(row, held_out=True) if q.kind != "caption"]
-    got = generate_answers(model, preprocess, [row["image"] for row, _ in pairs], [q.question for _, q in pairs])
+    got = ask(model, preprocess, pairs)
     lines = ["| type | held-out wording | right | answers given most often |", "|---|---|---|---|"]
     for kind in dict.fromkeys(q.kind for _, q in pairs):
         answered = [(q.answer, a) for (_, q), a in zip(pairs, got) if q.kind == kind]

@@ -103,8 +103,7 @@ def run(parent_files: Path, dataset: str, steps: list[int], budget_s: float, wor
     task, preprocess = build_task(cfg, arch, tokenizer_json)
     tower = {k.removeprefix("visual."): v for k, v in load_file(parent_files / "weights.safetensors").items()
              if k.startswith("visual.")}
-    task.model.visual.load_state_dict(tower)
-    task.model.visual.requires_grad_(False)
+    task.model.visual.load_state_dict(tower)  # frozen by build_task (model.freeze_vision)
     pre = TASKS["fusion"].preprocessor(cfg, preprocess, tokenizer_json)
     engine, precision, dtype = initialize(task, cfg, cuda=True)
     batches = epochs(pre, dataset, cfg.data.batch_size, workers)
@@ -141,7 +140,8 @@ def main() -> None:
     parser.add_argument("--dataset", help="the dataset version the parent was trained on")
     parser.add_argument("--steps", type=int, nargs="+", default=[2000, 8000, 16000], help="evaluate at these steps")
     parser.add_argument("--budget-s", type=float, default=1e9, help="stop after the last evaluation that fits")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2), help="preprocessing processes")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                        help="preprocessing processes")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     if args.export:
@@ -155,15 +155,16 @@ def main() -> None:
     nccl_world_of_one(29512)
     torch.manual_seed(0)
     results, about = run(args.parent_files, args.dataset, sorted(args.steps), args.budget_s, args.workers)
-    lines = [f"## Fusion on a GPU: the demo LLaVA, cosine to step {max(args.steps)}", "",
-             f"Command: `.venv/bin/python bench/gpu_fusion_steps.py --parent-files DIR --dataset DIR --steps "
-             f"{' '.join(map(str, sorted(args.steps)))}" + (f" --budget-s {args.budget_s:.0f}" if args.budget_s < 1e9 else "") + "`", "",
+    command = (f".venv/bin/python bench/gpu_fusion_steps.py --parent-files DIR --dataset DIR --steps "
+               f"{' '.join(map(str, sorted(args.steps)))}"
+               + (f" --budget-s {args.budget_s:.0f}" if args.budget_s < 1e9 else ""))
+    shown = ["train s", "train loss (last 50)"] + [m.removesuffix("_accuracy") for m in SHOWN]
+    lines = [f"## Fusion on a GPU: the demo LLaVA, cosine to step {max(args.steps)}", "", f"Command: `{command}`", "",
              f"1 x {about['gpu']}, torch {about['torch']}, {about['precision']}, DeepSpeed ZeRO-2 in one process; "
              f"`demo-fusion` (batch 64, packed questions, lr 1e-3, cosine to step {max(args.steps)}) on the frozen "
              f"tower of {about['parent']}; vqa on the test split at each step (before the last: mid-schedule). "
              "Chance: colour 1/6, shape 1/3, count 1/3, relation 1/4, yes/no 1/2, digit 1/10.", "",
-             "| step | " + " | ".join(["train s", "train loss (last 50)"] + [m.removesuffix("_accuracy") for m in SHOWN]) + " |",
-             "|---" * (len(SHOWN) + 3) + "|"]
+             "| step | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for r in results:
         lines.append(f"| {r['step']} | {r['train_s']:.0f} | {r['loss']:.3f} | "
                      + " | ".join(f"{r.get(m, float('nan')):.3f}" for m in SHOWN) + " |")

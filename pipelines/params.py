@@ -141,8 +141,8 @@ class FusionSettings(TrainSettings):
 
     stage: Stage = Field("fusion", description="Training stage.")
     recipe: RecipeName = Field("demo-fusion", description="Named RunConfig (mmcore/recipes.py): demo-fusion (LLaVA), "
-                                                          "demo-flamingo, quality-fusion (LLaVA, 5x the steps), long-fusion (12.5x, for a GPU), "
-                                                          "debug-fusion.")
+                                                          "demo-flamingo, quality-fusion (LLaVA, 5x the steps), "
+                                                          "long-fusion (12.5x, for a GPU), debug-fusion.")
 
 
 class TokenizerSettings(TrainSettings):
