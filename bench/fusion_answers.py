@@ -27,21 +27,11 @@ from common import pinned_model, write_section  # noqa: E402
 AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
 
-def ask(model, preprocess, pairs: list[tuple[dict, object]]) -> list[str]:
-    """Greedy answers to (row, question) pairs as the vqa suite gets and scores them: at most
-    ANSWER_TOKENS new tokens, normalized."""
-    from mmcore.eval.generative import ANSWER_TOKENS, normalize_answer
-    from mmcore.models.encode import generate_answers
-
-    got = generate_answers(model, preprocess, [row["image"] for row, _ in pairs], [q.question for _, q in pairs],
-                           max_new_tokens=ANSWER_TOKENS)
-    return [normalize_answer(a) for a in got]
-
-
 def answer_profile(model_uri: str, rows: list[dict]) -> dict:
     """Counts of the model's answers on two-group scenes: relation by axis and side, yes/no by truth,
     two-group colour by which group's colour."""
     from mmcore.data.instruct import questions
+    from mmcore.eval.generative import ask, normalize_answer
     from mmcore.tracking import load_model
 
     model, preprocess = load_model(model_uri)
@@ -49,7 +39,7 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
 
     def answers(kind: str) -> list[tuple[dict, str, str]]:
         pairs = [(row, qs[kind]) for row, qs in zip(rows, asked) if kind in qs]
-        return [(row, q.answer, a) for (row, q), a in zip(pairs, ask(model, preprocess, pairs))]
+        return [(row, q.answer, normalize_answer(a)) for (row, q), a in zip(pairs, ask(model, preprocess, pairs))]
 
     relation = answers("relation")
     yes_no = answers("yes_no")
@@ -68,11 +58,12 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
 def held_out_answers(model_uri: str, rows: list[dict]) -> list[str]:
     """Per question type: the held-out wording, its accuracy and the answers given most often."""
     from mmcore.data.instruct import TEMPLATES, questions
+    from mmcore.eval.generative import ask, normalize_answer
     from mmcore.tracking import load_model
 
     model, preprocess = load_model(model_uri)
     pairs = [(row, q) for row in rows for q in questions(row, held_out=True) if q.kind != "caption"]
-    got = ask(model, preprocess, pairs)
+    got = [normalize_answer(a) for a in ask(model, preprocess, pairs)]
     lines = ["| type | held-out wording | right | answers given most often |", "|---|---|---|---|"]
     for kind in dict.fromkeys(q.kind for _, q in pairs):
         answered = [(q.answer, a) for (_, q), a in zip(pairs, got) if q.kind == kind]

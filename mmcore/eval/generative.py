@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, questions
+from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, Question, questions
 from mmcore.data.sample import COLORS, SHAPES
 from mmcore.eval.contrastive import rows
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
@@ -23,6 +23,13 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
+def ask(model, preprocess, asked: list[tuple[dict, Question]]) -> list[str]:
+    """The model's greedy answers to (row, question) pairs as the vqa suite asks them: at most
+    ANSWER_TOKENS new tokens each, not yet normalized."""
+    return generate_answers(model, preprocess, [r["image"] for r, _ in asked], [q.question for _, q in asked],
+                            max_new_tokens=ANSWER_TOKENS)
+
+
 def _test_rows(version) -> list[dict]:
     table = rows(version, ["image", *[c for c in ROW_COLUMNS if c != "key"]])
     return table.to_pylist()
@@ -34,8 +41,7 @@ def vqa(model, preprocess, version) -> SuiteResult:
              for q in questions(row, held_out) if q.kind != "caption"]
     if not asked:
         raise SuiteError(f"vqa: dataset {version.id}'s test split has no rows to ask about")
-    answers = generate_answers(model, preprocess, [r["image"] for r, _ in asked], [q.question for _, q in asked],
-                               max_new_tokens=ANSWER_TOKENS)
+    answers = ask(model, preprocess, asked)
     frame = pd.DataFrame({"kind": [q.kind for _, q in asked], "held_out": [q.held_out for _, q in asked],
                           "question": [q.question for _, q in asked], "answer": [q.answer for _, q in asked],
                           "generated": answers})
