@@ -369,7 +369,7 @@ class CheckpointConfig:
     """Atomic checkpoints for resume."""
 
     every_steps: int = 50
-    """Save (and report to Ray Train) every this many optimizer steps, and at the end."""
+    """Save a checkpoint every this many optimizer steps (the last step writes the final model instead)."""
     keep: int = 2
     """Newest checkpoints kept."""
     max_failures: int = 1

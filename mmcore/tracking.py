@@ -33,6 +33,7 @@ from mmcore.config import TrackingConfig, project_home
 from mmcore.data.tokenizer import EOS, load_tokenizer
 from mmcore.models import build_model, capabilities
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+from mmcore.pause import pause_point
 from mmcore.redact import redact
 
 PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -104,17 +105,22 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, dataset, run_id: str | None = None) -> str:
-    """Create (or reopen, on a re-run) the MLflow run of a training run; log params and dataset lineage.
+def create_run(uri: str, cfg: TrackingConfig, run_name: str, dataset) -> str:
+    """A new MLflow run for a training run; returns its id (keep it at once: see start_run)."""
+    client = MlflowClient(uri)
+    run = client.create_run(_experiment_id(client, cfg.experiment, uri), run_name=run_name,
+                            tags={"mmpipe.git_commit": git_commit(), "mmpipe.dataset_id": dataset.id})
+    return run.info.run_id
+
+
+def start_run(uri: str, run_id: str, params: dict, dataset) -> None:
+    """Mark the run RUNNING; the first time (no params yet, also after a kill right after create_run),
+    log its params and dataset lineage.
 
     The run stays RUNNING until `end_run`: MLflow's system-metrics monitor stops at any other status.
     """
     client = MlflowClient(uri)
-    if run_id is None:
-        experiment_id = _experiment_id(client, cfg.experiment, uri)
-        run = client.create_run(experiment_id, run_name=run_name,
-                                tags={"mmpipe.git_commit": git_commit(), "mmpipe.dataset_id": dataset.id})
-        run_id = run.info.run_id
+    if not client.get_run(run_id).data.params:
         client.log_batch(run_id, params=[Param(k, redact(str(v))[:6000]) for k, v in flatten(params).items()])
         client.log_text(run_id, json.dumps(dataset.manifest, indent=2), "dataset/manifest.json")
         with warnings.catch_warnings():  # MLflow registers two identical local sources (schemes "" and "file")
@@ -123,9 +129,7 @@ def start_run(uri: str, cfg: TrackingConfig, run_name: str, params: dict, datase
         meta = MetaDataset(source, name=f"mmpipe-{dataset.id}", digest=dataset.id)
         client.log_inputs(run_id, datasets=[DatasetInput(meta._to_mlflow_entity(),
                                                          tags=[InputTag("mlflow.data.context", "training")])])
-    else:
-        client.update_run(run_id, status="RUNNING")
-    return run_id
+    client.update_run(run_id, status="RUNNING")
 
 
 def end_run(uri: str, run_id: str, ok: bool) -> None:
@@ -454,9 +458,16 @@ def pyfunc_requirements() -> list[str]:
 def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: str, tags: dict[str, str]) -> str:
     """Log the bundle as a pyfunc model in the run and register it with `alias`; returns the version.
 
-    If registration or aliasing fails, the half-made model version is deleted again.
+    Once per run: a version registered from this run before (a command killed after registering)
+    is the one returned, given its alias. If registration or aliasing fails, the half-made model
+    version is deleted again.
     """
     client = MlflowClient(uri)
+    registered = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if registered:
+        version = min(registered, key=lambda v: int(v.version)).version
+        client.set_registered_model_alias(name, alias, version)
+        return str(version)
     bundle = ModelBundle.at(bundle_dir)
     model, _ = bundle.load()
     signature = _signature(model)
@@ -468,6 +479,7 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
         version = None
         try:
             version = mlflow.register_model(info.model_uri, name, tags=tags)
+            pause_point("model-registered")
             client.set_registered_model_alias(name, alias, version.version)
         except Exception:
             if version is not None:

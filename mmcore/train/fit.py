@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import threading
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from mmcore.data.tokenizer import load_tokenizer
 from mmcore.models import model_config
 from mmcore.progress import progress_bar
 from mmcore.tasks import TASKS, build_task
+from mmcore.train import checkpoint
 from mmcore.train.parents import pin_parents
 
 
@@ -145,20 +147,21 @@ def fit(cfg: RunConfig) -> TrainResult:
         say(f"run {name} finished before: {finished.model_uri}, run directory {run_dir}")
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
-    say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}: "
-        f"{cfg.optim.max_steps} steps, {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}; "
-        f"run directory {run_dir}")
-    ray = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
-    use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    id_file = run_dir / "mlflow_run_id"
-    run_id = tracking.start_run(uri, cfg.tracking, name, to_dict(cfg), version,
-                                run_id=id_file.read_text() if id_file.exists() else None)
-    id_file.write_text(run_id)
+    trained = (run_dir / "metrics.json").exists()  # written after the final bundle: training is over
+    if trained:
+        say(f"run {name} finished training before: registering its model, run directory {run_dir}")
+    else:
+        say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}: "
+            f"{cfg.optim.max_steps} steps, {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}; "
+            f"run directory {run_dir}")
+        _say_resume_point(run_dir / "checkpoints")
+    run_id = _mlflow_run(uri, cfg, name, version, run_dir)
     model_name = cfg.tracking.model_name or f"mmpipe-{cfg.task.stage}"
     tags = {"dataset_id": version.id, "stage": cfg.task.stage, "git_commit": tracking.git_commit(),
             "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags}
     try:
-        metrics = _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu)
+        metrics = json.loads((run_dir / "metrics.json").read_text()) if trained \
+            else _train(cfg, version, arch, run_dir, runs, name, uri, run_id)
         tracking.wait_until_reachable(uri, cfg.tracking.wait_s, f"register the model trained in {run_dir / 'final'}")
         final = run_dir / "final" if isinstance(run_dir, Path) \
             else storage.download_tree(run_dir / "final", storage.scratch_dir(run_dir) / "final")
@@ -169,7 +172,7 @@ def fit(cfg: RunConfig) -> TrainResult:
         raise
     tracking.end_run(uri, run_id, ok=True)
     if not isinstance(run_dir, Path):
-        shutil.rmtree(storage.scratch_dir(run_dir), ignore_errors=True)  # the bundle's download, registered now
+        shutil.rmtree(storage.scratch_dir(run_dir) / "final", ignore_errors=True)  # the bundle's download, registered now
     result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,
                          f"models:/{model_name}/{model_version}", metrics)
     result.save(run_dir / "result.json")
@@ -177,13 +180,59 @@ def fit(cfg: RunConfig) -> TrainResult:
     return result
 
 
-def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dict:
+def _mlflow_run(uri: str, cfg: RunConfig, name: str, version: DatasetVersion, run_dir) -> str:
+    """The MLflow run of this training run: made once (its id kept in the run directory as soon as it
+    exists, so a killed command's run is the one the next command reopens), then started again."""
+    id_file = run_dir / "mlflow_run_id"
+    if not id_file.exists():
+        storage.write_text(id_file, tracking.create_run(uri, cfg.tracking, name, version))
+    run_id = id_file.read_text()
+    tracking.start_run(uri, run_id, to_dict(cfg), version)
+    return run_id
+
+
+def _say_resume_point(root) -> None:
+    """Which checkpoints a re-run found (the workers pick the newest that verifies)."""
+    found = [path.name for path in checkpoint.checkpoints(root)]
+    if found:
+        say(f"resuming from the newest checkpoint that verifies: {', '.join(found)} in {root}")
+
+
+def forget_ray_snapshot(run_dir) -> None:
+    """Remove Ray Train's run snapshot from a run directory before Ray Train starts on it.
+
+    mmpipe reports no checkpoint to Ray Train (loop._checkpoint), so the snapshot holds nothing a
+    resume needs. One written by an earlier mmpipe lists checkpoints that retention may have deleted
+    since, and Ray writes it in place, not atomically, so a kill can leave it cut short; either way
+    Ray Train's controller refuses to start on the directory (CheckpointManagerInitializationError).
+    """
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    snapshot = run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if snapshot.exists():
+        snapshot.unlink()
+
+
+def ray_failure(error: BaseException, run_dir) -> TrainingError:
+    """A Ray error outside the workers (the controller did not start) -> one line naming the run directory:
+    the last `SomethingError: ...` line of Ray's report, its first sentence."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    lines = [line.strip() for line in text.splitlines() if re.match(r"\s*[\w.]+(Error|Exception): ", line)]
+    reason = lines[-1].split(". ")[0] if lines else type(error).__name__
+    return TrainingError(f"Ray Train could not run {run_dir}: {reason}", error)
+
+
+def _train(cfg, version, arch, run_dir, runs, name, uri, run_id) -> dict:
+    import ray.exceptions
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from mmcore.data.stream import work_units
     from mmcore.train.loop import train_loop_per_worker
 
+    ray = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    forget_ray_snapshot(run_dir)
     task_class = TASKS[cfg.task.stage]
     tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text())  # the stage's, saved with the model
     (run_dir / "tokenizer.json").write_text(tokenizer_json)
@@ -220,6 +269,8 @@ def _train(cfg, version, arch, run_dir, runs, name, uri, run_id, use_gpu) -> dic
             result = trainer.fit()
         except ray.train.TrainingFailedError as err:
             raise training_error(err) from err
+        except ray.exceptions.RayError as err:
+            raise ray_failure(err, run_dir) from err
     if result.error:
         raise training_error(result.error) from result.error
     return json.loads((run_dir / "metrics.json").read_text())

@@ -16,6 +16,7 @@ from mmcore import storage
 from mmcore.config import RunConfig, from_dict
 from mmcore.data.stream import fixed_batches, rank_units, torch_batches, units_dataset
 from mmcore.disk import staged
+from mmcore.pause import pause_point
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import cast_floating, initialize
 from mmcore.train.parallel import apply_activation_checkpointing, worker_threads
@@ -93,34 +94,25 @@ def train_loop_per_worker(config: dict) -> None:
         if cfg.data.record_samples else None
     metrics = _train(engine, cfg, train, val, state, dtype, device, run_dir, rank, config, recorder)
     _save_final(engine, cfg, run_dir, rank, config)
-    if rank == 0:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if rank == 0:  # after the final bundle: a run with metrics.json has finished training (see fit.py)
+        storage.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     ray.train.report(metrics)
 
 
 def _resume(engine, root, rank: int, scratch: Path, device) -> dict:
     """Load the newest checkpoint that verifies. On a disk rank 0 picks it and every rank loads it; from a
     bucket every rank downloads each candidate once and checks its own copy, so what a rank loads is
-    what it verified, and a candidate counts only when it verified on every rank."""
+    what it verified, and a candidate counts only when it verified on every rank. When checkpoints
+    were written whole but none verifies, every rank raises checkpoint.Unresumable (rank 0's words)."""
     if isinstance(root, Path):
-        choice = [str(checkpoint.latest_verified(root) or "") if rank == 0 else None]
+        choice = [_choose_on_disk(root) if rank == 0 else None]  # a path, "" (none) or the Unresumable
         if dist.is_initialized():
             dist.broadcast_object_list(choice, src=0)
-        found = Path(choice[0]) if choice[0] else None
-        path = found
+        if isinstance(choice[0], checkpoint.Unresumable):
+            raise choice[0]
+        found = path = Path(choice[0]) if choice[0] else None
     else:
-        names = [[p.name for p in checkpoint.checkpoints(root)] if rank == 0 else None]
-        if dist.is_initialized():
-            dist.broadcast_object_list(names, src=0)  # one list: the ranks must try the same candidates
-        found = path = None
-        for name in names[0]:
-            remote = root / name
-            local = scratch / f".resume-rank-{rank}"
-            ok = (remote / checkpoint.MANIFEST).exists() and checkpoint.verify(storage.download_tree(remote, local))
-            if all_ranks_true(ok, device):
-                found, path = local, remote
-                break
-            shutil.rmtree(local, ignore_errors=True)
+        found, path = _choose_in_bucket(root, rank, scratch, device)
     if found is None:
         return {"step": 0, "samples": 0, "rows": 0, "resumed_from": None, "bad_steps": 0}
     engine.load_checkpoint(str(found), tag="state")
@@ -130,6 +122,33 @@ def _resume(engine, root, rank: int, scratch: Path, device) -> dict:
     if rank == 0:
         log.info("resumed from %s (step %d, each rank's stream from row %d)", path, state["step"], state["rows"])
     return {**state, "resumed_from": state["step"]}
+
+
+def _choose_on_disk(root: Path):
+    try:
+        return str(checkpoint.latest_verified(root) or "")
+    except checkpoint.Unresumable as err:
+        return err
+
+
+def _choose_in_bucket(root, rank: int, scratch: Path, device):
+    """(this rank's verified local copy, the checkpoint in the bucket), or (None, None)."""
+    names = [[p.name for p in checkpoint.checkpoints(root)] if rank == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names, src=0)  # one list: the ranks must try the same candidates
+    failed = {}
+    for name in names[0]:
+        remote, local = root / name, scratch / f".resume-rank-{rank}"
+        if not all_ranks_true((remote / checkpoint.MANIFEST).exists(), device):
+            continue  # never committed: passed over, as on a disk
+        why = checkpoint.problem(storage.download_tree(remote, local))
+        if all_ranks_true(why is None, device):
+            return local, remote
+        failed[name] = why or "differs from its manifest on another rank"
+        shutil.rmtree(local, ignore_errors=True)
+    if failed:
+        raise checkpoint.unresumable(root, failed)
+    return None, None
 
 
 def split_ids(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -179,6 +198,7 @@ def _train(engine, cfg: RunConfig, batches, val: list[dict], state: dict, dtype,
         if not guard.check(all_ranks_true(bool(torch.isfinite(out["loss"]).all()), device), engine.global_steps):
             continue
         engine.backward(out["loss"])
+        pause_point("train-step", engine.global_steps + 1)
         before = engine.global_steps
         engine.step()
         window["loss"] += out["loss"].item()
@@ -266,28 +286,31 @@ def _params_finite(engine, device) -> bool:
 
 
 def _checkpoint(engine, cfg: RunConfig, run_dir, rank: int, state: dict, metrics: dict) -> None:
-    """Every rank saves its part; rank 0 seals (on a disk) or commits (in a bucket) it; then Ray Train is told."""
-    import ray.train
+    """Every rank saves its part; rank 0 seals (on a disk) or commits (in a bucket) it and prunes old ones.
 
+    Nothing is reported to Ray Train: a checkpoint it knew of would enter its run snapshot, which it
+    checks against storage when a run directory is used again and refuses to start when a listed
+    checkpoint is gone (pruned here after the snapshot was last written). Resume reads these
+    checkpoints themselves (`_resume`), after a worker-group restart and after a new command alike.
+    """
     if not _params_finite(engine, next(engine.module.parameters()).device):
         raise NonFiniteLoss(f"parameters are not finite at step {state['step']}; refusing to write a checkpoint")
     root, meta = run_dir / "checkpoints", {"state": state, "metrics": metrics}
     final = _save_on_disk(engine, root, rank, state["step"], meta) if isinstance(root, Path) \
         else _save_in_bucket(engine, root, rank, state["step"], meta, storage.scratch_dir(run_dir))
-    sealed = None
     if rank == 0:
         checkpoint.prune(root, cfg.checkpoint.keep)
         log.info("checkpoint %s", final)
-        sealed = ray.train.Checkpoint(str(final))
-    dist.barrier()
-    # Ray Train records the checkpoint where it is (already on shared storage: no copy, no deletion).
-    ray.train.report(metrics, checkpoint=sealed, checkpoint_upload_fn=lambda ckpt, _name: ckpt,
-                     delete_local_checkpoint_after_upload=False)
+    dist.barrier()  # no rank trains on before the checkpoint is whole
 
 
 def _save_on_disk(engine, root: Path, rank: int, step: int, meta: dict) -> Path | None:
-    """Every rank writes into the one staging dir; rank 0 writes the manifest and renames it into place."""
+    """Every rank writes into the one staging dir; rank 0 writes the manifest and renames it into place.
+    A staging dir of the same step left by a killed run is removed first (it may hold its manifest)."""
     staging = checkpoint.staging_dir(root, step)
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
     with staged(staging):
         engine.save_checkpoint(str(staging), tag="state", save_latest=False)
     dist.barrier()
@@ -305,6 +328,7 @@ def _save_in_bucket(engine, root, rank: int, step: int, meta: dict, scratch: Pat
         storage.remove_tree(final)
     dist.barrier()
     local = scratch / f".{final.name}.rank-{rank}.tmp"
+    shutil.rmtree(local, ignore_errors=True)  # left by a killed run: only this save's files are uploaded
     with staged(local):
         engine.save_checkpoint(str(local), tag="state", save_latest=False)
         files = storage.upload_tree(local, final)
