@@ -27,6 +27,8 @@ DOC = ROOT / "docs" / "reliability.md"
 PROMISES = {
     "worker-killed": "A training worker killed (SIGKILL): the run finishes from the newest checkpoint that verifies",
     "driver-killed": "The driver killed and the same command run again: it resumes; a finished run is not trained again",
+    "tree-killed": "The whole process tree (driver, Ray, workers) killed at any moment and the same command run "
+                   "again: it resumes from the newest checkpoint that verifies and registers the model once",
     "two-nodes": "A worker on the second node of a two-node cluster killed, dataset and checkpoints in a bucket: "
                  "the run resumes from the bucket",
     "mlflow-down": "MLflow down in the middle of a run: no metric lost; registration waits, then fails clearly",

@@ -21,7 +21,7 @@ from mmcore.recipes import recipe
 from mmcore.train import checkpoint
 from mmcore.train.fit import run_name
 from tests.integration.conftest import debug_config
-from tests.integration.workers import fit_with_kills, reported_step
+from tests.integration.workers import fit_with_kills, mmpipe_process, reported_step
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.long]
 
@@ -75,13 +75,6 @@ def test_a_run_survives_five_worker_kills_at_seeded_points(trained, train_datase
         f"{result.metrics['val_loss']:.3f} against {reference:.3f} without kills (tolerance 15%)")
 
 
-def _mmpipe(home: Path, *args: str, **kwargs) -> subprocess.Popen:
-    cli = Path(sys.executable).with_name("mmpipe")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
-    return subprocess.Popen([str(cli), *args], env={**env, "MMPIPE_HOME": str(home)}, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
-
-
 def test_a_killed_driver_resumes_when_the_same_command_runs_again(train_dataset, tmp_path, fault):
     home = tmp_path / "home"
     overrides = ["optim.max_steps=120", f"checkpoint.every_steps={EVERY}", "optim.warmup_steps=5"]
@@ -90,7 +83,7 @@ def test_a_killed_driver_resumes_when_the_same_command_runs_again(train_dataset,
     cfg = apply_overrides(recipe("debug", str(train_dataset.path)), overrides)  # as the command makes it
     run_dir = _run_dir(cfg, train_dataset, home)
 
-    driver = _mmpipe(home, *command)
+    driver = mmpipe_process(home, *command)
     deadline = time.monotonic() + 300
     while not list((run_dir / "checkpoints").glob("step-00000040")):
         assert driver.poll() is None and time.monotonic() < deadline, driver.stdout.read()
@@ -99,14 +92,14 @@ def test_a_killed_driver_resumes_when_the_same_command_runs_again(train_dataset,
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and its local Ray, as a closed terminal would
     driver.wait()
 
-    again = _mmpipe(home, *command)
+    again = mmpipe_process(home, *command)
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0, output
     result = json.loads((run_dir / "result.json").read_text())
     assert result["metrics"]["step"] == 120 and result["metrics"]["resumed_from"] >= 40, output
 
     started = time.monotonic()
-    third = _mmpipe(home, *command)
+    third = mmpipe_process(home, *command)
     output, _ = third.communicate(timeout=300)
     assert third.returncode == 0 and f"run {run_dir.name} finished before" in output, output
     assert "training " not in output, "a finished run is not trained again"

@@ -1,9 +1,13 @@
-"""Killing training workers mid-run, for the resume and fault tests of every stage."""
+"""Killing training workers mid-run, or `mmpipe` with all it started, for the resume and fault tests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 
 def fit_killing_a_worker(cfg, runs, checkpoint_glob: str):
@@ -76,3 +80,31 @@ def reported_step(run_dir) -> int:
         return json.loads((Path(run_dir) / "progress.json").read_text())["step"]
     except (OSError, ValueError):
         return 0
+
+
+def mmpipe_process(home: Path, *args: str, **env: str) -> subprocess.Popen:
+    """`mmpipe ARGS` in a process of its own with MMPIPE_HOME=home (and `env`), its output in a pipe; none of
+    this session's Prefect, MLflow, Ray or mmpipe settings reach it."""
+    cli = Path(sys.executable).with_name("mmpipe")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS", "MMPIPE_"))}
+    return subprocess.Popen([str(cli), *args], env={**base, "MMPIPE_HOME": str(home), **env}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_tree(pid: int) -> int:
+    """SIGKILL a process and every process under it, as a crash of their machine would: all are stopped
+    first, so none sees another die (Ray restarts what it sees die), then all are killed. Returns how many."""
+    import psutil
+
+    root = psutil.Process(pid)
+    tree = [root, *root.children(recursive=True)]
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.suspend()
+    tree += [proc for proc in root.children(recursive=True) if proc not in tree]  # started meanwhile
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"still alive after SIGKILL: {alive}"
+    return len(tree)

@@ -103,6 +103,50 @@ def test_checkpoints_are_sealed_atomically_and_corrupt_ones_skipped(tmp_path, fa
           "one checkpoint interval: resume picks the older checkpoint that verifies")
 
 
+@pytest.mark.fault
+def test_checkpoints_that_all_fail_their_manifests_are_named_not_trained_over(tmp_path, fault):
+    root = tmp_path / "run" / "checkpoints"
+    _write_checkpoint(root, 10)
+    _write_checkpoint(root, 20)
+    (root / "step-00000030" / "state").mkdir(parents=True)  # no manifest: a bucket upload a kill cut short
+    (root / "step-00000020" / "state" / "rank0.pt").write_bytes(b"torn write")
+    (root / "step-00000010" / "state" / "rank0.pt").unlink()
+    with pytest.raises(checkpoint.Unresumable) as err:
+        checkpoint.latest_verified(root)
+    message = str(err.value)
+    assert message.startswith(f"{root.parent} cannot be resumed")
+    assert "step-00000020: state/rank0.pt differs from its manifest" in message
+    assert "step-00000010: state/rank0.pt is missing" in message and "step-00000030" not in message
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000010", "step-00000020", "step-00000030"]
+    fault("corrupted", "every checkpoint of a run fails its manifest (a file overwritten, a file deleted), beside "
+          "one that was never committed", 1, "nothing: one message naming the run directory and each checkpoint's "
+          "problem; no checkpoint deleted, no training from step 0 over them")
+
+
+def test_a_staging_dir_sealed_again_lists_its_files_not_an_old_manifest(tmp_path):
+    root = tmp_path / "checkpoints"
+    staging = checkpoint.staging_dir(root, 10)
+    staging.mkdir(parents=True)
+    (staging / "manifest.json").write_text("{}")  # a kill after the manifest, before the rename
+    sealed = _write_checkpoint(root, 10)
+    assert checkpoint.verify(sealed)
+    assert "manifest.json" not in checkpoint.read_meta(sealed)["files"]
+
+
+def test_a_ray_failure_outside_the_workers_names_the_run_directory_not_ray_advice(tmp_path):
+    from mmcore.train.fit import ray_failure
+
+    ray_text = ("The actor died because of an error raised in its creation task, \x1b[36mray::TrainController."
+                "__init__()\x1b[39m (pid=4913)\n  File \"controller.py\", line 9\nray.train.v2._internal.exceptions."
+                "CheckpointManagerInitializationError: The run snapshot contains a reference to a checkpoint that "
+                "does not exist anymore (x). You are running in a corrupted run directory. Please delete the "
+                "existing folder.")
+    message = str(ray_failure(RuntimeError(ray_text), tmp_path / "run"))
+    assert message == (f"Ray Train could not run {tmp_path / 'run'}: ray.train.v2._internal.exceptions."
+                       "CheckpointManagerInitializationError: The run snapshot contains a reference to a checkpoint "
+                       "that does not exist anymore (x)")
+
+
 def test_prune_keeps_the_newest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30):
