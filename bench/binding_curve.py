@@ -114,7 +114,7 @@ def curve(args) -> tuple[list[tuple[int, float, dict]], dict]:
     from mmcore.data.instruct import ChatFormat, questions, training_questions
     from mmcore.models.fusion import loss_on_answers
     from mmcore.tasks import question_labels
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     torch.manual_seed(args.seed)
     registered, preprocess = load_model(args.model)

@@ -79,7 +79,8 @@ def pinned_model(uri: str) -> str:
     """models:/NAME@ALIAS (or /VERSION) -> models:/NAME/VERSION in the registry of $MMPIPE_HOME, so a
     section's command names the version it measured."""
     from mmcore.config import TrackingConfig
-    from mmcore.tracking import resolve_uri, resolve_version
+    from mmcore.tracking import resolve_uri
+    from mmcore.registry import resolve_version
 
     return "models:/{}/{}".format(*resolve_version(uri, resolve_uri(TrackingConfig())))
 

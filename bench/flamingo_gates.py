@@ -29,7 +29,7 @@ from mmcore.models.flamingo import GatedCrossAttention  # noqa: E402
 TRAIN_BATCHES, VAL_BATCHES = 60, 6
 
 
-def trial(cfg, arch: dict, tokenizer_json: str, uri: str, train: list, val: list, scale: float) -> dict:
+def trial(cfg, arch: dict, tokenizer_json: str, parents: dict, train: list, val: list, scale: float) -> dict:
     """Train flamingo-demo with this gate_scale on `train`, cycled; validation loss with and without the gates."""
     import torch
 
@@ -38,7 +38,7 @@ def trial(cfg, arch: dict, tokenizer_json: str, uri: str, train: list, val: list
     from mmcore.train.parallel import param_groups
 
     torch.manual_seed(cfg.seed)
-    task, _ = build_task(cfg, {**arch, "gate_scale": scale}, tokenizer_json, uri)
+    task, _ = build_task(cfg, {**arch, "gate_scale": scale}, tokenizer_json, parents)
     ds = build_ds_config(cfg, "fp32")  # the optimizer and schedule fit() would run
     adamw, factor = ds["optimizer"]["params"], warmup_cosine(ds["scheduler"]["params"])
     opt = torch.optim.AdamW(param_groups(task, adamw["weight_decay"]), lr=adamw["lr"], betas=tuple(adamw["betas"]),
@@ -78,10 +78,11 @@ def main() -> None:
     from mmcore import tracking
     from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.data.stream import fixed_batches, work_units
+    from mmcore.data.units import fixed_batches, work_units
     from mmcore.models import model_config
     from mmcore.recipes import recipe
-    from mmcore.tasks import TASKS, build_task
+    from mmcore.stages import STAGES
+    from mmcore.tasks import build_task
     from mmcore.train.parents import pin_parents
 
     uri = tracking.resolve_uri(TrackingConfig())
@@ -90,14 +91,14 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, parent=args.parent),
                               optim=dataclasses.replace(cfg.optim, max_steps=args.steps))
     pinned = pin_parents(cfg, model_config(cfg.model.name), uri, version)
-    tokenizer_json = TASKS["fusion"].tokenizer(version.tokenizer_path.read_text())
+    tokenizer_json = STAGES["fusion"].task.tokenizer(version.tokenizer_path.read_text())
     _, preprocess = build_task(pinned.cfg, pinned.arch, tokenizer_json)  # sizes the preprocessing only
-    pre = TASKS["fusion"].preprocessor(pinned.cfg, preprocess, tokenizer_json)
+    pre = STAGES["fusion"].task.preprocessor(pinned.cfg, preprocess, tokenizer_json)
     train = fixed_batches(work_units(version, "train"), pre, pinned.cfg.data.batch_size, TRAIN_BATCHES)
     val = fixed_batches(work_units(version, "val"), pre, pinned.cfg.data.batch_size, VAL_BATCHES)
     rows = []
     for scale in args.scales:
-        r = trial(pinned.cfg, pinned.arch, tokenizer_json, uri, train, val, scale)
+        r = trial(pinned.cfg, pinned.arch, tokenizer_json, pinned.dirs, train, val, scale)
         print(f"gate_scale {scale:g}: val loss {r['val']:.3f}, gates zeroed {r['closed']:.3f}, "
               f"attention gates |tanh| max {max(r['gates']):.3f} ({r['seconds']:.0f} s)", flush=True)
         rows.append(f"| {scale:g} | {r['val']:.3f} | {r['closed']:.3f} | {r['closed'] - r['val']:.3f} | "

@@ -32,7 +32,7 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
     two-group colour by which group's colour."""
     from mmcore.data.instruct import questions
     from mmcore.eval.generative import ask, normalize_answer
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     model, preprocess = load_model(model_uri)
     asked = [{q.kind: q for q in questions(row)} for row in rows]
@@ -59,7 +59,7 @@ def held_out_answers(model_uri: str, rows: list[dict]) -> list[str]:
     """Per question type: the held-out wording, its accuracy and the answers given most often."""
     from mmcore.data.instruct import TEMPLATES, questions
     from mmcore.eval.generative import ask, normalize_answer
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     model, preprocess = load_model(model_uri)
     pairs = [(row, q) for row in rows for q in questions(row, held_out=True) if q.kind != "caption"]

@@ -35,27 +35,27 @@ SHOWN = [("vqa", "accuracy"), ("vqa", "colour_one_group_accuracy"), ("vqa", "col
 
 def champion(dataset: str) -> str:
     """models:/mmpipe-contrastive@champion of the current home, trained (demo recipe) if there is none."""
-    from mmcore import tracking
+    from mmcore import registry, tracking
     from mmcore.config import TrackingConfig
     from mmcore.train.fit import fit
 
     uri = tracking.resolve_uri(TrackingConfig())
-    if tracking.alias_version("mmpipe-contrastive", "champion", uri) is None:
+    if registry.alias_version("mmpipe-contrastive", "champion", uri) is None:
         result = fit(recipe("demo", dataset))
-        tracking.set_alias("mmpipe-contrastive", "champion", result.model_version, uri)
-    return f"models:/mmpipe-contrastive/{tracking.alias_version('mmpipe-contrastive', 'champion', uri)}"
+        registry.set_alias("mmpipe-contrastive", "champion", result.model_version, uri)
+    return f"models:/mmpipe-contrastive/{registry.alias_version('mmpipe-contrastive', 'champion', uri)}"
 
 
 def describe(parent: str) -> str:
     """What the parent is: its recipe and its compositional probe (from its evaluation run), read from the registry."""
     from mlflow.tracking import MlflowClient
 
-    from mmcore import tracking
+    from mmcore import registry, tracking
     from mmcore.config import TrackingConfig
 
     uri = tracking.resolve_uri(TrackingConfig())
     client = MlflowClient(uri)
-    found = client.get_model_version(*tracking.resolve_version(parent, uri))
+    found = client.get_model_version(*registry.resolve_version(parent, uri))
     params = client.get_run(found.run_id).data.params
     evaluation = (found.tags or {}).get("eval.run_id")
     scores = client.get_run(evaluation).data.metrics if evaluation else {}
@@ -77,7 +77,7 @@ def run_seconds(result) -> float:
 
 def parameters(model_uri: str) -> tuple[int, int]:
     """(all, trainable) parameters of the registered model, trainable as the recipe trained it (frozen tower)."""
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     model = load_model(model_uri)[0]
     total = sum(p.numel() for p in model.parameters())
@@ -96,7 +96,7 @@ def run_family(family: str, dataset: str, steps: int = 0, overrides: list[str] =
     arch = model_config(cfg.model.name)
     positions = cfg.data.pack_length or arch["lm"]["context_length"]
     if family == "llava":  # the image's tokens sit in the LM's sequence
-        from mmcore.tracking import load_model
+        from mmcore.registry import load_model
 
         positions += load_model(result.model_uri)[0].extra_positions
     total, trainable = parameters(result.model_uri)

@@ -36,7 +36,7 @@ MODELS = {  # model -> (recipe whose optimizer and task it trains with, micro-ba
 }
 PARENTS = {"llava": "clip-vit-b16", "flamingo": "clip-vit-b16", "unified": "vq-demo"}
 """A fusion model takes its tower's architecture from a ViT-B/16, the unified one its image tokenizer's
-from vq-demo (fit takes them from the registered parent: PARENT_PARTS)."""
+from vq-demo (fit takes them from the registered parent: mmcore/stages.py)."""
 
 
 def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
@@ -48,9 +48,10 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
     import torch
 
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.models import PARENT_PARTS, architecture, model_config
+    from mmcore.models import architecture, model_config
     from mmcore.recipes import recipe
-    from mmcore.tasks import TASKS, build_task
+    from mmcore.stages import STAGES
+    from mmcore.tasks import build_task
 
     recipe_name, _ = MODELS[name]
     cfg = recipe(recipe_name, dataset)
@@ -61,13 +62,13 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
         parallel=dataclasses.replace(cfg.parallel, num_workers=1, precision="auto", zero_stage=zero))
     arch = model_config(name)
     if arch["family"] in PARENTS:
-        part, _ = PARENT_PARTS[cfg.task.stage]
+        part = STAGES[cfg.task.stage].parent.takes
         arch = {**arch, **part(model_config(PARENTS[arch["family"]]))}
     context = arch.get("lm", {}).get("context_length", 0)
     if cfg.data.pack_length and cfg.data.pack_length < context:  # a packed row holds at least one question
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pack_length=context))
     version = DatasetVersion.open(dataset)
-    tokenizer_json = TASKS[cfg.task.stage].tokenizer(version.tokenizer_path.read_text())
+    tokenizer_json = STAGES[cfg.task.stage].task.tokenizer(version.tokenizer_path.read_text())
     task, preprocess = build_task(cfg, arch, tokenizer_json)
     if cfg.task.stage == "unified":  # its data workers encode images with the parent tokenizer's weights
         from mmcore.data.mixed import MixedPreprocessor
@@ -77,7 +78,7 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
                                                              "state": state},
                                 seed=cfg.seed, pack_length=cfg.data.pack_length)
     else:
-        pre = TASKS[cfg.task.stage].preprocessor(cfg, preprocess, tokenizer_json)
+        pre = STAGES[cfg.task.stage].task.preprocessor(cfg, preprocess, tokenizer_json)
     shard = sorted(Path(dataset, "shards").glob("train-*.parquet"))[0]
     table = pq.read_table(shard)
     columns = [c for c in pre.columns if c in table.column_names]

@@ -36,10 +36,10 @@ SHOWN = ["accuracy", "colour_one_group_accuracy", "colour_two_groups_accuracy", 
 
 
 def export(parent: str, out: Path) -> None:
-    from mmcore import tracking
+    from mmcore import registry, tracking
     from mmcore.config import TrackingConfig
 
-    files = tracking.model_files(parent, tracking.resolve_uri(TrackingConfig()))
+    files = registry.model_files(parent, tracking.resolve_uri(TrackingConfig()))
     out.mkdir(parents=True, exist_ok=True)
     for name in ("weights", "config", "tokenizer", "preprocess"):
         shutil.copy(getattr(files, name), out)
@@ -87,24 +87,25 @@ def run(parent_files: Path, dataset: str, steps: list[int], budget_s: float, wor
 
     from mmcore.data.dataset import DatasetVersion
     from mmcore.eval.generative import vqa
-    from mmcore.models import PARENT_PARTS, model_config
+    from mmcore.models import model_config
     from mmcore.recipes import recipe
-    from mmcore.tasks import TASKS, build_task
+    from mmcore.stages import STAGES
+    from mmcore.tasks import build_task
     from mmcore.train.deepspeed_config import cast_floating, initialize
 
     cfg = recipe("demo-fusion", dataset)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, parent=""),
                               optim=dataclasses.replace(cfg.optim, max_steps=max(steps)),
                               parallel=dataclasses.replace(cfg.parallel, num_workers=1, precision="auto"))
-    part, _ = PARENT_PARTS["fusion"]
+    part = STAGES["fusion"].parent.takes
     arch = {**model_config(cfg.model.name), **part(json.loads((parent_files / "model.json").read_text()))}
     version = DatasetVersion.open(dataset)
-    tokenizer_json = TASKS["fusion"].tokenizer(version.tokenizer_path.read_text())
+    tokenizer_json = STAGES["fusion"].task.tokenizer(version.tokenizer_path.read_text())
     task, preprocess = build_task(cfg, arch, tokenizer_json)
     tower = {k.removeprefix("visual."): v for k, v in load_file(parent_files / "weights.safetensors").items()
              if k.startswith("visual.")}
     task.model.visual.load_state_dict(tower)  # frozen by build_task (model.freeze_vision)
-    pre = TASKS["fusion"].preprocessor(cfg, preprocess, tokenizer_json)
+    pre = STAGES["fusion"].task.preprocessor(cfg, preprocess, tokenizer_json)
     engine, precision, dtype = initialize(task, cfg, cuda=True)
     batches = epochs(pre, dataset, cfg.data.batch_size, workers)
     results, started, losses, evaluating = [], time.perf_counter(), [], 0.0

@@ -117,7 +117,7 @@ def main() -> None:
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     args.model = pinned_model(args.model)
     registered, preprocess = load_model(args.model)

@@ -43,8 +43,9 @@ def register(root: Path, captions: list[str]) -> str:
     """A clip-demo bundle logged and registered as fit() does; returns its tracking URI."""
     from mlflow.tracking import MlflowClient
 
-    from mmcore import tracking
-    from mmcore.config import TokenizerConfig
+    from mmcore import registry, tracking
+    from mmcore.bundle import ModelBundle
+    from mmcore.data.config import TokenizerConfig
     from mmcore.data.tokenizer import EOS, train_tokenizer
     from mmcore.models import build_model, model_config
 
@@ -53,12 +54,12 @@ def register(root: Path, captions: list[str]) -> str:
     tokenizer.save(str(root / "tokenizer.json"))
     config = model_config("clip-demo")
     model, pre = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-    tracking.ModelBundle.write(root / "bundle", model, config, (root / "tokenizer.json").read_text(), pre)
+    ModelBundle.write(root / "bundle", model, config, (root / "tokenizer.json").read_text(), pre)
     tracking.check_reachable(uri)
     client = MlflowClient(uri)
     experiment = client.create_experiment("bench", artifact_location=(root / "mlartifacts").as_uri())
     run_id = client.create_run(experiment).info.run_id
-    tracking.log_and_register(uri, run_id, root / "bundle", "bench-pyfunc", "candidate", {})
+    registry.log_and_register(uri, run_id, root / "bundle", "bench-pyfunc", "candidate", {})
     return uri
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     import pandas as pd
 
     from mmcore.models.encode import embed_images, embed_texts
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -72,11 +72,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
-    from mmcore import tracking
+    from mmcore import registry, tracking
     from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
 
-    model, preprocess = tracking.load_model(args.model, tracking.resolve_uri(TrackingConfig()))
+    model, preprocess = registry.load_model(args.model, tracking.resolve_uri(TrackingConfig()))
     tower = model.visual.eval()
     version = DatasetVersion.open(args.dataset)
     train, test = scenes(version, "train", 3000), scenes(version, "test", 1000)

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median, write_section  # noqa: E402
 
 from mmcore.cli import apply_overrides  # noqa: E402
-from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, from_dict, to_dict  # noqa: E402
+from mmcore.config import RunConfig, from_dict, to_dict  # noqa: E402
+from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.recipes import recipe  # noqa: E402
 from mmcore.train.parallel import worker_threads  # noqa: E402
 
@@ -93,10 +94,11 @@ def stall_loop(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from mmcore.data.stream import rank_units, torch_batches, units_dataset
+    from mmcore.data.stream import torch_batches, units_dataset
+    from mmcore.data.units import rank_units
     from mmcore.tasks import build_task
     from mmcore.train.deepspeed_config import build_ds_config
-    from mmcore.train.loop import split_ids
+    from mmcore.train.trainer import split_ids
     from mmcore.train.parallel import param_groups
 
     cfg = from_dict(RunConfig, config["run"])
@@ -132,7 +134,7 @@ def data_stall(cfg: RunConfig, version, tmp: Path) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmcore.data.stream import work_units
+    from mmcore.data.units import work_units
     from mmcore.models import model_config
     from mmcore.models.preprocess import Preprocessor
     from mmcore.tasks import build_task

@@ -70,7 +70,8 @@ def main() -> None:
     from mmcore.data.mixed import MixedPreprocessor
     from mmcore.models import architecture, build_model, model_config
     from mmcore.tasks import UnifiedTask
-    from mmcore.tracking import model_files, resolve_uri
+    from mmcore.tracking import resolve_uri
+    from mmcore.registry import model_files
 
     torch.set_num_threads(1)  # one data CPU, as a Ray Data task has
     version = DatasetVersion.open(args.dataset)

@@ -3,6 +3,6 @@
 
 def load_model(uri: str):
     """The native nn.Module of a registered model, e.g. load_model("models:/mmpipe-contrastive@champion")."""
-    from mmcore.tracking import load_model as load
+    from mmcore.registry import load_model as load
 
     return load(uri)[0]

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 from mmcore import console
-from mmcore.config import GuardConfig, IngestConfig, SourceConfig, from_dict, project_home, to_dict
+from mmcore.config import from_dict, project_home, to_dict
+from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.sample import SampleSpec
+from mmcore.stages import STAGES
 
 DEMO_PORT = 8765
 
@@ -121,15 +123,11 @@ def cmd_dataset_verify(args) -> int:
     return 0
 
 
-DEFAULT_RECIPES = {"contrastive": "demo", "fusion": "demo-fusion", "image-tokenizer": "demo-tokenizer",
-                   "unified": "demo-unified"}
-
-
 def cmd_train(args) -> int:
     from mmcore.recipes import recipe
     from mmcore.train.fit import fit
 
-    name = args.recipe or DEFAULT_RECIPES[args.stage]
+    name = args.recipe or STAGES[args.stage].recipe
     cfg = recipe(name, args.dataset)
     if cfg.task.stage != args.stage:
         raise ValueError(f"recipe {name} trains the {cfg.task.stage} stage, not {args.stage}")
@@ -206,7 +204,7 @@ def cmd_promote(args) -> int:
 def cmd_models_list(args) -> int:
     from rich.table import Table
 
-    from mmcore import tracking
+    from mmcore import registry, tracking
     from mmcore.config import TrackingConfig
 
     uri = tracking.resolve_uri(TrackingConfig())
@@ -215,19 +213,19 @@ def cmd_models_list(args) -> int:
     columns = ("name", "version", "aliases", "stage", "dataset", "parent", "eval", "gate")
     for column in columns:
         table.add_column(column)
-    for row in tracking.registry_overview(uri):
+    for row in registry.registry_overview(uri):
         table.add_row(*(row[c] for c in columns))
     console.out.print(table)
     return 0
 
 
 def cmd_models_lineage(args) -> int:
-    from mmcore import tracking
+    from mmcore import registry, tracking
     from mmcore.config import TrackingConfig
 
     uri = tracking.resolve_uri(TrackingConfig())
     tracking.check_reachable(uri)
-    for depth, link in enumerate(tracking.lineage(args.uri, uri)):
+    for depth, link in enumerate(registry.lineage(args.uri, uri)):
         details = {k: v for k, v in link.items() if k not in ("kind", "name") and v not in ("", None)}
         text = ", ".join(f"{k} {v}" for k, v in details.items())
         console.out.print(f"{'  ' * depth}{'└─ ' if depth else ''}{link['kind']} {link['name']}"
@@ -302,9 +300,9 @@ def _add_corpus_commands(commands) -> None:
 def _add_model_commands(commands) -> None:
     """train, models archs / list / lineage, evaluate, promote."""
     train = commands.add_parser("train", help="train a stage on a dataset version and register the model")
-    train.add_argument("stage", choices=list(DEFAULT_RECIPES))
+    train.add_argument("stage", choices=list(STAGES))
     train.add_argument("--recipe", help="a named RunConfig (mmcore/recipes.py); default: "
-                       + ", ".join(f"{r} for {s}" for s, r in DEFAULT_RECIPES.items()))
+                       + ", ".join(f"{stage.recipe} for {name}" for name, stage in STAGES.items()))
     train.add_argument("--dataset", required=True, help="dataset version directory")
     train.add_argument("--ray-address", help="an existing Ray cluster (default: start a local Ray)")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",

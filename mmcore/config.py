@@ -1,9 +1,9 @@
-"""Typed configs, one dataclass per concern, nested into RunConfig; validated at the edge."""
+"""Typed run configs, one dataclass per concern, nested into RunConfig; validated at the edge. The typed
+parsing (`from_dict`) and `to_dict` serve every config (ingest's are in mmcore/data/config.py)."""
 
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import types
 import typing
@@ -11,224 +11,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SOURCE_FORMATS = ("parquet", "csv", "jsonl")
-RESIZE_MODES = ("border", "keep_ratio", "center_crop", "keep_ratio_largest", "no")
-ENCODE_FORMATS = ("jpg", "png", "webp")
+from mmcore.stages import STAGES
 
-
-def _check(condition: bool, name: str, message: str) -> None:
+def check(condition: bool, name: str, message: str) -> None:
     """Raise a ValueError naming the config field when `condition` is false."""
     if not condition:
         raise ValueError(f"{name}: {message}")
 
 
-@dataclass
-class SourceConfig:
-    """Where the URL list is and which of its columns to use."""
-
-    path: str
-    """The URL list: a .parquet, .csv or .jsonl file (or a directory of one format)."""
-    format: str | None = None
-    """One of parquet / csv / jsonl; None infers it from the file extension."""
-    url_col: str = "url"
-    """Column holding the image URL."""
-    caption_col: str = "caption"
-    """Column holding the caption."""
-    extra_cols: list[str] | None = None
-    """Columns carried through to the dataset; None carries every other column."""
-
-    def validate(self) -> None:
-        _check(bool(self.path), "source.path", "is empty")
-        _check(self.format in (None, *SOURCE_FORMATS), "source.format",
-               f"{self.format!r} is not one of {SOURCE_FORMATS}")
-        _check(self.url_col != self.caption_col, "source.caption_col", "must differ from url_col")
-
-
-@dataclass
-class GuardConfig:
-    """What the fetcher may reach and how much it may read (anything from the web is untrusted)."""
-
-    allowed_schemes: list[str] = field(default_factory=lambda: ["http", "https"])
-    """URL schemes that may be fetched; file://, ftp:// and data: are never fetched."""
-    allow_networks: list[str] = field(default_factory=list)
-    """CIDRs exempt from private-address blocking, e.g. 127.0.0.1/32 for a loopback server."""
-    max_bytes: int = 16 * 1024 * 1024
-    """Largest response body read, in bytes; a larger one is refused."""
-    max_pixels: int = 40_000_000
-    """Largest width x height an image header may declare (decompression-bomb guard)."""
-    deadline_s: float = 30.0
-    """Wall-clock limit for reading one response body, in seconds (slow-drip guard)."""
-    max_redirects: int = 5
-    """Redirect hops followed; each hop is checked like the first URL."""
-
-    def validate(self) -> None:
-        bad = [s for s in self.allowed_schemes if s not in ("http", "https")]
-        _check(not bad, "guard.allowed_schemes", f"only http and https can be fetched, got {bad}")
-        for cidr in self.allow_networks:
-            try:
-                ipaddress.ip_network(cidr)
-            except ValueError as err:
-                raise ValueError(f"guard.allow_networks: {cidr!r} is not a CIDR ({err})") from None
-        _check(self.max_bytes > 0, "guard.max_bytes", "must be positive")
-        _check(self.max_pixels > 0, "guard.max_pixels", "must be positive")
-        _check(self.deadline_s > 0, "guard.deadline_s", "must be positive")
-        _check(0 <= self.max_redirects <= 20, "guard.max_redirects", "must be in [0, 20]")
-
-
-@dataclass
-class DownloadConfig:
-    """How img2dataset downloads and resizes (its own options, named as in its docs)."""
-
-    image_size: int = 64
-    """Side of the stored image in pixels after resizing."""
-    resize_mode: str = "border"
-    """img2dataset resize mode: border pads to a square, keep_ratio keeps the aspect ratio, no keeps the original."""
-    encode_format: str = "jpg"
-    """Format of the stored image bytes."""
-    encode_quality: int = 95
-    """JPEG/WebP quality (PNG: compression level 0-9)."""
-    min_image_size: int = 8
-    """Images whose shorter side is smaller than this are rejected (image_too_small)."""
-    max_aspect_ratio: float = 3.0
-    """Images whose long/short side ratio is larger are rejected (aspect_ratio)."""
-    processes: int = 2
-    """Download processes."""
-    threads: int = 32
-    """Download threads per process."""
-    timeout_s: float = 10.0
-    """Socket timeout of one request, in seconds."""
-    retries: int = 1
-    """Extra attempts after a failed download."""
-    samples_per_shard: int = 1000
-    """Rows per img2dataset shard; shards are the unit of parallelism and of resume."""
-    user_agent_token: str = "mmpipe"
-    """Token sent in the User-Agent and matched against X-Robots-Tag directives."""
-    disallowed_header_directives: list[str] = field(
-        default_factory=lambda: ["noai", "noimageai", "noindex", "noimageindex"])
-    """X-Robots-Tag directives that opt an image out; they are honoured."""
-
-    def validate(self) -> None:
-        _check(self.image_size >= 8, "download.image_size", "must be at least 8")
-        _check(self.resize_mode in RESIZE_MODES, "download.resize_mode",
-               f"{self.resize_mode!r} is not one of {RESIZE_MODES}")
-        _check(self.encode_format in ENCODE_FORMATS, "download.encode_format",
-               f"{self.encode_format!r} is not one of {ENCODE_FORMATS}")
-        _check(self.processes >= 1, "download.processes", "must be at least 1")
-        _check(self.threads >= 1, "download.threads", "must be at least 1")
-        _check(self.timeout_s > 0, "download.timeout_s", "must be positive")
-        _check(self.retries >= 0, "download.retries", "must be >= 0")
-        _check(self.samples_per_shard >= 1, "download.samples_per_shard", "must be at least 1")
-        _check(self.max_aspect_ratio >= 1, "download.max_aspect_ratio", "must be >= 1")
-
-
-@dataclass
-class FilterConfig:
-    """Filters applied after download; each rejected row is counted under one reason."""
-
-    caption_min_words: int = 2
-    """Captions with fewer words are rejected (caption_too_short)."""
-    caption_max_chars: int = 512
-    """Captions with more characters are rejected (caption_too_long)."""
-    languages: list[str] = field(default_factory=lambda: ["en"])
-    """ISO 639-1 codes to keep; empty disables the language filter."""
-    language_candidates: list[str] = field(default_factory=lambda: [
-        "en", "fr", "de", "es", "it", "pt", "nl", "ru", "zh", "ja",
-        "ko", "ar", "hi", "tr", "pl", "sv", "id", "vi"])
-    """Languages the detector chooses among (a short list keeps memory near 0.4 GB)."""
-    language_min_confidence: float = 0.1
-    """A caption is kept when the detector gives the target languages at least this confidence."""
-    exact_dedup: bool = True
-    """Drop rows whose stored image bytes equal an earlier row's (same sha256)."""
-    near_dup_max_distance: int = 4
-    """Perceptual-hash Hamming distance (of 64 bits) at or below which images are near duplicates; -1 disables."""
-    model_score_uri: str = ""
-    """A registered contrastive model (models:/name@alias) scoring image-caption agreement; empty disables."""
-    model_score_threshold: float | None = None
-    """Keep pairs whose cosine similarity is at least this (DataComp "CLIP score" filtering)."""
-    model_score_top_fraction: float | None = None
-    """Or keep this fraction of best-scoring pairs (within each chunk of download.samples_per_shard rows)."""
-
-    def validate(self) -> None:
-        _check(self.caption_min_words >= 0, "filters.caption_min_words", "must be >= 0")
-        _check(self.caption_max_chars >= 1, "filters.caption_max_chars", "must be >= 1")
-        _check(0 <= self.language_min_confidence <= 1, "filters.language_min_confidence", "must be in [0, 1]")
-        missing = [code for code in self.languages if code not in self.language_candidates]
-        _check(not missing, "filters.languages", f"{missing} must also be in language_candidates")
-        _check(-1 <= self.near_dup_max_distance <= 32, "filters.near_dup_max_distance", "must be in [-1, 32]")
-        if self.model_score_uri:
-            _check((self.model_score_threshold is None) != (self.model_score_top_fraction is None),
-                   "filters.model_score_threshold", "set exactly one of model_score_threshold / _top_fraction")
-            _check(self.model_score_top_fraction is None or 0 < self.model_score_top_fraction <= 1,
-                   "filters.model_score_top_fraction", "must be in (0, 1]")
-
-
-@dataclass
-class SplitConfig:
-    """Deterministic train/val/test assignment by a hash of the row key."""
-
-    val_fraction: float = 0.1
-    """Share of rows in the val split."""
-    test_fraction: float = 0.1
-    """Share of rows in the test split."""
-    salt: str = "mmpipe"
-    """Mixed into the hash; change it to draw a different split."""
-
-    def validate(self) -> None:
-        _check(0 <= self.val_fraction < 1, "split.val_fraction", "must be in [0, 1)")
-        _check(0 <= self.test_fraction < 1, "split.test_fraction", "must be in [0, 1)")
-        _check(self.val_fraction + self.test_fraction < 1, "split", "val + test fractions must leave rows for train")
-
-
-@dataclass
-class TokenizerConfig:
-    """Byte-level BPE trained on the train split's captions (HF tokenizers)."""
-
-    vocab_size: int = 4096
-    """Upper bound on the vocabulary; a small corpus yields fewer tokens."""
-    min_frequency: int = 2
-    """A merge must occur this often to be learned."""
-
-    def validate(self) -> None:
-        _check(self.vocab_size >= 300, "tokenizer.vocab_size", "must be >= 300 (256 bytes + special tokens)")
-        _check(self.min_frequency >= 1, "tokenizer.min_frequency", "must be >= 1")
-
-
-@dataclass
-class IngestConfig:
-    """Everything `ingest` needs to turn a URL list into a dataset version."""
-
-    source: SourceConfig
-    """The URL list."""
-    out: str
-    """Directory of the dataset version to create; it must not exist yet."""
-    work_dir: str | None = None
-    """Downloads and staging live here until the version is complete; default `<out>.partial`.
-    A re-run with the same work_dir resumes finished download shards."""
-    rows_per_shard: int = 1024
-    """Rows per curated Parquet shard."""
-    guard: GuardConfig = field(default_factory=GuardConfig)
-    download: DownloadConfig = field(default_factory=DownloadConfig)
-    filters: FilterConfig = field(default_factory=FilterConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-
-    def validate(self) -> None:
-        _check(bool(self.out), "out", "is empty")
-        _check(self.rows_per_shard >= 1, "rows_per_shard", "must be at least 1")
-        for part in (self.source, self.guard, self.download, self.filters, self.split, self.tokenizer):
-            part.validate()
-
-
-STAGES = ("contrastive", "fusion", "image-tokenizer", "unified")
-PRIMARY_METRICS = {"contrastive": "retrieval.image_to_text_recall_5", "fusion": "vqa.accuracy",
-                   "image-tokenizer": "reconstruction.psnr", "unified": "vqa.accuracy"}
-"""What the promotion gate compares for each stage's models, unless told otherwise."""
-STAGE_LOSSES = {"contrastive": ("clip", "siglip"), "fusion": ("next-token",), "image-tokenizer": ("mse",),
-                "unified": ("next-token",)}
 PRECISIONS = ("auto", "fp32", "bf16")
-STAGE_PARENTS = {"fusion": ("contrastive", "models:/mmpipe-contrastive@champion"),
-                 "unified": ("image-tokenizer", "models:/mmpipe-image-tokenizer@champion")}
-"""The stages that build on a registered model: the parent's stage and the default parent."""
 
 
 def project_home() -> Path:
@@ -268,12 +59,12 @@ class TaskConfig:
     the asked group from the question to the answer much sooner (docs/benchmarks.md, fusion)."""
 
     def validate(self) -> None:
-        _check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {STAGES}")
-        losses = STAGE_LOSSES[self.stage]
-        _check(self.loss in losses, "task.loss", f"{self.loss!r} is not one of {losses} (stage {self.stage})")
-        _check(self.question_loss >= 0, "task.question_loss", f"{self.question_loss} is negative")
-        _check(self.question_loss == 0 or self.stage == "fusion", "task.question_loss",
-               f"is a fusion setting (stage {self.stage})")
+        check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {tuple(STAGES)}")
+        losses = STAGES[self.stage].losses
+        check(self.loss in losses, "task.loss", f"{self.loss!r} is not one of {losses} (stage {self.stage})")
+        check(self.question_loss >= 0, "task.question_loss", f"{self.question_loss} is negative")
+        check(self.question_loss == 0 or STAGES[self.stage].question_loss, "task.question_loss",
+               f"is not a setting of the {self.stage} stage")
 
 
 @dataclass
@@ -301,10 +92,10 @@ class DataConfig:
     in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""
 
     def validate(self) -> None:
-        _check(bool(self.dataset), "data.dataset", "no dataset version given")
-        _check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
-        _check(self.val_batches >= 0, "data.val_batches", "must be >= 0")
-        _check(self.pack_length >= 0, "data.pack_length", "must be >= 0")
+        check(bool(self.dataset), "data.dataset", "no dataset version given")
+        check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
+        check(self.val_batches >= 0, "data.val_batches", "must be >= 0")
+        check(self.pack_length >= 0, "data.pack_length", "must be >= 0")
 
 
 @dataclass
@@ -324,11 +115,11 @@ class OptimConfig:
     """Consecutive non-finite losses tolerated (each skipped and counted) before the run stops."""
 
     def validate(self) -> None:
-        _check(self.lr > 0, "optim.lr", "must be positive")
-        _check(self.max_steps >= 1, "optim.max_steps", "must be at least 1")
-        _check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", "must be in [0, max_steps]")
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-        _check(self.max_bad_steps >= 1, "optim.max_bad_steps", "must be at least 1")
+        check(self.lr > 0, "optim.lr", "must be positive")
+        check(self.max_steps >= 1, "optim.max_steps", "must be at least 1")
+        check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", "must be in [0, max_steps]")
+        check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        check(self.max_bad_steps >= 1, "optim.max_bad_steps", "must be at least 1")
 
 
 @dataclass
@@ -355,13 +146,13 @@ class ParallelConfig:
     """Recompute each transformer block in the backward pass (memory for compute)."""
 
     def validate(self) -> None:
-        _check(self.num_workers >= 1, "parallel.num_workers", "must be at least 1")
-        _check(self.threads_per_worker >= 0, "parallel.threads_per_worker", "must be >= 0")
-        _check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
-        _check(self.precision in PRECISIONS, "parallel.precision", f"{self.precision!r} is not one of {PRECISIONS}")
-        _check(self.grad_accum >= 1, "parallel.grad_accum", "must be at least 1")
-        _check(not self.offload_optimizer or self.zero_stage >= 1, "parallel.offload_optimizer", "needs zero_stage >= 1")
-        _check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params", "needs zero_stage 3")
+        check(self.num_workers >= 1, "parallel.num_workers", "must be at least 1")
+        check(self.threads_per_worker >= 0, "parallel.threads_per_worker", "must be >= 0")
+        check(self.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", f"{self.zero_stage} is not 0, 1, 2 or 3")
+        check(self.precision in PRECISIONS, "parallel.precision", f"{self.precision!r} is not one of {PRECISIONS}")
+        check(self.grad_accum >= 1, "parallel.grad_accum", "must be at least 1")
+        check(not self.offload_optimizer or self.zero_stage >= 1, "parallel.offload_optimizer", "needs zero_stage >= 1")
+        check(not self.offload_params or self.zero_stage == 3, "parallel.offload_params", "needs zero_stage 3")
 
 
 @dataclass
@@ -376,9 +167,9 @@ class CheckpointConfig:
     """Worker-group restarts (from the newest verified checkpoint) before the run fails."""
 
     def validate(self) -> None:
-        _check(self.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
-        _check(self.keep >= 1, "checkpoint.keep", "must be at least 1")
-        _check(self.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
+        check(self.every_steps >= 1, "checkpoint.every_steps", "must be at least 1")
+        check(self.keep >= 1, "checkpoint.keep", "must be at least 1")
+        check(self.max_failures >= 0, "checkpoint.max_failures", "must be >= 0")
 
 
 @dataclass
@@ -414,7 +205,7 @@ class ClusterConfig:
     STRICT_PACK / STRICT_SPREAD."""
 
     def validate(self) -> None:
-        _check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                "cluster.placement_strategy", f"must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                f"got {self.placement_strategy!r}")
 
@@ -438,17 +229,17 @@ class RunConfig:
     def validate(self) -> None:
         for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint, self.cluster):
             part.validate()
-        if self.task.stage in STAGE_PARENTS:
-            kind, example = STAGE_PARENTS[self.task.stage]
-            _check(self.model.parent.startswith("models:/"), "model.parent",
-                   f"{self.model.parent!r}: the {self.task.stage} stage needs a registered {kind} model, "
-                   f"e.g. {example}")
-        _check(not self.model.lm_parent or self.task.stage == "fusion", "model.lm_parent",
-               "only the fusion stage starts its LM from a registered fusion model")
-        _check(not self.data.pack_length or self.task.stage in ("fusion", "unified"), "data.pack_length",
-               "only the fusion and unified stages pack questions")
+        stage = STAGES[self.task.stage]
+        if stage.parent:
+            check(self.model.parent.startswith("models:/"), "model.parent",
+                   f"{self.model.parent!r}: the {stage.name} stage needs a registered {stage.parent.stage} model, "
+                   f"e.g. {stage.parent.default}")
+        check(not self.model.lm_parent or stage.lm_parent, "model.lm_parent",
+               f"the {stage.name} stage does not start its LM from a registered model")
+        check(not self.data.pack_length or stage.packs, "data.pack_length",
+               f"the {stage.name} stage does not pack questions")
         step_rows = self.parallel.num_workers * self.parallel.grad_accum
-        _check(self.data.batch_size % step_rows == 0, "data.batch_size",
+        check(self.data.batch_size % step_rows == 0, "data.batch_size",
                f"{self.data.batch_size} is not divisible by parallel.num_workers x parallel.grad_accum = {step_rows}")
 
     @property
@@ -463,7 +254,7 @@ class GateConfig:
 
     primary: str = ""
     """suite.metric compared between candidate and champion (higher is better); empty: the stage's
-    own (PRIMARY_METRICS: retrieval.image_to_text_recall_5 for contrastive, vqa.accuracy for fusion)."""
+    own (mmcore/stages.py: retrieval.image_to_text_recall_5 for contrastive, vqa.accuracy for fusion)."""
     margin: float = 0.0
     """The candidate must beat the champion by at least this much (and strictly)."""
     candidate_alias: str = "candidate"
@@ -472,10 +263,10 @@ class GateConfig:
     """The champion being replaced keeps this alias, for rollback."""
 
     def validate(self) -> None:
-        _check(not self.primary or "." in self.primary, "gate.primary", f"{self.primary!r} is not suite.metric")
-        _check(self.margin >= 0, "gate.margin", "must be >= 0")
+        check(not self.primary or "." in self.primary, "gate.primary", f"{self.primary!r} is not suite.metric")
+        check(self.margin >= 0, "gate.margin", "must be >= 0")
         aliases = {self.candidate_alias, self.champion_alias, self.previous_alias}
-        _check(len(aliases) == 3, "gate", "candidate, champion and previous aliases must differ")
+        check(len(aliases) == 3, "gate", "candidate, champion and previous aliases must differ")
 
 
 def to_dict(cfg: Any) -> dict:

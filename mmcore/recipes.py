@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from mmcore.config import (CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig,
-                           TaskConfig)
+from mmcore.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TaskConfig
 
 
 def debug(dataset: str) -> RunConfig:

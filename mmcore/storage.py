@@ -137,6 +137,12 @@ def download_tree(remote, local: Path) -> Path:
     return local
 
 
+def local_copy(directory, scratch: Path) -> Path:
+    """A directory to read with local file APIs: `directory` itself on a disk, a download of it into
+    `scratch` from a bucket."""
+    return directory if isinstance(directory, Path) else download_tree(directory, scratch)
+
+
 def scratch_dir(run_dir) -> Path:
     """Where a process keeps a run's files that need a local disk (DeepSpeed's checkpoint files, a
     download to load): the run dir itself on a disk, <home>/scratch/<run name> for a run in a bucket."""

@@ -15,9 +15,11 @@ from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 from torch import nn
 
+from mmcore.bundle import ModelBundle
 from mmcore.config import RunConfig
 from mmcore.data.instruct import SHARED
-from mmcore.data.tokenizer import CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens, with_tokens
+from mmcore.data.tokenizer import (CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens,
+                                   with_tokens)
 from mmcore.losses import LOSSES
 from mmcore.models import architecture, build_model
 from mmcore.models.decoder import Packing
@@ -26,6 +28,11 @@ from mmcore.models.generate import IGNORE
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
 from mmcore.models.unified import unified_loss
+from mmcore.stages import STAGES
+
+Parents = dict[str, Path]
+"""A stage's parents as local model bundle directories, by the config field that names them ("parent",
+"lm_parent"); the registry has already fetched them (train/parents.py): a Task never talks to it."""
 
 
 class _Pixels(nn.Module):
@@ -44,7 +51,6 @@ class _Pixels(nn.Module):
 class ContrastiveTask(nn.Module):
     """CLIP / SigLIP. Batch: {"image": (B, 3, H, W) uint8, "tokens": (B, L) int64}."""
 
-    stage = "contrastive"
 
     def __init__(self, model: nn.Module, preprocess: PreprocessConfig, loss: str = "clip"):
         super().__init__()
@@ -56,7 +62,7 @@ class ContrastiveTask(nn.Module):
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
-              tracking_uri: str | None = None) -> "ContrastiveTask":
+              parents: Parents | None = None) -> "ContrastiveTask":
         return cls(model, preprocess, loss=cfg.task.loss)
 
     @staticmethod
@@ -64,7 +70,8 @@ class ContrastiveTask(nn.Module):
         return dataset_tokenizer_json
 
     @staticmethod
-    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
+                     parents: Parents | None = None) -> Preprocessor:
         return Preprocessor(preprocess, tokenizer_json)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,7 +90,7 @@ class _PixelTask(nn.Module):
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
-              tracking_uri: str | None = None) -> nn.Module:
+              parents: Parents | None = None) -> nn.Module:
         return cls(model, preprocess)
 
     @staticmethod
@@ -96,19 +103,16 @@ class FusionTask(_PixelTask):
     "input_ids": (B, L), "labels": (B, L) (IGNORE outside answers), "truncated": (B,)}, and with
     `data.pack_length` "segments", "positions" (B, L) and "questions" (B,)."""
 
-    stage = "fusion"
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
-              tracking_uri: str | None = None) -> "FusionTask":
-        """With a tracking URI, the vision tower (and the LM, with model.lm_parent) start from the
-        registered parents (already pinned to versions by fit)."""
-        if tracking_uri:
-            from mmcore.tracking import load_model
-
-            model.visual.load_state_dict(load_model(cfg.model.parent, tracking_uri)[0].visual.state_dict())
-            if cfg.model.lm_parent:
-                model.lm.load_state_dict(load_model(cfg.model.lm_parent, tracking_uri)[0].lm.state_dict())
+              parents: Parents | None = None) -> "FusionTask":
+        """With `parents`, the vision tower (and the LM, with model.lm_parent) start from the parents'
+        bundles; without, freshly initialised (enough to size the preprocessing)."""
+        if parents:
+            model.visual.load_state_dict(_load(parents["parent"]).visual.state_dict())
+            if "lm_parent" in parents:
+                model.lm.load_state_dict(_load(parents["lm_parent"]).lm.state_dict())
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
         return cls(model, preprocess, question_loss=cfg.task.question_loss)
 
@@ -117,7 +121,8 @@ class FusionTask(_PixelTask):
         return with_chat_tokens(dataset_tokenizer_json)
 
     @staticmethod
-    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
+                     parents: Parents | None = None) -> Preprocessor:
         from mmcore.data.instruct import InstructPreprocessor
 
         return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
@@ -156,10 +161,10 @@ class ImageTokenizerTask(_PixelTask):
     """The FSQ autoencoder learns to reconstruct. Batch: {"image": (B, 3, H, W) uint8}. Its tokenizer is
     the dataset's (unused by the model; the bundle keeps one like every stage's)."""
 
-    stage = "image-tokenizer"
 
     @staticmethod
-    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
+                     parents: Parents | None = None) -> Preprocessor:
         return ImagePreprocessor(preprocess, tokenizer_json)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -176,7 +181,6 @@ class UnifiedTask(nn.Module):
     "positions" (B, T) and "questions" (B,): the codes are made in the Ray Data step (data/mixed.py),
     so no pixels reach the trainers."""
 
-    stage = "unified"
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -184,12 +188,10 @@ class UnifiedTask(nn.Module):
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
-              tracking_uri: str | None = None) -> "UnifiedTask":
-        """With a tracking URI, the image tokenizer comes from the registered parent (pinned by fit)."""
-        if tracking_uri:
-            from mmcore.tracking import load_model
-
-            model.image_tokenizer.load_state_dict(load_model(cfg.model.parent, tracking_uri)[0].state_dict())
+              parents: Parents | None = None) -> "UnifiedTask":
+        """With `parents`, the image tokenizer comes from the parent's bundle."""
+        if parents:
+            model.image_tokenizer.load_state_dict(_load(parents["parent"]).state_dict())
         return cls(model)
 
     @staticmethod
@@ -197,13 +199,15 @@ class UnifiedTask(nn.Module):
         return with_tokens(dataset_tokenizer_json, CHAT_TOKENS + IMAGE_SPAN_TOKENS)
 
     @staticmethod
-    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str) -> Preprocessor:
-        """The image tokenizer's weights travel with the preprocessing to the data workers, which make
-        the codes."""
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
+                     parents: Parents | None = None) -> Preprocessor:
+        """The image tokenizer's weights (the parent's) travel with the preprocessing to the data workers,
+        which make the codes."""
         from mmcore.data.mixed import MixedPreprocessor
-        from mmcore.tracking import model_files, resolve_uri
 
-        files = model_files(cfg.model.parent, resolve_uri(cfg.tracking))
+        if not parents:
+            raise ValueError("model.parent: the unified stage reads images as a registered image tokenizer's codes")
+        files = ModelBundle.at(parents["parent"])
         config = architecture(json.loads(Path(files.config).read_text()))
         return MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
                                  seed=cfg.seed, pack_length=cfg.data.pack_length)
@@ -219,15 +223,15 @@ class UnifiedTask(nn.Module):
         return out
 
 
-TASKS = {"contrastive": ContrastiveTask, "fusion": FusionTask, "image-tokenizer": ImageTokenizerTask,
-         "unified": UnifiedTask}
-
-
 def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,
-               tracking_uri: str | None = None) -> tuple[nn.Module, PreprocessConfig]:
-    """The stage's Task around a model sized for `tokenizer_json` (the stage's tokenizer:
-    TASKS[stage].tokenizer of the dataset's); with `tracking_uri`, parent weights are loaded from
-    the registry there, else the model is freshly initialised (enough to size the preprocessing)."""
+               parents: Parents | None = None) -> tuple[nn.Module, PreprocessConfig]:
+    """The stage's Task around a model sized for `tokenizer_json` (the stage's tokenizer: its Task's
+    `tokenizer` of the dataset's); with `parents`, parent weights are loaded from their local bundle
+    directories, else the model is freshly initialised (enough to size the preprocessing)."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
     model, preprocess = build_model(model_config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-    return TASKS[cfg.task.stage].build(cfg, model, preprocess, tracking_uri), preprocess
+    return STAGES[cfg.task.stage].task.build(cfg, model, preprocess, parents), preprocess
+
+
+def _load(directory: Path) -> nn.Module:
+    return ModelBundle.at(directory).load()[0]

@@ -27,7 +27,7 @@ from mmcore.eval.run import EvalReport, evaluate
 from mmcore.progress import progress_listener
 from mmcore.redact import RedactingFormatter
 from mmcore.train.fit import TrainingError, fit
-from mmcore.train.loop import NonFiniteLoss
+from mmcore.train.trainer import NonFiniteLoss
 from pipelines import report
 from pipelines.params import EvaluateParams, GateParams, IngestParams, RetrainParams, TrainParams
 

@@ -16,13 +16,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from mmcore import storage
 from mmcore.cli import apply_overrides
-from mmcore.config import GateConfig, GuardConfig, IngestConfig, RunConfig, SourceConfig, to_dict
+from mmcore.config import GateConfig, RunConfig, to_dict
+from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.source import source_sha256
 from mmcore.recipes import RECIPES, recipe
 from mmcore.redact import CREDENTIAL_FREE
+from mmcore.stages import STAGES
 
 RecipeName = Literal[tuple(RECIPES)]  # a choice in the UI form
-Stage = Literal["contrastive", "fusion", "image-tokenizer", "unified"]
+Stage = Literal[tuple(STAGES)]
 
 
 def _no_credentials(value: str) -> str:
@@ -81,7 +83,7 @@ class TrainSettings(_Params):
     """How to train: a recipe and the knobs people change most (the rest via `overrides`)."""
 
     stage: Stage = Field("contrastive", description="Training stage.")
-    recipe: RecipeName = Field("demo", description="Named RunConfig (mmcore/recipes.py); debug is the quickest.")
+    recipe: RecipeName = Field(STAGES["contrastive"].recipe, description="Named RunConfig (mmcore/recipes.py); debug is the quickest.")
     batch_size: int | None = Field(None, ge=1, le=1_048_576, description="Global batch; empty: the recipe's.")
     max_steps: int | None = Field(None, ge=1, le=100_000_000, description="Optimizer steps; empty: the recipe's.")
     zero_stage: int | None = Field(None, ge=0, le=3, description="DeepSpeed ZeRO stage 0-3; empty: the recipe's.")
@@ -140,7 +142,7 @@ class FusionSettings(TrainSettings):
     """The fusion stage in `retrain`: its parent is the contrastive champion after the gate."""
 
     stage: Stage = Field("fusion", description="Training stage.")
-    recipe: RecipeName = Field("demo-fusion", description="Named RunConfig (mmcore/recipes.py): demo-fusion (LLaVA), "
+    recipe: RecipeName = Field(STAGES["fusion"].recipe, description="Named RunConfig (mmcore/recipes.py): demo-fusion (LLaVA), "
                                                           "demo-flamingo, quality-fusion (LLaVA, 5x the steps), "
                                                           "long-fusion (12.5x, for a GPU), debug-fusion.")
 
@@ -149,7 +151,7 @@ class TokenizerSettings(TrainSettings):
     """The image tokenizer in `retrain`."""
 
     stage: Stage = Field("image-tokenizer", description="Training stage.")
-    recipe: RecipeName = Field("demo-tokenizer", description="Named RunConfig (mmcore/recipes.py): demo-tokenizer, "
+    recipe: RecipeName = Field(STAGES["image-tokenizer"].recipe, description="Named RunConfig (mmcore/recipes.py): demo-tokenizer, "
                                                              "debug-tokenizer.")
 
 
@@ -157,7 +159,7 @@ class UnifiedSettings(TrainSettings):
     """The unified stage in `retrain`: its parent is the image tokenizer champion after that gate."""
 
     stage: Stage = Field("unified", description="Training stage.")
-    recipe: RecipeName = Field("demo-unified", description="Named RunConfig (mmcore/recipes.py): demo-unified, "
+    recipe: RecipeName = Field(STAGES["unified"].recipe, description="Named RunConfig (mmcore/recipes.py): demo-unified, "
                                                            "debug-unified.")
 
 

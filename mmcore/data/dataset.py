@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mmcore import storage
-from mmcore.config import SplitConfig
+from mmcore.data.config import SplitConfig
 from mmcore.data.schema import SCHEMA_VERSION, SPLITS, SchemaError, curated_schema, read_shard
 from mmcore.data.tokenizer import load_tokenizer
 

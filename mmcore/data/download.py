@@ -26,7 +26,8 @@ from img2dataset.resizer import Resizer  # noqa: E402
 from img2dataset.writer import ParquetSampleWriter  # noqa: E402
 
 from mmcore import disk, storage
-from mmcore.config import DownloadConfig, GuardConfig, to_dict
+from mmcore.config import to_dict
+from mmcore.data.config import DownloadConfig, GuardConfig
 from mmcore.data import urlguard
 from mmcore.progress import progress_bar
 

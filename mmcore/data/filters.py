@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from mmcore.config import FilterConfig
+from mmcore.data.config import FilterConfig
 from mmcore.data.source import Rejects
 
 Verdict = tuple[str, str] | None
@@ -183,7 +183,7 @@ def build_filters(cfg: FilterConfig) -> list[Filter]:
     if cfg.near_dup_max_distance >= 0:
         chain.append(NearDuplicateFilter(cfg.near_dup_max_distance))
     if cfg.model_score_uri:
-        from mmcore.tracking import load_model
+        from mmcore.registry import load_model
 
         model, preprocess = load_model(cfg.model_score_uri)
         chain.append(ModelScoreFilter(model, preprocess, cfg.model_score_threshold, cfg.model_score_top_fraction))

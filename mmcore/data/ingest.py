@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from mmcore import storage
-from mmcore.config import IngestConfig, project_home, to_dict
+from mmcore.config import project_home, to_dict
+from mmcore.data.config import IngestConfig
 from mmcore.console import say
 from mmcore.data.dataset import MANIFEST, DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.download import download

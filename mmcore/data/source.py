@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from mmcore.config import GuardConfig, SourceConfig
+from mmcore.data.config import GuardConfig, SourceConfig
 from mmcore.data.schema import CURATED_NAMES, SchemaError
 from mmcore.data.urlguard import FetchError, check_url
 

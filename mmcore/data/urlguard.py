@@ -28,7 +28,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from mmcore.config import GuardConfig
+from mmcore.data.config import GuardConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

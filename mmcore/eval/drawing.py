@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
-from mmcore import tracking
+from mmcore import registry, tracking
 from mmcore.config import TrackingConfig
 from mmcore.data.sample import COLORS, SHAPES, png_bytes
 from mmcore.eval.contrastive import SHAPE_TEMPLATES, class_embeddings, rows
@@ -43,7 +43,7 @@ def _judge(image_sets: list[list[bytes]], truth: list[str]) -> list[np.ndarray] 
     """For each set of images, whether the contrastive champion's zero-shot colour + shape of each
     image is its truth; None when no contrastive champion is registered."""
     try:
-        judge, judge_pre = tracking.load_model(JUDGE, tracking.resolve_uri(TrackingConfig()))
+        judge, judge_pre = registry.load_model(JUDGE, tracking.resolve_uri(TrackingConfig()))
     except tracking.TrackingError:
         return None
     classes = [f"{c} {s}" for c in COLORS for s in SHAPES]

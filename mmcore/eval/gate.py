@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mmcore import tracking
-from mmcore.config import PRIMARY_METRICS, GateConfig, TrackingConfig
+from mmcore import registry, tracking
+from mmcore.config import GateConfig, TrackingConfig
+from mmcore.stages import STAGES
 from mmcore.eval.run import EvalReport, evaluate
 
 
@@ -29,11 +30,11 @@ def promote(name: str, dataset: str, gate: GateConfig | None = None, suites: lis
     gate.validate()
     tracking_uri = tracking.resolve_uri(tracking_cfg or TrackingConfig())
     tracking.check_reachable(tracking_uri)
-    candidate_version = tracking.resolve_version(f"models:/{name}@{gate.candidate_alias}", tracking_uri)[1]
-    champion_version = tracking.alias_version(name, gate.champion_alias, tracking_uri)
+    candidate_version = registry.resolve_version(f"models:/{name}@{gate.candidate_alias}", tracking_uri)[1]
+    champion_version = registry.alias_version(name, gate.champion_alias, tracking_uri)
     if not gate.primary:
-        stage = tracking.version_tags(name, candidate_version, tracking_uri).get("stage", "contrastive")
-        gate = dataclasses.replace(gate, primary=PRIMARY_METRICS[stage])
+        stage = registry.version_tags(name, candidate_version, tracking_uri).get("stage", "contrastive")
+        gate = dataclasses.replace(gate, primary=STAGES[stage].primary)
     candidate = evaluate(f"models:/{name}/{candidate_version}", dataset, suites, tracking_cfg)
     champion = None
     if not candidate.ok:
@@ -49,9 +50,9 @@ def promote(name: str, dataset: str, gate: GateConfig | None = None, suites: lis
         promoted, reason = _compare(candidate, champion, gate)
     if promoted:
         if champion_version is not None:
-            tracking.set_alias(name, gate.previous_alias, champion_version, tracking_uri)
-        tracking.set_alias(name, gate.champion_alias, candidate_version, tracking_uri)
-    tracking.tag_version(name, candidate_version, {"gate.decision": "promoted" if promoted else "refused",
+            registry.set_alias(name, gate.previous_alias, champion_version, tracking_uri)
+        registry.set_alias(name, gate.champion_alias, candidate_version, tracking_uri)
+    registry.tag_version(name, candidate_version, {"gate.decision": "promoted" if promoted else "refused",
                                                     "gate.reason": reason}, tracking_uri)
     return GateDecision(promoted, reason, name, candidate_version, champion_version, candidate, champion)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmcore import console, tracking
+from mmcore import console, registry, tracking
 from mmcore.config import TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive suites
@@ -74,9 +74,9 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     """
     tracking_uri = tracking.resolve_uri(tracking_cfg or TrackingConfig())
     tracking.check_reachable(tracking_uri)
-    name, version = tracking.resolve_version(uri, tracking_uri)
+    name, version = registry.resolve_version(uri, tracking_uri)
     data = DatasetVersion.open(dataset)
-    model, preprocess = tracking.load_model(f"models:/{name}/{version}", tracking_uri)
+    model, preprocess = registry.load_model(f"models:/{name}/{version}", tracking_uri)
     can = capabilities(model)
     selected = [get_suite(s, can) for s in (suites or default_suites(can))]
     console.say(f"evaluating models:/{name}/{version} on dataset {data.id}: {', '.join(s.name for s in selected)}")
@@ -95,7 +95,7 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
                         metrics={k: v["result"].metrics for k, v in results.items() if "result" in v},
                         primaries={k: v["result"].primary for k, v in results.items() if "result" in v},
                         errors={k: v["error"] for k, v in results.items() if "error" in v})
-    tracking.tag_version(name, version, {"eval.run_id": run_id, "eval.dataset_id": data.id,
+    registry.tag_version(name, version, {"eval.run_id": run_id, "eval.dataset_id": data.id,
                                          "eval.summary": report.summary() or "-",
                                          "eval.ok": str(report.ok).lower()}, tracking_uri)
     failed = f"; FAILED: {', '.join(report.errors)}" if report.errors else ""

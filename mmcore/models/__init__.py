@@ -18,14 +18,6 @@ from mmcore.models.unified import UnifiedConfig, UnifiedModel
 FAMILIES = {"clip": (ClipConfig, ClipModel), "llava": (LlavaConfig, LlavaModel),
             "flamingo": (FlamingoConfig, FlamingoModel), "vq": (ImageTokenizerConfig, ImageTokenizer),
             "unified": (UnifiedConfig, UnifiedModel)}
-STAGE_FAMILIES = {"contrastive": ("clip",), "fusion": ("llava", "flamingo"), "image-tokenizer": ("vq",),
-                  "unified": ("unified",)}
-"""Which families each training stage trains."""
-PARENT_PARTS = {"fusion": (lambda parent: {"vision": parent["vision"]}, True),
-                "unified": (lambda parent: {"image_tokenizer": architecture(parent)}, False)}
-"""stage -> (the part of the parent's architecture it takes, whether the parent must have the
-dataset's text tokenizer: a contrastive tower's text side must; an image tokenizer reads no text,
-so one trained on another dataset version serves). The parent's stage: mmcore.config.STAGE_PARENTS."""
 
 
 CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",),

@@ -13,6 +13,7 @@ from torch import nn
 
 from mmcore.data.tokenizer import IMAGE, SPECIAL_TOKENS
 from mmcore.models.decoder import DecoderLM, Packing
+from mmcore.models.sampling import sample
 from mmcore.models.transformer import KVCache
 
 IMAGE_ID = SPECIAL_TOKENS.index(IMAGE)
@@ -66,7 +67,7 @@ class TextGenerator(nn.Module):
         for _ in range(min(max_new_tokens, limit)):
             logits = self.text_logits(self.head(last).float())
             logits[:, IMAGE_ID] = -torch.inf  # an answer never asks for another image
-            token = self._pick(logits, temperature, top_p, generator)
+            token = sample(logits, temperature, top_p=top_p, generator=generator)
             token = torch.where(done, torch.full_like(token, self.eos_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
             done |= token == self.eos_id
@@ -78,17 +79,6 @@ class TextGenerator(nn.Module):
             else:
                 last = self.hidden(ids, context)[:, -1]
         return ids[:, prompt_ids.shape[1]:]
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-        if temperature <= 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, -1)
-        sorted_probs, order = probs.sort(-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # the smallest set reaching top_p
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1, generator=generator)
-        return order.gather(-1, choice).squeeze(-1)
 
     def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary -> those generation picks text from (all, unless a family says)."""

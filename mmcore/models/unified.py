@@ -21,6 +21,7 @@ from mmcore.models.decoder import DecoderConfig, DecoderLM, Packing
 from mmcore.models.generate import IGNORE, TextGenerator, splice_hidden
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.sampling import sample
 from mmcore.models.transformer import KVCache
 
 
@@ -159,7 +160,7 @@ class UnifiedModel(TextGenerator):
         for i in range(self.image_codes):
             logits = [self.head(h).float()[:, self.offset:] for h in states]
             mixed = logits[0] if len(logits) == 1 else logits[1] + guidance * (logits[0] - logits[1])
-            code = _sample(mixed, temperature, top_k, generator)
+            code = sample(mixed, temperature, top_k=top_k, generator=generator)
             codes.append(code)
             if i + 1 < self.image_codes:
                 token = self.embed((code + self.offset)[:, None], first_code=i)
@@ -173,15 +174,6 @@ class UnifiedModel(TextGenerator):
         """Text prompts (B, L) -> images (B, 3, S, S), normalized, drawn by the image tokenizer's decoder."""
         codes = self.generate_image_codes(prompt_ids, temperature, top_k, guidance, generator)
         return self.image_tokenizer.decode(codes)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_k: int, generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    return torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator).squeeze(-1)
 
 
 def unified_loss(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,9 +8,7 @@ again resumes from the newest verified checkpoint, and a finished run returns it
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -18,16 +16,14 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mmcore import storage, tracking
+from mmcore import registry, storage, tracking
 from mmcore.console import say
 from mmcore.config import RunConfig, to_dict
-from mmcore.data.dataset import DatasetError, DatasetVersion
-from mmcore.data.schema import open_shard
-from mmcore.data.tokenizer import load_tokenizer
+from mmcore.data.dataset import DatasetVersion
 from mmcore.models import model_config
 from mmcore.progress import progress_bar
-from mmcore.tasks import TASKS, build_task
 from mmcore.train import checkpoint
+from mmcore.train.plan import open_dataset, plan, run_name
 from mmcore.train.parents import pin_parents
 
 
@@ -66,35 +62,6 @@ class TrainResult:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
-
-
-def open_dataset(cfg: RunConfig) -> DatasetVersion:
-    """Every data problem is found here, before any worker starts."""
-    version = DatasetVersion.open(cfg.data.dataset)
-    if not version.tokenizer_path.exists():
-        raise DatasetError(f"{version.tokenizer_path}: the dataset's tokenizer is missing")
-    load_tokenizer(version.tokenizer_path)
-    problems = version.verify() if cfg.data.verify else []
-    if problems:
-        raise DatasetError(f"{version.path} fails verification ({len(problems)} problem(s)): " + "; ".join(problems[:5]))
-    if not cfg.data.verify:  # verify() read every shard already; without it, each footer and schema
-        for path in version.shard_paths():
-            open_shard(path)
-    for split in ("train", "val"):
-        if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
-            raise DatasetError(f"{version.path}: the {split} split is empty")
-    if version.manifest["splits"]["train"] < cfg.data.batch_size:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is larger than the train split "
-                         f"({version.manifest['splits']['train']} rows) of {version.path}")
-    return version
-
-
-def run_name(cfg: RunConfig, dataset_id: str, arch: dict) -> str:
-    """Stable across re-runs of the same command; cluster and tracking settings do not change it, the
-    architecture does (an edited models/configs file starts a new run instead of resuming the old one)."""
-    identity = {**{k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "tracking")}, "arch": arch}
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
 
 
 def local_ray_cpus(num_cpus: int = 0) -> int:
@@ -161,18 +128,17 @@ def fit(cfg: RunConfig) -> TrainResult:
             "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags}
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text()) if trained \
-            else _train(cfg, version, arch, run_dir, runs, name, uri, run_id)
+            else _train(cfg, version, arch, parents.dirs, run_dir, runs, name, uri, run_id)
         tracking.wait_until_reachable(uri, cfg.tracking.wait_s, f"register the model trained in {run_dir / 'final'}")
-        final = run_dir / "final" if isinstance(run_dir, Path) \
-            else storage.download_tree(run_dir / "final", storage.scratch_dir(run_dir) / "final")
-        model_version = tracking.log_and_register(uri, run_id, final, model_name, cfg.tracking.alias, tags)
+        final = storage.local_copy(run_dir / "final", storage.scratch_dir(run_dir) / "final")
+        model_version = registry.log_and_register(uri, run_id, final, model_name, cfg.tracking.alias, tags)
     except BaseException:
         with contextlib.suppress(Exception):  # when the server is what failed, its error is the one to show
             tracking.end_run(uri, run_id, ok=False)
         raise
     tracking.end_run(uri, run_id, ok=True)
-    if not isinstance(run_dir, Path):
-        shutil.rmtree(storage.scratch_dir(run_dir) / "final", ignore_errors=True)  # the bundle's download, registered now
+    if final != run_dir / "final":
+        shutil.rmtree(final)  # the bundle's download, registered now
     result = TrainResult(name, str(run_dir), version.id, run_id, model_name, model_version,
                          f"models:/{model_name}/{model_version}", metrics)
     result.save(run_dir / "result.json")
@@ -222,39 +188,28 @@ def ray_failure(error: BaseException, run_dir) -> TrainingError:
     return TrainingError(f"Ray Train could not run {run_dir}: {reason}", error)
 
 
-def _train(cfg, version, arch, run_dir, runs, name, uri, run_id) -> dict:
+def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) -> dict:
     import ray.exceptions
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from mmcore.data.stream import work_units
     from mmcore.train.loop import train_loop_per_worker
 
     ray = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     forget_ray_snapshot(run_dir)
-    task_class = TASKS[cfg.task.stage]
-    tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text())  # the stage's, saved with the model
-    (run_dir / "tokenizer.json").write_text(tokenizer_json)
-    _, preprocess = build_task(cfg, arch, tokenizer_json)
-    pre = task_class.preprocessor(cfg, preprocess, tokenizer_json)
-    epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
-    # Each worker streams its own share of the train split (see loop.py), so that a resumed run goes
-    # on at the row where its checkpoint was taken. Validation reads the first val_batches batches of
-    # its share of the val split in the worker itself, the same rows every time (comparable losses; a
-    # Ray Data stream of it started three more Ray processes per run, about 10 s on 2 cores).
-    train_stream = {"units": work_units(version, "train", epochs, cfg.seed), "cpus": train_stream_cpus(ray, cfg),
-                    "preprocess": pre.for_split("train", cfg.data.augment)}
-    val_stream = {"units": work_units(version, "val"), "preprocess": pre.for_split("val", False)} \
-        if cfg.data.val_batches else None
-    val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * cfg.parallel.num_workers
-    if val_stream and val_rows < one_each:
-        say(f"no validation: the val split's {val_rows} rows are fewer than a batch of {cfg.micro_batch} for each "
-            f"of {cfg.parallel.num_workers} workers")
-        val_stream = None
+    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parent_dirs)
+    (run_dir / "tokenizer.json").write_text(steps.tokenizer_json)
+    if steps.skipped_validation:
+        say(f"no validation: {steps.skipped_validation}")
+    # Validation is read in the worker itself (a Ray Data stream of it started three more Ray processes per
+    # run, about 10 s on 2 cores).
+    train_stream = {"units": steps.train_units, "cpus": train_stream_cpus(ray, cfg),
+                    "preprocess": steps.train_preprocess}
+    val_stream = {"units": steps.val_units, "preprocess": steps.val_preprocess} if steps.val_units else None
     loop_config = {
-        "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": tokenizer_json,
-        "preprocess": asdict(preprocess),
+        "run": to_dict(cfg), "run_dir": str(run_dir), "model_config": arch, "tokenizer_json": steps.tokenizer_json,
+        "preprocess": asdict(steps.preprocess),
         "tracking_uri": uri, "mlflow_run_id": run_id, "train_stream": train_stream, "val_stream": val_stream,
     }
     trainer = TorchTrainer(

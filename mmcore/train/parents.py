@@ -7,11 +7,11 @@ import dataclasses
 import json
 from pathlib import Path
 
-from mmcore import tracking
-from mmcore.config import STAGE_PARENTS, RunConfig
+from mmcore.bundle import ModelBundle
+from mmcore.config import RunConfig, TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.tokenizer import load_tokenizer
-from mmcore.models import PARENT_PARTS, STAGE_FAMILIES
+from mmcore.stages import STAGES
 
 
 @dataclasses.dataclass
@@ -19,45 +19,59 @@ class Parents:
     cfg: RunConfig
     """The run config with model.parent (and model.lm_parent) pinned to models:/name/version."""
     arch: dict
-    """The architecture with the parent's part in it (PARENT_PARTS)."""
+    """The architecture with the part of the parent it takes (its stage's Parent.takes)."""
     tags: dict[str, str]
     """parent_model (and lm_parent_model) = name/version, for the registered version."""
+    dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
+    """The parents' bundles fetched to this machine, by field (tasks.Parents)."""
 
 
 def check_family(cfg: RunConfig, arch: dict) -> None:
-    families = STAGE_FAMILIES[cfg.task.stage]
+    families = STAGES[cfg.task.stage].families
     if arch.get("family") not in families:
         raise ValueError(f"model.name: {cfg.model.name} is a {arch.get('family')} model; the {cfg.task.stage} "
                          f"stage trains {' or '.join(families)} models")
 
 
-def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str, version: DatasetVersion) -> Parents:
-    """Resolve and check model.parent / model.lm_parent; clear errors name the URI and the misfit."""
+def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: DatasetVersion) -> Parents:
+    """Resolve and check model.parent / model.lm_parent in the registry at `tracking_uri` (default: the
+    configured one); clear errors name the URI and the misfit. Without parents, no registry is asked."""
     check_family(cfg, arch)
     own_size = arch.get("image_size") or arch.get("vision", {}).get("image_size")  # fusion: the parent's, below
     _check_image_size(f"model.name: {cfg.model.name}", own_size, version)
     if not cfg.model.parent:
         return Parents(cfg, arch, {})
-    if cfg.task.stage not in PARENT_PARTS:
+    spec = STAGES[cfg.task.stage].parent
+    if spec is None:
         raise ValueError(f"model.parent: the {cfg.task.stage} stage builds on no registered model")
-    part, same_text = PARENT_PARTS[cfg.task.stage]
-    parent_stage, _ = STAGE_PARENTS[cfg.task.stage]
-    parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", parent_stage)
-    if same_text:
+    parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", spec.stage)
+    if spec.same_text:
         _check_tokenizer(parent, Path(bundle.tokenizer), version)
     _check_image_size(f"model.parent: {parent}", json.loads(Path(bundle.preprocess).read_text())["image_size"],
                       version)
-    arch = {**arch, **part(parent_cfg)}
+    arch = {**arch, **spec.takes(parent_cfg)}
     model = dataclasses.replace(cfg.model, parent=parent)
     tags = {"parent_model": parent.removeprefix("models:/")}
+    dirs = {"parent": Path(bundle.weights).parent}
     if cfg.model.lm_parent:
-        lm_parent, lm_cfg, _ = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", "fusion")
+        lm_parent, lm_cfg, lm_bundle = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", cfg.task.stage)
+        dirs["lm_parent"] = Path(lm_bundle.weights).parent
         if lm_cfg.get("lm") != arch.get("lm"):
             raise ValueError(f"model.lm_parent: {lm_parent}'s language model {lm_cfg.get('lm')} differs from "
                              f"{cfg.model.name}'s {arch.get('lm')}")
         model = dataclasses.replace(model, lm_parent=lm_parent)
         tags["lm_parent_model"] = lm_parent.removeprefix("models:/")
-    return Parents(dataclasses.replace(cfg, model=model), arch, tags)
+    return Parents(dataclasses.replace(cfg, model=model), arch, tags, dirs)
+
+
+def fetch_parents(cfg: RunConfig, tracking_uri: str) -> dict[str, Path]:
+    """The pinned parents of `cfg` (pin_parents' config) fetched to this machine: what a training worker
+    on another node hands its Task."""
+    from mmcore import registry
+
+    fields = [field for field in ("parent", "lm_parent") if getattr(cfg.model, field)]
+    return {field: Path(registry.model_files(getattr(cfg.model, field), tracking_uri).weights).parent
+            for field in fields}
 
 
 def _check_image_size(what: str, size: int | None, version: DatasetVersion) -> None:
@@ -67,15 +81,18 @@ def _check_image_size(what: str, size: int | None, version: DatasetVersion) -> N
         raise ValueError(f"{what} takes {size}-pixel images but dataset {version.id} stores {stored}-pixel ones")
 
 
-def _pinned(uri: str, tracking_uri: str, field: str, stage: str) -> tuple[str, dict, tracking.ModelBundle]:
+def _pinned(uri: str, tracking_uri: str | None, field: str, stage: str) -> tuple[str, dict, ModelBundle]:
+    from mmcore import registry, tracking
+
+    tracking_uri = tracking_uri or tracking.resolve_uri(TrackingConfig())
     try:
-        name, number = tracking.resolve_version(uri, tracking_uri)
+        name, number = registry.resolve_version(uri, tracking_uri)
     except ValueError as err:
         raise ValueError(f"{field}: {uri}: {err}") from None
     pinned = f"models:/{name}/{number}"
-    bundle = tracking.model_files(pinned, tracking_uri)
+    bundle = registry.model_files(pinned, tracking_uri)
     config = json.loads(Path(bundle.config).read_text())
-    if config.get("family") not in STAGE_FAMILIES[stage]:
+    if config.get("family") not in STAGES[stage].families:
         raise ValueError(f"{field}: {uri} ({pinned}) is a {config.get('family')} model, not a {stage} one")
     return pinned, config, bundle
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mmcore.config import GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.ingest import ingest
 from mmcore.data.sample import SampleSpec, make_sample
 

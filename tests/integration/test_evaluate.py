@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from mmcore import tracking
+from mmcore import registry, tracking
 from mmcore.config import GateConfig, TrackingConfig
 from mmcore.data.tokenizer import EOS, load_tokenizer
 from mmcore.eval.gate import promote
 from mmcore.eval.run import evaluate
 from mmcore.eval.suites import get_suite
 from mmcore.models import build_model, capabilities, model_config
-from mmcore.tracking import ModelBundle, TrackingError
+from mmcore.bundle import ModelBundle
+from mmcore.tracking import TrackingError
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +66,7 @@ def _register(bundle: Path, name: str, home: Path) -> str:
     client = _client(home)
     experiment = client.get_experiment_by_name("mmpipe") or client.get_experiment(client.create_experiment("mmpipe"))
     run_id = client.create_run(experiment.experiment_id).info.run_id
-    return tracking.log_and_register(uri, run_id, bundle, name, "candidate", {"stage": "contrastive"})
+    return registry.log_and_register(uri, run_id, bundle, name, "candidate", {"stage": "contrastive"})
 
 
 def _untrained_bundle(dataset, directory: Path) -> Path:
@@ -111,7 +112,7 @@ def test_gate_never_moves_an_alias_on_a_partial_evaluation(trained, train_datase
     decision = promote(name, str(bare))
     assert not decision.promoted and "candidate evaluation failed" in decision.reason
     assert "zeroshot-shapes" in decision.candidate.errors
-    assert tracking.alias_version(name, "champion", tracking.resolve_uri(TrackingConfig())) is None
+    assert registry.alias_version(name, "champion", tracking.resolve_uri(TrackingConfig())) is None
 
 
 def test_registry_errors_are_clear(trained, train_dataset, mmpipe_home):

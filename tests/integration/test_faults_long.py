@@ -19,7 +19,7 @@ from mmcore.cli import apply_overrides
 from mmcore.models import model_config
 from mmcore.recipes import recipe
 from mmcore.train import checkpoint
-from mmcore.train.fit import run_name
+from mmcore.train.plan import run_name
 from tests.integration.conftest import debug_config
 from tests.integration.workers import fit_with_kills, mmpipe_process, reported_step
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcore.tracking import load_model
+from mmcore.registry import load_model
 from mmcore.train.fit import fit
 from tests.integration.workers import fit_killing_a_worker
 
@@ -65,7 +65,7 @@ def test_fusion_learns_on_a_frozen_tower_and_records_its_parent(fused, trained, 
 
 
 def test_lineage_walks_from_the_fusion_model_to_the_url_list(fused, trained, train_dataset, mmpipe_home):
-    from mmcore.tracking import lineage
+    from mmcore.registry import lineage
 
     chain = lineage("models:/mmpipe-fusion@candidate", f"sqlite:///{mmpipe_home / 'mlflow.db'}")
     assert [link["kind"] for link in chain] == ["model", "model", "dataset", "url list"]
@@ -87,7 +87,8 @@ def test_questions_about_the_image_are_answered_above_chance(fused, train_datase
     # 0.1). Packed, 500 steps see about twice the questions of those 800.
     assert vqa["digit_accuracy"] >= 0.3 and vqa["colour_accuracy"] >= 0.3, vqa
     assert set(vqa) >= {"heldout_accuracy", "shape_accuracy", "count_accuracy", "relation_accuracy"}
-    assert 0 <= report.metrics["captioning"]["cider"] and report.metrics["compositional"]["n"] > 0
+    assert report.metrics["captioning"]["cider"] > 0, "its captions share words with the references"
+    assert report.metrics["compositional"]["n"] > 0
 
 
 def test_a_fresh_process_answers_through_the_pyfunc_by_alias(fused, train_dataset, mmpipe_home, tmp_path):

@@ -57,7 +57,7 @@ def test_evaluation_reports_psnr_codebook_use_and_a_grid(tokenized, train_datase
 
 
 def test_a_fresh_process_tokenizes_images_through_the_pyfunc_by_alias(tokenized, train_dataset, mmpipe_home):
-    from mmcore.tracking import load_model
+    from mmcore.registry import load_model
 
     blobs = [r["image"] for r in train_dataset.read("test", columns=["image"]).to_pylist()[:3]]
     code = ("import sys, mlflow, pandas as pd, numpy as np; mlflow.set_tracking_uri(sys.argv[1]); "

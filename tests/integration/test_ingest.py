@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import assign_split
 from mmcore.data.ingest import ingest
 from mmcore.data.sample import SampleSpec, make_sample
@@ -152,7 +152,7 @@ def test_kept_rows_match_the_pinned_schema_and_decode(dataset):
 
 
 def _split_cfg(dataset):
-    from mmcore.config import SplitConfig
+    from mmcore.data.config import SplitConfig
 
     return SplitConfig(**dataset.manifest["config"]["split"])
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mmcore import storage
-from mmcore.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import MANIFEST, DatasetVersion
 from mmcore.data.ingest import ingest
 from mmcore.data.sample import SampleSpec, make_sample

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from mmcore.config import FilterConfig, GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.config import FilterConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import DatasetError
 from mmcore.data.ingest import ingest
 from mmcore.models.preprocess import Preprocessor, PreprocessConfig
-from mmcore.tracking import ModelBundle, TrackingError
+from mmcore.bundle import ModelBundle
+from mmcore.tracking import TrackingError
 from mmcore.train import checkpoint
 from mmcore.train.fit import fit
 from tests.integration.workers import fit_killing_a_worker
@@ -67,7 +68,7 @@ def test_a_fresh_process_loads_the_same_model_by_alias(trained, train_dataset, m
     val.select(["image", "caption"]).to_pandas().to_parquet(probe)
     code = f"""
 import json, mlflow, numpy as np, pandas as pd, torch
-from mmcore.tracking import load_model
+from mmcore.registry import load_model
 mlflow.set_tracking_uri("sqlite:///{mmpipe_home / 'mlflow.db'}")
 rows = pd.read_parquet("{probe}")
 model, pre = load_model("models:/{trained.model_name}@candidate")
@@ -144,12 +145,14 @@ def test_a_killed_worker_resumes_at_the_row_its_checkpoint_was_taken(trained, tr
           f"{finished} complete epochs each row once")
 
 
-def test_validation_batches_are_the_first_ones_the_val_stream_would_give(train_dataset, local_ray):
+def test_batches_read_in_process_are_the_ones_the_ray_stream_gives(train_dataset, local_ray):
     """Validation reads its few batches in the worker, without Ray Data's tasks: the same rows and
-    tensors as the Ray Data stream of the val split, the stream's batches dealt to the ranks in turn."""
+    tensors as the Ray Data stream of the val split, the stream's batches dealt to the ranks in turn.
+    So does the one-process trainer's reader (units.local_batches) for a whole train stream."""
     import torch
 
-    from mmcore.data.stream import fixed_batches, torch_batches, units_dataset, work_units
+    from mmcore.data.stream import torch_batches, units_dataset
+    from mmcore.data.units import fixed_batches, local_batches, work_units
 
     pre = Preprocessor(PreprocessConfig(image_size=32, context_length=16), train_dataset.tokenizer_path.read_text())
     units = work_units(train_dataset, "val")
@@ -167,6 +170,16 @@ def test_validation_batches_are_the_first_ones_the_val_stream_would_give(train_d
         batch, _ = next(streamed)
         assert batch.keys() == fixed.keys() == {"image", "tokens", "epoch", "sample"}
         assert all(torch.equal(batch[k], fixed[k]) and batch[k].dtype == fixed[k].dtype for k in batch)
+    # The one-process trainer reads the same batches as Ray Data's stream of the same units: two epochs of
+    # the shuffled train split, batches across row groups and epochs, the last partial one dropped.
+    train = work_units(train_dataset, "train", 2, seed=3)
+    here = local_batches(train, pre, 48, "cpu")
+    count = 2 * train_dataset.manifest["splits"]["train"] // 48
+    for index, (batch, _) in enumerate(torch_batches(units_dataset(train, pre), 48, torch.device("cpu"))):
+        if index == count:
+            break
+        mine, _ = next(here)
+        assert all(torch.equal(batch[k], mine[k]) and batch[k].dtype == mine[k].dtype for k in batch), index
 
 
 @pytest.mark.fault

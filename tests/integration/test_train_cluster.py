@@ -20,7 +20,7 @@ import pytest
 
 from mmcore import storage
 from mmcore.data.dataset import MANIFEST
-from mmcore.tracking import ModelBundle
+from mmcore.bundle import ModelBundle
 from mmcore.train import checkpoint
 from tests.integration.workers import train_workers
 from tests.objectstore import free_port

@@ -20,7 +20,7 @@ from mmcore import storage
 from mmcore.cli import apply_overrides
 from mmcore.models import model_config
 from mmcore.recipes import recipe
-from mmcore.train.fit import run_name
+from mmcore.train.plan import run_name
 from tests.integration.workers import kill_tree, mmpipe_process
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]

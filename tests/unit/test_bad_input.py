@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from mmcore.cli import apply_overrides
-from mmcore.config import IngestConfig, SourceConfig, to_dict
+from mmcore.config import to_dict
+from mmcore.data.config import IngestConfig, SourceConfig
 from mmcore.data.ingest import ingest, ingest_lock
 from mmcore.data.source import read_source
 from mmcore.models import model_config

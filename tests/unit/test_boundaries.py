@@ -44,3 +44,19 @@ def test_importing_the_library_has_no_side_effects(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "[]"
+
+
+def test_the_trainer_and_the_model_bundle_need_neither_ray_nor_mlflow(tmp_path):
+    """One-process training (mmcore.train.here), the checkpoint store and the model bundle load without Ray or
+    MLflow: importing them imports neither (the Ray Train worker and the registry are the only adapters)."""
+    code = ("import sys, mmcore.train.here, mmcore.train.trainer, mmcore.train.checkpoint, mmcore.bundle, "
+            "mmcore.data.units; print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_the_tracking_registry_and_pyfunc_modules_import_mlflow():
+    allowed = {"mmcore/tracking.py", "mmcore/registry.py", "mmcore/pyfunc.py", "mmcore/mlflow_model.py"}
+    importers = {str(p.relative_to(ROOT)) for top in ("mmcore", "pipelines") for p in (ROOT / top).rglob("*.py")
+                 if "mlflow" in _imports(p)}
+    assert importers <= allowed, sorted(importers - allowed)

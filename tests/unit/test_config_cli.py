@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mmcore.cli import apply_overrides
-from mmcore.config import DownloadConfig, FilterConfig, IngestConfig, SourceConfig, SplitConfig, from_dict, to_dict
+from mmcore.config import from_dict, to_dict
+from mmcore.data.config import DownloadConfig, FilterConfig, IngestConfig, SourceConfig, SplitConfig
 
 
 def _cfg(**kw):

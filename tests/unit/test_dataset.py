@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmcore.config import SplitConfig, TokenizerConfig
+from mmcore.data.config import SplitConfig, TokenizerConfig
 from mmcore.data.dataset import DatasetError, DatasetVersion, ShardWriter, assign_split, build_manifest, url_key
 from mmcore.data.schema import SchemaError, read_shard
 from mmcore.data.tokenizer import train_tokenizer

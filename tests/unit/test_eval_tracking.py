@@ -105,7 +105,7 @@ def test_a_secret_from_the_environment_is_masked_in_log_files_and_the_error_line
 
 
 def _debug_clip():
-    from mmcore.config import TokenizerConfig
+    from mmcore.data.config import TokenizerConfig
     from mmcore.data.tokenizer import EOS, train_tokenizer
     from mmcore.models import build_model, model_config
     from mmcore.models.preprocess import Preprocessor
@@ -130,7 +130,7 @@ def _jpeg(color) -> bytes:
 def test_registry_embeddings_come_in_batches_equal_to_row_by_row():
     import pandas as pd
 
-    from mmcore.tracking import embed_rows
+    from mmcore.pyfunc import embed_rows
 
     model, pre = _debug_clip()
     rows = pd.DataFrame({"image": [_jpeg((200, 0, 0)), None, _jpeg((0, 0, 200)), None, _jpeg((0, 150, 0))],
@@ -145,7 +145,7 @@ def test_registry_embeddings_come_in_batches_equal_to_row_by_row():
 def test_registry_embeddings_name_the_bad_row():
     import pandas as pd
 
-    from mmcore.tracking import embed_rows
+    from mmcore.pyfunc import embed_rows
 
     model, pre = _debug_clip()
     with pytest.raises(ValueError, match="row 2: the image cannot be decoded"):
@@ -195,7 +195,9 @@ def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(
     from mlflow.tracking import MlflowClient
 
     from mmcore.models import model_config
-    from mmcore.tracking import PYFUNC_CODE, ModelBundle, fluent_uri, load_model, log_and_register, model_files
+    from mmcore.bundle import BundleError, ModelBundle
+    from mmcore.tracking import fluent_uri
+    from mmcore.registry import PYFUNC_CODE, load_model, log_and_register, model_files
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -216,9 +218,9 @@ def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(
             info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE),
                                            artifacts={**asdict(bundle), "extra": str(tmp_path / "extra.pkl")})
         hostile = mlflow.register_model(info.model_uri, "hostile").version
-        with pytest.raises(TrackingError, match=r"refusing this model: it holds extra\.pkl"):  # MLflow's own loader
+        with pytest.raises(BundleError, match=r"refusing this model: it holds extra\.pkl"):  # MLflow's own loader
             mlflow.pyfunc.load_model(f"models:/hostile/{hostile}")
-    with pytest.raises(TrackingError, match=r"refusing models:/hostile/1: it holds extra\.pkl.*never a pickle"):
+    with pytest.raises(BundleError, match=r"refusing models:/hostile/1: it holds extra\.pkl.*never a pickle"):
         load_model(f"models:/hostile/{hostile}", uri)
 
     # The safe version's stored tokenizer replaced by a link to a file outside its directory.
@@ -227,7 +229,7 @@ def test_a_model_version_holding_a_pickle_or_a_link_out_of_its_files_is_refused(
     shutil.copy(stored, outside)
     stored.unlink()
     stored.symlink_to(outside)
-    with pytest.raises(TrackingError, match=r"refusing models:/safe/1: its file tokenizer\.json is a link"):
+    with pytest.raises(BundleError, match=r"refusing models:/safe/1: its file tokenizer\.json is a link"):
         load_model(f"models:/safe/{version}", uri)
     fault("no-unpickle", "a registered version holding a pickle; a stored file replaced by a link out of its "
           "directory", 2, "nothing: refused by mmpipe's loader and under MLflow's, naming the file")

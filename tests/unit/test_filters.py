@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mmcore.config import FilterConfig
+from mmcore.data.config import FilterConfig
 from mmcore.data.filters import (CaptionFilter, ExactDuplicateFilter, LanguageFilter, NearDuplicateFilter,
                                  build_filters, phash64, run_filters)
 from mmcore.data.sample import synthetic_scene

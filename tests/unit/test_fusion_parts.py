@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcore.config import RunConfig, TaskConfig, TokenizerConfig
+from mmcore.config import RunConfig, TaskConfig
+from mmcore.data.config import TokenizerConfig
 from mmcore.data.instruct import (CLOSINGS, OPENINGS, SHARED, TEMPLATES, ChatFormat, InstructPreprocessor,
                                   instruction_batch, questions, training_question, training_questions)
 from mmcore.data.sample import describe
@@ -294,7 +295,7 @@ def test_question_loss_predicts_each_questions_words_and_counts_it_beside_the_an
     assert set(plain) == {"loss", "truncated_fraction", "questions_per_image"}
     assert torch.equal(both["answer_loss"], plain["loss"])
     assert torch.allclose(both["loss"], plain["loss"] + 0.5 * both["question_loss"]) and both["question_loss"] > 0
-    with pytest.raises(ValueError, match="task.question_loss: is a fusion setting"):
+    with pytest.raises(ValueError, match="task.question_loss: is not a setting of the unified stage"):
         TaskConfig(stage="unified", loss="next-token", question_loss=1.0).validate()
 
 

@@ -15,7 +15,7 @@ from mmcore.models import build_model, capabilities, model_config
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import Preprocessor
 from mmcore.tasks import ImageTokenizerTask
-from mmcore.tracking import tokenize_rows
+from mmcore.pyfunc import tokenize_rows
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcore.config import TokenizerConfig
+from mmcore.data.config import TokenizerConfig
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.models import build_model, list_models, model_config
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
@@ -96,3 +96,20 @@ def test_uint8_stream_normalized_by_the_task_equals_the_float_path():
     assert seen["images"].dtype == torch.float32
     assert np.allclose(seen["images"].numpy(), formula, atol=1e-6)
     assert np.allclose(pre.images(blobs), formula, atol=1e-6)
+
+
+def test_the_sampler_keeps_to_its_settings_and_draws_as_the_plain_formula_does():
+    import torch
+
+    from mmcore.models.sampling import sample
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1, 0.0001]] * 2000))
+    assert sample(logits).tolist() == [0] * 2000, "greedy at temperature 0"
+    draw = lambda **kw: set(sample(logits, 1.0, generator=torch.Generator().manual_seed(0), **kw).tolist())  # noqa: E731
+    assert draw(top_k=1) == {0} and draw(top_k=2) == {0, 1} and draw(top_p=0.5) == {0} and draw(top_p=0.8) == {0, 1}
+    counts = torch.bincount(sample(logits, 1.0, generator=torch.Generator().manual_seed(1)), minlength=4) / 2000
+    assert abs(counts[0] - 0.6) < 0.05 and abs(counts[1] - 0.3) < 0.05
+    # Without top-k or top-p it is the plain draw from softmax(logits / temperature): the same tokens for a seed
+    # (the unified model's drawings depend on it).
+    plain = torch.multinomial(torch.softmax(logits / 0.7, -1), 1, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(sample(logits, 0.7, generator=torch.Generator().manual_seed(2)), plain.squeeze(-1))

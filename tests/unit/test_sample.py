@@ -6,7 +6,6 @@ import collections
 
 import numpy as np
 import pyarrow.parquet as pq
-from PIL import Image
 
 from mmcore.data.reasons import REASONS
 from mmcore.data.sample import COLORS, SCENE_TEMPLATES, SampleSpec, describe, make_sample, synthetic_scene

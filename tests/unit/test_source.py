@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmcore.config import GuardConfig, SourceConfig
+from mmcore.data.config import GuardConfig, SourceConfig
 from mmcore.data.schema import SchemaError
 from mmcore.data.source import Rejects, precheck, read_source
 

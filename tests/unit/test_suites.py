@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcore.config import SplitConfig, TokenizerConfig
+from mmcore.data.config import SplitConfig, TokenizerConfig
 from mmcore.data.dataset import DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.sample import DIGIT_WORDS, synthetic_scene
 from mmcore.data.tokenizer import train_tokenizer

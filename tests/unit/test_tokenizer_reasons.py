@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmcore.config import TokenizerConfig
+from mmcore.data.config import TokenizerConfig
 from mmcore.data.reasons import REASONS, classify_download_error
 from mmcore.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 

@@ -10,7 +10,8 @@ from mmcore.config import DataConfig, ParallelConfig, RunConfig
 from mmcore.recipes import RECIPES, recipe
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
-from mmcore.train.loop import NonFiniteLoss, StepGuard
+from mmcore.train.ranks import Ranks
+from mmcore.train.trainer import NonFiniteLoss, StepGuard
 
 
 def _cfg(**kw):
@@ -81,11 +82,13 @@ def test_precision_resolution():
         resolve_precision("bf16", cuda=True, bf16_supported=False)
 
 
-def _write_checkpoint(root, step, payload=b"weights"):
-    staging = checkpoint.staging_dir(root, step)
-    (staging / "state").mkdir(parents=True)
-    (staging / "state" / "rank0.pt").write_bytes(payload)
-    return checkpoint.seal(root, step, {"state": {"step": step}})
+def _write_checkpoint(root, step, payload=b"weights", keep=10):
+    """A checkpoint saved through the disk store by one rank, as the trainer saves one."""
+    def write(directory):
+        (directory / "state").mkdir(parents=True)
+        (directory / "state" / "rank0.pt").write_bytes(payload)
+
+    return checkpoint.CheckpointStore.of(root.parent).save(step, {"state": {"step": step}}, write, Ranks(), keep)
 
 
 @pytest.mark.fault
@@ -96,7 +99,7 @@ def test_checkpoints_are_sealed_atomically_and_corrupt_ones_skipped(tmp_path, fa
     assert checkpoint.latest_verified(root) == newest
     (newest / "state" / "rank0.pt").write_bytes(b"torn write")
     assert checkpoint.latest_verified(root).name == "step-00000010"
-    checkpoint.staging_dir(root, 30).mkdir()  # a crash mid-save leaves only a hidden staging dir
+    (root / ".step-00000030.tmp").mkdir()  # a crash mid-save leaves only a hidden staging dir
     assert checkpoint.latest_verified(root).name == "step-00000010"
     assert json.loads((root / "step-00000010" / "manifest.json").read_text())["state"]["step"] == 10
     fault("corrupted", "the newest checkpoint's state file overwritten; a staging dir left by a crash", 2,
@@ -125,7 +128,7 @@ def test_checkpoints_that_all_fail_their_manifests_are_named_not_trained_over(tm
 
 def test_a_staging_dir_sealed_again_lists_its_files_not_an_old_manifest(tmp_path):
     root = tmp_path / "checkpoints"
-    staging = checkpoint.staging_dir(root, 10)
+    staging = root / ".step-00000010.tmp"
     staging.mkdir(parents=True)
     (staging / "manifest.json").write_text("{}")  # a kill after the manifest, before the rename
     sealed = _write_checkpoint(root, 10)
@@ -151,10 +154,10 @@ def test_prune_keeps_the_newest(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (10, 20, 30):
         _write_checkpoint(root, step)
-    checkpoint.staging_dir(root, 40).mkdir()
-    checkpoint.prune(root, keep=2)
+    (root / ".step-00000040.tmp").mkdir()
+    checkpoint.CheckpointStore.of(root.parent).prune(keep=2)
     assert [p.name for p in checkpoint.checkpoints(root)] == ["step-00000030", "step-00000020"]
-    assert not checkpoint.staging_dir(root, 40).exists()
+    assert not (root / ".step-00000040.tmp").exists()
 
 
 def test_step_guard_skips_then_stops():
@@ -183,7 +186,7 @@ def test_progress_listeners_see_every_bar_until_their_block_ends():
 
 def test_a_run_is_named_by_its_config_and_architecture_not_by_where_it_runs():
     from mmcore.models import model_config
-    from mmcore.train.fit import run_name
+    from mmcore.train.plan import run_name
 
     cfg, arch = recipe("debug", "/data/v1"), model_config("clip-debug")
     name = run_name(cfg, "ds123456789", arch)
@@ -223,10 +226,10 @@ def test_stages_that_build_on_a_parent_say_which_one_they_need():
             cfg.validate()
     lm = _cfg(task=TaskConfig(stage="unified", loss="next-token"),
               model=ModelConfig(parent="models:/t@c", lm_parent="models:/f@c"))
-    with pytest.raises(ValueError, match="^model.lm_parent: only the fusion stage"):
+    with pytest.raises(ValueError, match="^model.lm_parent: the unified stage does not start its LM from a registered model"):
         lm.validate()
     packed = RunConfig(data=DataConfig(dataset="d", pack_length=96))  # a contrastive run has no questions
-    with pytest.raises(ValueError, match="^data.pack_length: only the fusion and unified stages pack questions"):
+    with pytest.raises(ValueError, match="^data.pack_length: the contrastive stage does not pack questions"):
         packed.validate()
 
 
@@ -254,7 +257,7 @@ def _shards(tmp_path):
 
 
 def _read(units):
-    from mmcore.data.stream import read_row_groups
+    from mmcore.data.units import read_row_groups
 
     columns = {key: [u[key] for u in units] for key in units[0]}
     table = read_row_groups(columns, ["caption"])
@@ -262,7 +265,7 @@ def _read(units):
 
 
 def test_the_train_order_is_a_function_of_seed_and_epoch_and_every_row_comes_once_per_epoch(tmp_path):
-    from mmcore.data.stream import work_units
+    from mmcore.data.units import work_units
 
     version = _shards(tmp_path)
     units = work_units(version, "train", epochs=3, seed=5)
@@ -277,7 +280,7 @@ def test_the_train_order_is_a_function_of_seed_and_epoch_and_every_row_comes_onc
 
 
 def test_each_rank_streams_its_own_units_and_a_resume_starts_at_the_next_row(tmp_path):
-    from mmcore.data.stream import rank_units, work_units
+    from mmcore.data.units import rank_units, work_units
 
     units = work_units(_shards(tmp_path), "train", epochs=2, seed=1)
     streams = [_read(rank_units(units, rank, 2)) for rank in range(2)]
@@ -295,7 +298,7 @@ def test_every_rank_gets_an_even_share_whatever_the_row_groups(tmp_path, world):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mmcore.data.stream import rank_units, work_units
+    from mmcore.data.units import rank_units, work_units
 
     path = tmp_path / "train.parquet"
     pq.write_table(pa.table({"caption": [str(i) for i in range(259)]}), path, row_group_size=256)
@@ -329,7 +332,7 @@ def test_the_finiteness_check_reads_a_zero3_partition_without_its_padding(monkey
     patterns: a healthy two-node run was refused a checkpoint ("parameters are not finite") at random."""
     import torch
 
-    from mmcore.train import loop
+    from mmcore.train import trainer as loop
 
     param = torch.nn.Parameter(torch.arange(7.0))  # 7 values in partitions of 4: rank 1 holds 3 and 1 of padding
     param.ds_numel = 7
@@ -344,3 +347,19 @@ def test_the_finiteness_check_reads_a_zero3_partition_without_its_padding(monkey
     param.ds_tensor.ds_numel = 4
     assert loop.held_values(param).tolist() == [0.0, 1.0, 2.0, 3.0]
     assert loop.held_values(torch.nn.Parameter(torch.ones(2))).tolist() == [1.0, 1.0], "without ZeRO-3: all of it"
+
+
+def test_every_stage_record_names_what_exists():
+    """A stage is one record (mmcore/stages.py): its Task, families, parent, recipe and primary metric must all
+    be there, and its default recipe must train it."""
+    import mmcore.eval.run  # noqa: F401 - registers every suite
+    from mmcore.eval.suites import SUITES
+    from mmcore.models import FAMILIES
+    from mmcore.stages import STAGES
+
+    for name, stage in STAGES.items():
+        assert stage.task.__name__ == stage.task_name and set(stage.families) <= set(FAMILIES)
+        cfg = recipe(stage.recipe, "d")
+        assert cfg.task.stage == name and cfg.task.loss in stage.losses
+        assert stage.primary.split(".")[0] in SUITES, stage.primary
+        assert stage.parent is None or stage.parent.stage in STAGES

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
-from mmcore.config import TokenizerConfig
+from mmcore.data.config import TokenizerConfig
 from mmcore.data.instruct import ChatFormat, questions
 from mmcore.data.mixed import MixedPreprocessor
 from mmcore.data.tokenizer import train_tokenizer

@@ -8,7 +8,7 @@ import ipaddress
 import pytest
 from PIL import Image
 
-from mmcore.config import GuardConfig
+from mmcore.data.config import GuardConfig
 from mmcore.data.sample import _bomb_png
 from mmcore.data.urlguard import FetchError, blocked_label, check_image, check_url, resolve
 

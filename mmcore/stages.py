@@ -1,0 +1,75 @@
+"""What each training stage is, in one record.
+
+Adding a stage adds a record here, its Task (tasks.py), its model families (models/) and its recipes
+(recipes.py); the trainer, fit(), the CLI, the flows' forms and the gate read the record and need no edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A registered model a stage builds on."""
+
+    stage: str
+    """The parent's stage."""
+    default: str
+    """The parent a recipe names unless told otherwise."""
+    takes: Callable[[dict], dict]
+    """The part of the parent's architecture (its model.json) the child's architecture takes."""
+    same_text: bool
+    """The parent must have been trained with the dataset's text tokenizer (a contrastive tower's text side
+    must; an image tokenizer reads no text, so one trained on another dataset version serves)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    task_name: str
+    """Its Task in mmcore/tasks.py: model + loss + batch contract, and the factory of the stage's tokenizer
+    and stream (named, so that reading a record imports no torch: the CLI starts in a fraction of a second)."""
+    families: tuple[str, ...]
+    """The model families (models/configs/*.json "family") the stage trains."""
+    losses: tuple[str, ...]
+    """task.loss values; the first is the default."""
+    primary: str
+    """suite.metric the promotion gate compares, unless told otherwise."""
+    recipe: str
+    """The recipe `mmpipe train STAGE` runs when none is named."""
+    parent: Parent | None = None
+    lm_parent: bool = False
+    """May start its language model from a registered model of its own stage (model.lm_parent)."""
+    packs: bool = False
+    """Packs several questions of one image into a training sequence (data.pack_length)."""
+    question_loss: bool = False
+    """Has a next-token loss on the questions' tokens to weigh (task.question_loss)."""
+
+    @property
+    def task(self) -> type:
+        from mmcore import tasks
+
+        return getattr(tasks, self.task_name)
+
+
+def _without_card(config: dict) -> dict:
+    """A model config less its `family` and `description` (models.architecture, without importing torch)."""
+    return {k: v for k, v in config.items() if k not in ("family", "description")}
+
+
+STAGES = {stage.name: stage for stage in (
+    Stage("contrastive", "ContrastiveTask", ("clip",), ("clip", "siglip"), "retrieval.image_to_text_recall_5", "demo"),
+    Stage("fusion", "FusionTask", ("llava", "flamingo"), ("next-token",), "vqa.accuracy", "demo-fusion",
+          parent=Parent("contrastive", "models:/mmpipe-contrastive@champion",
+                        lambda parent: {"vision": parent["vision"]}, same_text=True),
+          lm_parent=True, packs=True, question_loss=True),
+    Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
+    Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",
+          parent=Parent("image-tokenizer", "models:/mmpipe-image-tokenizer@champion",
+                        lambda parent: {"image_tokenizer": _without_card(parent)}, same_text=False),
+          packs=True),
+)}
+

@@ -1,0 +1,5 @@
+"""`python -m mmcore.train`: see mmcore/train/here.py."""
+
+from mmcore.train.here import main
+
+main()

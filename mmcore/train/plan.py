@@ -1,0 +1,83 @@
+"""What a training run is before anything runs it (no Ray, no MLflow): its dataset checked, its name,
+the stage's tokenizer and preprocessing, and the work units each split is read in."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+from mmcore.config import RunConfig, to_dict
+from mmcore.data.dataset import DatasetError, DatasetVersion
+from mmcore.data.schema import open_shard
+from mmcore.data.tokenizer import load_tokenizer
+from mmcore.data.units import work_units
+from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+from mmcore.stages import STAGES
+from mmcore.tasks import Parents, build_task
+
+
+def open_dataset(cfg: RunConfig) -> DatasetVersion:
+    """Every data problem is found here, before any worker starts."""
+    version = DatasetVersion.open(cfg.data.dataset)
+    if not version.tokenizer_path.exists():
+        raise DatasetError(f"{version.tokenizer_path}: the dataset's tokenizer is missing")
+    load_tokenizer(version.tokenizer_path)
+    problems = version.verify() if cfg.data.verify else []
+    if problems:
+        raise DatasetError(f"{version.path} fails verification ({len(problems)} problem(s)): "
+                           + "; ".join(problems[:5]))
+    if not cfg.data.verify:  # verify() read every shard already; without it, each footer and schema
+        for path in version.shard_paths():
+            open_shard(path)
+    for split in ("train", "val"):
+        if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
+            raise DatasetError(f"{version.path}: the {split} split is empty")
+    if version.manifest["splits"]["train"] < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is larger than the train split "
+                         f"({version.manifest['splits']['train']} rows) of {version.path}")
+    return version
+
+
+def run_name(cfg: RunConfig, dataset_id: str, arch: dict) -> str:
+    """Stable across re-runs of the same command; cluster and tracking settings do not change it, the
+    architecture does (an edited models/configs file starts a new run instead of resuming the old one)."""
+    identity = {**{k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "tracking")}, "arch": arch}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
+
+
+@dataclass
+class Plan:
+    """The stage's tokenizer and preprocessing, and the units of each split, for every rank."""
+
+    tokenizer_json: str
+    """The stage's tokenizer (its Task's `tokenizer` of the dataset's), saved with the model."""
+    preprocess: PreprocessConfig
+    train_units: list[dict]
+    """Every epoch's units of the train split; each rank streams its share (units.rank_units)."""
+    train_preprocess: Preprocessor
+    val_units: list[dict] | None
+    """The val split's units; None without validation (data.val_batches 0, or a split under a batch a rank)."""
+    val_preprocess: Preprocessor
+    skipped_validation: str = ""
+    """Why there is no validation although data.val_batches asks for it."""
+
+
+def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parents: Parents | None = None) -> Plan:
+    """Each rank streams its own share of the train split, so that a resumed run goes on at the row where
+    its checkpoint was taken (epochs: as many as max_steps needs, one more for the ranks' uneven shares).
+    Validation reads the first val_batches batches of its share of the val split, the same rows every time."""
+    task_class = STAGES[cfg.task.stage].task
+    tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text())
+    _, preprocess = build_task(cfg, arch, tokenizer_json)
+    pre = task_class.preprocessor(cfg, preprocess, tokenizer_json, parents)
+    epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
+    val_units, skipped = (work_units(version, "val") if cfg.data.val_batches else None), ""
+    val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * ranks
+    if val_units and val_rows < one_each:
+        val_units, skipped = None, (f"the val split's {val_rows} rows are fewer than a batch of {cfg.micro_batch} "
+                                    f"for each of {ranks} workers")
+    return Plan(tokenizer_json, preprocess, work_units(version, "train", epochs, cfg.seed),
+                pre.for_split("train", cfg.data.augment), val_units, pre.for_split("val", False), skipped)
