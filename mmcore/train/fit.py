@@ -60,8 +60,9 @@ class TrainResult:
     model_uri: str
     metrics: dict
 
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+    def save(self, path) -> None:
+        """Never seen half-written (a kill mid-write would leave a run that cannot even say it finished)."""
+        storage.write_text(path, json.dumps(asdict(self), indent=2))
 
 
 def local_ray_cpus(num_cpus: int = 0) -> int:
