@@ -191,8 +191,11 @@ class TrackingConfig:
 
 @dataclass
 class ClusterConfig:
-    """Which Ray to run on."""
+    """Where training runs: Ray Train workers (which Ray), or this process."""
 
+    executor: str = "ray"
+    """ray: Ray Train workers, fed by Ray Data; here: this process, one rank, fed by reads in the process
+    (no Ray started; parallel.num_workers must be 1). Both run the same Trainer and register alike."""
     address: str = ""
     """Address of an existing Ray cluster (ray://host:10001 or host:6379); empty: $RAY_ADDRESS, else a local Ray."""
     num_cpus: int = 0
@@ -205,6 +208,7 @@ class ClusterConfig:
     STRICT_PACK / STRICT_SPREAD."""
 
     def validate(self) -> None:
+        check(self.executor in ("ray", "here"), "cluster.executor", f"must be ray or here, got {self.executor!r}")
         check(self.placement_strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                "cluster.placement_strategy", f"must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, "
                f"got {self.placement_strategy!r}")
@@ -238,6 +242,8 @@ class RunConfig:
                f"the {stage.name} stage does not start its LM from a registered model")
         check(not self.data.pack_length or stage.packs, "data.pack_length",
                f"the {stage.name} stage does not pack questions")
+        check(self.cluster.executor == "ray" or self.parallel.num_workers == 1, "parallel.num_workers",
+              f"{self.parallel.num_workers} workers need cluster.executor=ray; training here runs one rank")
         step_rows = self.parallel.num_workers * self.parallel.grad_accum
         check(self.data.batch_size % step_rows == 0, "data.batch_size",
                f"{self.data.batch_size} is not divisible by parallel.num_workers x parallel.grad_accum = {step_rows}")

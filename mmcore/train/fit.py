@@ -1,4 +1,4 @@
-"""fit(cfg) -> TrainResult: preflight checks, Ray Train + DeepSpeed, then MLflow registration.
+"""fit(cfg) -> TrainResult: preflight checks, Ray Train + DeepSpeed (or this process), then MLflow registration.
 
 Reads in one screen: check data, open tracking, build streams, run the trainer, register.
 The run name is stable (recipe, stage, dataset id, config hash), so running the same command
@@ -119,8 +119,9 @@ def fit(cfg: RunConfig) -> TrainResult:
     if trained:
         say(f"run {name} finished training before: registering its model, run directory {run_dir}")
     else:
+        where = "in this process" if cfg.cluster.executor == "here" else f"{cfg.parallel.num_workers} workers"
         say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}: "
-            f"{cfg.optim.max_steps} steps, {cfg.parallel.num_workers} workers, ZeRO-{cfg.parallel.zero_stage}; "
+            f"{cfg.optim.max_steps} steps, {where}, ZeRO-{cfg.parallel.zero_stage}; "
             f"run directory {run_dir}")
         _say_resume_point(run_dir / "checkpoints")
     run_id = _mlflow_run(uri, cfg, name, version, run_dir)
@@ -190,6 +191,20 @@ def ray_failure(error: BaseException, run_dir) -> TrainingError:
 
 
 def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) -> dict:
+    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parent_dirs)
+    (run_dir / "tokenizer.json").write_text(steps.tokenizer_json)
+    if steps.skipped_validation:
+        say(f"no validation: {steps.skipped_validation}")
+    if cfg.cluster.executor == "here":
+        from mmcore.train.here import run_here
+
+        with tracking.system_metrics(uri, run_id), _training_bar(run_dir, cfg.optim.max_steps):
+            return run_here(cfg, arch, steps, parent_dirs, run_dir,
+                            lambda unsent: tracking.MetricLogger(uri, run_id, unsent))
+    return _train_on_ray(cfg, steps, run_dir, runs, name, uri, run_id)
+
+
+def _train_on_ray(cfg, steps, run_dir, runs, name, uri, run_id) -> dict:
     import ray.exceptions
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -199,10 +214,6 @@ def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) ->
     ray = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
     use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     forget_ray_snapshot(run_dir)
-    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parent_dirs)
-    (run_dir / "tokenizer.json").write_text(steps.tokenizer_json)
-    if steps.skipped_validation:
-        say(f"no validation: {steps.skipped_validation}")
     # Validation is read in the worker itself (a Ray Data stream of it started three more Ray processes per
     # run, about 10 s on 2 cores).
     train_stream = {"units": steps.train_units, "cpus": train_stream_cpus(ray, cfg),

@@ -1,7 +1,7 @@
 """Training in this process, or in each process torchrun starts: the Trainer on batches read in the process.
 
 No Ray and no registry: what `fit()` runs in Ray Train workers, for one machine, a debugger, a profiler or
-an experiment. The run directory holds the same checkpoints (a re-run resumes), the final model bundle,
+an experiment (fit() with cluster.executor=here runs it too, then registers). The run directory holds the same checkpoints (a re-run resumes), the final model bundle,
 metrics.json and every logged point in metrics.jsonl.
 
     python -m mmcore.train --recipe debug --dataset ~/.mmpipe/datasets/sample [--set optim.max_steps=50]
@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from mmcore.config import RunConfig
 from mmcore.data.units import fixed_batches, local_batches, rank_units
 from mmcore.models import model_config
 from mmcore.train.parents import pin_parents
-from mmcore.train.plan import open_dataset, plan, run_name
-from mmcore.train.trainer import JsonLinesLogger, Trainer, start_engine
+from mmcore.train.plan import Plan, open_dataset, plan, run_name
+from mmcore.train.trainer import JsonLinesLogger, MetricLogger, Trainer, start_engine
 
 
 def train_here(cfg: RunConfig, run_dir: Path | None = None) -> dict:
@@ -44,23 +45,32 @@ def train_here(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     parents = pin_parents(cfg, model_config(cfg.model.name), tracking_uri, version)
     cfg, arch = parents.cfg, parents.arch
     run_dir = run_dir or storage.root() / "local-runs" / run_name(cfg, version.id, arch)
+    steps = plan(cfg, version, arch, world, parents.dirs)
+    return run_here(cfg, arch, steps, parents.dirs, run_dir, lambda unsent: JsonLinesLogger(run_dir / "metrics.jsonl"))
+
+
+def run_here(cfg: RunConfig, arch: dict, steps: Plan, parent_dirs: dict[str, Path], run_dir,
+             make_logger: Callable[[list[list]], MetricLogger]) -> dict:
+    """This process's rank of the run (torchrun's RANK, or the only one): the Trainer on batches read here,
+    then the final bundle and metrics.json. Rank 0 logs through `make_logger(points not delivered before)`.
+    fit() calls it for cluster.executor=here, with the MLflow logger."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     _join_process_group(device)
-    steps = plan(cfg, version, arch, world, parents.dirs)
     engine, dtype, ranks = start_engine(cfg, arch, steps.tokenizer_json, device,
-                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), parents.dirs)
+                                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), parent_dirs)
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(engine, cfg, dtype, run_dir, ranks)
     state = trainer.resume()
     if ranks.rank == 0:
-        trainer.logger = JsonLinesLogger(run_dir / "metrics.jsonl")
+        trainer.logger = make_logger(trainer.unsent)
     units = rank_units(steps.train_units, ranks.rank, world, skip_rows=state["rows"])
     batches = local_batches(units, steps.train_preprocess, cfg.micro_batch, device)
     val = fixed_batches(steps.val_units, steps.val_preprocess, cfg.micro_batch, cfg.data.val_batches, ranks.rank,
                         world) if steps.val_units else []
     metrics = trainer.fit(batches, val)
     trainer.save_final(arch, steps.tokenizer_json, steps.preprocess)
-    if ranks.rank == 0:
+    if ranks.rank == 0:  # after the final bundle: a run with metrics.json has finished training (see fit.py)
         storage.write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 

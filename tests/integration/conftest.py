@@ -75,9 +75,11 @@ def trained(train_dataset, local_ray, mmpipe_home):
 
 
 @pytest.fixture(scope="session")
-def image_tokenizer(train_dataset, local_ray, mmpipe_home):
-    """The debug image tokenizer (300 steps), registered as mmpipe-image-tokenizer@candidate."""
+def image_tokenizer(train_dataset, mmpipe_home):
+    """The debug image tokenizer (300 steps) trained here, registered as mmpipe-image-tokenizer@candidate."""
+    from mmcore.cli import apply_overrides
     from mmcore.recipes import recipe
     from mmcore.train.fit import fit
+    from tests.integration.workers import HERE
 
-    return fit(recipe("debug-tokenizer", str(train_dataset.path)))
+    return fit(apply_overrides(recipe("debug-tokenizer", str(train_dataset.path)), HERE))

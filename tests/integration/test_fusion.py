@@ -1,5 +1,5 @@
-"""The fusion stage for real: a registered contrastive parent, local Ray, DeepSpeed ZeRO-2 and -3,
-MLflow on sqlite, generation through the registered pyfunc."""
+"""The fusion stage for real: a registered contrastive parent, DeepSpeed ZeRO-2 in this process and ZeRO-3
+on a local Ray with a worker killed, MLflow on sqlite, generation through the registered pyfunc."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from mmcore.registry import load_model
 from mmcore.train.fit import fit
-from tests.integration.workers import fit_killing_a_worker
+from tests.integration.workers import HERE, fit_killing_a_worker
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +30,9 @@ def fusion_config(dataset, parent: str, *overrides):
 
 
 @pytest.fixture(scope="session")
-def fused(trained, train_dataset, local_ray, mmpipe_home):
-    """A debug LLaVA on the frozen tower of the debug CLIP (by version), ZeRO-2, 2 workers."""
-    return fit(fusion_config(train_dataset, trained.model_uri))
+def fused(trained, train_dataset, mmpipe_home):
+    """A debug LLaVA on the frozen tower of the debug CLIP (by version), ZeRO-2, trained here (one rank)."""
+    return fit(fusion_config(train_dataset, trained.model_uri, *HERE))
 
 
 def _tower(uri: str) -> dict[str, torch.Tensor]:

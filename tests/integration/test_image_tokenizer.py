@@ -1,5 +1,5 @@
-"""The image tokenizer stage for real: local Ray, DeepSpeed ZeRO-2 on 2 workers, MLflow on sqlite,
-evaluation from the registry and the pyfunc in a fresh process."""
+"""The image tokenizer stage for real: DeepSpeed ZeRO-2 in this process, MLflow on sqlite, evaluation
+from the registry and the pyfunc in a fresh process."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The unified stage for real: the registered image tokenizer as parent, codes made in the Ray Data
-step, DeepSpeed ZeRO-2 on 2 workers, evaluation by the shared suites, the pyfunc in a fresh process."""
+"""The unified stage for real: the registered image tokenizer as parent, DeepSpeed ZeRO-2 in this process
+and on 2 Ray Train workers (codes made in the Ray Data step) with one killed, evaluation by the shared
+suites, the pyfunc in a fresh process."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 from mmcore.train.fit import fit
-from tests.integration.workers import fit_killing_a_worker
+from tests.integration.workers import HERE, fit_killing_a_worker
 
 pytestmark = pytest.mark.integration
 
@@ -27,10 +28,10 @@ def unified_config(dataset, parent: str, *overrides):
 
 
 @pytest.fixture(scope="module")
-def unified(image_tokenizer, train_dataset, local_ray, mmpipe_home):
-    """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, 2 workers,
-    questions packed."""
-    return fit(unified_config(train_dataset, image_tokenizer.model_uri))
+def unified(image_tokenizer, train_dataset, mmpipe_home):
+    """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, trained here
+    (one rank), questions packed."""
+    return fit(unified_config(train_dataset, image_tokenizer.model_uri, *HERE))
 
 
 def _history(run_id: str, key: str, mmpipe_home) -> list[float]:

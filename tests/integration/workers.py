@@ -1,4 +1,5 @@
-"""Killing training workers mid-run, or `mmpipe` with all it started, for the resume and fault tests."""
+"""Killing training workers mid-run, or `mmpipe` with all it started, for the resume and fault tests; the
+overrides that train in the test's own process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+
+HERE = ["cluster.executor=\"here\"", "parallel.num_workers=1"]
+"""Overrides that train in the test's own process, one rank, no Ray (the same Trainer, registered alike):
+for the fixtures whose point is the stage's logic. Ray Train and Ray Data stay where they are the point
+(`trained`, the killed-worker, cluster and whole-tree tests)."""
 
 
 def fit_killing_a_worker(cfg, runs, checkpoint_glob: str):

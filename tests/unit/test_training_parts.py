@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mmcore.config import DataConfig, ParallelConfig, RunConfig
+from mmcore.config import ClusterConfig, DataConfig, ParallelConfig, RunConfig
 from mmcore.recipes import RECIPES, recipe
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
@@ -26,6 +26,8 @@ def _cfg(**kw):
     (_cfg(parallel=ParallelConfig(offload_params=True, zero_stage=2)), "parallel.offload_params"),
     (_cfg(parallel=ParallelConfig(precision="fp16")), "parallel.precision"),
     (RunConfig(), "data.dataset"),
+    (_cfg(cluster=ClusterConfig(executor="local")), "cluster.executor"),
+    (_cfg(cluster=ClusterConfig(executor="here"), parallel=ParallelConfig(num_workers=2)), "parallel.num_workers"),
 ])
 def test_invalid_run_configs_name_the_field(cfg, field):
     with pytest.raises(ValueError, match=f"^{field}"):
