@@ -31,7 +31,7 @@ from mmcore.data.config import DownloadConfig, FilterConfig, GuardConfig, Ingest
 from mmcore.data.download import download, scratch_tmpdir  # noqa: E402
 from mmcore.data.filters import build_filters, run_filters  # noqa: E402
 from mmcore.data.ingest import ingest  # noqa: E402
-from mmcore.data.sample import SampleSpec, make_sample  # noqa: E402
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample  # noqa: E402
 from mmcore.data.server import FileServer  # noqa: E402
 from mmcore.data.source import Rejects, precheck, read_source  # noqa: E402
 

@@ -29,7 +29,7 @@ def sample_rows(root: Path) -> tuple[list[bytes], list[str]]:
     """Images and captions of the sample corpus (synthetic scenes and digits), read from disk."""
     import pyarrow.parquet as pq
 
-    from mmcore.data.sample import SampleSpec, make_sample
+    from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 
     base = "http://127.0.0.1:1"
     url_list = make_sample(root, base, SampleSpec(synthetic=ROWS // 2, digits=ROWS // 2, photos=False,

@@ -39,7 +39,7 @@ STEPS = 60  # steps per feeding mode in the stall measurement
 def sample_dataset(root: Path, image_size: int = 64):
     """The sample corpus served on loopback and ingested, its images stored `image_size` pixels wide."""
     from mmcore.data.ingest import ingest
-    from mmcore.data.sample import make_sample
+    from mmcore.data.synthetic.corpus import make_sample
     from mmcore.data.server import FileServer
 
     with FileServer(root / "corpus") as server:

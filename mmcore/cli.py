@@ -10,7 +10,7 @@ from pathlib import Path
 from mmcore import console
 from mmcore.config import from_dict, project_home, to_dict
 from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
-from mmcore.data.sample import SampleSpec
+from mmcore.data.synthetic.corpus import SampleSpec
 from mmcore.stages import STAGES
 
 DEMO_PORT = 8765
@@ -64,7 +64,7 @@ def print_summary(version) -> None:
 
 
 def cmd_sample_make(args) -> int:
-    from mmcore.data.sample import make_sample
+    from mmcore.data.synthetic.corpus import make_sample
 
     spec = SampleSpec(synthetic=args.synthetic, digits=args.digits, photos=not args.no_photos,
                       defects=not args.no_defects, seed=args.seed)

@@ -48,7 +48,7 @@ def draw_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dict)
     is a ValueError naming the row."""
     from PIL import Image
 
-    from mmcore.data.sample import png_bytes
+    from mmcore.data.images import png_bytes
     from mmcore.models.encode import draw_images
 
     prompts = rows["prompt"].tolist() if "prompt" in rows else [None] * len(rows)

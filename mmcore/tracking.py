@@ -239,6 +239,9 @@ def log_evaluation(tracking_uri: str, experiment: str, name: str, version: str, 
         if outcome.get("error"):
             client.set_tag(run_id, f"suite.{suite_name}.error", outcome["error"][:5000])
             continue
+        if outcome.get("not_applicable"):
+            client.set_tag(run_id, f"suite.{suite_name}.not_applicable", outcome["not_applicable"])
+            continue
         result = outcome["result"]
         for key, value in result.metrics.items():
             client.log_metric(run_id, f"{suite_name}.{key}", float(value))

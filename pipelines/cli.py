@@ -42,7 +42,7 @@ def _demo_server(root: Path):
 
 def _ensure_sample(root: Path, base_url: str) -> Path:
     """Reuse the sample corpus if it was made for this address, else (re)make it."""
-    from mmcore.data.sample import make_sample
+    from mmcore.data.synthetic.corpus import make_sample
 
     info = root / "sample.json"
     if info.exists() and json.loads(info.read_text()).get("base_url") == base_url:

@@ -1,11 +1,14 @@
-"""Instruction samples derived from a dataset row, deterministically (nothing new is stored).
+"""Instruction turns derived from a dataset row, deterministically (nothing new is stored).
 
-A row becomes a chat: `<bos> <|user|> <image> question <|assistant|> answer <eos>`, and the loss
-counts the answer's tokens and its <eos> only. Questions come from the row's attribute columns
-(colour, shape, count, relation, yes/no against a foil for synthetic scenes; the digit for
-scikit-learn digits) and every row can be asked for its caption. Each question type has seen
-templates (training and evaluation) and held-out ones, which only evaluation on the test split
-uses: the difference measures whether the model learned the question or the wording.
+What the fusion and unified stages read, a row -> its turns: `training_questions(row, seed, epoch)` while
+training, `questions(row, held_out)` for evaluation. Every row can be asked for its caption; rows of the
+sample corpus also answer questions about their attribute columns (data/synthetic/questions.py: colour,
+shape, count, relation, yes/no against a foil, the digit). Each question type has seen wordings
+(training and evaluation) and held-out ones, which only evaluation uses: the difference measures whether
+the model learned the question or the wording.
+
+A turn becomes a chat: `<bos> <|user|> <image> question <|assistant|> answer <eos>`, and the loss counts
+the answer's tokens and its <eos> only.
 
 Packed (`data.pack_length`), one training sequence carries several of the row's questions after one
 shared `<bos> <|user|> <image>`: each question sees that prefix and itself only, at the positions it
@@ -21,66 +24,21 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmcore.data.sample import DIGIT_WORDS, OPPOSITE
+from mmcore.data.synthetic import questions as attributes
 from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER
 from mmcore.models.generate import IGNORE
 from mmcore.models.preprocess import Preprocessor, PreprocessConfig
 
-# question type -> (seen templates, held-out templates). {first}/{second}: "the red circle(s)";
-# {be}: is/are to agree with {first}.
-TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "caption": (("describe the image.", "what does the picture show?", "write a caption for this image.",
-                 "give a short description of this image.", "what is in the picture?", "caption this image."),
-                ("tell me what you see in this picture.",)),
-    "colour": (("what colour is the {shape}?", "which colour does the {shape} have?", "the {shape} is what colour?",
-                "what is the colour of the {shape}?", "which colour is the {shape} drawn in?",
-                "say which colour the {shape} is.", "describe the colour of the {shape}.",
-                "what colour has the {shape} shape?"),
-               ("name the colour of the {shape}.",)),
-    "shape": (("which shape is drawn in {color}?", "what is the shape of the {color} object?",
-               "which shape is {color}?", "what shape does the {color} object have?",
-               "the {color} object is which shape?", "say which shape is {color}.",
-               "describe the shape of the {color} object.", "which shape has the colour {color}?"),
-              ("name the shape coloured {color}.",)),
-    "count": (("how many {color} {shapes} are there?", "count the {color} {shapes}.",
-               "what is the number of {color} {shapes}?", "how many {shapes} are {color}?",
-               "give the number of {color} {shapes}.", "how many {color} {shapes} does the image show?",
-               "describe how many {color} {shapes} there are.", "how many {color} {shapes} are in the picture?"),
-              ("how many {color} {shapes} can you see?",)),
-    "relation": (("where {be} {first} relative to {second}?", "how {be} {first} placed relative to {second}?",
-                  "what is the position of {first} relative to {second}?",
-                  "relative to {second}, where {be} {first}?", "say where {first} {be} relative to {second}.",
-                  "in which direction from {second} {be} {first}?",
-                  "describe the position of {first} relative to {second}.",
-                  "give the direction from {second} to {first}."),
-                 ("describe where {first} {be} compared with {second}.",)),
-    "yes_no": (("{be} {first} {relation} {second}?", "is it true that {first} {be} {relation} {second}?",
-                "answer yes or no: {be} {first} {relation} {second}?", "{first} {be} {relation} {second}: yes or no?",
-                "{be} {first} placed {relation} {second}?", "does the image show {first} {relation} {second}?",
-                "say whether {first} {be} {relation} {second}.", "does the picture show {first} {relation} {second}?"),
-               ("would you say {first} {be} {relation} {second}?",)),
-    "digit": (("which digit is this?", "what number is written here?", "what digit is shown?",
-               "which number does the image show?", "read the digit in the image.", "what is this digit?",
-               "describe the digit.", "which digit does the picture show?"),
-              ("name the handwritten digit.",)),
-}
-"""Each type has seen wordings that open like another type's ("describe ...") or carry another
-type's word ("... has the colour red"), so that no single word decides the type; the held-out
-wordings use words no seen question has ("name", "tell me", "can you see", "compared with",
-"would you say", "coloured", "handwritten")."""
-OPENINGS = ("look: ", "so, ", "here: ")
-CLOSINGS = (" in short.", " one word.")
-ONE_WORD = ("colour", "shape", "count", "digit")
-"""Training only: half of the questions of ONE_WORD types open with one of OPENINGS and a third close
-with one of CLOSINGS, so that words around a question do not decide its type (captions and the
-two-group questions are too long to leave room in the context)."""
+CAPTION_TEMPLATES = (("describe the image.", "what does the picture show?", "write a caption for this image.",
+                      "give a short description of this image.", "what is in the picture?", "caption this image."),
+                     ("tell me what you see in this picture.",))
+"""(seen, held-out) wordings of the caption request, which every row of every dataset can answer."""
+TEMPLATES = {"caption": CAPTION_TEMPLATES, **attributes.TEMPLATES}
+CAPTION_PROMPT = CAPTION_TEMPLATES[0][0]
+"""The prompt evaluation asks for a caption with (captioning; the compositional probe, scoring): seen."""
 SHARED = 3
 """<bos> <|user|> <image>: the prefix every question about one image shares in a packed sequence."""
-CAPTION_PROMPT = TEMPLATES["caption"][0][0]
-"""The prompt evaluation asks for a caption with (captioning; the compositional probe, scoring): seen."""
-COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-ROW_COLUMNS = ["key", "caption", "source", "label", "shape", "color", "count", "relation", "shape2", "color2",
-               "count2"]
+ROW_COLUMNS = ["key", "caption", *attributes.COLUMNS]
 """Columns a sample can be derived from; a dataset without the attribute columns gets captions only."""
 
 
@@ -92,52 +50,23 @@ class Question:
     held_out: bool = False
 
 
-def _group(color: str, shape: str, count: int) -> str:
-    return f"the {color} {shape}{'s' if count > 1 else ''}"
-
-
-def _fill(template: str, row: dict, relation: str | None = None) -> str:
-    first = _group(row["color"], row["shape"], row["count"] or 1)
-    second = _group(row["color2"], row["shape2"], row["count2"] or 1) if row.get("relation") else ""
-    return template.format(shape=row["shape"], shapes=f"{row['shape']}s", color=row["color"], first=first,
-                           second=second, be="are" if (row["count"] or 1) > 1 else "is",
-                           relation=relation or row.get("relation"))
-
-
 def row_rng(row: dict, *salt: int) -> np.random.Generator:
     return np.random.default_rng([*salt, zlib.crc32(str(row["key"]).encode())])
 
 
-ANSWERS = {"caption": lambda row: row["caption"], "digit": lambda row: DIGIT_WORDS[int(row["label"])],
-           "colour": lambda row: row["color"], "shape": lambda row: row["shape"],
-           "count": lambda row: COUNT_WORDS[row["count"]], "relation": lambda row: row["relation"]}
-"""question type -> the answer, from the row's columns (yes_no's depends on the relation asked)."""
-
-
 def _kinds(row: dict) -> list[str]:
-    """The question types a row can answer, in a fixed order."""
-    kinds = ["caption"]
-    if row.get("source") == "sklearn-digits" and row.get("label") in [str(d) for d in range(10)]:
-        kinds.append("digit")
-    if row.get("source") != "synthetic" or not row.get("shape"):
-        return kinds
-    if not row.get("relation") or row["shape"] != row["shape2"]:
-        kinds.append("colour")  # with two groups of one shape, "the circle" would be ambiguous
-    kinds += ["shape", "count"]
-    return kinds + (["relation", "yes_no"] if row.get("relation") else [])
+    """The question types a row can answer, in a fixed order: the caption request, then the corpus's."""
+    return ["caption", *attributes.kinds(row)]
 
 
 def _question(kind: str, template: str, row: dict, truth: bool, held_out: bool = False) -> Question:
-    """A question of `kind` worded by `template`; a yes/no question asks the true relation or its opposite."""
-    if kind == "yes_no":
-        asked = row["relation"] if truth else OPPOSITE[row["relation"]]
-        return Question(kind, _fill(template, row, asked), "yes" if truth else "no", held_out)
-    return Question(kind, template if kind in ("caption", "digit") else _fill(template, row), ANSWERS[kind](row),
-                    held_out)
+    question, answer = (template, row["caption"]) if kind == "caption" else attributes.ask(kind, template, row, truth)
+    return Question(kind, question, answer, held_out)
 
 
 def questions(row: dict, held_out: bool = False) -> list[Question]:
-    """One question per type the row can answer, worded by a seen (or a held-out) template chosen by the row."""
+    """A row's turns for evaluation: one question per type the row can answer, worded by a seen (or a
+    held-out) template chosen by the row."""
     rng = row_rng(row, 7, int(held_out))
     out = []
     for kind in _kinds(row):
@@ -147,16 +76,17 @@ def questions(row: dict, held_out: bool = False) -> list[Question]:
 
 
 def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
-    """Every question type the row can answer, in an order drawn from (seed, epoch, key), each worded
-    by a seen template drawn the same way, with or without an opening and a closing (OPENINGS)."""
+    """A row's turns for training: every question type the row can answer, in an order drawn from (seed,
+    epoch, key), each worded by a seen template drawn the same way, with or without an opening and a
+    closing (attributes.OPENINGS)."""
     rng = row_rng(row, seed, epoch)
     kinds = _kinds(row)
     out = []
     for kind in (kinds[i] for i in rng.permutation(len(kinds))):
         template = str(rng.choice(TEMPLATES[kind][0]))
-        if kind in ONE_WORD:
-            template = (str(rng.choice(OPENINGS)) if rng.random() < 0.5 else "") + template
-            template += str(rng.choice(CLOSINGS)) if rng.random() < 1 / 3 else ""
+        if kind in attributes.ONE_WORD:
+            template = (str(rng.choice(attributes.OPENINGS)) if rng.random() < 0.5 else "") + template
+            template += str(rng.choice(attributes.CLOSINGS)) if rng.random() < 1 / 3 else ""
         out.append(_question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True))
     return out
 

@@ -10,9 +10,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
-from mmcore.data.sample import DIGIT_WORDS, OPPOSITE, describe, png_bytes
+from mmcore.data.images import png_bytes
+from mmcore.data.synthetic.corpus import DIGIT_WORDS, OPPOSITE, describe
 from mmcore.eval.retrieval import embed, embed_images, embed_texts, retrieval_recall
-from mmcore.eval.suites import SuiteError, SuiteResult, suite
+from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
 from mmcore.models import capabilities
 
 SPLIT = "test"
@@ -104,22 +105,26 @@ def _digits(model, preprocess, version, templates: tuple[str, ...], title: str) 
     return zero_shot(model, preprocess, table, classes, prompts, title)
 
 
-@suite("zeroshot-shapes", {"embed"}, "zero-shot colour+shape classification of single-group synthetic scenes")
+@suite("zeroshot-shapes", {"embed"}, "zero-shot colour+shape classification of single-group synthetic scenes",
+       SAMPLE_COLUMNS)
 def zeroshot_shapes(model, preprocess, version) -> SuiteResult:
     return _shapes(model, preprocess, version, SHAPE_TEMPLATES, "zero-shot colour + shape")
 
 
-@suite("zeroshot-shapes-heldout", {"embed"}, "zeroshot-shapes with prompts worded unlike any corpus caption")
+@suite("zeroshot-shapes-heldout", {"embed"}, "zeroshot-shapes with prompts worded unlike any corpus caption",
+       SAMPLE_COLUMNS)
 def zeroshot_shapes_heldout(model, preprocess, version) -> SuiteResult:
     return _shapes(model, preprocess, version, HELDOUT_SHAPE_TEMPLATES, "zero-shot colour + shape, held-out prompts")
 
 
-@suite("zeroshot-digits", {"embed"}, "zero-shot classification of held-out scikit-learn digits (0-9)")
+@suite("zeroshot-digits", {"embed"}, "zero-shot classification of held-out scikit-learn digits (0-9)",
+       SAMPLE_COLUMNS)
 def zeroshot_digits(model, preprocess, version) -> SuiteResult:
     return _digits(model, preprocess, version, DIGIT_TEMPLATES, "zero-shot digits")
 
 
-@suite("zeroshot-digits-heldout", {"embed"}, "zeroshot-digits with prompts worded unlike any corpus caption")
+@suite("zeroshot-digits-heldout", {"embed"}, "zeroshot-digits with prompts worded unlike any corpus caption",
+       SAMPLE_COLUMNS)
 def zeroshot_digits_heldout(model, preprocess, version) -> SuiteResult:
     return _digits(model, preprocess, version, HELDOUT_DIGIT_TEMPLATES, "zero-shot digits, held-out prompts")
 
@@ -179,7 +184,8 @@ def _agreement(model, preprocess, images: list[bytes]):
     return lambda texts: score_answers(model, preprocess, images, [CAPTION_PROMPT] * len(texts), texts)
 
 
-@suite("compositional", {"embed", "score"}, "true caption vs the same words with attributes or relation swapped")
+@suite("compositional", {"embed", "score"}, "true caption vs the same words with attributes or relation swapped",
+       SAMPLE_COLUMNS)
 def compositional(model, preprocess, version) -> SuiteResult:
     columns = ["image", "caption", "source", "relation", "count", "color", "shape", "count2", "color2", "shape2"]
     table = rows(version, columns, {"source": "synthetic"})

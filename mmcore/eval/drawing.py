@@ -10,10 +10,11 @@ from PIL import Image, ImageDraw
 
 from mmcore import registry, tracking
 from mmcore.config import TrackingConfig
-from mmcore.data.sample import COLORS, SHAPES, png_bytes
+from mmcore.data.images import png_bytes
+from mmcore.data.synthetic.corpus import COLORS, SHAPES
 from mmcore.eval.contrastive import SHAPE_TEMPLATES, class_embeddings, rows
 from mmcore.eval.retrieval import embed_images
-from mmcore.eval.suites import SuiteError, SuiteResult, suite
+from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
 from mmcore.models.encode import draw_images
 
 JUDGE = "models:/mmpipe-contrastive@champion"
@@ -68,7 +69,7 @@ def _grid(prompts: list[str], images: np.ndarray, count: int = 12) -> bytes:
 
 
 @suite("text-to-image", {"generate_image"}, "scenes drawn from test captions: pixel colour check and a "
-       "contrastive judge of colour + shape")
+       "contrastive judge of colour + shape", SAMPLE_COLUMNS)
 def text_to_image(model, preprocess, version) -> SuiteResult:
     table = rows(version, ["image", "caption", "color", "shape", "source", "relation"],
                  {"source": "synthetic", "relation": None})

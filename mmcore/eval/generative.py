@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 
 from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, Question, questions
-from mmcore.data.sample import COLORS, SHAPES
+from mmcore.data.synthetic.corpus import COLORS, SHAPES
 from mmcore.eval.contrastive import rows
-from mmcore.eval.suites import SuiteError, SuiteResult, suite
+from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
 from mmcore.models.encode import generate_answers
 
 ANSWER_TOKENS = 6
@@ -35,7 +35,8 @@ def _test_rows(version) -> list[dict]:
     return table.to_pylist()
 
 
-@suite("vqa", {"generate"}, "questions about colour, shape, count, relation, yes/no and digits; exact match")
+@suite("vqa", {"generate"}, "questions about colour, shape, count, relation, yes/no and digits; exact match",
+       SAMPLE_COLUMNS)
 def vqa(model, preprocess, version) -> SuiteResult:
     asked = [(row, q) for row in _test_rows(version) for held_out in (False, True)
              for q in questions(row, held_out) if q.kind != "caption"]
@@ -93,7 +94,8 @@ def _attribute_scores(records: list[dict], generated: list[str]) -> dict[str, fl
     return scores
 
 
-@suite("captioning", {"generate"}, "generated captions: scene attributes parsed back, CIDEr and BLEU-4")
+@suite("captioning", {"generate"}, "generated captions: scene attributes parsed back, CIDEr and BLEU-4",
+       SAMPLE_COLUMNS)
 def captioning(model, preprocess, version) -> SuiteResult:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mmcore.data.sample import png_bytes
+from mmcore.data.images import png_bytes
 from mmcore.eval.contrastive import rows
 from mmcore.eval.suites import SuiteError, SuiteResult, suite
 

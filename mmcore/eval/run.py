@@ -31,6 +31,8 @@ class EvalReport:
     primaries: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
     """suite -> error, for the suites that failed."""
+    not_applicable: dict[str, str] = field(default_factory=dict)
+    """suite -> why it does not apply to the dataset (Suite.not_applicable): not run, not a failure."""
 
     @property
     def ok(self) -> bool:
@@ -84,6 +86,10 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     with progress_bar("evaluating", len(selected)) as advance_to:
         for done, suite in enumerate(selected):
             advance_to(done, suite.name)
+            reason = suite.not_applicable(data)
+            if reason:
+                results[suite.name] = {"not_applicable": reason}
+                continue
             try:
                 results[suite.name] = {"result": suite.run(model, preprocess, data)}
             except Exception as err:  # noqa: BLE001 - recorded, and the gate refuses a partial evaluation
@@ -94,10 +100,13 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     report = EvalReport(name, version, data.id, run_id,
                         metrics={k: v["result"].metrics for k, v in results.items() if "result" in v},
                         primaries={k: v["result"].primary for k, v in results.items() if "result" in v},
-                        errors={k: v["error"] for k, v in results.items() if "error" in v})
+                        errors={k: v["error"] for k, v in results.items() if "error" in v},
+                        not_applicable={k: v["not_applicable"] for k, v in results.items() if "not_applicable" in v})
     registry.tag_version(name, version, {"eval.run_id": run_id, "eval.dataset_id": data.id,
                                          "eval.summary": report.summary() or "-",
                                          "eval.ok": str(report.ok).lower()}, tracking_uri)
     failed = f"; FAILED: {', '.join(report.errors)}" if report.errors else ""
+    for suite_name, reason in report.not_applicable.items():
+        console.say(f"not applicable: {suite_name} ({reason})")
     console.say(f"evaluated {name} v{version}: {report.summary() or '-'}{failed} (MLflow run {run_id})")
     return report

@@ -21,6 +21,10 @@ class SuiteError(ValueError):
     """A suite cannot run on this model or dataset (wrong family, missing split or labels)."""
 
 
+SAMPLE_COLUMNS = frozenset({"source", "label", "shape", "color", "count", "relation", "shape2", "color2", "count2"})
+"""The sample corpus's attribute columns (data/synthetic/questions.py COLUMNS)."""
+
+
 @dataclass
 class SuiteResult:
     metrics: dict[str, float]
@@ -38,17 +42,27 @@ class Suite:
     """Capabilities the suite can use; a model with any one of them can take it."""
     run: Callable[..., SuiteResult]
     description: str
+    columns: frozenset[str] = frozenset()
+    """The columns beyond the curated ones that the suite reads (the sample corpus's attributes); on a
+    dataset without them it does not apply."""
+
+    def not_applicable(self, version) -> str | None:
+        """Why the suite does not apply to dataset `version`, or None when it does."""
+        missing = sorted(self.columns - set(version.manifest["source"].get("extras", [])))
+        if missing:
+            return f"dataset {version.id} has no {', '.join(missing)} column(s): the sample corpus's attributes"
+        return None
 
 
 SUITES: dict[str, Suite] = {}
 
 
-def suite(name: str, needs: set[str], description: str):
-    """Register `fn(model, preprocess, version) -> SuiteResult` under `name`."""
+def suite(name: str, needs: set[str], description: str, columns: frozenset[str] = frozenset()):
+    """Register `fn(model, preprocess, version) -> SuiteResult` under `name`; `columns`: Suite.columns."""
     assert needs <= set(CAPABILITIES), needs
 
     def register(fn):
-        SUITES[name] = Suite(name, frozenset(needs), fn, description)
+        SUITES[name] = Suite(name, frozenset(needs), fn, description, frozenset(columns))
         return fn
     return register
 

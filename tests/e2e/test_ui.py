@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mmcore.data.dataset import DatasetVersion
-from mmcore.data.sample import SampleSpec, make_sample
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 from pipelines import stack
 from tests.serving import stop_served
 from tests.e2e.browser import chromium_driver, mlflow_ui_model_aliases, run_deployment_from_ui, wait_for_run_state

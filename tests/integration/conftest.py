@@ -8,7 +8,7 @@ import pytest
 
 from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.ingest import ingest
-from mmcore.data.sample import SampleSpec, make_sample
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 
 
 @pytest.fixture(scope="session")

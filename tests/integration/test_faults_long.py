@@ -129,10 +129,10 @@ def _points(uri: str, run_id: str) -> set[tuple[str, int]]:
 
 
 def test_mlflow_down_for_a_minute_mid_run_loses_no_metric(train_dataset, local_ray, stack_home, fault):
-    from pipelines import stack
+    from pipelines import services, stack
     from mmcore.train.fit import fit
 
-    uri = stack.read_state(stack_home)["urls"]["mlflow_ui"]
+    uri = services.read_state(stack_home)["urls"]["mlflow_ui"]
     base = [f"checkpoint.every_steps={EVERY}", f'tracking.uri="{uri}"', "data.record_samples=false"]
     clean = fit(debug_config(train_dataset, *base, "seed=2", 'tracking.model_name="mmpipe-mlflow-clean"'))
 
@@ -145,7 +145,7 @@ def test_mlflow_down_for_a_minute_mid_run_loses_no_metric(train_dataset, local_r
     while reported_step(run_dir) < 20:
         assert thread.is_alive()
         time.sleep(0.2)
-    mlflow = stack.read_state(stack_home)["services"]["mlflow"]
+    mlflow = services.read_state(stack_home)["services"]["mlflow"]
     os.killpg(mlflow["pgid"], signal.SIGKILL)
     down_at = reported_step(run_dir)
     time.sleep(60)
@@ -188,7 +188,7 @@ def test_a_100k_row_url_list_ingests_in_bounded_memory_and_every_row_is_counted(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mmcore.data.sample import SampleSpec, make_sample
+    from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 
     server, root = served_dir
     base = pq.read_table(make_sample(root / "load", f"{server.url}/load",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmcore.data.dataset import MANIFEST, DatasetVersion
-from mmcore.data.sample import SampleSpec, make_sample
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 from pipelines.params import IngestParams
 from tests.serving import stop_served
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcore.data.sample import SampleSpec, make_sample
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 from tests.integration.full_disk import can_mount_tmpfs, on_full_disk
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]

@@ -20,7 +20,7 @@ from PIL import Image
 from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import assign_split
 from mmcore.data.ingest import ingest
-from mmcore.data.sample import SampleSpec, make_sample
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 from mmcore.data.schema import CURATED_NAMES
 from mmcore.data.tokenizer import load_tokenizer
 

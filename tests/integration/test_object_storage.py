@@ -13,7 +13,7 @@ from mmcore import storage
 from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.dataset import MANIFEST, DatasetVersion
 from mmcore.data.ingest import ingest
-from mmcore.data.sample import SampleSpec, make_sample
+from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 from tests.objectstore import ObjectStore, free_port
 
 pytestmark = pytest.mark.integration

@@ -254,7 +254,7 @@ def test_a_flow_run_outlives_a_prefect_api_restart_and_a_rerun_repeats_no_work(r
     against it, then restarted by `mmpipe up`; the same flow run again."""
     import signal
 
-    from mmcore.data.sample import SampleSpec, make_sample
+    from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 
     server, root = served_dir
     url_list = make_sample(root / "prefect-restart", f"{server.url}/prefect-restart",

@@ -39,7 +39,7 @@ def test_every_module_starts_with_a_docstring():
 
 
 def test_importing_the_library_has_no_side_effects(tmp_path):
-    code = ("import os, mmcore.cli, mmcore.data.ingest, mmcore.data.sample; "
+    code = ("import os, mmcore.cli, mmcore.data.ingest, mmcore.data.synthetic.corpus; "
             "print(sorted(os.listdir('.')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
                          env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})

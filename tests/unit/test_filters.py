@@ -13,7 +13,7 @@ from PIL import Image
 from mmcore.data.config import FilterConfig
 from mmcore.data.filters import (CaptionFilter, ExactDuplicateFilter, LanguageFilter, NearDuplicateFilter,
                                  build_filters, phash64, run_filters)
-from mmcore.data.sample import synthetic_scene
+from mmcore.data.synthetic.corpus import synthetic_scene
 from mmcore.data.source import Rejects
 
 

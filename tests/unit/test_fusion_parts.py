@@ -11,9 +11,10 @@ from PIL import Image
 
 from mmcore.config import RunConfig, TaskConfig
 from mmcore.data.config import TokenizerConfig
-from mmcore.data.instruct import (CLOSINGS, OPENINGS, SHARED, TEMPLATES, ChatFormat, InstructPreprocessor,
-                                  instruction_batch, questions, training_question, training_questions)
-from mmcore.data.sample import describe
+from mmcore.data.instruct import (SHARED, TEMPLATES, ChatFormat, InstructPreprocessor, instruction_batch, questions,
+                                  training_question, training_questions)
+from mmcore.data.synthetic.questions import CLOSINGS, OPENINGS
+from mmcore.data.synthetic.corpus import describe
 from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_tokens
 from mmcore.eval.generative import parse_scene
 from mmcore.models import build_model, model_config
@@ -226,7 +227,7 @@ def test_instruct_preprocessor_makes_the_fusion_batch(tokenizer_json):
 
 def test_scene_captions_parse_back_into_their_attributes():
     rng = np.random.default_rng(0)
-    from mmcore.data.sample import synthetic_scene
+    from mmcore.data.synthetic.corpus import synthetic_scene
 
     for _ in range(30):
         _, attrs = synthetic_scene(rng, 64)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from mmcore.data.reasons import REASONS
-from mmcore.data.sample import COLORS, SCENE_TEMPLATES, SampleSpec, describe, make_sample, synthetic_scene
+from mmcore.data.synthetic.corpus import COLORS, SCENE_TEMPLATES, SampleSpec, describe, make_sample, synthetic_scene
 
 
 def _files(root):

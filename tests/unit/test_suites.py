@@ -15,9 +15,10 @@ from PIL import Image
 
 from mmcore.data.config import SplitConfig, TokenizerConfig
 from mmcore.data.dataset import DatasetVersion, ShardWriter, build_manifest
-from mmcore.data.sample import DIGIT_WORDS, synthetic_scene
+from mmcore.data.synthetic.corpus import DIGIT_WORDS, synthetic_scene
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.eval.contrastive import foils
+from mmcore.eval import drawing, generative, reconstruction  # noqa: F401 - register their suites
 from mmcore.eval.suites import SUITES, SuiteError, get_suite, suite
 from mmcore.models import capabilities
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
@@ -126,7 +127,7 @@ def test_heldout_prompt_templates_use_words_that_no_corpus_caption_has(tmp_path)
     """The held-out suites measure generalisation only if their wording is new to the model."""
     import re
 
-    from mmcore.data.sample import SampleSpec, make_sample
+    from mmcore.data.synthetic.corpus import SampleSpec, make_sample
     from mmcore.eval.contrastive import (DIGIT_TEMPLATES, HELDOUT_DIGIT_TEMPLATES, HELDOUT_SHAPE_TEMPLATES,
                                          SHAPE_TEMPLATES)
 
@@ -188,7 +189,8 @@ def test_suite_registry_is_open_and_checks_what_the_model_can_do(version):
         SUITES.pop("always-one")
 
 
-def test_a_dataset_without_labels_is_a_suite_error(tmp_path, version):
+def test_suites_of_the_sample_corpus_do_not_apply_to_a_dataset_without_its_columns(tmp_path, version):
+    """A web dataset (no attribute columns): the corpus's suites say why they do not apply; the others do."""
     import shutil
 
     bare = tmp_path / "bare"
@@ -196,8 +198,14 @@ def test_a_dataset_without_labels_is_a_suite_error(tmp_path, version):
     manifest = json.loads((bare / "manifest.json").read_text())
     manifest["source"]["extras"] = []
     (bare / "manifest.json").write_text(json.dumps(manifest))
+    bare = DatasetVersion.open(bare)
+    for name in ("zeroshot-shapes", "zeroshot-digits-heldout", "compositional", "vqa", "captioning", "text-to-image"):
+        reason = SUITES[name].not_applicable(bare)
+        assert reason and bare.id in reason and "color, color2, count" in reason and "sample corpus" in reason, name
+        assert SUITES[name].not_applicable(version) is None, name
+    assert SUITES["retrieval"].not_applicable(bare) is None and SUITES["reconstruction"].not_applicable(bare) is None
     with pytest.raises(SuiteError, match="no column\\(s\\) \\['label', 'source', 'relation'\\]"):
-        get_suite("zeroshot-shapes", {"embed"}).run(None, None, DatasetVersion.open(bare))
+        get_suite("zeroshot-shapes", {"embed"}).run(None, None, bare)  # run regardless: still a clear error
 
 
 class CopyTokenizer(torch.nn.Module):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mmcore.data.config import GuardConfig
-from mmcore.data.sample import _bomb_png
+from mmcore.data.synthetic.corpus import _bomb_png
 from mmcore.data.urlguard import FetchError, blocked_label, check_image, check_url, resolve
 
 POLICY = GuardConfig()

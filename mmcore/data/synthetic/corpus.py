@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from mmcore.data.images import png_bytes
+
 COLORS = {
     "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220),
     "yellow": (235, 200, 30), "purple": (140, 60, 180), "orange": (245, 130, 20),
@@ -196,13 +198,6 @@ def synthetic_scene(rng: np.random.Generator, px: int) -> tuple[Image.Image, dic
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """A PIL image as PNG bytes."""
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
     return buffer.getvalue()
 
 
