@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -12,7 +13,8 @@ from pathlib import Path
 
 from mmcore import cli as library_cli
 from mmcore import console
-from pipelines import stack
+from pipelines.services import DEFAULT_HOST, DEFAULT_PORTS, StackError, env_path, stack_dir, state_path, token_path
+from pipelines.stack import client_env, down, running, status, up
 
 
 def _home(args) -> Path:
@@ -96,7 +98,7 @@ def _recipe(name: str) -> dict:
 def cmd_serve(args) -> int:
     """Register the deployments and run what they schedule, against the Prefect server of `mmpipe up`."""
     home = _home(args)
-    for key, value in stack.client_env(home).items():
+    for key, value in client_env(home).items():
         os.environ.setdefault(key, value)  # the running local stack, unless the caller points elsewhere
     if not os.environ.get("PREFECT_API_URL"):
         raise ValueError("mmpipe serve needs a Prefect server: start the local stack with `mmpipe up`, "
@@ -141,8 +143,97 @@ def build_parser() -> argparse.ArgumentParser:
                             "tokenizer and the unified stage)")
     serve.add_argument("--limit", type=int, default=1, help="flow runs at a time (default %(default)s)")
     serve.set_defaults(func=cmd_serve)
-    stack.add_stack_commands(commands)
+    add_stack_commands(commands)
     return parser
+
+
+def _default_home() -> str:
+    return os.environ.get("MMPIPE_HOME", "~/.mmpipe")
+
+
+def add_stack_commands(subparsers) -> None:
+    """Add `up`, `status` and `down` to an argparse subparsers object; each sets func(args) -> int."""
+    start = subparsers.add_parser("up", help="start Prefect, MLflow and a Ray head on this machine")
+    _add_home(start)
+    start.add_argument("--host", default=DEFAULT_HOST,
+                       help="address to bind (default 127.0.0.1; any other needs --auth)")
+    start.add_argument("--auth", action="store_true",
+                       help="basic auth on Prefect and MLflow, a password generated into <home>/stack/credentials.json "
+                            "(required off loopback; Ray always uses its token)")
+    for key, port in DEFAULT_PORTS.items():
+        start.add_argument("--" + key.replace("_", "-") + "-port", dest=f"{key}_port", type=int, default=port,
+                           help=f"default {port}")
+    start.add_argument("--artifacts", default="",
+                       help="where MLflow keeps model artifacts: s3://bucket/prefix (credentials and endpoint from "
+                            "the AWS variables of this shell) or a directory; default <home>/mlartifacts")
+    start.add_argument("--timeout", type=float, default=120.0,
+                       help="seconds to wait for every server to answer its health check")
+    start.set_defaults(func=cmd_up)
+    show = subparsers.add_parser("status", help="show which stack servers run and answer their health checks")
+    _add_home(show)
+    show.set_defaults(func=cmd_status)
+    stop = subparsers.add_parser("down", help="stop every server `mmpipe up` started")
+    _add_home(stop)
+    stop.set_defaults(func=cmd_down)
+
+
+def _add_home(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", default=_default_home(), help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
+
+
+def _error(err: Exception) -> int:
+    console.err.print(f"mmpipe: error: {err}")
+    return 2
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    home = Path(args.home).expanduser()
+    ports = {key: getattr(args, f"{key}_port") for key in DEFAULT_PORTS}
+    alive = running(home)
+    if alive and all(alive.values()):
+        console.out.print(f"the stack is already running (state in {state_path(home)})")
+    elif not any(alive.values()):
+        console.out.print(f"starting prefect, mlflow and ray on {args.host} (logs in {stack_dir(home) / 'logs'}) ...")
+    else:
+        stopped = ", ".join(name for name, ok in alive.items() if not ok)
+        console.out.print(f"restarting {stopped} (stopped); the other servers keep running")
+    try:
+        urls = up(home, host=args.host, ports=ports, timeout_s=args.timeout, auth=args.auth,
+                  artifacts=args.artifacts)
+    except (StackError, ValueError, OSError) as err:
+        return _error(err)
+    _print_urls(home, urls)
+    return 0
+
+
+def _print_urls(home: Path, urls: dict[str, str]) -> None:
+    console.out.print(f"Prefect UI     {urls['prefect_ui']}")
+    console.out.print(f"MLflow UI      {urls['mlflow_ui']}")
+    console.out.print(f"Ray dashboard  {urls['ray_dashboard']}  (token: {token_path(home)})")
+    console.out.print(f"Ray address    {urls['ray_address']}" + (f"  or {urls['ray_client']}" if "ray_client" in urls else ""))
+    console.out.print(f"\n# for clients (also in {env_path(home)}: `source {env_path(home)}`)")
+    for key, value in client_env(home, urls).items():
+        secret = key in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_PASSWORD")  # shown only in the 0600 file
+        console.out.print(f"export {key}={'<in the file above>' if secret else shlex.quote(value)}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = status(Path(args.home))
+    console.out.print(f"{'service':<9}{'state':<10}{'pid':<9}{'healthy':<9}url")
+    for row in rows:
+        state = "running" if row["running"] else "stopped"
+        pid = str(row["pid"] or "-")
+        console.out.print(f"{row['service']:<9}{state:<10}{pid:<9}{'yes' if row['healthy'] else 'no':<9}{row['url'] or '-'}")
+    return 0 if all(row["healthy"] for row in rows) else 1
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        stopped = down(Path(args.home))
+    except StackError as err:
+        return _error(err)
+    console.out.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import pytest
 
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.synthetic.corpus import SampleSpec, make_sample
-from pipelines import stack
+from pipelines import processes, stack
 from tests.serving import stop_served
 from tests.e2e.browser import chromium_driver, mlflow_ui_model_aliases, run_deployment_from_ui, wait_for_run_state
 
@@ -62,7 +62,7 @@ def stack_home(tmp_path):
         assert started.returncode == 0, started.stdout + started.stderr
         yield home
     finally:
-        members = stack.stack_processes(home)
+        members = processes.stack_processes(home)
         stopped = subprocess.run([CLI, "down", "--home", str(home)], capture_output=True, text=True, timeout=300)
         assert stopped.returncode == 0, stopped.stderr
         assert not [p for p in members if p.is_running() and p.status() != "zombie"], "down left processes running"

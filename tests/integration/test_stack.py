@@ -19,7 +19,7 @@ import httpx
 import psutil
 import pytest
 
-from pipelines import stack
+from pipelines import processes, services, stack
 from tests import objectstore
 
 pytestmark = pytest.mark.integration
@@ -29,11 +29,11 @@ def free_ports() -> dict[str, int]:
     """A free port per stack port, picked by the OS so leftover or parallel servers do not clash."""
     socks = []
     try:
-        for _ in stack.DEFAULT_PORTS:
+        for _ in services.DEFAULT_PORTS:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
             socks.append(sock)
-        return {key: sock.getsockname()[1] for key, sock in zip(stack.DEFAULT_PORTS, socks)}
+        return {key: sock.getsockname()[1] for key, sock in zip(services.DEFAULT_PORTS, socks)}
     finally:
         for sock in socks:
             sock.close()
@@ -41,7 +41,7 @@ def free_ports() -> dict[str, int]:
 
 def session_tree(home: Path) -> set[tuple[int, float]]:
     """(pid, create_time) of every process the recorded leaders started: descendants and session members."""
-    state = stack.read_state(home)
+    state = services.read_state(home)
     leaders = {entry["pid"] for entry in state["services"].values()}
     found = set()
     for proc in psutil.process_iter():
@@ -71,14 +71,14 @@ def still_running(procs: set[tuple[int, float]]) -> list[int]:
 
 def strays(home: Path) -> list[str]:
     """Processes that mention this home (command line or the stack's environment marker)."""
-    marks = (str(home), str(stack.ray_temp_dir(home)))
+    marks = (str(home), str(services.ray_temp_dir(home)))
     found = []
     for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
             if proc.pid == os.getpid() or proc.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmdline = " ".join(proc.info["cmdline"] or [])
-            marked = proc.environ().get(stack.MARKER_ENV, "").startswith(str(home))
+            marked = proc.environ().get(processes.MARKER_ENV, "").startswith(str(home))
             if marked or any(mark in cmdline for mark in marks):
                 found.append(f"{proc.pid} {cmdline[:120]}")
         except psutil.Error:
@@ -105,7 +105,7 @@ def running_stack(tmp_path_factory):
     print(f"stack up in {time.monotonic() - started:.1f} s")
     yield SimpleNamespace(home=home, ports=ports, urls=urls, procs=session_tree(home))
     stack.down(home)  # a no-op after test_down_stops_everything; cleans up if an earlier test failed
-    shutil.rmtree(stack.ray_temp_dir(home), ignore_errors=True)  # Ray's session logs, outside tmp_path
+    shutil.rmtree(services.ray_temp_dir(home), ignore_errors=True)  # Ray's session logs, outside tmp_path
 
 
 def test_up_starts_three_healthy_servers(running_stack):
@@ -115,7 +115,7 @@ def test_up_starts_three_healthy_servers(running_stack):
     assert httpx.get(f"{urls['ray_dashboard']}/api/gcs_healthz").status_code == 200
     assert urls["prefect_ui"] == f"http://127.0.0.1:{ports['prefect']}"
     assert urls["ray_address"] == f"127.0.0.1:{ports['ray']}"
-    state = stack.read_state(home)
+    state = services.read_state(home)
     assert set(state["services"]) == {"prefect", "mlflow", "ray"}
     for name, entry in state["services"].items():
         assert Path(entry["log"]) == home / "stack" / "logs" / f"{name}.log"
@@ -176,9 +176,9 @@ def test_ray_head_requires_its_token_and_runs_tasks(running_stack):
 
 
 def test_up_again_reports_the_running_stack(running_stack):
-    before = stack.read_state(running_stack.home)
+    before = services.read_state(running_stack.home)
     assert stack.up(running_stack.home, ports=running_stack.ports) == running_stack.urls
-    assert stack.read_state(running_stack.home) == before
+    assert services.read_state(running_stack.home) == before
 
 
 @pytest.mark.fault
@@ -198,7 +198,7 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_up_restarts_it(running
         logger.log({"loss": 10.0 - step}, step)
     assert logger.pending == [] and logger.failures == 0
 
-    before = stack.read_state(home)["services"]
+    before = services.read_state(home)["services"]
     os.killpg(before["mlflow"]["pgid"], signal.SIGKILL)
     psutil.Process(before["mlflow"]["pid"]).wait(timeout=30)
     for step in range(5, 10):
@@ -215,7 +215,7 @@ def test_metrics_logged_while_mlflow_is_down_arrive_after_up_restarts_it(running
 
     assert stack.running(home) == {"prefect": True, "mlflow": False, "ray": True}
     assert stack.up(home) == running_stack.urls, "up restarts the stopped server on its port"
-    after = stack.read_state(home)["services"]
+    after = services.read_state(home)["services"]
     assert after["mlflow"]["pid"] != before["mlflow"]["pid"]
     assert [after[n]["pid"] for n in ("prefect", "ray")] == [before[n]["pid"] for n in ("prefect", "ray")]
     expected = [(step, 10.0 - step) for step in range(10)]
@@ -269,7 +269,7 @@ def test_a_flow_run_outlives_a_prefect_api_restart_and_a_rerun_repeats_no_work(r
     while not [r for r in _flow_runs(api, "ingest") if r["state_type"] == "RUNNING"]:
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
         time.sleep(0.5)
-    prefect = stack.read_state(running_stack.home)["services"]["prefect"]
+    prefect = services.read_state(running_stack.home)["services"]["prefect"]
     os.killpg(prefect["pgid"], signal.SIGKILL)
     psutil.Process(prefect["pid"]).wait(timeout=30)
     killed = time.monotonic()
@@ -308,7 +308,7 @@ def test_down_stops_everything(running_stack):
     assert still_running(procs) == []
     assert strays(home) == []
     for key, port in running_stack.ports.items():
-        assert stack.port_free("127.0.0.1", port), key
+        assert services.port_free("127.0.0.1", port), key
     assert not (home / "stack" / "state.json").exists()
     assert [r["running"] for r in stack.status(home)] == [False, False, False]
     assert stack.down(home) == []  # idempotent
@@ -318,10 +318,10 @@ def test_down_stops_everything(running_stack):
 def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path, train_dataset, object_store,
                                                                         fault):
     home = tmp_path.resolve()
-    with pytest.raises(stack.StackError, match="refusing to serve Prefect and MLflow on 0.0.0.0 without "
+    with pytest.raises(services.StackError, match="refusing to serve Prefect and MLflow on 0.0.0.0 without "
                                                "authentication: add --auth"):
         stack.up(home, host="0.0.0.0", ports=free_ports())
-    assert stack.read_state(home) is None and strays(home) == [], "nothing started"
+    assert services.read_state(home) is None and strays(home) == [], "nothing started"
 
     bucket = object_store.bucket()
     urls = stack.up(home, ports=free_ports(), timeout_s=180, auth=True, artifacts=f"{bucket}/mlflow")
@@ -329,7 +329,7 @@ def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path
         env = client_env(home)
         user, password = env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]
         assert env["PREFECT_API_AUTH_STRING"] == f"{user}:{password}" and len(password) >= 24
-        for path in (stack.credentials_path(home), stack.env_path(home)):
+        for path in (services.credentials_path(home), services.env_path(home)):
             assert path.stat().st_mode & 0o077 == 0, f"{path} is readable by others"
         token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
         requests = {
@@ -344,7 +344,7 @@ def test_off_loopback_up_needs_auth_and_auth_rejects_anonymous_requests(tmp_path
             assert httpx.request(method, url, json={} if method == "POST" else None, **wrong).status_code in (401, 403)
             assert httpx.request(method, url, json={} if method == "POST" else None, **credentials).status_code == 200
         logs = "".join(p.read_text(errors="replace") for p in (home / "stack" / "logs").glob("*.log"))
-        assert password not in logs and password not in json.dumps(stack.read_state(home))
+        assert password not in logs and password not in json.dumps(services.read_state(home))
         leaks = _train_with_password_in_tracking_uri(home, env, urls, train_dataset)
         stored = object_store.keys(f"{bucket}/mlflow/")
         assert any(key.endswith("/weights.safetensors") for key in stored), "model artifacts go to the bucket"
@@ -390,8 +390,8 @@ def _train_with_password_in_tracking_uri(home: Path, env: dict, urls: dict, data
         assert run.data.params["tracking.uri"] == urls["mlflow_ui"].replace("://", f"://{user}:***@", 1)
         leaks += [f"MLflow param {k}" for k, v in run.data.params.items() if password in v]
         artifacts = Path(download_artifacts(run_id=run_id, tracking_uri=urls["mlflow_ui"], dst_path=str(home / "dl")))
-    allowed = {stack.credentials_path(home), stack.env_path(home)}
-    for root in (home, stack.ray_temp_dir(home)):
+    allowed = {services.credentials_path(home), services.env_path(home)}
+    for root in (home, services.ray_temp_dir(home)):
         for path in root.rglob("*"):
             if path.is_file() and path not in allowed and any(secret in path.read_bytes() for secret in
                                                               (password.encode(), objectstore.SECRET.encode())):
@@ -405,17 +405,17 @@ def test_port_taken_names_it_and_starts_nothing(tmp_path):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", ports["mlflow"]))
         squatter.listen()
-        with pytest.raises(stack.StackError, match=rf"port {ports['mlflow']} \(mlflow\) .*--mlflow-port"):
+        with pytest.raises(services.StackError, match=rf"port {ports['mlflow']} \(mlflow\) .*--mlflow-port"):
             stack.up(home, ports=ports)
-    assert stack.read_state(home) is None
+    assert services.read_state(home) is None
     assert strays(home) == []
 
 
 def test_server_that_never_gets_healthy_leaves_nothing_running(tmp_path):
     home = tmp_path.resolve()
-    with pytest.raises(stack.StackError, match=r"prefect.* did not become healthy within 3 s"):
+    with pytest.raises(services.StackError, match=r"prefect.* did not become healthy within 3 s"):
         stack.up(home, ports=free_ports(), timeout_s=3)  # Prefect needs ~25 s here
-    shutil.rmtree(stack.ray_temp_dir(home), ignore_errors=True)
-    assert stack.read_state(home) is None
+    shutil.rmtree(services.ray_temp_dir(home), ignore_errors=True)
+    assert services.read_state(home) is None
     assert strays(home) == []
     assert "prefect server start" in (home / "stack" / "logs" / "prefect.log").read_text()
