@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: machine description, writing a section of docs/benchmarks.md, the lr schedule."""
+"""Helpers shared by the benchmarks (and the experiments, which put bench/ on sys.path): machine description,
+writing a section of docs/benchmarks.md, the lr schedule."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ HEADER = """# Benchmarks
 
 Every figure here was written by the command shown above it, on the machine it names.
 Re-run a command to refresh its section; the other sections are left as they are.
+Investigations (why the fusion stage does not bind, Flamingo's gates, the two fusion families, where the
+unified stage's image codes are made) are in experiments/, each with its question, commands and answer.
 """
 
 
@@ -64,10 +67,15 @@ def median(values) -> float:
     return statistics.median(values)
 
 
+def measured() -> str:
+    """The line under a table that says when and where it was measured."""
+    return f"_Measured {time.strftime('%Y-%m-%d')} on {machine()}._"
+
+
 def write_section(name: str, body: str, doc: Path = DOC) -> None:
     """Replace (or append) the section delimited by <!-- name:start --> / <!-- name:end -->."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    stamped = f"{start}\n{body.strip()}\n\n_Measured {time.strftime('%Y-%m-%d')} on {machine()}._\n{end}"
+    stamped = f"{start}\n{body.strip()}\n\n{measured()}\n{end}"
     text = doc.read_text() if doc.exists() else HEADER
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: stamped, text) if pattern.search(text) else text.rstrip() + "\n\n" + stamped + "\n"

@@ -2,15 +2,16 @@
 
 fit() runs this engine inside Ray Train workers (bench/gpu.py times that, end to end). This bench needs
 only torch, DeepSpeed and mmcore, so it also runs where the rest of the stack is not installed: one
-process, a world of one on NCCL, and for each model what a training worker does (mmcore/train/loop.py):
-the Task built by build_task (fresh weights: no registry here, so the parents' parts are fresh too),
-the precision resolve_precision picks on this GPU ("auto" -> bf16), DeepSpeed from build_ds_config and
-param_groups, batches made by the stage's own preprocessing from an ingested dataset version's train
-shards (upscaled to the model's image size where it is larger than the stored 64 pixels). A few batches
-are prepared once and cycled, so the CPU's preprocessing is not what is timed.
-Per model: parameters, the mean loss of the first and last 10 steps, steady samples/s (after --warmup
-steps), FLOPs per sample (torch's FlopCounterMode over one forward + backward of the Task), MFU against
-the GPU's dense bf16 peak, and peak GPU memory.
+process, a world of one on NCCL, and for each model the trainer a training worker runs
+(mmcore/train/trainer.py): start_engine (the Task from build_task, with fresh weights: no registry here,
+so the parents' parts are fresh too; the precision resolve_precision picks on this GPU, "auto" -> bf16;
+DeepSpeed from build_ds_config and param_groups) and Trainer.fit, with no checkpoint and no validation.
+Batches are made by the stage's own preprocessing from an ingested dataset version's train shards
+(upscaled to the model's image size where it is larger than the stored 64 pixels); a few are prepared
+once and cycled, so the CPU's preprocessing is not what is timed.
+Per model: parameters, the mean loss of the first and last 10 steps, steady samples/s (the Trainer's
+10-step windows after --warmup steps), FLOPs per sample (torch's FlopCounterMode over one forward +
+backward of the Task, before training), MFU against the GPU's dense bf16 peak, and peak GPU memory.
 Usage: python bench/gpu_engine.py --dataset DIR [--steps 150] [--models clip-vit-b16 llava-base ...]
 Refuses to run without CUDA.
 """
@@ -18,9 +19,10 @@ Refuses to run without CUDA.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,8 +41,35 @@ PARENTS = {"llava": "clip-vit-b16", "flamingo": "clip-vit-b16", "unified": "vq-d
 from vq-demo (fit takes them from the registered parent: mmcore/stages.py)."""
 
 
+class Windows:
+    """The Trainer's metric logger here (trainer.MetricLogger): keeps the windows it logs every 10 steps."""
+
+    failures = 0
+
+    def __init__(self):
+        self.points: list[tuple[int, dict]] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if "samples_per_second" in metrics:  # a window, not a validation point
+            self.points.append((step, metrics))
+
+    def unsent(self) -> list[list]:
+        return []
+
+    def close(self, wait_s: float) -> int:
+        return 0
+
+
+def cycled(batches: list[dict]):
+    """The Trainer's batches: (a fresh dict, 0 s waited) without end (it pops each batch's row ids)."""
+    for batch in itertools.cycle(batches):
+        yield dict(batch), 0.0
+
+
 def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
-    """(RunConfig, Task, its preprocessor, a few prepared batches as tensors) for one model."""
+    """(RunConfig, architecture, tokenizer JSON, a Task, its preprocessor, a few prepared batches as tensors
+    with each row's `epoch` and `sample`) for one model. The Task is built as start_engine builds it (same
+    seed), so the unified stage's batches are coded by the image tokenizer the engine's model holds."""
     import dataclasses
 
     import numpy as np
@@ -59,7 +88,8 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
         cfg, model=dataclasses.replace(cfg.model, name=name, parent=""),
         data=dataclasses.replace(cfg.data, batch_size=batch),
         optim=dataclasses.replace(cfg.optim, max_steps=steps, warmup_steps=min(cfg.optim.warmup_steps, steps // 10)),
-        parallel=dataclasses.replace(cfg.parallel, num_workers=1, precision="auto", zero_stage=zero))
+        parallel=dataclasses.replace(cfg.parallel, num_workers=1, precision="auto", zero_stage=zero),
+        checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=steps + 1))  # none written
     arch = model_config(name)
     if arch["family"] in PARENTS:
         part = STAGES[cfg.task.stage].parent.takes
@@ -69,6 +99,7 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pack_length=context))
     version = DatasetVersion.open(dataset)
     tokenizer_json = STAGES[cfg.task.stage].task.tokenizer(version.tokenizer_path.read_text())
+    torch.manual_seed(cfg.seed)  # as start_engine seeds rank 0
     task, preprocess = build_task(cfg, arch, tokenizer_json)
     if cfg.task.stage == "unified":  # its data workers encode images with the parent tokenizer's weights
         from mmcore.data.mixed import MixedPreprocessor
@@ -86,8 +117,10 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
     for start in range(0, min(len(table), 4 * batch) - batch + 1, batch):
         rows = {c: table[c].slice(start, batch).to_numpy(zero_copy_only=False) for c in columns}
         rows["epoch"] = np.zeros(batch, np.int64)
-        batches.append({k: torch.as_tensor(np.asarray(v)) for k, v in pre(rows).items()})
-    return cfg, task, pre, batches
+        made = {k: torch.as_tensor(np.asarray(v)) for k, v in pre(rows).items()}
+        made.update(epoch=torch.zeros(batch, dtype=torch.int64), sample=torch.arange(start, start + batch))
+        batches.append(made)
+    return cfg, arch, tokenizer_json, task, pre, batches
 
 
 def generation(task, pre, batch: dict) -> str:
@@ -123,38 +156,39 @@ def generation(task, pre, batch: dict) -> str:
 def train(name: str, dataset: str, steps: int, warmup: int, batch_size: int | None, zero: int) -> dict:
     import torch
 
-    from mmcore.train.deepspeed_config import cast_floating, initialize
+    from mmcore.train.deepspeed_config import cast_floating
+    from mmcore.train.trainer import Trainer, split_ids, start_engine
 
     batch = batch_size or MODELS[name][1]
-    cfg, task, pre, batches = prepared(name, dataset, batch, steps, zero)
-    two = {k: v[:2].cuda() for k, v in batches[0].items()}
-    per_sample = flops_per_sample(task.cuda(), two)
+    cfg, arch, tokenizer_json, task, pre, batches = prepared(name, dataset, batch, steps, zero)
+    per_sample = flops_per_sample(task.cuda(), {k: v[:2].cuda() for k, v in split_ids(dict(batches[0]))[0].items()})
     parameters = sum(p.numel() for p in task.parameters())
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
-    engine, precision, dtype = initialize(task, cfg, cuda=True)
-    on_device = [cast_floating({k: v.cuda() for k, v in b.items()}, dtype) for b in batches]
+    del task  # start_engine builds its own
+    torch.cuda.empty_cache()
+    engine, dtype, ranks = start_engine(cfg, arch, tokenizer_json, torch.device("cuda"), 1)
+    on_device = [{k: v.cuda() for k, v in b.items()} for b in batches]
     torch.cuda.reset_peak_memory_stats()
-    losses, started = [], None
-    for step in range(steps):
-        if step == warmup:
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-        out = engine(on_device[step % len(on_device)])
-        engine.backward(out["loss"])
-        engine.step()
-        losses.append(out["loss"].detach())
-    torch.cuda.synchronize()
-    rate = (steps - warmup) * batch / (time.perf_counter() - started)
-    losses = [float(x) for x in losses]
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = Trainer(engine, cfg, dtype, Path(run_dir), ranks)
+        trainer.logger = windows = Windows()
+        trainer.fit(cycled(on_device), [])
+    points = windows.points
+    ends = [step for step, _ in points]
+    timed = [(end - start, m["samples_per_second"]) for start, end, (_, m) in zip([0, *ends], ends, points)
+             if start >= warmup]  # (steps in a window that starts after the warm-up, its samples/s)
+    rate = sum(n for n, _ in timed) / sum(n / r for n, r in timed)  # samples / seconds over those windows
     peak = peak_tflops(torch.cuda.get_device_name(0))
     result = {"model": name, "stage": cfg.task.stage, "recipe": cfg.recipe, "batch": batch, "steps": steps,
-              "precision": precision, "param_dtype": str(next(engine.module.parameters()).dtype),
+              "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+              "param_dtype": str(next(engine.module.parameters()).dtype),
               "parameters": parameters, "trainable": trainable,
-              "first_loss": sum(losses[:10]) / 10, "last_loss": sum(losses[-10:]) / 10,
+              "first_loss": points[0][1]["loss"], "last_loss": points[-1][1]["loss"],
               "samples_per_second": rate, "gflop_per_sample": per_sample / 1e9,
               "mfu": rate * per_sample / (peak * 1e12) if peak else None,
               "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
-    result["inference"] = generation(engine.module, pre, on_device[0]) if zero < 3 else "- (ZeRO-3 shards the weights)"
+    shown = cast_floating(split_ids(dict(on_device[0]))[0], dtype)
+    result["inference"] = generation(engine.module, pre, shown) if zero < 3 else "- (ZeRO-3 shards the weights)"
     print(json.dumps(result), flush=True)
     del engine, on_device
     torch.cuda.empty_cache()
@@ -166,11 +200,14 @@ def main() -> None:
     parser.add_argument("--dataset", required=True, help="an ingested dataset version (e.g. the sample corpus's)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--warmup", type=int, default=30, help="steps left out of samples/s")
+    parser.add_argument("--warmup", type=int, default=30,
+                        help="steps left out of samples/s (rounded up to the Trainer's 10-step windows)")
     parser.add_argument("--batch", type=int, default=None, help="micro-batch for every model (default: MODELS')")
     parser.add_argument("--zero", type=int, choices=[0, 1, 2, 3], default=2, help="ZeRO stage")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
+    if -(-args.warmup // 10) * 10 + 10 > args.steps:
+        parser.error("--steps must leave at least one 10-step window after --warmup")
     import torch
 
     if not torch.cuda.is_available():
@@ -196,7 +233,8 @@ def main() -> None:
     command += f" --zero {args.zero}" if args.zero != 2 else ""
     lines = ["## GPU path: every stage's model through the workers' engine" + (f" (ZeRO-{args.zero})" if args.zero != 2 else ""), "", f"Command: `{command}`", "",
              f"1 x {gpu}, torch {torch.__version__}, DeepSpeed {deepspeed.__version__}, process group backend "
-             f"`{backend}`, ZeRO-{args.zero}; the sample corpus's train shard through each stage's own preprocessing "
+             f"`{backend}`, ZeRO-{args.zero}, `start_engine` + `Trainer.fit` (no checkpoint); the sample corpus's "
+             "train shard through each stage's own preprocessing "
              f"(64-pixel images upscaled to the model's size), 4 batches prepared once and cycled; samples/s "
              f"after {args.warmup} steps; MFU against {peak_tflops(gpu) or '?'} TFLOP/s dense bf16. Fusion and "
              "unified models with fresh parents (no registry here).", "",

@@ -26,8 +26,7 @@ import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from common import DOC, median, write_section  # noqa: E402
 
-from mmcore.config import SourceConfig  # noqa: E402
-from mmcore.data.config import DownloadConfig, FilterConfig, GuardConfig, IngestConfig
+from mmcore.data.config import DownloadConfig, FilterConfig, GuardConfig, IngestConfig, SourceConfig  # noqa: E402
 from mmcore.data.download import download, scratch_tmpdir  # noqa: E402
 from mmcore.data.filters import build_filters, run_filters  # noqa: E402
 from mmcore.data.ingest import ingest  # noqa: E402

@@ -56,7 +56,7 @@ class TaskConfig:
     question_loss: float = 0.0
     """fusion: weight of a next-token loss on the questions' tokens beside the answers' (0: answers
     only, as instruction tuning a pretrained LM does). An LM trained from scratch with it learns to carry
-    the asked group from the question to the answer much sooner (docs/benchmarks.md, fusion)."""
+    the asked group from the question to the answer much sooner (experiments/fusion-binding)."""
 
     def validate(self) -> None:
         check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {tuple(STAGES)}")

@@ -80,7 +80,7 @@ def demo_fusion(dataset: str) -> RunConfig:
 
 def demo_flamingo(dataset: str) -> RunConfig:
     """The fusion demo with the Flamingo family (resampler + gated cross-attention): 600 steps, its
-    gates open over steps, not questions (docs/benchmarks.md, fusion)."""
+    gates open over steps, not questions (experiments/flamingo-gates)."""
     cfg = demo_fusion(dataset)
     return dataclasses.replace(cfg, recipe="demo-flamingo", model=dataclasses.replace(cfg.model, name="flamingo-demo"),
                                optim=dataclasses.replace(cfg.optim, max_steps=600))
@@ -88,8 +88,8 @@ def demo_flamingo(dataset: str) -> RunConfig:
 
 def quality_fusion(dataset: str) -> RunConfig:
     """The fusion demo's LLaVA for 2,000 steps (about 35 minutes of training on 2 cores): count and
-    digits reach their targets, two groups' colours and the relation still do not (docs/benchmarks.md,
-    fusion: binding comes between 2,000 and 4,000 steps; `long-fusion`)."""
+    digits reach their targets, two groups' colours and the relation still do not (experiments/fusion-binding:
+    binding comes between 2,000 and 4,000 steps; `long-fusion`)."""
     cfg = demo_fusion(dataset)
     return dataclasses.replace(cfg, recipe="quality-fusion", optim=dataclasses.replace(cfg.optim, max_steps=2000),
                                checkpoint=CheckpointConfig(every_steps=500))
@@ -97,8 +97,8 @@ def quality_fusion(dataset: str) -> RunConfig:
 
 def long_fusion(dataset: str) -> RunConfig:
     """The fusion demo's LLaVA for 5,000 steps, for a GPU (about 3 minutes on an H200 in bf16; over 80
-    minutes on 2 CPU cores): binding comes between 2,000 and 4,000 steps (docs/benchmarks.md, "Fusion on
-    a GPU": relation 0.97, two-group colour 0.83, shape 0.91 at 5,000)."""
+    minutes on 2 CPU cores): binding comes between 2,000 and 4,000 steps (experiments/fusion-binding:
+    relation 0.97, two-group colour 0.83, shape 0.91 at 5,000)."""
     cfg = demo_fusion(dataset)
     return dataclasses.replace(cfg, recipe="long-fusion", optim=dataclasses.replace(cfg.optim, max_steps=5000),
                                checkpoint=CheckpointConfig(every_steps=1000))
@@ -147,7 +147,7 @@ def demo_unified(dataset: str) -> RunConfig:
     """Minutes on 2 CPU cores: one transformer that answers about the sample corpus's images and
     draws scenes from captions, over the demo image tokenizer's 8 x 8 codes. A reading sample packs
     as many of its image's questions as fit in the context, the length a drawing sample takes anyway
-    (longer packs pad the drawings too: docs/benchmarks.md, unified)."""
+    (longer packs pad the drawings too)."""
     return RunConfig(
         recipe="demo-unified", model=ModelConfig("unified-demo", parent=TOKENIZER_CHAMPION),
         task=TaskConfig(stage="unified", loss="next-token"),

@@ -8,7 +8,7 @@ and scored as the vqa suite scores them. With --held-out: the held-out wordings 
 synthetic scene, and per question type the answers given most often (is a wrong answer another
 type's answer, or a caption?).
 Usage:
-  python bench/fusion_answers.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate] [--scenes 200]
+  python experiments/fusion-binding/fusion_answers.py --home HOME --dataset DIR [--model models:/mmpipe-fusion@candidate] [--scenes 200]
       [--held-out]
 """
 
@@ -20,9 +20,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/common.py
 
-from common import pinned_model, write_section  # noqa: E402
+from common import measured, pinned_model  # noqa: E402
 
 AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", "below": "vertical"}
 
@@ -101,7 +101,6 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=200, help="two-group test scenes to ask about")
     parser.add_argument("--held-out", action="store_true",
                         help="ask the held-out wordings of every question type on that many synthetic scenes")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
 
@@ -111,20 +110,18 @@ def main() -> None:
     rows = [r for r in version.read("test").to_pylist()
             if r.get("source") == "synthetic" and (args.held_out or r.get("relation"))]
     model = pinned_model(args.model)
-    command = f"python bench/fusion_answers.py --home HOME --dataset DIR --model {model} --scenes {args.scenes}"
+    command = f"python experiments/fusion-binding/fusion_answers.py --home HOME --dataset DIR --model {model} --scenes {args.scenes}"
     if args.held_out:
         lines = held_out_answers(model, rows[: args.scenes])
-        title, asked, name = "what the held-out wordings get", "synthetic", "fusion-answers-held-out"
+        title, asked = "what the held-out wordings get", "synthetic"
         command += " --held-out"
     else:
         lines = report(answer_profile(model, rows[: args.scenes]))
-        title, asked, name = "how the two-group answers go wrong", "two-group", "fusion-answers"
-    print("\n".join(lines))
-    body = "\n".join([f"## Fusion: {title}", "", f"Command: `{command}`", "",
+        title, asked = "how the two-group answers go wrong", "two-group"
+    print("\n".join([f"## Fusion: {title}", "", f"Command: `{command}`", "",
                       f"{model} on the first {args.scenes} {asked} scenes of the test split of dataset "
                       f"{version.id}; greedy answers to the {'held-out' if args.held_out else 'seen'} "
-                      f"wordings evaluation asks.", "", *lines])
-    write_section(name, body, **({"doc": args.out} if args.out else {}))
+                      f"wordings evaluation asks.", "", *lines, "", measured()]))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """What a contrastive tower's patch tokens say about each group of a two-group scene.
 
 A linear probe (logistic regression) reads a group's shape and colour from the tower's patch
-tokens averaged over the region the sample corpus draws that group in (sample.REGIONS), trained
+tokens averaged over the region the sample corpus draws that group in (synthetic.corpus.REGIONS), trained
 on train-split scenes and scored on test-split scenes, for several tower layers; and the first
 group's shape from the CLS token. If a group's shape is not in its patch tokens, no fusion model on
 the frozen tower can answer "what colour is the circle?" when two groups share the picture.
 Usage:
-  python bench/tower_probe.py --home HOME --dataset DIR [--model models:/mmpipe-contrastive@champion]
+  python experiments/fusion-binding/tower_probe.py --home HOME --dataset DIR [--model models:/mmpipe-contrastive@champion]
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/common.py
 
-from common import write_section  # noqa: E402
+from common import measured  # noqa: E402
 
 LAYERS = (-1, -2, -3)
 ATTRIBUTES = (("shape", 0), ("color", 0), ("shape2", 1), ("color2", 1))
@@ -36,7 +36,7 @@ def region_features(tower, preprocess, rows: list[dict], layer: int) -> np.ndarr
     """(N, 3, D): the mean patch token over the first group's region, the second's, and the CLS token."""
     import torch
 
-    from mmcore.data.sample import REGIONS
+    from mmcore.data.synthetic.corpus import REGIONS
 
     grid = tower.cfg.image_size // tower.cfg.patch_size
     centre = (np.arange(grid) + 0.5) / grid
@@ -69,7 +69,6 @@ def main() -> None:
     parser.add_argument("--home", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--model", default="models:/mmpipe-contrastive@champion")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
     from mmcore import registry, tracking
@@ -87,13 +86,12 @@ def main() -> None:
         scores = [probe(a[:, g], [r[attr] for r in train], b[:, g], [r[attr] for r in test]) for attr, g in ATTRIBUTES]
         scores.append(probe(a[:, 2], [r["shape"] for r in train], b[:, 2], [r["shape"] for r in test]))
         rows.append(f"| {layer} | " + " | ".join(f"{s:.3f}" for s in scores) + " |")
-    command = ".venv/bin/python bench/tower_probe.py --home HOME --dataset DIR"
+    command = ".venv/bin/python experiments/fusion-binding/tower_probe.py --home HOME --dataset DIR"
     command += "" if args.model == parser.get_default("model") else f" --model {args.model}"
     body = "\n".join(["## Fusion: what the frozen tower's patch tokens hold", "", f"Command: `{command}`", "",
                       f"{args.model} on {len(train)} train / {len(test)} test two-group scenes; a linear probe "
-                      "on standardized features. Chance: shape 1/3, colour 1/6.", ""] + rows)
+                      "on standardized features. Chance: shape 1/3, colour 1/6.", ""] + rows + ["", measured()])
     print(body)
-    write_section("tower-probe", body, **({"doc": args.out} if args.out else {}))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ For each family: fit() (Ray Train, 2 CPU workers, DeepSpeed ZeRO-2, frozen paren
 steady samples/s and LM positions/s, parameters (all and trainable), and every generative suite
 (vqa, captioning, compositional) on the registered model, as `mmpipe evaluate` runs them.
 Usage:
-  python bench/fusion_families.py                       # everything in a temp home: sample corpus,
+  python experiments/fusion-families/fusion_families.py   # everything in a temp home: sample corpus,
                                                         # contrastive demo, then both families
-  python bench/fusion_families.py --home ~/.mmpipe --dataset DIR   # on that home's contrastive champion
-  python bench/fusion_families.py ... --families llava --steps 1500 --out FILE   # a longer trial
+  python experiments/fusion-families/fusion_families.py --home ~/.mmpipe --dataset DIR   # on that home's contrastive champion
+  python experiments/fusion-families/fusion_families.py ... --families llava --steps 1500   # a longer trial
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/common.py
 
-from common import write_section  # noqa: E402
+from common import measured  # noqa: E402
 from train_contrastive import sample_dataset, steady_samples_per_second  # noqa: E402
 
 from mmcore.recipes import recipe  # noqa: E402
@@ -144,7 +144,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="training steps (default: the recipe's)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for every family's recipe, as `mmpipe train --set`")
-    parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
     args = parser.parse_args()
     if bool(args.home) != bool(args.dataset):
         parser.error("--home and --dataset go together")
@@ -153,7 +152,7 @@ def main() -> None:
         dataset = args.dataset or str(sample_dataset(Path(tmp)).path)
         parent = champion(dataset)
         runs = [run_family(family, dataset, args.steps, args.set) for family in args.families]
-    command = ".venv/bin/python bench/fusion_families.py" + (" --home HOME --dataset DIR" if args.home else "")
+    command = ".venv/bin/python experiments/fusion-families/fusion_families.py" + (" --home HOME --dataset DIR" if args.home else "")
     command += "" if args.families == list(FAMILIES) else " --families " + " ".join(args.families)
     command += f" --steps {args.steps}" if args.steps else ""
     command += "".join(f" --set {item}" for item in args.set)
@@ -161,10 +160,8 @@ def main() -> None:
              f"Both on the frozen tower of {parent} (the home's contrastive champion: {describe(parent)}), 2 Ray Train workers, DeepSpeed "
              "ZeRO-2, fp32; quality on the test split from `evaluate()` on the registered model (held-out "
              "wordings: `heldout_accuracy`). Chance: colour 1/6, shape 1/3, count 1/3, relation 1/4, yes/no "
-             "1/2, digit 1/10, compositional 1/2.", ""] + table(runs)
-    body = "\n".join(lines)
-    print(body)
-    write_section("fusion-families", body, **({"doc": args.out} if args.out else {}))
+             "1/2, digit 1/10, compositional 1/2.", ""] + table(runs) + ["", measured()]
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

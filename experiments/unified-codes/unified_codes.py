@@ -7,7 +7,7 @@ per epoch, at the price of a second artifact to version, store and invalidate wh
 changes. Prints rows/s per data CPU with and without the encoding, to set against the trainers'
 samples/s (the unified runs' logs).
 Usage:
-  python bench/unified_codes.py --home HOME --dataset DIR [--tokenizer models:/mmpipe-image-tokenizer@candidate]
+  python experiments/unified-codes/unified_codes.py --home HOME --dataset DIR [--tokenizer models:/mmpipe-image-tokenizer@candidate]
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))  # bench/common.py
 
-from common import median, write_section  # noqa: E402
+from common import measured, median  # noqa: E402
 
 
 def time_parts(mixed, version, groups: int) -> tuple[list[float], list[float], list[float]]:
@@ -57,7 +57,6 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=6, help="row groups timed (256 rows each)")
     parser.add_argument("--trainers", type=float, default=75.0,
                         help="samples/s the unified trainers consume (a demo-unified fit's log; default %(default)s)")
-    parser.add_argument("--out", type=Path, help="write the section to this file instead of docs/benchmarks.md")
     args = parser.parse_args()
     os.environ["MMPIPE_HOME"] = args.home
 
@@ -97,7 +96,7 @@ def main() -> None:
                  "a second dataset.")
     body = f"""## Unified stage: image codes in the Ray Data step
 
-`python bench/unified_codes.py --home HOME --dataset DIR --tokenizer {args.tokenizer}`: the unified
+`python experiments/unified-codes/unified_codes.py --home HOME --dataset DIR --tokenizer {args.tokenizer}`: the unified
 stage's preprocessing of {len(total)} train row groups on one CPU thread (a Ray Data task's share),
 image tokenizer `{config['channels']}` / levels `{config['levels']}`.
 
@@ -109,9 +108,9 @@ image tokenizer `{config['channels']}` / levels `{config['levels']}`.
 | the same with codes read from a derived dataset | {1000 * without:.2f} | {1 / without:.0f} |
 
 {verdict}
-"""
+
+{measured()}"""
     print(body)
-    write_section("unified-codes", body, **({"doc": args.out} if args.out else {}))
 
 
 if __name__ == "__main__":

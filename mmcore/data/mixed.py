@@ -13,8 +13,7 @@ stage's do (instruct.py), and a drawing sample is padded to the same length; the
 stands in the shared prefix.
 
 The image's codes come from the registered image tokenizer, run here on the data workers' CPUs:
-the trainers then see token ids only (why not a derived token dataset: docs/benchmarks.md,
-"unified-codes", from bench/unified_codes.py).
+the trainers then see token ids only (why not a derived token dataset: experiments/unified-codes).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ class FlamingoConfig(FusionConfig):
     its gradient's size, so the gates move about gate_scale times faster (though their gradients,
     gate_scale times larger, also weigh that much more in the global-norm clipping). An LM trained
     from scratch next to zero gates learns the text alone first; at 1 the gates of `flamingo-demo`
-    once stayed shut for a whole run (docs/benchmarks.md, fusion)."""
+    once stayed shut for a whole run (experiments/flamingo-gates)."""
 
     def validate(self) -> None:
         super().validate()

@@ -21,7 +21,7 @@ class LlavaConfig(FusionConfig):
     image_positions: bool = False
     """Add each patch token's row and column in the image (learned embeddings) to its projected token;
     initialised at std 0.2, about the projected tokens' own scale, so the LM sees where a patch is
-    from the first steps (at 0.02 the relation questions gained less: docs/benchmarks.md, fusion)."""
+    from the first steps (at 0.02 the relation questions gained less: experiments/fusion-binding)."""
 
 
 class LlavaModel(FusionModel):
