@@ -1,21 +1,33 @@
-"""Recipes: named functions returning a full RunConfig; variants change a field, not add a flag."""
+"""Recipes: named functions returning a full RunConfig, each from its stage's base; variants change a field,
+not add a flag."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from mmcore.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig, TaskConfig
+from mmcore.stages import STAGES
+
+
+def base(stage: str, dataset: str, model: str, optim: OptimConfig, every: int, **data) -> RunConfig:
+    """What a stage's recipes share: the stage's task with its first loss, its default parent
+    (mmcore/stages.py), two workers with ZeRO-2, the dataset; `data` sets the rest of DataConfig."""
+    record = STAGES[stage]
+    return RunConfig(
+        model=ModelConfig(model, parent=record.parent.default if record.parent else ""),
+        task=TaskConfig(stage=stage, loss=record.losses[0]), data=DataConfig(dataset=dataset, **data), optim=optim,
+        parallel=ParallelConfig(num_workers=2, zero_stage=2), checkpoint=CheckpointConfig(every_steps=every))
+
+
+def named(name: str, cfg: RunConfig, **changes) -> RunConfig:
+    """`cfg` as recipe `name`, with whole parts of it replaced."""
+    return dataclasses.replace(cfg, recipe=name, **changes)
 
 
 def debug(dataset: str) -> RunConfig:
     """Seconds on a CPU: the smallest model, a few steps, two workers (tests)."""
-    return RunConfig(
-        recipe="debug", model=ModelConfig("clip-debug"), task=TaskConfig(loss="clip"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2),
-        optim=OptimConfig(lr=2e-3, warmup_steps=2, max_steps=20),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=10),
-    )
+    return named("debug", base("contrastive", dataset, "clip-debug", OptimConfig(lr=2e-3, warmup_steps=2, max_steps=20),
+                               10, batch_size=32, val_batches=2))
 
 
 def demo(dataset: str) -> RunConfig:
@@ -25,65 +37,45 @@ def demo(dataset: str) -> RunConfig:
     our trials, at 700 about 0.7), and 16-pixel patches, which train 2.3x faster, never told
     circles from squares. No crop augmentation: the synthetic captions state exact counts and
     positions, which a crop can cut off."""
-    return RunConfig(
-        recipe="demo", model=ModelConfig("clip-demo"), task=TaskConfig(loss="clip"),
-        data=DataConfig(dataset=dataset, batch_size=128, val_batches=4, augment=False),
-        optim=OptimConfig(lr=1e-3, warmup_steps=50, max_steps=700),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=250),
-    )
+    return named("demo", base("contrastive", dataset, "clip-demo", OptimConfig(lr=1e-3, warmup_steps=50, max_steps=700),
+                              250, batch_size=128, val_batches=4, augment=False))
 
 
 def quality(dataset: str) -> RunConfig:
     """The demo's model for 2,000 steps (at the demo's 260-275 samples/s on 2 cores, about 16 minutes
     of training; the limit the issue set is 30): how far this model goes on the sample corpus."""
-    cfg = demo(dataset)
-    return dataclasses.replace(cfg, recipe="quality",
-                               optim=OptimConfig(lr=1e-3, weight_decay=0.2, warmup_steps=100, max_steps=2000),
-                               checkpoint=CheckpointConfig(every_steps=500))
+    return named("quality", demo(dataset),
+                 optim=OptimConfig(lr=1e-3, weight_decay=0.2, warmup_steps=100, max_steps=2000),
+                 checkpoint=CheckpointConfig(every_steps=500))
 
 
 def demo_siglip(dataset: str) -> RunConfig:
     """The demo with the sigmoid loss (SigLIP)."""
-    cfg = demo(dataset)
-    return dataclasses.replace(cfg, recipe="demo-siglip", task=TaskConfig(loss="siglip"))
-
-
-CHAMPION = "models:/mmpipe-contrastive@champion"
+    return named("demo-siglip", demo(dataset), task=TaskConfig(loss="siglip"))
 
 
 def debug_fusion(dataset: str) -> RunConfig:
     """Seconds on a CPU: the smallest LLaVA on the contrastive champion's tower (tests)."""
-    return RunConfig(
-        recipe="debug-fusion", model=ModelConfig("llava-debug", parent=CHAMPION),
-        task=TaskConfig(stage="fusion", loss="next-token"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False, pack_length=96),
-        optim=OptimConfig(lr=2e-3, warmup_steps=2, max_steps=20),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=10),
-    )
+    return named("debug-fusion", base("fusion", dataset, "llava-debug",
+                                      OptimConfig(lr=2e-3, warmup_steps=2, max_steps=20), 10,
+                                      batch_size=32, val_batches=2, augment=False, pack_length=96))
 
 
 def demo_fusion(dataset: str) -> RunConfig:
     """Minutes on 2 CPU cores: LLaVA on the frozen tower of the contrastive champion answers questions
     about the sample corpus's scenes and digits; an image's questions packed together (about 3.5
     in 96 tokens)."""
-    return RunConfig(
-        recipe="demo-fusion", model=ModelConfig("llava-demo", parent=CHAMPION),
-        task=TaskConfig(stage="fusion", loss="next-token"),
-        data=DataConfig(dataset=dataset, batch_size=64, val_batches=4, augment=False, pack_length=96),
-        optim=OptimConfig(lr=1e-3, warmup_steps=50, max_steps=400),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=200),
-    )
+    return named("demo-fusion", base("fusion", dataset, "llava-demo",
+                                     OptimConfig(lr=1e-3, warmup_steps=50, max_steps=400), 200,
+                                     batch_size=64, val_batches=4, augment=False, pack_length=96))
 
 
 def demo_flamingo(dataset: str) -> RunConfig:
     """The fusion demo with the Flamingo family (resampler + gated cross-attention): 600 steps, its
     gates open over steps, not questions (experiments/flamingo-gates)."""
     cfg = demo_fusion(dataset)
-    return dataclasses.replace(cfg, recipe="demo-flamingo", model=dataclasses.replace(cfg.model, name="flamingo-demo"),
-                               optim=dataclasses.replace(cfg.optim, max_steps=600))
+    return named("demo-flamingo", cfg, model=dataclasses.replace(cfg.model, name="flamingo-demo"),
+                 optim=dataclasses.replace(cfg.optim, max_steps=600))
 
 
 def quality_fusion(dataset: str) -> RunConfig:
@@ -91,8 +83,8 @@ def quality_fusion(dataset: str) -> RunConfig:
     digits reach their targets, two groups' colours and the relation still do not (experiments/fusion-binding:
     binding comes between 2,000 and 4,000 steps; `long-fusion`)."""
     cfg = demo_fusion(dataset)
-    return dataclasses.replace(cfg, recipe="quality-fusion", optim=dataclasses.replace(cfg.optim, max_steps=2000),
-                               checkpoint=CheckpointConfig(every_steps=500))
+    return named("quality-fusion", cfg, optim=dataclasses.replace(cfg.optim, max_steps=2000),
+                 checkpoint=CheckpointConfig(every_steps=500))
 
 
 def long_fusion(dataset: str) -> RunConfig:
@@ -100,47 +92,31 @@ def long_fusion(dataset: str) -> RunConfig:
     minutes on 2 CPU cores): binding comes between 2,000 and 4,000 steps (experiments/fusion-binding:
     relation 0.97, two-group colour 0.83, shape 0.91 at 5,000)."""
     cfg = demo_fusion(dataset)
-    return dataclasses.replace(cfg, recipe="long-fusion", optim=dataclasses.replace(cfg.optim, max_steps=5000),
-                               checkpoint=CheckpointConfig(every_steps=1000))
+    return named("long-fusion", cfg, optim=dataclasses.replace(cfg.optim, max_steps=5000),
+                 checkpoint=CheckpointConfig(every_steps=1000))
 
 
 def debug_tokenizer(dataset: str) -> RunConfig:
     """Seconds on a CPU: the smallest image tokenizer (tests); 300 steps reach about 18 dB."""
-    return RunConfig(
-        recipe="debug-tokenizer", model=ModelConfig("vq-debug"), task=TaskConfig(stage="image-tokenizer", loss="mse"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False),
-        optim=OptimConfig(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=5, max_steps=300),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=150),
-    )
+    optim = OptimConfig(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=5, max_steps=300)
+    return named("debug-tokenizer", base("image-tokenizer", dataset, "vq-debug", optim, 150,
+                                         batch_size=32, val_batches=2, augment=False))
 
 
 def demo_tokenizer(dataset: str) -> RunConfig:
     """Minutes on 2 CPU cores: the image tokenizer the unified stage reads and draws with (64-pixel
     images as 8x8 codes of a 1,000-code FSQ codebook). No weight decay: it would pull the latents,
     and so the codes, toward the middle of FSQ's grid."""
-    return RunConfig(
-        recipe="demo-tokenizer", model=ModelConfig("vq-demo"), task=TaskConfig(stage="image-tokenizer", loss="mse"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=4, augment=False),
-        optim=OptimConfig(lr=2e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=50, max_steps=800),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=200),
-    )
-
-
-TOKENIZER_CHAMPION = "models:/mmpipe-image-tokenizer@champion"
+    optim = OptimConfig(lr=2e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=50, max_steps=800)
+    return named("demo-tokenizer", base("image-tokenizer", dataset, "vq-demo", optim, 200,
+                                        batch_size=32, val_batches=4, augment=False))
 
 
 def debug_unified(dataset: str) -> RunConfig:
     """Seconds on a CPU: the smallest unified model on the image tokenizer champion (tests)."""
-    return RunConfig(
-        recipe="debug-unified", model=ModelConfig("unified-debug", parent=TOKENIZER_CHAMPION),
-        task=TaskConfig(stage="unified", loss="next-token"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=2, augment=False, pack_length=40),
-        optim=OptimConfig(lr=3e-3, warmup_steps=5, max_steps=200),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=100),
-    )
+    return named("debug-unified", base("unified", dataset, "unified-debug",
+                                       OptimConfig(lr=3e-3, warmup_steps=5, max_steps=200), 100,
+                                       batch_size=32, val_batches=2, augment=False, pack_length=40))
 
 
 def demo_unified(dataset: str) -> RunConfig:
@@ -148,25 +124,18 @@ def demo_unified(dataset: str) -> RunConfig:
     draws scenes from captions, over the demo image tokenizer's 8 x 8 codes. A reading sample packs
     as many of its image's questions as fit in the context, the length a drawing sample takes anyway
     (longer packs pad the drawings too)."""
-    return RunConfig(
-        recipe="demo-unified", model=ModelConfig("unified-demo", parent=TOKENIZER_CHAMPION),
-        task=TaskConfig(stage="unified", loss="next-token"),
-        data=DataConfig(dataset=dataset, batch_size=32, val_batches=4, augment=False, pack_length=40),
-        optim=OptimConfig(lr=1e-3, warmup_steps=50, max_steps=800),
-        parallel=ParallelConfig(num_workers=2, zero_stage=2),
-        checkpoint=CheckpointConfig(every_steps=200),
-    )
+    return named("demo-unified", base("unified", dataset, "unified-demo",
+                                      OptimConfig(lr=1e-3, warmup_steps=50, max_steps=800), 200,
+                                      batch_size=32, val_batches=4, augment=False, pack_length=40))
 
 
 def gpu_base(dataset: str) -> RunConfig:
     """ViT-B/16 on GPUs: bf16, ZeRO-2, one worker per GPU (set parallel.num_workers to the GPU count)."""
-    return RunConfig(
-        recipe="gpu-base", model=ModelConfig("clip-vit-b16"), task=TaskConfig(loss="clip"),
-        data=DataConfig(dataset=dataset, batch_size=256, val_batches=8),
-        optim=OptimConfig(lr=5e-4, weight_decay=0.2, warmup_steps=500, max_steps=10000),
-        parallel=ParallelConfig(num_workers=1, use_gpu=True, zero_stage=2, precision="bf16"),
-        checkpoint=CheckpointConfig(every_steps=1000),
-    )
+    cfg = base("contrastive", dataset, "clip-vit-b16",
+               OptimConfig(lr=5e-4, weight_decay=0.2, warmup_steps=500, max_steps=10000), 1000,
+               batch_size=256, val_batches=8)
+    return named("gpu-base", cfg, parallel=ParallelConfig(num_workers=1, use_gpu=True, zero_stage=2,
+                                                          precision="bf16"))
 
 
 RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo_siglip, "gpu-base": gpu_base,
