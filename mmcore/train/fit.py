@@ -201,10 +201,10 @@ def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) ->
         with tracking.system_metrics(uri, run_id), _training_bar(run_dir, cfg.optim.max_steps):
             return run_here(cfg, arch, steps, parent_dirs, run_dir,
                             lambda unsent: tracking.MetricLogger(uri, run_id, unsent))
-    return _train_on_ray(cfg, steps, run_dir, runs, name, uri, run_id)
+    return _train_on_ray(cfg, arch, steps, run_dir, runs, name, uri, run_id)
 
 
-def _train_on_ray(cfg, steps, run_dir, runs, name, uri, run_id) -> dict:
+def _train_on_ray(cfg, arch, steps, run_dir, runs, name, uri, run_id) -> dict:
     import ray.exceptions
     import ray.train
     from ray.train.torch import TorchTrainer
