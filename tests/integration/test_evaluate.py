@@ -104,15 +104,31 @@ def test_gate_promotes_better_models_and_refuses_worse(trained, train_dataset, m
 def test_gate_never_moves_an_alias_on_a_partial_evaluation(trained, train_dataset, mmpipe_home, tmp_path):
     name = "mmpipe-gate-partial"
     _register(Path(trained.run_dir) / "final", name, mmpipe_home)
-    bare = tmp_path / "no-labels"
-    shutil.copytree(train_dataset.path, bare)
-    manifest = json.loads((bare / "manifest.json").read_text())
-    manifest["source"]["extras"] = []  # as if the list had no label columns
-    (bare / "manifest.json").write_text(json.dumps(manifest))
-    decision = promote(name, str(bare))
+    lost = _copy_with_manifest(train_dataset, tmp_path / "no-test-split",  # as if the test shards were lost
+                               lambda m: m.update(shards=[s for s in m["shards"] if s["split"] != "test"]))
+    decision = promote(name, lost)
     assert not decision.promoted and "candidate evaluation failed" in decision.reason
-    assert "zeroshot-shapes" in decision.candidate.errors
+    assert "retrieval" in decision.candidate.errors and "zeroshot-shapes" in decision.candidate.errors
     assert registry.alias_version(name, "champion", tracking.resolve_uri(TrackingConfig())) is None
+
+    # A dataset without the sample corpus's columns (web pairs): its suites do not apply, which is no failure;
+    # the stage's primary suite (retrieval) runs and the gate decides on it.
+    web = _copy_with_manifest(train_dataset, tmp_path / "no-labels", lambda m: m["source"].update(extras=[]))
+    decision = promote(name, web)
+    assert decision.candidate.ok and "retrieval" in decision.candidate.metrics, decision.candidate.errors
+    assert "sample corpus" in decision.candidate.not_applicable["zeroshot-shapes"]
+    assert set(decision.candidate.not_applicable) == {"zeroshot-shapes", "zeroshot-shapes-heldout", "zeroshot-digits",
+                                                      "zeroshot-digits-heldout", "compositional"}
+    assert decision.promoted, decision.reason
+
+
+def _copy_with_manifest(dataset, path: Path, change) -> str:
+    """A copy of `dataset` at `path` whose manifest `change` edited in place."""
+    shutil.copytree(dataset.path, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return str(path)
 
 
 def test_registry_errors_are_clear(trained, train_dataset, mmpipe_home):
