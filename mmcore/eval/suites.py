@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from mmcore.data.synthetic import questions as attributes
 from mmcore.models import CAPABILITIES
 
 
@@ -21,8 +22,8 @@ class SuiteError(ValueError):
     """A suite cannot run on this model or dataset (wrong family, missing split or labels)."""
 
 
-SAMPLE_COLUMNS = frozenset({"source", "label", "shape", "color", "count", "relation", "shape2", "color2", "count2"})
-"""The sample corpus's attribute columns (data/synthetic/questions.py COLUMNS)."""
+SAMPLE_COLUMNS = frozenset(attributes.COLUMNS)
+"""The sample corpus's attribute columns, which its suites read."""
 
 
 @dataclass

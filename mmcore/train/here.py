@@ -1,8 +1,9 @@
 """Training in this process, or in each process torchrun starts: the Trainer on batches read in the process.
 
 No Ray and no registry: what `fit()` runs in Ray Train workers, for one machine, a debugger, a profiler or
-an experiment (fit() with cluster.executor=here runs it too, then registers). The run directory holds the same checkpoints (a re-run resumes), the final model bundle,
-metrics.json and every logged point in metrics.jsonl.
+an experiment (fit() with cluster.executor=here runs it too, then registers). The run directory holds the
+same checkpoints (a re-run resumes), the final model bundle, metrics.json and every logged point in
+metrics.jsonl.
 
     python -m mmcore.train --recipe debug --dataset ~/.mmpipe/datasets/sample [--set optim.max_steps=50]
     torchrun --nproc-per-node 2 -m mmcore.train --recipe debug --dataset ...
@@ -53,8 +54,8 @@ def run_here(cfg: RunConfig, arch: dict, steps: Plan, parent_dirs: dict[str, Pat
              make_logger: Callable[[list[list]], MetricLogger]) -> dict:
     """This process's rank of the run (torchrun's RANK, or the only one): the Trainer on batches read here,
     then the final bundle and metrics.json. Rank 0 logs through `make_logger(points not delivered before)`.
-    fit() calls it for cluster.executor=here, with the MLflow logger."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    fit() calls it for cluster.executor=here, with the MLflow logger. The ranks: parallel.num_workers."""
+    world = cfg.parallel.num_workers
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     _join_process_group(device)
     engine, dtype, ranks = start_engine(cfg, arch, steps.tokenizer_json, device,
