@@ -97,9 +97,10 @@ def long_fusion(dataset: str) -> RunConfig:
 
 
 def debug_tokenizer(dataset: str) -> RunConfig:
-    """Seconds on a CPU: the smallest image tokenizer (tests); 300 steps reach about 18 dB."""
-    optim = OptimConfig(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=5, max_steps=300)
-    return named("debug-tokenizer", base("image-tokenizer", dataset, "vq-debug", optim, 150,
+    """Seconds on a CPU: the smallest image tokenizer, a few steps (tests; at 300 steps it reaches about
+    18 dB)."""
+    optim = OptimConfig(lr=3e-3, weight_decay=0.0, betas=[0.9, 0.99], warmup_steps=5, max_steps=20)
+    return named("debug-tokenizer", base("image-tokenizer", dataset, "vq-debug", optim, 10,
                                          batch_size=32, val_batches=2, augment=False))
 
 
@@ -113,9 +114,10 @@ def demo_tokenizer(dataset: str) -> RunConfig:
 
 
 def debug_unified(dataset: str) -> RunConfig:
-    """Seconds on a CPU: the smallest unified model on the image tokenizer champion (tests)."""
+    """Seconds on a CPU: the smallest unified model on the image tokenizer champion, a few steps (tests; it
+    learns both modalities in 200)."""
     return named("debug-unified", base("unified", dataset, "unified-debug",
-                                       OptimConfig(lr=3e-3, warmup_steps=5, max_steps=200), 100,
+                                       OptimConfig(lr=3e-3, warmup_steps=5, max_steps=20), 10,
                                        batch_size=32, val_batches=2, augment=False, pack_length=40))
 
 

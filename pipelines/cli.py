@@ -42,15 +42,23 @@ def _demo_server(root: Path):
         return FileServer(root, port=0)  # the usual port is taken: any free one
 
 
-def _ensure_sample(root: Path, base_url: str) -> Path:
-    """Reuse the sample corpus if it was made for this address, else (re)make it."""
+def _ensure_sample(root: Path, base_url: str, spec) -> Path:
+    """Reuse the sample corpus if it was made for this address and spec, else (re)make it."""
     from mmcore.data.synthetic.corpus import make_sample
 
     info = root / "sample.json"
-    if info.exists() and json.loads(info.read_text()).get("base_url") == base_url:
+    made = json.loads(info.read_text()) if info.exists() else {}
+    if made.get("base_url") == base_url and made.get("spec") == vars(spec):
         return root / "urls.parquet"
     shutil.rmtree(root, ignore_errors=True)
-    return make_sample(root, base_url)
+    return make_sample(root, base_url, spec)
+
+
+QUICK = {"recipe": "debug", "fusion_recipe": "debug-fusion", "tokenizer_recipe": "debug-tokenizer",
+         "unified_recipe": "debug-unified"}
+"""`mmpipe demo --quick`: the smallest models for a few steps each, on 1,000 scenes and 300 digits."""
+FULL = {"recipe": "demo", "fusion_recipe": "demo-fusion", "tokenizer_recipe": "demo-tokenizer",
+        "unified_recipe": "demo-unified"}
 
 
 def cmd_demo(args) -> int:
@@ -60,14 +68,19 @@ def cmd_demo(args) -> int:
     from mmcore.data.dataset import DatasetVersion
     from mmcore.tracking import resolve_uri
     from pipelines.flows import retrain_flow
+    from mmcore.data.synthetic.corpus import SampleSpec
     from pipelines.params import FusionSettings, IngestParams, RetrainParams, TokenizerSettings, TrainSettings, \
         UnifiedSettings
 
+    for key, default in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, default)
     started = time.monotonic()
     sample_dir = home / "sample"
     sample_dir.mkdir(parents=True, exist_ok=True)
+    spec = SampleSpec(synthetic=1000, digits=300) if args.quick else SampleSpec()
     with _demo_server(sample_dir) as server:
-        url_list = _ensure_sample(sample_dir, server.url)
+        url_list = _ensure_sample(sample_dir, server.url, spec)
         console.say(f"sample corpus at {sample_dir}, served at {server.url}")
         result = retrain_flow(RetrainParams(
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
@@ -118,12 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the whole pipeline on the sample corpus as Prefect flow runs, "
                                             "nothing to start by hand")
     demo.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
-    demo.add_argument("--recipe", default="demo", help="training recipe (default %(default)s; debug is quicker)")
-    demo.add_argument("--fusion-recipe", default="demo-fusion",
-                      help="fusion recipe on the new contrastive champion (default %(default)s; none skips the stage)")
-    demo.add_argument("--tokenizer-recipe", default="demo-tokenizer", help="image tokenizer recipe (default %(default)s)")
-    demo.add_argument("--unified-recipe", default="demo-unified",
-                      help="unified recipe on the new tokenizer champion (default %(default)s; none skips the image "
+    demo.add_argument("--quick", action="store_true",
+                      help="a few minutes instead of about 40: the debug recipes on a sample corpus of about 1,400 "
+                           "rows, to check that everything works (its models learn little)")
+    demo.add_argument("--recipe", help="contrastive recipe (default demo; debug with --quick)")
+    demo.add_argument("--fusion-recipe",
+                      help="fusion recipe on the new contrastive champion (default demo-fusion; none skips the stage)")
+    demo.add_argument("--tokenizer-recipe", help="image tokenizer recipe (default demo-tokenizer)")
+    demo.add_argument("--unified-recipe",
+                      help="unified recipe on the new tokenizer champion (default demo-unified; none skips the image "
                            "tokenizer and the unified stage)")
     demo.set_defaults(func=cmd_demo)
 

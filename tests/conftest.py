@@ -21,6 +21,29 @@ def pytest_configure(config):
     configure_environment()  # before any process is forked: they all reach the tests' object store
 
 
+LONGEST_FIRST = ("tests/integration/test_tree_killed.py", "tests/e2e/test_demo.py", "tests/e2e/test_ui.py",
+                 "tests/integration/test_stack.py", "tests/integration/test_train_cluster.py")
+"""The files that take minutes, longest first: `make test` runs two pytest processes, and they end together
+when the long ones start early."""
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """For `pytest -n 2 --dist loadgroup`: a file's tests run in one process, in their order, with their module
+    fixtures; files whose tests share a costly session fixture name one `xdist_group` and run in one process.
+    Groups holding a file of LONGEST_FIRST go first, and that file first in its group."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    file_rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    rank = {}
+    for item in items:
+        group, path = item.get_closest_marker("xdist_group").args[0], item.nodeid.split("::")[0]
+        rank[group] = min(rank.get(group, len(file_rank)), file_rank.get(path, len(file_rank)))
+    items.sort(key=lambda item: (rank[item.get_closest_marker("xdist_group").args[0]],
+                                 file_rank.get(item.nodeid.split("::")[0], len(file_rank))))
+
+
 @pytest.fixture(scope="session")
 def object_store():
     """The S3 API of tests/objectstore.py, for the session."""

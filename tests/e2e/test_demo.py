@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
@@ -19,22 +20,22 @@ printed about 250 for one stage before the libraries' output went to the log fil
 
 
 def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
-    """The demo as the README runs it (a Prefect `retrain` flow run, all four stages), with the quicker debug
-    recipes."""
+    """The demo as the README runs it (a Prefect `retrain` flow run, all four stages), in its quick form: the
+    debug recipes on a smaller sample corpus."""
     cli = Path(sys.executable).with_name("mmpipe")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
     env.update(MMPIPE_HOME=str(tmp_path / "home"), COLUMNS="120")
-    command = [str(cli), "demo", "--recipe", "debug", "--fusion-recipe", "debug-fusion", "--tokenizer-recipe",
-               "debug-tokenizer", "--unified-recipe", "debug-unified"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
+    result = subprocess.run([str(cli), "demo", "--quick"], capture_output=True, text=True, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_console_is_mmpipe_own(result.stdout + result.stderr)
     datasets = list((tmp_path / "home" / "datasets").iterdir())
     assert len(datasets) == 1
     version = DatasetVersion.open(datasets[0])
     assert version.verify() == []
-    rows = version.manifest["rows"]
-    assert rows["kept"] > 9800 and rows["in"] == 10054  # the default corpus: 8,000 scenes, 1,797 digits, photos, defects
+    rows, made = version.manifest["rows"], json.loads((tmp_path / "home" / "sample" / "sample.json").read_text())
+    assert made["spec"]["synthetic"] == 1000 and made["spec"]["defects"], "the quick corpus, its defects planted"
+    assert rows["in"] == made["rows"] and rows["kept"] + sum(rows["rejected"].values()) == rows["in"]
+    assert rows["kept"] > 0.9 * rows["in"]
     assert version.id in result.stdout and "near_duplicate" in result.stdout
     assert set(version.manifest["splits"]) == {"train", "val", "test"}
     assert "registered models:/mmpipe-contrastive/1 (alias candidate)" in result.stdout

@@ -82,4 +82,5 @@ def image_tokenizer(train_dataset, mmpipe_home):
     from mmcore.train.fit import fit
     from tests.integration.workers import HERE
 
-    return fit(apply_overrides(recipe("debug-tokenizer", str(train_dataset.path)), HERE))
+    return fit(apply_overrides(recipe("debug-tokenizer", str(train_dataset.path)),
+                               ["optim.max_steps=300", "checkpoint.every_steps=150", *HERE]))

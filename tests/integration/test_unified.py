@@ -16,7 +16,7 @@ from PIL import Image
 from mmcore.train.fit import fit
 from tests.integration.workers import HERE, fit_killing_a_worker
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("image-tokenizer")]
 
 
 def unified_config(dataset, parent: str, *overrides):
@@ -31,7 +31,8 @@ def unified_config(dataset, parent: str, *overrides):
 def unified(image_tokenizer, train_dataset, mmpipe_home):
     """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, trained here
     (one rank), questions packed."""
-    return fit(unified_config(train_dataset, image_tokenizer.model_uri, *HERE))
+    return fit(unified_config(train_dataset, image_tokenizer.model_uri, "optim.max_steps=200",
+                              "checkpoint.every_steps=100", *HERE))
 
 
 def _history(run_id: str, key: str, mmpipe_home) -> list[float]:

@@ -44,10 +44,16 @@ def fit_killing_a_worker(cfg, runs, checkpoint_glob: str):
 
 
 def train_workers() -> set[int]:
+    """The Ray Train workers this process started (through its local Ray, or the Ray nodes it launched), not
+    those of a test running beside it."""
     import psutil
 
-    return {p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in (p.info["cmdline"] or []))}
+    found = set()
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any("RayTrainWorker" in part for part in child.cmdline()):
+                found.add(child.pid)
+    return found
 
 
 def fit_with_kills(cfg, run_dir, triggers, timeout_s: float = 900):
