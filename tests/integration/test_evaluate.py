@@ -21,7 +21,7 @@ from mmcore.models import build_model, capabilities, model_config
 from mmcore.bundle import ModelBundle
 from mmcore.tracking import TrackingError
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("trained")]
+pytestmark = pytest.mark.integration
 
 
 def _client(home):

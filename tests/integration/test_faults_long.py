@@ -23,8 +23,7 @@ from mmcore.train.plan import run_name
 from tests.integration.conftest import debug_config
 from tests.integration.workers import fit_with_kills, mmpipe_process, reported_step
 
-pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.long,
-              pytest.mark.xdist_group("trained")]
+pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.long]
 
 EVERY = 20  # checkpoint interval of these runs
 

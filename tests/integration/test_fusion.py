@@ -15,7 +15,7 @@ from mmcore.registry import load_model
 from mmcore.train.fit import fit
 from tests.integration.workers import HERE, fit_killing_a_worker
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("trained")]
+pytestmark = pytest.mark.integration
 
 
 def fusion_config(dataset, parent: str, *overrides):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("image-tokenizer")]
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from mmcore.train import checkpoint
 from mmcore.train.fit import fit
 from tests.integration.workers import fit_killing_a_worker
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("trained")]
+pytestmark = pytest.mark.integration
 
 
 def test_zero2_run_learns(trained):

@@ -25,7 +25,7 @@ from mmcore.train import checkpoint
 from tests.integration.workers import train_workers
 from tests.objectstore import free_port
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("trained")]
+pytestmark = pytest.mark.integration
 
 
 def _ray_start(*args, env) -> subprocess.Popen:

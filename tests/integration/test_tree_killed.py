@@ -25,7 +25,7 @@ from mmcore.recipes import recipe
 from mmcore.train.plan import run_name
 from tests.integration.workers import kill_tree, mmpipe_process
 
-pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.xdist_group("trained")]
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 STEPS, EVERY = 40, 10  # checkpoints at steps 10, 20 and 30, two kept
 SETTLE_S = 5  # the rest of the tree runs on meanwhile: Ray Train's controller polls its workers every 2 s

@@ -16,7 +16,7 @@ from PIL import Image
 from mmcore.train.fit import fit
 from tests.integration.workers import HERE, fit_killing_a_worker
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("image-tokenizer")]
+pytestmark = pytest.mark.integration
 
 
 def unified_config(dataset, parent: str, *overrides):
