@@ -28,7 +28,7 @@ $(BROWSER):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver
 
 test: setup $(BROWSER)
-	$(BIN)/python -m pytest -q --durations=15 -n 2
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/python bench/ingest_throughput.py

@@ -21,49 +21,6 @@ def pytest_configure(config):
     configure_environment()  # before any process is forked: they all reach the tests' object store
 
 
-TOGETHER = {
-    "trained": ("tests/integration/test_tree_killed.py", "tests/integration/test_train_cluster.py",
-                "tests/integration/test_fusion.py", "tests/integration/test_train.py",
-                "tests/integration/test_evaluate.py", "tests/integration/test_faults_long.py"),
-    "image-tokenizer": ("tests/integration/test_image_tokenizer.py", "tests/integration/test_unified.py"),
-}
-"""Files whose tests share a costly session fixture (`trained`, `image_tokenizer`): one pytest process runs
-them all, so the fixture is made once. Under `pytest -n 2` (make test) every other file runs whole in one
-process too, in its order, with its module fixtures."""
-LONGEST_FIRST = ("tests/integration/test_tree_killed.py", "tests/e2e/test_demo.py", "tests/e2e/test_ui.py",
-                 "tests/integration/test_stack.py")
-"""The files that take minutes, longest first: the two processes end together when these start early."""
-GROUP = {path: group for group, paths in TOGETHER.items() for path in paths}
-
-
-def _file(nodeid: str) -> str:
-    return nodeid.split("::")[0]
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """Work units of whole files, or of the files of one TOGETHER group, handed out in collection order."""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ByFile(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return GROUP.get(_file(nodeid), _file(nodeid))
-
-    config.option.loadscopereorder = False  # keep the order pytest_collection_modifyitems gives
-    return ByFile(config, log)
-
-
-def pytest_collection_modifyitems(config, items):
-    """Groups holding a file of LONGEST_FIRST first, that file first in its group; the rest in their order."""
-    file_rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
-    group_rank = {}
-    for item in items:
-        path = _file(item.nodeid)
-        group = GROUP.get(path, path)
-        group_rank[group] = min(group_rank.get(group, len(file_rank)), file_rank.get(path, len(file_rank)))
-    items.sort(key=lambda item: (group_rank[GROUP.get(_file(item.nodeid), _file(item.nodeid))],
-                                 file_rank.get(_file(item.nodeid), len(file_rank))))
-
-
 @pytest.fixture(scope="session")
 def object_store():
     """The S3 API of tests/objectstore.py, for the session."""
