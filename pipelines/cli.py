@@ -132,15 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
                                             "nothing to start by hand")
     demo.add_argument("--home", help="project home (default $MMPIPE_HOME or ~/.mmpipe)")
     demo.add_argument("--quick", action="store_true",
-                      help="a few minutes instead of about 40: the debug recipes on a sample corpus of about 1,400 "
-                           "rows, to check that everything works (its models learn little)")
+                      help="a few minutes instead of about 40: the debug recipes on a sample corpus of 1,557 rows, "
+                           "to check that everything works (its models learn little)")
     demo.add_argument("--recipe", help="contrastive recipe (default demo; debug with --quick)")
     demo.add_argument("--fusion-recipe",
-                      help="fusion recipe on the new contrastive champion (default demo-fusion; none skips the stage)")
-    demo.add_argument("--tokenizer-recipe", help="image tokenizer recipe (default demo-tokenizer)")
+                      help="fusion recipe on the new contrastive champion (default demo-fusion, debug-fusion with "
+                           "--quick; none skips the stage)")
+    demo.add_argument("--tokenizer-recipe",
+                      help="image tokenizer recipe (default demo-tokenizer, debug-tokenizer with --quick)")
     demo.add_argument("--unified-recipe",
-                      help="unified recipe on the new tokenizer champion (default demo-unified; none skips the image "
-                           "tokenizer and the unified stage)")
+                      help="unified recipe on the new tokenizer champion (default demo-unified, debug-unified with "
+                           "--quick; none skips the image tokenizer and the unified stage)")
     demo.set_defaults(func=cmd_demo)
 
     serve = commands.add_parser("serve", help="register the flows as deployments (Prefect UI: Run) and run them")
