@@ -56,7 +56,9 @@ def _ensure_sample(root: Path, base_url: str, spec) -> Path:
 
 QUICK = {"recipe": "debug", "fusion_recipe": "debug-fusion", "tokenizer_recipe": "debug-tokenizer",
          "unified_recipe": "debug-unified"}
-"""`mmpipe demo --quick`: the smallest models for a few steps each, on 1,000 scenes and 300 digits."""
+"""`mmpipe demo --quick`: the smallest models for a few steps each, on QUICK_SAMPLE."""
+QUICK_SAMPLE = {"synthetic": 1000, "digits": 300}
+"""The quick demo's sample corpus (SampleSpec fields; the photos and planted defects as in the full one)."""
 FULL = {"recipe": "demo", "fusion_recipe": "demo-fusion", "tokenizer_recipe": "demo-tokenizer",
         "unified_recipe": "demo-unified"}
 
@@ -66,9 +68,9 @@ def cmd_demo(args) -> int:
     home = _home(args)
     from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
+    from mmcore.data.synthetic.corpus import SampleSpec
     from mmcore.tracking import resolve_uri
     from pipelines.flows import retrain_flow
-    from mmcore.data.synthetic.corpus import SampleSpec
     from pipelines.params import FusionSettings, IngestParams, RetrainParams, TokenizerSettings, TrainSettings, \
         UnifiedSettings
 
@@ -78,7 +80,7 @@ def cmd_demo(args) -> int:
     started = time.monotonic()
     sample_dir = home / "sample"
     sample_dir.mkdir(parents=True, exist_ok=True)
-    spec = SampleSpec(synthetic=1000, digits=300) if args.quick else SampleSpec()
+    spec = SampleSpec(**QUICK_SAMPLE) if args.quick else SampleSpec()
     with _demo_server(sample_dir) as server:
         url_list = _ensure_sample(sample_dir, server.url, spec)
         console.say(f"sample corpus at {sample_dir}, served at {server.url}")

@@ -79,7 +79,7 @@ def fit_with_kills(cfg, run_dir, triggers, timeout_s: float = 900):
         assert killed, f"{label}: training workers should be running"
         os.kill(max(killed), signal.SIGKILL)
         kills.append((label, reported_step(run_dir)))
-        while not (train_workers() and not train_workers() & killed):  # the restarted group is up
+        while not ((workers := train_workers()) and not workers & killed):  # the restarted group is up
             assert time.monotonic() < deadline
             time.sleep(0.2)
     thread.join(timeout=max(1.0, deadline - time.monotonic()))
