@@ -1,7 +1,9 @@
 """The model bundle: the files a trained model is, as the trainer writes them and every loader reads them.
 
-safetensors weights, the architecture's JSON config, the tokenizer and the preprocessing config; no
-pickle, nothing else. Needs no MLflow: the registry (registry.py) stores and fetches bundles.
+safetensors weights, the architecture's JSON config (model.json), the tokenizer and the preprocessing config;
+no pickle, nothing else. A language model's bundle is also a Hugging Face directory (config.json,
+model.safetensors or its shards, the tokenizer's files and chat template: models/causal_lm.py), which
+transformers opens without mmpipe. Needs no MLflow: the registry (registry.py) stores and fetches bundles.
 """
 
 from __future__ import annotations
@@ -14,8 +16,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mmcore.data.tokenizer import EOS, load_tokenizer
-from mmcore.models import build_model
+from mmcore.models import build_model, load_pretrained
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
+
+
+HF_CONFIG = "config.json"
+"""The file that makes a bundle a Hugging Face directory."""
+HF_SUFFIXES = (".json", ".safetensors", ".jinja", ".txt")
+"""What a Hugging Face directory may hold besides mmpipe's files: JSON, safetensors, a chat template and BPE
+merges. Never a pickle (.bin, .pt, .pth, .pkl) or code."""
 
 
 class BundleError(ValueError):
@@ -35,41 +44,62 @@ class ModelBundle:
     def write(cls, directory: Path, model: torch.nn.Module, config: dict, tokenizer_json: str,
               preprocess: PreprocessConfig) -> "ModelBundle":
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, directory / "weights.safetensors")
+        if hasattr(model, "save_pretrained"):  # a language model: a Hugging Face directory
+            model.save_pretrained(directory, tokenizer_json)
+        else:
+            state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+            save_file(state, directory / "weights.safetensors")
+            (directory / "tokenizer.json").write_text(tokenizer_json)
         (directory / "model.json").write_text(json.dumps(config, indent=2))
-        (directory / "tokenizer.json").write_text(tokenizer_json)
         (directory / "preprocess.json").write_text(json.dumps(asdict(preprocess), indent=2))
         return cls.at(directory)
 
     @classmethod
     def at(cls, directory: Path) -> "ModelBundle":
         d = Path(directory)
-        return cls(str(d / "weights.safetensors"), str(d / "model.json"), str(d / "tokenizer.json"),
-                   str(d / "preprocess.json"))
+        weights = "model.safetensors" if (d / HF_CONFIG).exists() else "weights.safetensors"
+        return cls(str(d / weights), str(d / "model.json"), str(d / "tokenizer.json"), str(d / "preprocess.json"))
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.config).parent
+
+    @property
+    def hugging_face(self) -> bool:
+        return (self.directory / HF_CONFIG).exists()
 
     def load(self) -> tuple[torch.nn.Module, Preprocessor]:
-        tokenizer = load_tokenizer(self.tokenizer)
         config = json.loads(Path(self.config).read_text())
-        model, _ = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
-        model.load_state_dict(load_file(self.weights))
         preprocess = PreprocessConfig(**json.loads(Path(self.preprocess).read_text()))
+        if self.hugging_face:
+            model = load_pretrained(config, self.directory)
+        else:
+            tokenizer = load_tokenizer(self.tokenizer)
+            model, _ = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+            model.load_state_dict(load_file(self.weights))
         return model.eval(), Preprocessor(preprocess, Path(self.tokenizer).read_text())
 
     @classmethod
     def checked(cls, directory: Path, uri: str) -> "ModelBundle":
         """The bundle in `directory` (downloaded from `uri`), refused with BundleError when the directory
         holds anything but the bundle's files (a pickle would run code when loaded) or a link out of it."""
-        expected = {Path(path).name for path in asdict(cls.at(directory)).values()}
+        bundle = cls.at(directory)
+        expected = {Path(path).name for path in asdict(bundle).values()}
+        if bundle.hugging_face:  # the weights may be shards (model-00001-of-00002.safetensors)
+            expected -= {Path(bundle.weights).name}
         for path in sorted(directory.rglob("*")):
             name = path.relative_to(directory)
             if path.is_symlink() or not path.resolve().is_relative_to(directory.resolve()):
                 raise BundleError(f"refusing {uri}: its file {name} is a link ({path.resolve()}); a model's files "
                                   "must lie in its own directory")
-            if str(name) not in expected:
+            if str(name) not in expected and not (bundle.hugging_face and path.parent == directory
+                                                  and path.name.endswith(HF_SUFFIXES)):
+                allowed = f"{', '.join(sorted(expected))}" + (f" and {', '.join(HF_SUFFIXES)} files"
+                                                               if bundle.hugging_face else "")
                 raise BundleError(f"refusing {uri}: it holds {name}, which is not one of its bundle's files "
-                                  f"({', '.join(sorted(expected))}); mmpipe loads safetensors and JSON only, never "
-                                  "a pickle")
+                                  f"({allowed}); mmpipe loads safetensors and JSON only, never a pickle")
+        if bundle.hugging_face and not list(directory.glob("*.safetensors")):
+            raise BundleError(f"cannot load {uri}: its Hugging Face directory holds no .safetensors weights")
         missing = sorted(expected - {p.name for p in directory.iterdir()})
         if missing:
             raise BundleError(f"cannot load {uri}: its files lack {', '.join(missing)}")

@@ -233,6 +233,13 @@ def cmd_models_lineage(args) -> int:
     return 0
 
 
+def cmd_models_import(args) -> int:
+    from mmcore.hub import import_model
+
+    import_model(args.source, args.stage, args.revision, args.alias)
+    return 0
+
+
 def cmd_models_archs(args) -> int:
     from mmcore.models import list_models, model_config
 
@@ -315,6 +322,13 @@ def _add_model_commands(commands) -> None:
     archs.set_defaults(func=cmd_models_archs)
     listing = models.add_parser("list", help="registered models: versions, aliases, lineage, last evaluation")
     listing.set_defaults(func=cmd_models_list)
+    imported = models.add_parser("import", help="register a Hugging Face checkpoint (a repo id or a local "
+                                 "directory) as a version of a stage's model")
+    imported.add_argument("source", help="a Hugging Face repo id (owner/name) or a local directory in that format")
+    imported.add_argument("--stage", required=True, choices=["language"], help="the stage whose model it becomes")
+    imported.add_argument("--revision", help="a branch, tag or commit of the repo (default: its main)")
+    imported.add_argument("--alias", default="candidate", help="the alias the version gets (default %(default)s)")
+    imported.set_defaults(func=cmd_models_import)
     chain = models.add_parser("lineage", help="a model's parents down to its dataset version and URL list")
     chain.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     chain.set_defaults(func=cmd_models_lineage)

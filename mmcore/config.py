@@ -312,6 +312,8 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
             return value
         if option in (int, str, bool) and isinstance(value, option) and (option is bool or not isinstance(value, bool)):
             return value
+        if option is dict and isinstance(value, dict):
+            return value
         if typing.get_origin(option) is list and isinstance(value, list):
             return [_typed(item, typing.get_args(option)[0], f"{name}[{i}]") for i, item in enumerate(value)]
     wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) if typing.get_origin(o) is None

@@ -20,11 +20,12 @@ from mmcore.models.preprocess import Preprocessor
 class PyfuncModel(mlflow.pyfunc.PythonModel):
     """A contrastive model: predict(DataFrame with an `image` (bytes) or a `text` per row) -> (N, E)
     embeddings. A model that generates (fusion): predict(DataFrame with `image` and `prompt`) -> answers.
-    An image tokenizer: predict(DataFrame with `image`) -> (N, tokens) codes. A model that draws
+    An image tokenizer: predict(DataFrame with `image`) -> (N, tokens) codes. A language model:
+    predict(DataFrame with `prompt`) -> answers. A model that draws
     (unified), with params {"output": "image"}: predict(DataFrame with `prompt`) -> PNG bytes."""
 
     def load_context(self, context):
-        bundle = ModelBundle.checked(Path(context.artifacts["weights"]).parent, "this model")
+        bundle = ModelBundle.checked(Path(next(iter(context.artifacts.values()))).parent, "this model")
         self.model, self.preprocess = bundle.load()
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
@@ -33,6 +34,8 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
             return draw_rows(self.model, self.preprocess, model_input, params or {})
         if "generate" in can:
             return answer_rows(self.model, self.preprocess, model_input, params or {})
+        if "complete" in can:
+            return complete_rows(self.model, model_input, params or {})
         if "tokenize_image" in can:
             return tokenize_rows(self.model, self.preprocess, model_input)
         return embed_rows(self.model, self.preprocess, model_input)
@@ -81,6 +84,17 @@ def answer_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, params: dic
         if str(err).startswith("row "):
             raise
         raise ValueError(f"row {_undecodable(preprocess, blobs)}: the image cannot be decoded ({err})") from err
+
+
+def complete_rows(model, rows: pd.DataFrame, params: dict) -> list[str]:
+    """A language model's answer to each row's `prompt` (a user message, in the model's chat template); a row
+    without one is a ValueError naming the row."""
+    prompts = rows["prompt"].tolist() if "prompt" in rows else [None] * len(rows)
+    for row, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise ValueError(f"row {row}: each row needs a `prompt` (text)")
+    return model.complete(prompts, max_new_tokens=int(params.get("max_new_tokens",
+                                                                 GENERATION_PARAMS["max_new_tokens"])))
 
 
 def tokenize_rows(model, preprocess: Preprocessor, rows: pd.DataFrame, batch_size: int = 256) -> np.ndarray:
@@ -170,7 +184,8 @@ def signature(model):
     """Contrastive: per row an `image` (encoded bytes) or a `text` -> (N, embed_dim) float32 embeddings.
     Generative: per row an `image` and a `prompt` -> answers; generation settings as params. A model
     that also draws: the image is optional, and output="image" returns PNG bytes.
-    Image tokenizer: per row an `image` -> (N, tokens) int64 codes."""
+    Image tokenizer: per row an `image` -> (N, tokens) int64 codes. Language model: per row a `prompt` -> its
+    answer."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -182,6 +197,10 @@ def signature(model):
         params = ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in settings.items()])
         inputs = Schema([ColSpec("binary", "image", required=not draws), ColSpec("string", "prompt")])
         return ModelSignature(inputs=inputs, outputs=None if draws else Schema([ColSpec("string")]), params=params)
+    if "complete" in can:
+        params = ParamSchema([ParamSpec("max_new_tokens", "long", GENERATION_PARAMS["max_new_tokens"])])
+        return ModelSignature(inputs=Schema([ColSpec("string", "prompt")]), outputs=Schema([ColSpec("string")]),
+                              params=params)
     if "tokenize_image" in can:
         return ModelSignature(inputs=Schema([ColSpec("binary", "image")]),
                               outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, model.grid ** 2))]))

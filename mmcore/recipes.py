@@ -96,6 +96,21 @@ def long_fusion(dataset: str) -> RunConfig:
                  checkpoint=CheckpointConfig(every_steps=1000))
 
 
+def debug_language(dataset: str) -> RunConfig:
+    """Seconds on a CPU: the smallest language model, a few steps (tests)."""
+    return named("debug-language", base("language", dataset, "lm-debug",
+                                        OptimConfig(lr=3e-3, warmup_steps=2, max_steps=20), 10,
+                                        batch_size=32, val_batches=2, augment=False))
+
+
+def demo_language(dataset: str) -> RunConfig:
+    """Minutes on 2 CPU cores: a Llama-architecture LM learns the sample corpus's captions, and to answer
+    questions about a caption it is given, in the wordings the fusion stage trains on."""
+    return named("demo-language", base("language", dataset, "lm-demo",
+                                       OptimConfig(lr=2e-3, warmup_steps=50, max_steps=600), 200,
+                                       batch_size=64, val_batches=4, augment=False))
+
+
 def debug_tokenizer(dataset: str) -> RunConfig:
     """Seconds on a CPU: the smallest image tokenizer, a few steps (tests; at 300 steps it reaches about
     18 dB)."""
@@ -143,6 +158,7 @@ def gpu_base(dataset: str) -> RunConfig:
 RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo_siglip, "gpu-base": gpu_base,
            "debug-fusion": debug_fusion, "demo-fusion": demo_fusion, "demo-flamingo": demo_flamingo,
            "quality-fusion": quality_fusion, "long-fusion": long_fusion,
+           "debug-language": debug_language, "demo-language": demo_language,
            "debug-tokenizer": debug_tokenizer, "demo-tokenizer": demo_tokenizer,
            "debug-unified": debug_unified, "demo-unified": demo_unified}
 

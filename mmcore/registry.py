@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -44,7 +43,8 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
     model, _ = bundle.load()
     with fluent_uri(uri):
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=asdict(bundle),
+            files = {path.name: str(path) for path in sorted(bundle.directory.iterdir()) if path.is_file()}
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(PYFUNC_CODE), artifacts=files,
                                            signature=signature(model), input_example=None,
                                            pip_requirements=pyfunc_requirements())
         version = None
@@ -152,8 +152,8 @@ def registry_overview(tracking_uri: str) -> list[dict]:
 
 
 def lineage(uri: str, tracking_uri: str) -> list[dict]:
-    """A registered model and its parents, down to the dataset version and the URL list it was made from:
-    one dict per link, the model first."""
+    """A registered model and its parents, down to the dataset version and the URL list it was made from (or
+    the Hugging Face checkpoint an imported model is): one dict per link, the model first."""
     client = MlflowClient(tracking_uri)
     chain, name, number = [], *resolve_version(uri, tracking_uri)
     while True:
@@ -161,6 +161,11 @@ def lineage(uri: str, tracking_uri: str) -> list[dict]:
         tags = version.tags or {}
         chain.append({"kind": "model", "name": f"models:/{name}/{number}", "stage": tags.get("stage", ""),
                       "run_id": version.run_id, "dataset_id": tags.get("dataset_id", "")})
+        if tags.get("source"):  # imported (hub.py): its lineage ends at the checkpoint it came from
+            chain.append({"kind": "checkpoint", "name": tags["source"], "revision": tags.get("source_revision", ""),
+                          "weights": ", ".join(f"{k.removeprefix('sha256.')} sha256 {v[:12]}"
+                                               for k, v in sorted(tags.items()) if k.startswith("sha256."))})
+            return chain
         parent = tags.get("parent_model")
         if not parent:
             break

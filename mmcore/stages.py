@@ -66,6 +66,7 @@ STAGES = {stage.name: stage for stage in (
           parent=Parent("contrastive", "models:/mmpipe-contrastive@champion",
                         lambda parent: {"vision": parent["vision"]}, same_text=True),
           lm_parent=True, packs=True, question_loss=True),
+    Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language"),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",
           parent=Parent("image-tokenizer", "models:/mmpipe-image-tokenizer@champion",

@@ -223,6 +223,36 @@ class UnifiedTask(nn.Module):
         return out
 
 
+class LanguageTask(nn.Module):
+    """A causal LM learns the text of a dataset (data/passages.py). Batch: {"input_ids": (B, L), "labels": (B, L)
+    (IGNORE on padding), "truncated": (B,)}."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @classmethod
+    def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
+              parents: Parents | None = None) -> "LanguageTask":
+        return cls(model)
+
+    @staticmethod
+    def tokenizer(dataset_tokenizer_json: str) -> str:
+        return with_chat_tokens(dataset_tokenizer_json)
+
+    @staticmethod
+    def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
+                     parents: Parents | None = None) -> Preprocessor:
+        from mmcore.data.passages import TextPreprocessor
+
+        return TextPreprocessor(preprocess, tokenizer_json, seed=cfg.seed)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.model(batch["input_ids"])
+        return {"loss": loss_on_answers(logits, batch["labels"]),
+                "truncated_fraction": batch["truncated"].float().mean()}
+
+
 def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,
                parents: Parents | None = None) -> tuple[nn.Module, PreprocessConfig]:
     """The stage's Task around a model sized for `tokenizer_json` (the stage's tokenizer: its Task's

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import socket
 import struct
 import time
@@ -19,6 +20,8 @@ from tests.objectstore import ObjectStore, configure_environment
 
 def pytest_configure(config):
     configure_environment()  # before any process is forked: they all reach the tests' object store
+    # No weights can be fetched here: a test that reaches for the Hugging Face Hub fails instead of hanging.
+    os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -209,4 +209,5 @@ def batch_rows(batch: dict) -> list[dict]:
         return value.item() if isinstance(value, np.generic) else value
 
     columns = [*ROW_COLUMNS, "epoch"]
-    return [{c: (plain(batch[c][i]) if c in batch else None) for c in columns} for i in range(len(batch["image"]))]
+    rows = len(next(iter(batch.values()))) if batch else 0
+    return [{c: (plain(batch[c][i]) if c in batch else None) for c in columns} for i in range(rows)]

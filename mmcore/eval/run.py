@@ -11,6 +11,7 @@ from mmcore.eval import contrastive  # noqa: F401 - registers the contrastive su
 from mmcore.eval import drawing  # noqa: F401 - registers the text-to-image suite
 from mmcore.eval import generative  # noqa: F401 - registers the generative suites
 from mmcore.eval import reconstruction  # noqa: F401 - registers the image tokenizer's suite
+from mmcore.eval import text  # noqa: F401 - registers the language models' suite
 from mmcore.eval.suites import default_suites, get_suite
 from mmcore.models import capabilities
 from mmcore.progress import progress_bar

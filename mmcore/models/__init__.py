@@ -8,6 +8,7 @@ from importlib import resources
 from torch import nn
 
 from mmcore.config import from_dict
+from mmcore.models.causal_lm import CausalLM, CausalLMConfig
 from mmcore.models.clip import ClipConfig, ClipModel
 from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
@@ -17,11 +18,12 @@ from mmcore.models.unified import UnifiedConfig, UnifiedModel
 
 FAMILIES = {"clip": (ClipConfig, ClipModel), "llava": (LlavaConfig, LlavaModel),
             "flamingo": (FlamingoConfig, FlamingoModel), "vq": (ImageTokenizerConfig, ImageTokenizer),
-            "unified": (UnifiedConfig, UnifiedModel)}
+            "unified": (UnifiedConfig, UnifiedModel), "lm": (CausalLMConfig, CausalLM)}
 
 
 CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",),
-                "tokenize_image": ("encode", "decode"), "generate_image": ("generate_image",)}
+                "tokenize_image": ("encode", "decode"), "generate_image": ("generate_image",),
+                "complete": ("complete", "text_nll")}
 """What a model can do, by the methods it has: evaluation picks suites and the registry picks the
 pyfunc's signature by these, never by stage or family."""
 
@@ -52,11 +54,20 @@ def architecture(config: dict) -> dict:
 
 def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, PreprocessConfig]:
     """Model and matching preprocessing from a config dict (a named one or a registered model's)."""
-    data = architecture(config)
+    cfg, model_class = _family(config)
+    cfg.set_vocab_size(vocab_size)
+    return model_class(cfg, eos_id=eos_id), cfg.preprocess()
+
+
+def load_pretrained(config: dict, directory) -> nn.Module:
+    """A model saved as a Hugging Face directory (a language model), described by its model.json `config`."""
+    cfg, model_class = _family(config)
+    return model_class.from_pretrained(directory, cfg)
+
+
+def _family(config: dict) -> tuple[object, type]:
     family = config.get("family")
     if family not in FAMILIES:
         raise ValueError(f"model config: unknown family {family!r}; known: {sorted(FAMILIES)}")
     cfg_class, model_class = FAMILIES[family]
-    cfg = from_dict(cfg_class, data)
-    cfg.set_vocab_size(vocab_size)
-    return model_class(cfg, eos_id=eos_id), cfg.preprocess()
+    return from_dict(cfg_class, architecture(config)), model_class

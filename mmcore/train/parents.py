@@ -52,10 +52,10 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
     arch = {**arch, **spec.takes(parent_cfg)}
     model = dataclasses.replace(cfg.model, parent=parent)
     tags = {"parent_model": parent.removeprefix("models:/")}
-    dirs = {"parent": Path(bundle.weights).parent}
+    dirs = {"parent": bundle.directory}
     if cfg.model.lm_parent:
         lm_parent, lm_cfg, lm_bundle = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", cfg.task.stage)
-        dirs["lm_parent"] = Path(lm_bundle.weights).parent
+        dirs["lm_parent"] = lm_bundle.directory
         if lm_cfg.get("lm") != arch.get("lm"):
             raise ValueError(f"model.lm_parent: {lm_parent}'s language model {lm_cfg.get('lm')} differs from "
                              f"{cfg.model.name}'s {arch.get('lm')}")
@@ -70,8 +70,7 @@ def fetch_parents(cfg: RunConfig, tracking_uri: str) -> dict[str, Path]:
     from mmcore import registry
 
     fields = [field for field in ("parent", "lm_parent") if getattr(cfg.model, field)]
-    return {field: Path(registry.model_files(getattr(cfg.model, field), tracking_uri).weights).parent
-            for field in fields}
+    return {field: registry.model_files(getattr(cfg.model, field), tracking_uri).directory for field in fields}
 
 
 def _check_image_size(what: str, size: int | None, version: DatasetVersion) -> None:

@@ -84,3 +84,15 @@ def image_tokenizer(train_dataset, mmpipe_home):
 
     return fit(apply_overrides(recipe("debug-tokenizer", str(train_dataset.path)),
                                ["optim.max_steps=300", "checkpoint.every_steps=150", *HERE]))
+
+
+@pytest.fixture(scope="session")
+def language_model(train_dataset, mmpipe_home):
+    """The debug language model (60 steps) trained here, registered as mmpipe-language@candidate."""
+    from mmcore.cli import apply_overrides
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+    from tests.integration.workers import HERE
+
+    return fit(apply_overrides(recipe("debug-language", str(train_dataset.path)),
+                               ["optim.max_steps=60", "checkpoint.every_steps=30", *HERE]))

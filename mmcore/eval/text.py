@@ -1,0 +1,43 @@
+"""The text suite, for language models: perplexity on the test split's captions, and answers to questions
+about a caption given in text (the sample corpus's question types, seen and held-out wordings)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from mmcore.data.instruct import ROW_COLUMNS, questions
+from mmcore.data.passages import about_caption
+from mmcore.eval.contrastive import rows
+from mmcore.eval.generative import ANSWER_TOKENS, normalize_answer
+from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
+
+
+@suite("text", {"complete"}, "caption perplexity; answers to questions about a caption given in text, exact match")
+def text(model, preprocess, version) -> SuiteResult:
+    extras = set(version.manifest["source"].get("extras", []))
+    columns = [c for c in ROW_COLUMNS if c == "caption" or c in extras]
+    records = rows(version, columns).to_pylist()
+    if not records:
+        raise SuiteError(f"text: dataset {version.id}'s test split has no rows")
+    scored = model.text_nll([r["caption"] for r in records])
+    metrics = {"perplexity": math.exp(sum(n for n, _ in scored) / max(sum(c for _, c in scored), 1)),
+               "n": float(len(records))}
+    asked = [(row, q) for row in records for held_out in (False, True) for q in questions(row, held_out)
+             if q.kind != "caption"] if SAMPLE_COLUMNS <= extras else []
+    if not asked:
+        return SuiteResult(metrics, "perplexity")
+    answers = model.complete([about_caption(row["caption"], q.question) for row, q in asked],
+                             max_new_tokens=ANSWER_TOKENS)
+    frame = pd.DataFrame({"kind": [q.kind for _, q in asked], "held_out": [q.held_out for _, q in asked],
+                          "caption": [r["caption"] for r, _ in asked], "question": [q.question for _, q in asked],
+                          "answer": [q.answer for _, q in asked], "generated": answers})
+    frame["correct"] = [normalize_answer(g) == normalize_answer(a) for g, a in zip(frame.generated, frame.answer)]
+    for held_out, prefix in ((False, ""), (True, "heldout_")):
+        part = frame[frame.held_out == held_out]
+        metrics[f"{prefix}answer_accuracy"] = float(part.correct.mean())
+        for kind, group in part.groupby("kind"):
+            metrics[f"{prefix}{kind}_accuracy"] = float(group.correct.mean())
+    per_kind = frame.groupby(["kind", "held_out"]).correct.agg(["mean", "size"]).reset_index()
+    return SuiteResult(metrics, "answer_accuracy", tables={"per_kind": per_kind, "examples": frame.head(200)})

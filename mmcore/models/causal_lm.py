@@ -1,0 +1,166 @@
+"""A decoder language model from transformers: the language stage's model, one code path for the LMs mmpipe
+trains (a transformers architecture built from a config at demo sizes) and those imported from a Hugging
+Face checkpoint.
+
+On disk it is a Hugging Face directory (config.json, model.safetensors, the tokenizer with its chat template)
+that `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` open without mmpipe.
+transformers is imported when a model is built or loaded, not with this module: the CLI stays quick.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmcore.models.preprocess import PreprocessConfig
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}"
+                 "{% if message['role'] == 'user' %}<|user|>{{ message['content'] }}"
+                 "{% else %}<|assistant|>{{ message['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+"""The chat format of the LMs mmpipe trains: `<bos> <|user|> question <|assistant|> answer <eos>` per turn
+after one <bos> (the fusion stage's, with the <image> in the user's text). An imported LM brings its own."""
+
+
+@dataclass
+class CausalLMConfig:
+    """A transformers causal LM at a given size (`architecture` is its model_type: llama, gpt2, qwen2, ...)."""
+
+    architecture: str = "llama"
+    context_length: int = 128
+    """Tokens per training sequence, and the model's positions."""
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    vocab_size: int = 0
+    """Set from the stage's tokenizer when built."""
+    extra: dict = field(default_factory=dict)
+    """Further fields of the architecture's transformers config, verbatim (e.g. {"n_inner": 512} for gpt2)."""
+
+    def validate(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.context_length < 8:
+            raise ValueError(f"context_length {self.context_length} is below 8")
+
+    def set_vocab_size(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig(image_size=0, context_length=self.context_length)
+
+    def hf_config(self, special_ids: dict[str, int]):
+        """The transformers config; `special_ids`: bos_token_id, eos_token_id, pad_token_id."""
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.for_model(self.architecture, **{
+                "vocab_size": self.vocab_size, "hidden_size": self.width, "num_hidden_layers": self.layers,
+                "num_attention_heads": self.heads, "intermediate_size": int(self.width * self.mlp_ratio),
+                "max_position_embeddings": self.context_length, "tie_word_embeddings": False, **special_ids,
+                **self.extra})
+        except ValueError as err:
+            raise ValueError(f"architecture: transformers does not know {self.architecture!r} ({err})") from None
+
+
+class CausalLM(nn.Module):
+    """A transformers causal LM (`lm`) and, once saved or loaded, its tokenizer (`tokenizer`, with a chat
+    template). forward(input_ids) -> logits; `complete` answers user messages; `text_nll` scores texts."""
+
+    def __init__(self, cfg: CausalLMConfig, eos_id: int, lm: nn.Module | None = None, tokenizer=None):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        cfg.validate()
+        self.cfg, self.eos_id, self.tokenizer = cfg, eos_id, tokenizer
+        if lm is None:
+            # The dataset tokenizer's ids (data/tokenizer.py SPECIAL_TOKENS): <pad> 0, <bos> 2, <eos> 3.
+            lm = AutoModelForCausalLM.from_config(cfg.hf_config({"bos_token_id": 2, "eos_token_id": eos_id,
+                                                                  "pad_token_id": 0}), dtype=torch.float32)
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def save_pretrained(self, directory: Path, tokenizer_json: str) -> None:
+        """The Hugging Face directory: weights in fp32 safetensors, config, tokenizer and chat template."""
+        _quiet()
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.lm.state_dict().items()}
+        self.lm.config.dtype = torch.float32
+        self.lm.save_pretrained(directory, state_dict=state)
+        (self.tokenizer or hf_tokenizer(tokenizer_json, self.cfg.context_length)).save_pretrained(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, cfg: CausalLMConfig) -> "CausalLM":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _quiet()
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        return cls(cfg, tokenizer.eos_token_id, lm, tokenizer)
+
+    def _chat_prompts(self, messages: list[str]) -> list[list[int]]:
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"] for m in messages]
+
+    @torch.no_grad()
+    def complete(self, messages: list[str], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
+        """The greedy answer to each user message, in the tokenizer's chat format."""
+        prompts, out = self._chat_prompts(messages), []
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start: start + batch_size]
+            width = max(map(len, chunk))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left-padded
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            new = self.lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=self.eos_id, pad_token_id=pad)[:, width:]
+            out += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [text.strip() for text in out]
+
+    @torch.no_grad()
+    def text_nll(self, texts: list[str], batch_size: int = 64) -> list[tuple[float, int]]:
+        """(summed negative log-likelihood, tokens predicted) of each text, tokenized with its special tokens."""
+        out = []
+        for start in range(0, len(texts), batch_size):
+            encoded = self.tokenizer(texts[start: start + batch_size], padding=True, return_tensors="pt",
+                                     truncation=True, max_length=self.lm.config.max_position_embeddings)
+            ids, mask = encoded["input_ids"], encoded["attention_mask"]
+            logits = self(ids, mask)[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            counted = mask[:, 1:].float()
+            out += [(float(n), int(c)) for n, c in zip((nll * counted).sum(1), counted.sum(1))]
+        return out
+
+
+def hf_tokenizer(tokenizer_json: str, context_length: int):
+    """The stage's tokenizer (the dataset's BPE with the chat roles) as a transformers tokenizer with its
+    special tokens named and mmpipe's chat template."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from mmcore.data.tokenizer import BOS, CHAT_TOKENS, EOS, IMAGE, PAD, UNK
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json), bos_token=BOS,
+                                        eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                        extra_special_tokens={"image_token": IMAGE},
+                                        model_max_length=context_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})  # already in the vocabulary
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _quiet() -> None:
+    """No progress bars of transformers' own on the user's console (mmpipe draws its own)."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def card(cfg: CausalLMConfig) -> dict:
+    """The model.json of a causal LM."""
+    return {"family": "lm", **asdict(cfg)}

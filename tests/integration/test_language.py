@@ -1,0 +1,156 @@
+"""The language stage and imported checkpoints for real: DeepSpeed in this process, MLflow on sqlite, the
+registered Hugging Face directory opened by plain transformers in a fresh process, evaluation and the pyfunc
+by alias; tiny Llama- and GPT-2-style checkpoints built from configs and imported as a download would be."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _tokenizer(dataset, chat_template: bool):
+    """The dataset's BPE as a transformers tokenizer, as a Hub checkpoint would bring one (with or without a
+    chat template and padding token)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(dataset.tokenizer_path.read_text()),
+                                        bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    if chat_template:
+        tokenizer.pad_token = "<pad>"
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    return tokenizer
+
+
+def _checkpoint(directory, dataset, config, chat_template=True):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    _tokenizer(dataset, chat_template).save_pretrained(directory)
+    return directory
+
+
+def _versions(mmpipe_home, name="mmpipe-language") -> int:
+    from mlflow.tracking import MlflowClient
+
+    return len(MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").search_model_versions(f"name='{name}'"))
+
+
+def test_the_language_stage_learns_and_registers_a_model_plain_transformers_opens(language_model, train_dataset,
+                                                                                  mmpipe_home, tmp_path):
+    import mlflow
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from mmcore import registry
+    from mmcore.eval.run import evaluate
+    from mmcore.tracking import fluent_uri
+
+    client = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    losses = [m.value for m in sorted(client.get_metric_history(language_model.mlflow_run_id, "loss"),
+                                      key=lambda m: m.step)]
+    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0], losses
+    version = client.get_model_version_by_alias("mmpipe-language", "candidate")
+    assert language_model.model_name == "mmpipe-language" and str(version.version) == language_model.model_version
+    assert version.tags["stage"] == "language" and version.tags["dataset_id"] == language_model.dataset_id
+
+    directory = registry.model_files("models:/mmpipe-language@candidate").directory
+    script = f"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(directory)!r})
+tokenizer = AutoTokenizer.from_pretrained({str(directory)!r})
+prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "what colour is the circle?"}}],
+                                       add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+print(json.dumps({{"class": type(model).__name__, "new": out.shape[1] - prompt["input_ids"].shape[1],
+                   "mmcore": any(m.startswith("mmcore") for m in sys.modules)}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found == {"class": "LlamaForCausalLM", "new": found["new"], "mmcore": False} and 1 <= found["new"] <= 4
+
+    report = evaluate("models:/mmpipe-language@candidate", str(train_dataset.path))
+    text = report.metrics["text"]
+    assert report.ok and report.primaries["text"] == "answer_accuracy"
+    assert 1 < text["perplexity"] < 50, text  # a random model of this vocabulary scores about 450
+    assert 0 <= text["answer_accuracy"] <= 1 and 0 <= text["heldout_answer_accuracy"] <= 1
+    assert {"colour_accuracy", "count_accuracy", "digit_accuracy"} <= set(text)
+
+    with fluent_uri(f"sqlite:///{mmpipe_home / 'mlflow.db'}"):
+        answers = mlflow.pyfunc.load_model("models:/mmpipe-language@candidate").predict(
+            pd.DataFrame({"prompt": ["an image of a red circle\nwhat colour is the circle?", "describe a square."]}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
+def test_hugging_face_checkpoints_import_as_language_models_with_their_lineage(train_dataset, mmpipe_home, tmp_path):
+    from transformers import GPT2Config, LlamaConfig
+
+    from mmcore import registry
+    from mmcore.hub import import_model, sha256
+    from mmcore.tracking import resolve_uri
+    from mmcore.config import TrackingConfig
+
+    vocab = len(_tokenizer(train_dataset, True))
+    llama = _checkpoint(tmp_path / "tiny-llama", train_dataset, LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=128, bos_token_id=2, eos_token_id=3))
+    gpt2 = _checkpoint(tmp_path / "tiny-gpt2", train_dataset, GPT2Config(
+        vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=2, eos_token_id=3),
+        chat_template=False)
+    uri = resolve_uri(TrackingConfig())
+    for directory, architecture in ((llama, "LlamaForCausalLM"), (gpt2, "GPT2LMHeadModel")):
+        imported = import_model(str(directory), "language", alias="imported")
+        name, number = registry.resolve_version("models:/mmpipe-language@imported", uri)
+        assert imported == f"models:/{name}/{number}"
+        tags = registry.version_tags(name, number, uri)
+        assert tags["source"] == str(directory) and tags["source_revision"] == "local"
+        assert tags["sha256.model.safetensors"] == sha256(directory / "model.safetensors")
+        chain = registry.lineage(imported, uri)
+        assert [link["kind"] for link in chain] == ["model", "checkpoint"] and chain[1]["name"] == str(directory)
+        model, _ = registry.load_model(imported, uri)
+        assert type(model.lm).__name__ == architecture
+        assert all(isinstance(a, str) for a in model.complete(["a red circle\nwhat colour?"], max_new_tokens=3))
+    # The GPT-2 checkpoint brought no padding token and no chat template: both were given, and saved.
+    directory = registry.model_files("models:/mmpipe-language@imported", uri).directory
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    assert config["pad_token"] == "<eos>" and "Assistant:" in (directory / "chat_template.jinja").read_text()
+
+
+def test_bad_checkpoints_are_refused_with_nothing_registered(train_dataset, mmpipe_home, tmp_path):
+    from transformers import CLIPConfig, LlamaConfig
+
+    from mmcore.hub import import_model
+
+    before = _versions(mmpipe_home)
+    tiny = dict(vocab_size=len(_tokenizer(train_dataset, True)), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+    pickled = _checkpoint(tmp_path / "pickled", train_dataset, LlamaConfig(**tiny))
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model.bin: pickled weights are not loaded"):
+        import_model(str(pickled), "language")
+    unknown = _checkpoint(tmp_path / "unknown", train_dataset, LlamaConfig(**tiny))
+    config = json.loads((unknown / "config.json").read_text())
+    (unknown / "config.json").write_text(json.dumps({**config, "model_type": "no-such-architecture"}))
+    with pytest.raises(ValueError, match="transformers cannot read its config.json"):
+        import_model(str(unknown), "language")
+    clip = tmp_path / "clip"
+    from transformers import CLIPModel
+
+    CLIPModel(CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                      "num_attention_heads": 2, "vocab_size": 99},
+                         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+                         projection_dim=16)).save_pretrained(clip)
+    _tokenizer(train_dataset, True).save_pretrained(clip)
+    with pytest.raises(ValueError, match="not a causal language model"):
+        import_model(str(clip), "language")
+    with pytest.raises(ValueError, match="without a network, import a local directory"):
+        import_model("someone/some-model", "language")
+    assert _versions(mmpipe_home) == before

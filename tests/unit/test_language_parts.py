@@ -1,0 +1,136 @@
+"""The language stage's parts: its training text in the saved chat template, the Hugging Face directory a
+language model is (opened by plain transformers in a fresh process), tied embeddings, pickles refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from mmcore.bundle import BundleError, ModelBundle
+from mmcore.data.config import TokenizerConfig
+from mmcore.data.passages import TextFormat, TextPreprocessor, passage
+from mmcore.data.tokenizer import train_tokenizer, with_chat_tokens
+from mmcore.models import build_model, model_config
+from mmcore.models.causal_lm import hf_tokenizer
+from mmcore.models.generate import IGNORE
+
+SCENE = {"key": "000042", "caption": "an image of two red circles left of a blue square", "source": "synthetic",
+         "label": None, "shape": "circle", "color": "red", "count": 2, "relation": "left of", "shape2": "square",
+         "color2": "blue", "count2": 1}
+PHOTO = {"key": "000043", "caption": "a photo of an astronaut", "source": "photo", "label": "astronaut"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json():
+    captions = [SCENE["caption"], PHOTO["caption"], "what colour is the circle? red", "where are the circles? left of",
+                "how many red circles are there? two", "which shape is drawn in blue? square"] * 20
+    return with_chat_tokens(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
+
+
+def _lm(tokenizer_json: str, name: str = "lm-debug", **changes):
+    config = {**model_config(name), **changes}
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    model, preprocess = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id("<eos>"))
+    return model.eval(), preprocess, config
+
+
+def test_the_training_text_is_the_saved_chat_template_token_for_token(tokenizer_json):
+    turns = passage(SCENE, seed=0, epoch=3)
+    assert len(turns) >= 4 and turns[0][0].startswith(SCENE["caption"] + "\n")
+    assert all(SCENE["caption"] not in user for user, _ in turns[1:])
+    messages = [m for user, answer in turns for m in ({"role": "user", "content": user},
+                                                       {"role": "assistant", "content": answer})]
+    templated = hf_tokenizer(tokenizer_json, 512).apply_chat_template(messages, tokenize=True,
+                                                                      return_dict=True)["input_ids"]
+    ids, labels, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 512).encode(SCENE, seed=0, epoch=3)
+    assert ids[: len(templated)] == templated and not truncated
+    assert labels[: len(templated)] == templated and set(labels[len(templated):]) == {IGNORE}
+    # A row that answers no question is its caption, as the tokenizer wraps it.
+    ids, _, _ = TextFormat(Tokenizer.from_str(tokenizer_json), 64).encode(PHOTO, seed=0, epoch=0)
+    assert ids[: ids.index(0)] == hf_tokenizer(tokenizer_json, 64)(PHOTO["caption"])["input_ids"]
+
+
+def test_a_short_context_keeps_whole_turns_and_counts_a_cut(tokenizer_json):
+    fmt = TextFormat(Tokenizer.from_str(tokenizer_json), 40)
+    ids, labels, truncated = fmt.encode(SCENE, seed=0, epoch=0)
+    assert len(ids) == len(labels) == 40 and not truncated
+    assert ids[ids.index(0) - 1] == fmt.ids["<eos>"]  # the last turn kept is whole
+    ids, _, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 12).encode(SCENE, seed=0, epoch=0)
+    assert truncated and len(ids) == 12
+    batch = TextPreprocessor(_lm(tokenizer_json)[1], tokenizer_json)({
+        "key": np.array(["a", "b"]), "caption": np.array([SCENE["caption"], PHOTO["caption"]]),
+        "epoch": np.array([0, 1])})
+    assert batch["input_ids"].shape == batch["labels"].shape == (2, 96) and batch["truncated"].tolist() == [0, 0]
+
+
+def test_a_language_model_is_a_hugging_face_directory_that_plain_transformers_opens(tokenizer_json, tmp_path):
+    model, preprocess, config = _lm(tokenizer_json)
+    bundle = ModelBundle.write(tmp_path / "lm", model, config, tokenizer_json, preprocess)
+    assert bundle.hugging_face and {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+                                    "model.json", "preprocess.json"} <= {p.name for p in bundle.directory.iterdir()}
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    ours = model(ids)
+    script = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(bundle.directory)!r})
+tokenizer = AutoTokenizer.from_pretrained({str(bundle.directory)!r})
+prompt = tokenizer.apply_chat_template([{{"role": "user", "content": "what colour?"}}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=True)["input_ids"]
+print(json.dumps({{"class": type(model).__name__, "logits": model(torch.tensor({ids.tolist()})).logits.tolist(),
+                   "prompt": tokenizer.convert_ids_to_tokens(prompt), "eos": tokenizer.eos_token,
+                   "pad": tokenizer.pad_token, "image": tokenizer.image_token}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert found["class"] == "LlamaForCausalLM"
+    assert torch.allclose(torch.tensor(found["logits"]), ours, atol=1e-5)
+    assert found["prompt"][:2] == ["<bos>", "<|user|>"] and found["prompt"][-1] == "<|assistant|>"
+    assert (found["eos"], found["pad"], found["image"]) == ("<eos>", "<pad>", "<image>")
+    loaded, _ = bundle.load()
+    assert torch.allclose(loaded(ids), ours, atol=1e-6)
+
+
+def test_gpt2_style_with_tied_embeddings_saves_them_once(tokenizer_json, tmp_path):
+    from safetensors import safe_open
+
+    model, preprocess, config = _lm(tokenizer_json, architecture="gpt2",
+                                    extra={"tie_word_embeddings": True, "n_inner": 128})
+    assert model.lm.lm_head.weight.data_ptr() == model.lm.transformer.wte.weight.data_ptr()
+    bundle = ModelBundle.write(tmp_path / "gpt2", model, config, tokenizer_json, preprocess)
+    with safe_open(bundle.weights, "pt") as weights:
+        keys = set(weights.keys())
+    assert "transformer.wte.weight" in keys and "lm_head.weight" not in keys
+    loaded, _ = bundle.load()
+    assert loaded.lm.lm_head.weight.data_ptr() == loaded.lm.transformer.wte.weight.data_ptr()
+    ids = torch.tensor([[2, 10, 11, 12]])
+    assert torch.allclose(loaded(ids), model(ids), atol=1e-6)
+
+
+def test_answers_do_not_depend_on_the_other_prompts_of_a_batch(tokenizer_json, tmp_path):
+    model, preprocess, config = _lm(tokenizer_json)
+    loaded, _ = ModelBundle.write(tmp_path / "lm", model, config, tokenizer_json, preprocess).load()
+    prompts = [f"{SCENE['caption']}\nwhat colour is the circle?", "which shape?"]  # lengths differ: left padding
+    together = loaded.complete(prompts, max_new_tokens=4)
+    assert together == [loaded.complete([p], max_new_tokens=4)[0] for p in prompts]
+    (total, tokens), = loaded.text_nll([PHOTO["caption"]])
+    assert tokens == len(loaded.tokenizer(PHOTO["caption"])["input_ids"]) - 1 and total > 0
+
+
+def test_a_language_model_directory_with_a_pickle_is_refused(tokenizer_json, tmp_path):
+    model, preprocess, config = _lm(tokenizer_json)
+    bundle = ModelBundle.write(tmp_path / "lm", model, config, tokenizer_json, preprocess)
+    (bundle.directory / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(BundleError, match="pytorch_model.bin.*never a pickle"):
+        ModelBundle.checked(bundle.directory, "models:/mmpipe-language/1")
+    (bundle.directory / "pytorch_model.bin").unlink()
+    (bundle.directory / "model.safetensors").unlink()
+    with pytest.raises(BundleError, match="no .safetensors weights"):
+        ModelBundle.checked(bundle.directory, "models:/mmpipe-language/1")
