@@ -68,6 +68,9 @@ class ModelBundle:
     def hugging_face(self) -> bool:
         return (self.directory / HF_CONFIG).exists()
 
+    def tokenizer_json(self) -> str:
+        return Path(self.tokenizer).read_text()
+
     def load(self) -> tuple[torch.nn.Module, Preprocessor]:
         config = json.loads(Path(self.config).read_text())
         preprocess = PreprocessConfig(**json.loads(Path(self.preprocess).read_text()))

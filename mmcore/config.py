@@ -40,7 +40,10 @@ class ModelConfig:
     freeze_vision: bool = True
     """Keep the parent's vision tower frozen (LLaVA, LiT); False trains it with the rest."""
     lm_parent: str = ""
-    """A registered fusion model whose language model starts this one (empty: trained from scratch)."""
+    """A registered language model (mmpipe-language, trained or imported) that the fusion model's LM starts
+    from, its tokenizer and chat format with it (empty: an LM trained from scratch on the dataset's tokenizer)."""
+    freeze_lm: bool = False
+    """Keep the language parent's LM frozen (LLaVA's alignment phase): only the projector trains."""
 
 
 @dataclass
@@ -240,6 +243,10 @@ class RunConfig:
                    f"e.g. {stage.parent.default}")
         check(not self.model.lm_parent or stage.lm_parent, "model.lm_parent",
                f"the {stage.name} stage does not start its LM from a registered model")
+        check(self.model.lm_parent.startswith("models:/") or not self.model.lm_parent, "model.lm_parent",
+               f"{self.model.lm_parent!r}: a registered language model, e.g. models:/mmpipe-language@champion")
+        check(not self.model.freeze_lm or bool(self.model.lm_parent), "model.freeze_lm",
+               "only a language parent's LM can be frozen (set model.lm_parent)")
         check(not self.data.pack_length or stage.packs, "data.pack_length",
                f"the {stage.name} stage does not pack questions")
         check(self.cluster.executor == "ray" or self.parallel.num_workers == 1, "parallel.num_workers",
@@ -290,6 +297,12 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         sub = hints[name]
+        optional = [o for o in typing.get_args(sub) if o is not type(None)] if isinstance(sub, types.UnionType) else []
+        if len(optional) == 1 and dataclasses.is_dataclass(optional[0]):  # `Config | None`: a section, or null
+            if value is None:
+                kwargs[name] = None
+                continue
+            sub = optional[0]
         if dataclasses.is_dataclass(sub):
             if not isinstance(value, dict):
                 raise ValueError(f"{prefix}{name}: expected a section of fields, got {_shown(value)}")

@@ -41,8 +41,8 @@ class Stage:
     recipe: str
     """The recipe `mmpipe train STAGE` runs when none is named."""
     parent: Parent | None = None
-    lm_parent: bool = False
-    """May start its language model from a registered model of its own stage (model.lm_parent)."""
+    lm_parent: Parent | None = None
+    """The registered language model its LM may start from (model.lm_parent), and what it takes of it."""
     packs: bool = False
     """Packs several questions of one image into a training sequence (data.pack_length)."""
     question_loss: bool = False
@@ -65,7 +65,9 @@ STAGES = {stage.name: stage for stage in (
     Stage("fusion", "FusionTask", ("llava", "flamingo"), ("next-token",), "vqa.accuracy", "demo-fusion",
           parent=Parent("contrastive", "models:/mmpipe-contrastive@champion",
                         lambda parent: {"vision": parent["vision"]}, same_text=True),
-          lm_parent=True, packs=True, question_loss=True),
+          lm_parent=Parent("language", "models:/mmpipe-language@champion",
+                           lambda parent: {"language": _without_card(parent)}, same_text=True),
+          packs=True, question_loss=True),
     Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language"),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",

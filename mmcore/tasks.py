@@ -66,7 +66,7 @@ class ContrastiveTask(nn.Module):
         return cls(model, preprocess, loss=cfg.task.loss)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str) -> str:
+    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
         return dataset_tokenizer_json
 
     @staticmethod
@@ -94,7 +94,7 @@ class _PixelTask(nn.Module):
         return cls(model, preprocess)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str) -> str:
+    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
         return dataset_tokenizer_json
 
 
@@ -111,13 +111,17 @@ class FusionTask(_PixelTask):
         bundles; without, freshly initialised (enough to size the preprocessing)."""
         if parents:
             model.visual.load_state_dict(_load(parents["parent"]).visual.state_dict())
-            if "lm_parent" in parents:
-                model.lm.load_state_dict(_load(parents["lm_parent"]).lm.state_dict())
+            if "lm_parent" in parents:  # a language model: its transformers weights
+                model.lm.hf.load_state_dict(_load(parents["lm_parent"]).lm.state_dict())
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
+        model.lm.requires_grad_(not cfg.model.freeze_lm)
         return cls(model, preprocess, question_loss=cfg.task.question_loss)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str) -> str:
+    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
+        """The language parent's tokenizer (it travels with its model), else the dataset's with the chat roles."""
+        if parents and "lm_parent" in parents:
+            return ModelBundle.at(parents["lm_parent"]).tokenizer_json()
         return with_chat_tokens(dataset_tokenizer_json)
 
     @staticmethod
@@ -195,7 +199,7 @@ class UnifiedTask(nn.Module):
         return cls(model)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str) -> str:
+    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
         return with_tokens(dataset_tokenizer_json, CHAT_TOKENS + IMAGE_SPAN_TOKENS)
 
     @staticmethod
@@ -237,7 +241,7 @@ class LanguageTask(nn.Module):
         return cls(model)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str) -> str:
+    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
         return with_chat_tokens(dataset_tokenizer_json)
 
     @staticmethod

@@ -31,7 +31,10 @@ class CausalLMConfig:
 
     architecture: str = "llama"
     context_length: int = 128
-    """Tokens per training sequence, and the model's positions."""
+    """Tokens per training sequence of the language stage."""
+    positions: int = 0
+    """The positions the model has (0: context_length); a fusion model puts an image's tokens and a
+    question in them."""
     width: int = 128
     layers: int = 4
     heads: int = 4
@@ -46,6 +49,8 @@ class CausalLMConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.context_length < 8:
             raise ValueError(f"context_length {self.context_length} is below 8")
+        if self.positions and self.positions < self.context_length:
+            raise ValueError(f"positions {self.positions} is below context_length {self.context_length}")
 
     def set_vocab_size(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
@@ -61,10 +66,64 @@ class CausalLMConfig:
             return AutoConfig.for_model(self.architecture, **{
                 "vocab_size": self.vocab_size, "hidden_size": self.width, "num_hidden_layers": self.layers,
                 "num_attention_heads": self.heads, "intermediate_size": int(self.width * self.mlp_ratio),
-                "max_position_embeddings": self.context_length, "tie_word_embeddings": False, **special_ids,
+                "max_position_embeddings": self.positions or self.context_length, "tie_word_embeddings": False,
+                **special_ids,
                 **self.extra})
         except ValueError as err:
             raise ValueError(f"architecture: transformers does not know {self.architecture!r} ({err})") from None
+
+
+def _from_config(cfg: CausalLMConfig, eos_id: int) -> nn.Module:
+    """A freshly initialised transformers LM; ids of the dataset tokenizer's specials (data/tokenizer.py
+    SPECIAL_TOKENS): <pad> 0, <bos> 2."""
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    config = cfg.hf_config({"bos_token_id": 2, "eos_token_id": eos_id, "pad_token_id": 0})
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+class PretrainedDecoder(nn.Module):
+    """A transformers causal LM behind the interface the fusion families use (models/decoder.py DecoderLM):
+    embeddings in (B, N, D) at positions start..start+N-1, or a packing's -> final hidden states (B, N, D);
+    `head` reads logits out; `new_caches` is a transformers cache for generation. Its weights come from a
+    language parent (tasks.FusionTask)."""
+
+    def __init__(self, cfg: CausalLMConfig, eos_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.hf = _from_config(cfg, eos_id)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.hf.config.max_position_embeddings)
+
+    @property
+    def head(self) -> nn.Module:
+        return self.hf.get_output_embeddings()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.hf.get_input_embeddings()(input_ids)
+
+    def forward(self, x: torch.Tensor, start: int = 0, caches=None, between=None, packing=None) -> torch.Tensor:
+        if between is not None:
+            raise ValueError("cross-attention between the layers of a pretrained LM (Flamingo) is not supported yet")
+        if packing is None and start + x.shape[1] > self.max_positions:
+            raise ValueError(f"sequence of {start + x.shape[1]} positions is longer than the language model's "
+                             f"{self.max_positions}")
+        if packing is None:
+            positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[0], -1)
+            mask = None
+        else:
+            positions, mask = packing.positions, packing.mask()
+        out = self.hf.base_model(inputs_embeds=x, position_ids=positions, attention_mask=mask,
+                                 past_key_values=caches, use_cache=caches is not None)
+        return out.last_hidden_state
+
+    def new_caches(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.hf.config)
 
 
 class CausalLM(nn.Module):
@@ -73,15 +132,9 @@ class CausalLM(nn.Module):
 
     def __init__(self, cfg: CausalLMConfig, eos_id: int, lm: nn.Module | None = None, tokenizer=None):
         super().__init__()
-        from transformers import AutoModelForCausalLM
-
         cfg.validate()
         self.cfg, self.eos_id, self.tokenizer = cfg, eos_id, tokenizer
-        if lm is None:
-            # The dataset tokenizer's ids (data/tokenizer.py SPECIAL_TOKENS): <pad> 0, <bos> 2, <eos> 3.
-            lm = AutoModelForCausalLM.from_config(cfg.hf_config({"bos_token_id": 2, "eos_token_id": eos_id,
-                                                                  "pad_token_id": 0}), dtype=torch.float32)
-        self.lm = lm
+        self.lm = lm if lm is not None else _from_config(cfg, eos_id)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

@@ -81,6 +81,10 @@ class DecoderLM(nn.Module):
         self.head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=0.02)
 
+    @property
+    def max_positions(self) -> int:
+        return self.pos.shape[1]
+
     def forward(self, x: torch.Tensor, start: int = 0, caches: list[KVCache] | None = None,
                 between: Between | None = None, packing: Packing | None = None) -> torch.Tensor:
         if packing is None and start + x.shape[1] > self.pos.shape[1]:

@@ -83,6 +83,9 @@ class FlamingoModel(FusionModel):
 
     def __init__(self, cfg: FlamingoConfig, eos_id: int):
         super().__init__(cfg, eos_id)
+        if cfg.language is not None:
+            raise ValueError("model.lm_parent: Flamingo on a pretrained language model is not supported yet; "
+                             "use a llava architecture")
         self.media_proj = nn.Linear(cfg.vision.width, cfg.lm.width)
         self.resampler = PerceiverResampler(cfg.lm.width, cfg.lm.heads, cfg.latents, cfg.resampler_layers)
         self.cross = nn.ModuleList(GatedCrossAttention(cfg.lm.width, cfg.lm.heads, cfg.gate_scale)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mmcore.models.causal_lm import CausalLMConfig
 from mmcore.models.decoder import DecoderConfig
 from mmcore.models.generate import IGNORE, TextGenerator
 from mmcore.models.preprocess import PreprocessConfig
@@ -28,16 +29,27 @@ class FusionConfig:
     vision_layer: int = -1
     """The tower's hidden state the LM sees, indexed as [embeddings, block 1, ..., block N]: -1 the
     last (after the final norm), -2 the one before it (LLaVA's choice), 0 the patch embeddings."""
+    language: CausalLMConfig | None = None
+    """The language parent's architecture, copied into the config at training time (model.lm_parent):
+    the LM is then that transformers model (and `lm` gives only the text context_length)."""
 
     def validate(self) -> None:
         self.vision.validate()
         self.lm.validate()
+        if self.language is not None:
+            self.language.validate()
         if not -self.vision.layers - 1 <= self.vision_layer <= self.vision.layers:
             raise ValueError(f"vision_layer {self.vision_layer} is outside the tower's "
                              f"{self.vision.layers} layers (-{self.vision.layers + 1}..{self.vision.layers})")
 
     def set_vocab_size(self, vocab_size: int) -> None:
         self.lm.vocab_size = vocab_size
+        if self.language is not None:
+            self.language.vocab_size = vocab_size
+
+    @property
+    def lm_width(self) -> int:
+        return self.language.width if self.language is not None else self.lm.width
 
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)

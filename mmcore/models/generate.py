@@ -56,10 +56,10 @@ class TextGenerator(nn.Module):
         that produced <eos> is padded with <eos> until every row has. Without the cache every step
         reruns the whole sequence: the same tokens, slower (a test holds them equal).
         """
-        limit = self.lm.pos.shape[1] - self.extra_positions - prompt_ids.shape[1]
+        limit = self.lm.max_positions - self.extra_positions - prompt_ids.shape[1]
         if limit < 1:
             raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens leaves no room in the context of "
-                             f"{self.lm.pos.shape[1] - self.extra_positions}")
+                             f"{self.lm.max_positions - self.extra_positions}")
         context = self.context(images)
         caches = self.lm.new_caches() if use_cache else None
         last = self.hidden(prompt_ids, context, caches=caches)[:, -1]

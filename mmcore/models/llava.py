@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmcore.models.causal_lm import PretrainedDecoder
 from mmcore.models.decoder import DecoderLM, Packing
 from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.generate import splice_hidden
@@ -32,12 +33,19 @@ class LlavaModel(FusionModel):
         grid = cfg.vision.image_size // cfg.vision.patch_size
         self.image_tokens = 1 + grid ** 2  # CLS + patches
         self.extra_positions = self.image_tokens - 1
-        self.projector = nn.Sequential(nn.Linear(cfg.vision.width, cfg.lm.width), nn.GELU(),
-                                       nn.Linear(cfg.lm.width, cfg.lm.width))
-        self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
+        width, needed = cfg.lm_width, cfg.lm.context_length + self.extra_positions
+        self.projector = nn.Sequential(nn.Linear(cfg.vision.width, width), nn.GELU(), nn.Linear(width, width))
+        if cfg.language is None:
+            self.lm = DecoderLM(cfg.lm, max_positions=needed)
+        else:
+            self.lm = PretrainedDecoder(cfg.language, eos_id)
+            if self.lm.max_positions < needed:
+                raise ValueError(f"the language model has {self.lm.max_positions} positions, fewer than the "
+                                 f"{self.image_tokens} image tokens and {cfg.lm.context_length} text tokens of a "
+                                 "sample need")
         if cfg.image_positions:
-            self.patch_row = nn.Parameter(torch.randn(grid, 1, cfg.lm.width) * 0.2)
-            self.patch_column = nn.Parameter(torch.randn(1, grid, cfg.lm.width) * 0.2)
+            self.patch_row = nn.Parameter(torch.randn(grid, 1, width) * 0.2)
+            self.patch_column = nn.Parameter(torch.randn(1, grid, width) * 0.2)
 
     def context(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> image tokens in the LM's width (B, 1 + P, D)."""

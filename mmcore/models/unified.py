@@ -147,9 +147,9 @@ class UnifiedModel(TextGenerator):
         temperature 0 is greedy; top_k > 0 keeps the k likeliest codes.
         """
         total = prompt_ids.shape[1] + 1 + self.image_codes
-        if total > self.lm.pos.shape[1]:
+        if total > self.lm.max_positions:
             raise ValueError(f"prompt of {prompt_ids.shape[1]} tokens and an image of {self.image_codes + 2} "
-                             f"exceed the context of {self.lm.pos.shape[1]} positions")
+                             f"exceed the context of {self.lm.max_positions} positions")
         start = torch.full((len(prompt_ids), 1), self.start_id, device=prompt_ids.device)
         streams = [torch.cat([prompt_ids, start], dim=1)]
         if guidance != 1.0:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
+
+from tokenizers import Tokenizer
 
 from mmcore.bundle import ModelBundle
 from mmcore.config import RunConfig, TrackingConfig
 from mmcore.data.dataset import DatasetVersion
-from mmcore.data.tokenizer import load_tokenizer
+from mmcore.data.tokenizer import load_tokenizer, with_chat_tokens
 from mmcore.stages import STAGES
 
 
@@ -54,11 +57,12 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
     tags = {"parent_model": parent.removeprefix("models:/")}
     dirs = {"parent": bundle.directory}
     if cfg.model.lm_parent:
-        lm_parent, lm_cfg, lm_bundle = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", cfg.task.stage)
+        lm_spec = STAGES[cfg.task.stage].lm_parent
+        lm_parent, lm_cfg, lm_bundle = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", lm_spec.stage)
+        if lm_spec.same_text:
+            _check_tokenizer(lm_parent, Path(lm_bundle.tokenizer), version, "model.lm_parent", with_chat_tokens)
         dirs["lm_parent"] = lm_bundle.directory
-        if lm_cfg.get("lm") != arch.get("lm"):
-            raise ValueError(f"model.lm_parent: {lm_parent}'s language model {lm_cfg.get('lm')} differs from "
-                             f"{cfg.model.name}'s {arch.get('lm')}")
+        arch = {**arch, **lm_spec.takes(lm_cfg)}
         model = dataclasses.replace(model, lm_parent=lm_parent)
         tags["lm_parent_model"] = lm_parent.removeprefix("models:/")
     return Parents(dataclasses.replace(cfg, model=model), arch, tags, dirs)
@@ -96,9 +100,11 @@ def _pinned(uri: str, tracking_uri: str | None, field: str, stage: str) -> tuple
     return pinned, config, bundle
 
 
-def _check_tokenizer(parent: str, tokenizer_path: Path, version: DatasetVersion) -> None:
+def _check_tokenizer(parent: str, tokenizer_path: Path, version: DatasetVersion, field: str = "model.parent",
+                     extended: Callable[[str], str] = lambda json_text: json_text) -> None:
+    """The parent's tokenizer must be the dataset's (`extended` by the tokens the parent's stage adds)."""
     theirs = load_tokenizer(tokenizer_path).get_vocab()
-    ours = load_tokenizer(version.tokenizer_path).get_vocab()
+    ours = Tokenizer.from_str(extended(version.tokenizer_path.read_text())).get_vocab()
     if theirs != ours:
-        raise ValueError(f"model.parent: {parent} was trained with another tokenizer ({len(theirs)} tokens) than "
+        raise ValueError(f"{field}: {parent} was trained with another tokenizer ({len(theirs)} tokens) than "
                          f"dataset {version.id}'s ({len(ours)} tokens); train one on this dataset first")

@@ -154,3 +154,36 @@ def test_bad_checkpoints_are_refused_with_nothing_registered(train_dataset, mmpi
     with pytest.raises(ValueError, match="without a network, import a local directory"):
         import_model("someone/some-model", "language")
     assert _versions(mmpipe_home) == before
+
+
+def test_llava_on_a_frozen_language_parent_keeps_it_and_its_tokenizer(language_model, trained, train_dataset,
+                                                                      mmpipe_home):
+    from mmcore import registry
+    from mmcore.cli import apply_overrides
+    from mmcore.eval.run import evaluate
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+    from tests.integration.workers import HERE
+
+    fused = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
+        f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(language_model.model_uri)}",
+        "model.freeze_lm=true", "optim.max_steps=30", "checkpoint.every_steps=15", "optim.lr=0.003", *HERE]))
+    tags = registry.version_tags(fused.model_name, fused.model_version, f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    assert tags["lm_parent_model"] == language_model.model_uri.removeprefix("models:/")
+    assert tags["parent_model"] == trained.model_uri.removeprefix("models:/")
+    model, preprocess = registry.load_model(fused.model_uri)
+    parent, parent_preprocess = registry.load_model(language_model.model_uri)
+    ours, theirs = model.lm.hf.state_dict(), parent.lm.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch_equal(ours[k], theirs[k]) for k in ours)  # frozen: bit-identical
+    assert type(model.lm.hf).__name__ == "LlamaForCausalLM"
+    assert json.loads(preprocess.tokenizer_json)["added_tokens"] == json.loads(
+        parent_preprocess.tokenizer_json)["added_tokens"]  # the parent's tokenizer travelled with its LM
+    assert fused.metrics["bad_steps"] == 0
+    report = evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa"])
+    assert report.ok and 0 <= report.metrics["vqa"]["accuracy"] <= 1
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

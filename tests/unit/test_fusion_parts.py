@@ -17,7 +17,7 @@ from mmcore.data.synthetic.questions import CLOSINGS, OPENINGS
 from mmcore.data.synthetic.corpus import describe
 from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_tokens
 from mmcore.eval.generative import parse_scene
-from mmcore.models import build_model, model_config
+from mmcore.models import architecture, build_model, model_config
 from mmcore.models.decoder import Packing
 from mmcore.models.encode import generate_answers
 from mmcore.models.fusion import loss_on_answers
@@ -39,8 +39,15 @@ def tokenizer_json():
     return with_chat_tokens(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
 
 
+LANGUAGE = {**architecture(model_config("lm-debug")), "positions": 128}
+"""A language parent's architecture (a transformers Llama), as model.lm_parent puts it in a fusion config."""
+
+
 def _model(family: str, vocab: int = 400):
+    """The family's debug model; "llava-lm": LLaVA on a transformers LM (a language parent's)."""
     torch.manual_seed(0)
+    if family == "llava-lm":
+        return build_model({**model_config("llava-debug"), "vision": VISION, "language": LANGUAGE}, vocab, 3)[0].eval()
     return build_model({**model_config(f"{family}-debug"), "vision": VISION}, vocab, 3)[0].eval()
 
 
@@ -61,7 +68,7 @@ def test_flamingo_at_initialisation_is_exactly_its_language_model():
     assert not torch.equal(model(torch.randn(3, 3, 32, 32), ids), lm_alone)
 
 
-@pytest.mark.parametrize("family", ["llava", "flamingo"])
+@pytest.mark.parametrize("family", ["llava", "flamingo", "llava-lm"])
 def test_generation_with_the_kv_cache_equals_generation_without(family):
     model = _model(family)
     images, ids = torch.randn(3, 3, 32, 32), _ids()
@@ -189,7 +196,7 @@ def test_packed_questions_share_the_image_and_see_nothing_of_each_other(tokenize
         InstructPreprocessor(PreprocessConfig(image_size=32, context_length=32), tokenizer_json, pack_length=16)
 
 
-@pytest.mark.parametrize("family", ["llava", "flamingo"])
+@pytest.mark.parametrize("family", ["llava", "flamingo", "llava-lm"])
 def test_a_packed_question_gets_the_logits_it_gets_alone(family, tokenizer_json):
     from tokenizers import Tokenizer
 
@@ -333,3 +340,12 @@ def test_llava_image_positions_add_each_patchs_row_and_column():
             expected = model.patch_row[row, 0] + model.patch_column[0, column]
             assert torch.allclose(added[:, row * grid + column], expected.expand(2, -1), atol=1e-6)
     assert {"patch_row", "patch_column"} <= {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_language_parent_too_short_for_the_image_and_the_question_is_refused():
+    short = {**LANGUAGE, "context_length": 32, "positions": 0}
+    with pytest.raises(ValueError, match="the language model has 32 positions, fewer than the 17 image tokens and "
+                                         "48 text tokens"):
+        build_model({**model_config("llava-debug"), "vision": VISION, "language": short}, 400, 3)
+    with pytest.raises(ValueError, match="Flamingo on a pretrained language model is not supported yet"):
+        build_model({**model_config("flamingo-debug"), "vision": VISION, "language": LANGUAGE}, 400, 3)
