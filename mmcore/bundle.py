@@ -47,7 +47,11 @@ class ModelBundle:
         if hasattr(model, "save_pretrained"):  # a language model: a Hugging Face directory
             model.save_pretrained(directory, tokenizer_json)
         else:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+            state, seen = {}, set()
+            for key, value in model.state_dict().items():
+                tensor = value.detach().float().cpu().contiguous()
+                state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor  # tied: stored apart
+                seen.add(tensor.data_ptr())
             save_file(state, directory / "weights.safetensors")
             (directory / "tokenizer.json").write_text(tokenizer_json)
         (directory / "model.json").write_text(json.dumps(config, indent=2))

@@ -225,8 +225,9 @@ def cmd_models_lineage(args) -> int:
 
     uri = tracking.resolve_uri(TrackingConfig())
     tracking.check_reachable(uri)
-    for depth, link in enumerate(registry.lineage(args.uri, uri)):
-        details = {k: v for k, v in link.items() if k not in ("kind", "name") and v not in ("", None)}
+    for link in registry.lineage(args.uri, uri):
+        depth = link["depth"]
+        details = {k: v for k, v in link.items() if k not in ("kind", "name", "depth") and v not in ("", None)}
         text = ", ".join(f"{k} {v}" for k, v in details.items())
         console.out.print(f"{'  ' * depth}{'└─ ' if depth else ''}{link['kind']} {link['name']}"
                           + (f" ({text})" if text else ""))

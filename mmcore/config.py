@@ -28,6 +28,24 @@ def project_home() -> Path:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA (peft) on a language parent's LM in the fusion stage: adapters train, the LM's weights stay."""
+
+    rank: int = 0
+    """0: no LoRA (the LM trains whole, or is frozen with model.freeze_lm)."""
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """The LM's linear layers that get adapters (by the name they end with; Llama's attention by default)."""
+
+    def validate(self) -> None:
+        check(self.rank >= 0, "model.lora.rank", "must be >= 0")
+        check(self.alpha > 0, "model.lora.alpha", "must be > 0")
+        check(0 <= self.dropout < 1, "model.lora.dropout", "must be in [0, 1)")
+        check(bool(self.target_modules) or not self.rank, "model.lora.target_modules", "names no layer")
+
+
+@dataclass
 class ModelConfig:
     """Which architecture to train (models/configs/*.json)."""
 
@@ -44,6 +62,11 @@ class ModelConfig:
     from, its tokenizer and chat format with it (empty: an LM trained from scratch on the dataset's tokenizer)."""
     freeze_lm: bool = False
     """Keep the language parent's LM frozen (LLaVA's alignment phase): only the projector trains."""
+    start_from: str = ""
+    """A registered model of this stage and architecture whose weights this run starts from (LLaVA's
+    instruction phase starts from its alignment phase's model), pinned and tagged like a parent."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA on the language parent's LM; the registered model has the adapters merged into its weights."""
 
 
 @dataclass
@@ -90,6 +113,9 @@ class DataConfig:
     many of the image's questions as fit in N text tokens (at least the model's context), each seeing
     the image and itself only: several questions learned for one image's cost (the unified stage's
     drawing samples are padded to the same length)."""
+    captions_only: bool = False
+    """Fusion: ask each image for its caption only (LLaVA's alignment phase trains the projector on caption
+    pairs); otherwise every question its row answers."""
     record_samples: bool = False
     """Write the rows each worker trained on, in order, to <run dir>/samples/rank-N.tsv (epoch, row index
     in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""
@@ -247,6 +273,13 @@ class RunConfig:
                f"{self.model.lm_parent!r}: a registered language model, e.g. models:/mmpipe-language@champion")
         check(not self.model.freeze_lm or bool(self.model.lm_parent), "model.freeze_lm",
                "only a language parent's LM can be frozen (set model.lm_parent)")
+        self.model.lora.validate()
+        check(not self.model.lora.rank or (bool(self.model.lm_parent) and not self.model.freeze_lm), "model.lora.rank",
+               "LoRA adapts a language parent's LM that trains (set model.lm_parent, and model.freeze_lm=false)")
+        check(not self.model.start_from or self.model.start_from.startswith("models:/"), "model.start_from",
+               f"{self.model.start_from!r}: a registered model, e.g. models:/mmpipe-fusion@aligned")
+        check(not self.data.captions_only or stage.name == "fusion", "data.captions_only",
+               f"the {stage.name} stage does not ask questions about images")
         check(not self.data.pack_length or stage.packs, "data.pack_length",
                f"the {stage.name} stage does not pack questions")
         check(self.cluster.executor == "ray" or self.parallel.num_workers == 1, "parallel.num_workers",

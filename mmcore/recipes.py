@@ -107,8 +107,30 @@ def demo_language(dataset: str) -> RunConfig:
     """Minutes on 2 CPU cores: a Llama-architecture LM learns the sample corpus's captions, and to answer
     questions about a caption it is given, in the wordings the fusion stage trains on."""
     return named("demo-language", base("language", dataset, "lm-demo",
-                                       OptimConfig(lr=2e-3, warmup_steps=50, max_steps=600), 200,
-                                       batch_size=64, val_batches=4, augment=False))
+                                       OptimConfig(lr=3e-3, warmup_steps=50, max_steps=720), 360,
+                                       batch_size=32, val_batches=4, augment=False))
+
+
+def _on_language(cfg: RunConfig, name: str, steps: int, **model) -> RunConfig:
+    """`cfg`'s LLaVA on the language champion (model.lm_parent) for `steps` steps: one of LLaVA's phases."""
+    return named(name, cfg, model=dataclasses.replace(cfg.model, lm_parent="models:/mmpipe-language@champion",
+                                                      **model),
+                 optim=dataclasses.replace(cfg.optim, max_steps=steps, warmup_steps=min(50, steps // 5)))
+
+
+def demo_alignment(dataset: str) -> RunConfig:
+    """LLaVA's first phase on the demo's contrastive and language champions: both frozen, the projector learns
+    to put the tower's tokens where the LM reads them, from caption requests alone (100 steps); registered
+    with alias `aligned`, where `demo-instruction` starts."""
+    cfg = _on_language(demo_fusion(dataset), "demo-alignment", 100, freeze_lm=True)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, captions_only=True),
+                               tracking=dataclasses.replace(cfg.tracking, alias="aligned"))
+
+
+def demo_instruction(dataset: str) -> RunConfig:
+    """LLaVA's second phase: from the aligned model (models:/mmpipe-fusion@aligned), projector and LM learn
+    every question (300 steps: the two phases together take the demo-fusion budget of 400)."""
+    return _on_language(demo_fusion(dataset), "demo-instruction", 300, start_from="models:/mmpipe-fusion@aligned")
 
 
 def debug_tokenizer(dataset: str) -> RunConfig:
@@ -159,6 +181,7 @@ RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo
            "debug-fusion": debug_fusion, "demo-fusion": demo_fusion, "demo-flamingo": demo_flamingo,
            "quality-fusion": quality_fusion, "long-fusion": long_fusion,
            "debug-language": debug_language, "demo-language": demo_language,
+           "demo-alignment": demo_alignment, "demo-instruction": demo_instruction,
            "debug-tokenizer": debug_tokenizer, "demo-tokenizer": demo_tokenizer,
            "debug-unified": debug_unified, "demo-unified": demo_unified}
 

@@ -152,29 +152,33 @@ def registry_overview(tracking_uri: str) -> list[dict]:
 
 
 def lineage(uri: str, tracking_uri: str) -> list[dict]:
-    """A registered model and its parents, down to the dataset version and the URL list it was made from (or
-    the Hugging Face checkpoint an imported model is): one dict per link, the model first."""
-    client = MlflowClient(tracking_uri)
-    chain, name, number = [], *resolve_version(uri, tracking_uri)
-    while True:
-        version = client.get_model_version(name, number)
-        tags = version.tags or {}
-        chain.append({"kind": "model", "name": f"models:/{name}/{number}", "stage": tags.get("stage", ""),
-                      "run_id": version.run_id, "dataset_id": tags.get("dataset_id", "")})
-        if tags.get("source"):  # imported (hub.py): its lineage ends at the checkpoint it came from
-            chain.append({"kind": "checkpoint", "name": tags["source"], "revision": tags.get("source_revision", ""),
-                          "weights": ", ".join(f"{k.removeprefix('sha256.')} sha256 {v[:12]}"
-                                               for k, v in sorted(tags.items()) if k.startswith("sha256."))})
-            return chain
-        parent = tags.get("parent_model")
-        if not parent:
-            break
-        name, _, number = parent.partition("/")
+    """A registered model and its parents (a fusion model's vision and language parents each), down to the
+    dataset version and the URL list each was made from, or the Hugging Face checkpoint an imported model
+    is: one dict per link, depth first, each with its `depth` (the model 0, its parents 1, ...)."""
+    return _lineage(MlflowClient(tracking_uri), *resolve_version(uri, tracking_uri), 0)
+
+
+def _lineage(client: MlflowClient, name: str, number: str, depth: int) -> list[dict]:
+    version = client.get_model_version(name, number)
+    tags = version.tags or {}
+    links = [{"kind": "model", "name": f"models:/{name}/{number}", "stage": tags.get("stage", ""),
+              "run_id": version.run_id, "dataset_id": tags.get("dataset_id", ""), "depth": depth}]
+    if tags.get("source"):  # imported (hub.py): its lineage ends at the checkpoint it came from
+        return links + [{"kind": "checkpoint", "name": tags["source"], "revision": tags.get("source_revision", ""),
+                         "weights": ", ".join(f"{k.removeprefix('sha256.')} sha256 {v[:12]}"
+                                              for k, v in sorted(tags.items()) if k.startswith("sha256.")),
+                         "depth": depth + 1}]
+    parents = [tags[key] for key in ("parent_model", "lm_parent_model", "start_model") if tags.get(key)]
+    for parent in parents:
+        parent_name, _, parent_number = parent.partition("/")
+        links += _lineage(client, parent_name, parent_number, depth + 1)
+    if parents:  # the dataset is named on each model; the data's own links close each parent's branch
+        return links
     with tempfile.TemporaryDirectory() as tmp:
         manifest = json.loads(Path(client.download_artifacts(version.run_id, "dataset/manifest.json", tmp)).read_text())
     inputs = client.get_run(version.run_id).inputs.dataset_inputs
     where = json.loads(inputs[0].dataset.source).get("uri", "") if inputs else ""
-    chain.append({"kind": "dataset", "name": manifest["id"], "path": where,
-                  "rows": manifest["rows"]["kept"], "splits": manifest["splits"]})
-    chain.append({"kind": "url list", "name": manifest["source"]["path"], "sha256": manifest["source"]["sha256"]})
-    return chain
+    return links + [{"kind": "dataset", "name": manifest["id"], "path": where, "rows": manifest["rows"]["kept"],
+                     "splits": manifest["splits"], "depth": depth + 1},
+                    {"kind": "url list", "name": manifest["source"]["path"], "sha256": manifest["source"]["sha256"],
+                     "depth": depth + 2}]

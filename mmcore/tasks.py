@@ -32,7 +32,7 @@ from mmcore.stages import STAGES
 
 Parents = dict[str, Path]
 """A stage's parents as local model bundle directories, by the config field that names them ("parent",
-"lm_parent"); the registry has already fetched them (train/parents.py): a Task never talks to it."""
+"lm_parent", "start_from"); the registry has already fetched them (train/parents.py): a Task never talks to it."""
 
 
 class _Pixels(nn.Module):
@@ -108,13 +108,19 @@ class FusionTask(_PixelTask):
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
               parents: Parents | None = None) -> "FusionTask":
         """With `parents`, the vision tower (and the LM, with model.lm_parent) start from the parents'
-        bundles; without, freshly initialised (enough to size the preprocessing)."""
+        bundles, or the whole model from model.start_from's; without, freshly initialised (enough to size
+        the preprocessing)."""
         if parents:
             model.visual.load_state_dict(_load(parents["parent"]).visual.state_dict())
             if "lm_parent" in parents:  # a language model: its transformers weights
                 model.lm.hf.load_state_dict(_load(parents["lm_parent"]).lm.state_dict())
+            if "start_from" in parents:  # the same architecture: every weight (the parents' too)
+                model.load_state_dict(_load(parents["start_from"]).state_dict())
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
         model.lm.requires_grad_(not cfg.model.freeze_lm)
+        lora = cfg.model.lora
+        if lora.rank:  # after the weights are loaded: the adapters start at zero on top of them
+            model.lm.with_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
         return cls(model, preprocess, question_loss=cfg.task.question_loss)
 
     @staticmethod
@@ -129,7 +135,8 @@ class FusionTask(_PixelTask):
                      parents: Parents | None = None) -> Preprocessor:
         from mmcore.data.instruct import InstructPreprocessor
 
-        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
+        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length,
+                                    captions_only=cfg.data.captions_only)
 
     def __init__(self, model: nn.Module, preprocess: PreprocessConfig, question_loss: float = 0.0):
         super().__init__(model, preprocess)

@@ -75,12 +75,12 @@ def questions(row: dict, held_out: bool = False) -> list[Question]:
     return out
 
 
-def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
-    """A row's turns for training: every question type the row can answer, in an order drawn from (seed,
-    epoch, key), each worded by a seen template drawn the same way, with or without an opening and a
-    closing (attributes.OPENINGS)."""
+def training_questions(row: dict, seed: int, epoch: int, captions_only: bool = False) -> list[Question]:
+    """A row's turns for training: every question type the row can answer (or, `captions_only`, the caption
+    request), in an order drawn from (seed, epoch, key), each worded by a seen template drawn the same way,
+    with or without an opening and a closing (attributes.OPENINGS)."""
     rng = row_rng(row, seed, epoch)
-    kinds = _kinds(row)
+    kinds = ["caption"] if captions_only else _kinds(row)
     out = []
     for kind in (kinds[i] for i in rng.permutation(len(kinds))):
         template = str(rng.choice(TEMPLATES[kind][0]))
@@ -91,9 +91,9 @@ def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
     return out
 
 
-def training_question(row: dict, seed: int, epoch: int) -> Question:
+def training_question(row: dict, seed: int, epoch: int, captions_only: bool = False) -> Question:
     """The row's question for this epoch when a sequence holds one: the first of `training_questions`."""
-    return training_questions(row, seed, epoch)[0]
+    return training_questions(row, seed, epoch, captions_only)[0]
 
 
 class ChatFormat:
@@ -156,17 +156,19 @@ class ChatFormat:
                 truncated, segments[-1])
 
 
-def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0) -> dict[str, np.ndarray]:
+def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0,
+                      captions_only: bool = False) -> dict[str, np.ndarray]:
     """Training rows (with an `epoch`) -> input_ids, labels (B, context) int64 and truncated (B,) int64:
     one question a row; with `pack_length`, all the row's questions that fit in that many tokens (B,
-    pack_length), with segments and positions (B, pack_length) and the number of questions (B,)."""
+    pack_length), with segments and positions (B, pack_length) and the number of questions (B,).
+    `captions_only`: the caption request alone."""
     if not pack_length:
-        encoded = [chat.encode(q.question, q.answer)
-                   for q in (training_question(row, seed, int(row.get("epoch") or 0)) for row in rows)]
+        encoded = [chat.encode(q.question, q.answer) for q in
+                   (training_question(row, seed, int(row.get("epoch") or 0), captions_only) for row in rows)]
         keys = ("input_ids", "labels", "truncated")
     else:
-        encoded = [chat.encode_packed(training_questions(row, seed, int(row.get("epoch") or 0)), pack_length)
-                   for row in rows]
+        encoded = [chat.encode_packed(training_questions(row, seed, int(row.get("epoch") or 0), captions_only),
+                                      pack_length) for row in rows]
         keys = ("input_ids", "labels", "segments", "positions", "truncated", "questions")
     shapes = {"truncated": (len(rows),), "questions": (len(rows),)}
     width = pack_length or chat.context_length
@@ -180,12 +182,12 @@ class InstructPreprocessor(Preprocessor):
     columns = ["image", *ROW_COLUMNS]
 
     def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False, seed: int = 0,
-                 pack_length: int = 0):
+                 pack_length: int = 0, captions_only: bool = False):
         super().__init__(cfg, tokenizer_json, augment)
         if pack_length and pack_length < cfg.context_length:
             raise ValueError(f"data.pack_length {pack_length} is shorter than the model's context of "
                              f"{cfg.context_length} tokens: one question would not fit")
-        self.seed, self.pack_length = seed, pack_length
+        self.seed, self.pack_length, self.captions_only = seed, pack_length, captions_only
         self._chat: ChatFormat | None = None
 
     @property
@@ -199,7 +201,7 @@ class InstructPreprocessor(Preprocessor):
 
     def __call__(self, batch: dict) -> dict:
         return {"image": self.batch_pixels(batch["image"]),
-                **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length)}
+                **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length, self.captions_only)}
 
 
 def batch_rows(batch: dict) -> list[dict]:

@@ -67,8 +67,7 @@ class CausalLMConfig:
                 "vocab_size": self.vocab_size, "hidden_size": self.width, "num_hidden_layers": self.layers,
                 "num_attention_heads": self.heads, "intermediate_size": int(self.width * self.mlp_ratio),
                 "max_position_embeddings": self.positions or self.context_length, "tie_word_embeddings": False,
-                **special_ids,
-                **self.extra})
+                **special_ids, **self.extra})
         except ValueError as err:
             raise ValueError(f"architecture: transformers does not know {self.architecture!r} ({err})") from None
 
@@ -93,17 +92,44 @@ class PretrainedDecoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hf = _from_config(cfg, eos_id)
+        """The transformers model; while LoRA trains, peft's wrapper around it (`with_lora`)."""
+
+    @property
+    def core(self) -> nn.Module:
+        """The transformers model itself (inside peft's wrapper while LoRA trains)."""
+        return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
 
     @property
     def max_positions(self) -> int:
-        return int(self.hf.config.max_position_embeddings)
+        return int(self.core.config.max_position_embeddings)
 
     @property
     def head(self) -> nn.Module:
-        return self.hf.get_output_embeddings()
+        return self.core.get_output_embeddings()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.hf.get_input_embeddings()(input_ids)
+        return self.core.get_input_embeddings()(input_ids)
+
+    def linear_layers(self) -> list[str]:
+        """The names the LM's linear layers end with (what LoRA's target_modules name)."""
+        return sorted({name.rsplit(".", 1)[-1] for name, module in self.core.named_modules()
+                       if isinstance(module, nn.Linear)})
+
+    def with_lora(self, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
+        """LoRA adapters (peft) on the `targets` linear layers; the LM's own weights frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        missing = sorted(set(targets) - set(self.linear_layers()))
+        if missing:
+            raise ValueError(f"model.lora.target_modules: the language model has no {', '.join(missing)}; its linear "
+                             f"layers: {', '.join(self.linear_layers())}")
+        self.hf = get_peft_model(self.hf, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                     target_modules=list(targets)))
+
+    def merge_lora(self) -> None:
+        """The adapters merged into the weights: the plain transformers model again (what is registered)."""
+        if hasattr(self.hf, "merge_and_unload"):
+            self.hf = self.hf.merge_and_unload()
 
     def forward(self, x: torch.Tensor, start: int = 0, caches=None, between=None, packing=None) -> torch.Tensor:
         if between is not None:
@@ -116,14 +142,14 @@ class PretrainedDecoder(nn.Module):
             mask = None
         else:
             positions, mask = packing.positions, packing.mask()
-        out = self.hf.base_model(inputs_embeds=x, position_ids=positions, attention_mask=mask,
-                                 past_key_values=caches, use_cache=caches is not None)
+        out = self.core.base_model(inputs_embeds=x, position_ids=positions, attention_mask=mask,
+                                   past_key_values=caches, use_cache=caches is not None)
         return out.last_hidden_state
 
     def new_caches(self):
         from transformers import DynamicCache
 
-        return DynamicCache(config=self.hf.config)
+        return DynamicCache(config=self.core.config)
 
 
 class CausalLM(nn.Module):

@@ -14,17 +14,18 @@ from mmcore.bundle import ModelBundle
 from mmcore.config import RunConfig, TrackingConfig
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.tokenizer import load_tokenizer, with_chat_tokens
+from mmcore.models import architecture
 from mmcore.stages import STAGES
 
 
 @dataclasses.dataclass
 class Parents:
     cfg: RunConfig
-    """The run config with model.parent (and model.lm_parent) pinned to models:/name/version."""
+    """The run config with model.parent (model.lm_parent, model.start_from) pinned to models:/name/version."""
     arch: dict
     """The architecture with the part of the parent it takes (its stage's Parent.takes)."""
     tags: dict[str, str]
-    """parent_model (and lm_parent_model) = name/version, for the registered version."""
+    """parent_model (lm_parent_model, start_model) = name/version, for the registered version."""
     dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
     """The parents' bundles fetched to this machine, by field (tasks.Parents)."""
 
@@ -37,8 +38,9 @@ def check_family(cfg: RunConfig, arch: dict) -> None:
 
 
 def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: DatasetVersion) -> Parents:
-    """Resolve and check model.parent / model.lm_parent in the registry at `tracking_uri` (default: the
-    configured one); clear errors name the URI and the misfit. Without parents, no registry is asked."""
+    """Resolve and check model.parent / model.lm_parent / model.start_from in the registry at `tracking_uri`
+    (default: the configured one); clear errors name the URI and the misfit. Without parents, no registry is
+    asked."""
     check_family(cfg, arch)
     own_size = arch.get("image_size") or arch.get("vision", {}).get("image_size")  # fusion: the parent's, below
     _check_image_size(f"model.name: {cfg.model.name}", own_size, version)
@@ -65,6 +67,15 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
         arch = {**arch, **lm_spec.takes(lm_cfg)}
         model = dataclasses.replace(model, lm_parent=lm_parent)
         tags["lm_parent_model"] = lm_parent.removeprefix("models:/")
+    if cfg.model.start_from:
+        start, start_cfg, start_bundle = _pinned(cfg.model.start_from, tracking_uri, "model.start_from",
+                                                 cfg.task.stage)
+        if architecture(start_cfg) != architecture(arch):
+            raise ValueError(f"model.start_from: {start} is another architecture than this run's ({cfg.model.name} "
+                             "on its parents); a run starts from a model of its own architecture")
+        dirs["start_from"] = start_bundle.directory
+        model = dataclasses.replace(model, start_from=start)
+        tags["start_model"] = start.removeprefix("models:/")
     return Parents(dataclasses.replace(cfg, model=model), arch, tags, dirs)
 
 
@@ -73,7 +84,7 @@ def fetch_parents(cfg: RunConfig, tracking_uri: str) -> dict[str, Path]:
     on another node hands its Task."""
     from mmcore import registry
 
-    fields = [field for field in ("parent", "lm_parent") if getattr(cfg.model, field)]
+    fields = [field for field in ("parent", "lm_parent", "start_from") if getattr(cfg.model, field)]
     return {field: registry.model_files(getattr(cfg.model, field), tracking_uri).directory for field in fields}
 
 

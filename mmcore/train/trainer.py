@@ -299,8 +299,11 @@ class Trainer:
             else contextlib.nullcontext()
         with gather:
             if self.ranks.rank == 0:
+                model = self.engine.module.model
+                if hasattr(model, "merge_lora"):  # training is over: adapters into the weights they adapt
+                    model.merge_lora()
                 staging = storage.scratch_dir(self.run_dir) / ".final.tmp"
                 with staged(staging):
-                    ModelBundle.write(staging, self.engine.module.model, model_config, tokenizer_json, preprocess)
+                    ModelBundle.write(staging, model, model_config, tokenizer_json, preprocess)
                 storage.publish(staging, self.run_dir / "final")
         self.ranks.barrier()

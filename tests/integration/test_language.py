@@ -156,8 +156,10 @@ def test_bad_checkpoints_are_refused_with_nothing_registered(train_dataset, mmpi
     assert _versions(mmpipe_home) == before
 
 
-def test_llava_on_a_frozen_language_parent_keeps_it_and_its_tokenizer(language_model, trained, train_dataset,
-                                                                      mmpipe_home):
+def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_dataset, mmpipe_home):
+    """Alignment: the language parent frozen (bit-identical after), captions only; instruction: from the
+    aligned model, LoRA on the LM, registered merged (a plain LM that learned). Both parents and the start
+    recorded, the parent's tokenizer kept."""
     from mmcore import registry
     from mmcore.cli import apply_overrides
     from mmcore.eval.run import evaluate
@@ -165,9 +167,14 @@ def test_llava_on_a_frozen_language_parent_keeps_it_and_its_tokenizer(language_m
     from mmcore.train.fit import fit
     from tests.integration.workers import HERE
 
+    wrong = apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
+        f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(trained.model_uri)}", *HERE])
+    with pytest.raises(ValueError, match=r"model.lm_parent: .* is a clip model, not a language one"):
+        fit(wrong)
     fused = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
         f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(language_model.model_uri)}",
-        "model.freeze_lm=true", "optim.max_steps=30", "checkpoint.every_steps=15", "optim.lr=0.003", *HERE]))
+        "model.freeze_lm=true", "data.captions_only=true", "optim.max_steps=30", "checkpoint.every_steps=15",
+        "optim.lr=0.003", 'tracking.alias="aligned-test"', *HERE]))
     tags = registry.version_tags(fused.model_name, fused.model_version, f"sqlite:///{mmpipe_home / 'mlflow.db'}")
     assert tags["lm_parent_model"] == language_model.model_uri.removeprefix("models:/")
     assert tags["parent_model"] == trained.model_uri.removeprefix("models:/")
@@ -179,7 +186,25 @@ def test_llava_on_a_frozen_language_parent_keeps_it_and_its_tokenizer(language_m
     assert json.loads(preprocess.tokenizer_json)["added_tokens"] == json.loads(
         parent_preprocess.tokenizer_json)["added_tokens"]  # the parent's tokenizer travelled with its LM
     assert fused.metrics["bad_steps"] == 0
-    report = evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa"])
+    tree = [(link["depth"], link["kind"], link["name"]) for link in
+            registry.lineage(fused.model_uri, f"sqlite:///{mmpipe_home / 'mlflow.db'}")]
+    assert tree == [(0, "model", fused.model_uri),
+                    (1, "model", trained.model_uri), (2, "dataset", train_dataset.id),
+                    (3, "url list", train_dataset.manifest["source"]["path"]),
+                    (1, "model", language_model.model_uri), (2, "dataset", train_dataset.id),
+                    (3, "url list", train_dataset.manifest["source"]["path"])]
+
+    instructed = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
+        f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(language_model.model_uri)}",
+        'model.start_from="models:/mmpipe-fusion@aligned-test"', "model.lora.rank=4", "optim.max_steps=20",
+        "checkpoint.every_steps=10", 'tracking.alias="instructed-test"', *HERE]))
+    tags = registry.version_tags(instructed.model_name, instructed.model_version,
+                                 f"sqlite:///{mmpipe_home / 'mlflow.db'}")
+    assert tags["start_model"] == fused.model_uri.removeprefix("models:/")
+    tuned = registry.load_model(instructed.model_uri)[0].lm.hf.state_dict()
+    assert tuned.keys() == theirs.keys()  # merged: the plain architecture
+    assert not all(torch_equal(tuned[k], theirs[k]) for k in tuned)  # the LM learned in this phase
+    report = evaluate(instructed.model_uri, str(train_dataset.path), suites=["vqa"])
     assert report.ok and 0 <= report.metrics["vqa"]["accuracy"] <= 1
 
 

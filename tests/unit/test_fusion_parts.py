@@ -349,3 +349,40 @@ def test_a_language_parent_too_short_for_the_image_and_the_question_is_refused()
         build_model({**model_config("llava-debug"), "vision": VISION, "language": short}, 400, 3)
     with pytest.raises(ValueError, match="Flamingo on a pretrained language model is not supported yet"):
         build_model({**model_config("flamingo-debug"), "vision": VISION, "language": LANGUAGE}, 400, 3)
+
+
+def test_the_alignment_phase_asks_for_captions_only(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    asked = [q for epoch in range(5) for q in training_questions(SCENE, seed=0, epoch=epoch, captions_only=True)]
+    assert {q.kind for q in asked} == {"caption"} and {q.answer for q in asked} == {SCENE["caption"]}
+    chat = ChatFormat(Tokenizer.from_str(tokenizer_json), 48)
+    batch = instruction_batch([dict(SCENE, epoch=0), dict(DIGIT, epoch=0)], chat, seed=0, pack_length=96,
+                              captions_only=True)
+    assert batch["questions"].tolist() == [1, 1]
+
+
+def test_lora_starts_as_the_lm_trains_only_its_adapters_and_merges_into_a_plain_lm():
+    model = _model("llava-lm")
+    images, ids = torch.randn(2, 3, 32, 32), _ids(2)
+    before = model(images, ids)
+    plain_keys = set(model.state_dict())
+    model.lm.with_lora(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "v_proj"])
+    assert torch.allclose(model(images, ids), before, atol=1e-6)  # B starts at zero: the LM's own output
+    trainable = [n for n, p in model.lm.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    adapted = model(images, ids)
+    assert not torch.allclose(adapted, before, atol=1e-3)
+    model.merge_lora()
+    assert set(model.state_dict()) == plain_keys and torch.allclose(model(images, ids), adapted, atol=1e-5)
+
+
+def test_lora_targets_the_lm_does_not_have_are_named_with_those_it_has():
+    model = _model("llava-lm")
+    with pytest.raises(ValueError, match=r"model.lora.target_modules: the language model has no c_attn; its linear "
+                                         r"layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+        model.lm.with_lora(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "c_attn"])

@@ -134,3 +134,20 @@ def test_a_language_model_directory_with_a_pickle_is_refused(tokenizer_json, tmp
     (bundle.directory / "model.safetensors").unlink()
     with pytest.raises(BundleError, match="no .safetensors weights"):
         ModelBundle.checked(bundle.directory, "models:/mmpipe-language/1")
+
+
+def test_llava_on_a_gpt2_style_lm_with_tied_embeddings_saves_and_loads(tokenizer_json, tmp_path):
+    from mmcore.models import architecture
+
+    language = {**architecture(model_config("lm-debug")), "architecture": "gpt2", "positions": 128,
+                "extra": {"tie_word_embeddings": True}}
+    config = {**model_config("llava-debug"), "language": language,
+              "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2}}
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    model, preprocess = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id("<eos>"))
+    assert type(model.lm.hf).__name__ == "GPT2LMHeadModel"
+    loaded, _ = ModelBundle.write(tmp_path / "llava", model.eval(), config, tokenizer_json, preprocess).load()
+    ids = torch.tensor([[2, 4, 10, 11, 12]])
+    images = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(loaded(images, ids), model(images, ids), atol=1e-6)
+    assert loaded.lm.hf.lm_head.weight.data_ptr() == loaded.lm.hf.transformer.wte.weight.data_ptr()
