@@ -84,7 +84,7 @@ class ModelBundle:
             tokenizer = load_tokenizer(self.tokenizer)
             model, _ = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
             model.load_state_dict(load_file(self.weights))
-        return model.eval(), Preprocessor(preprocess, Path(self.tokenizer).read_text())
+        return model.eval(), Preprocessor(preprocess, self.tokenizer_json())
 
     @classmethod
     def checked(cls, directory: Path, uri: str) -> "ModelBundle":

@@ -8,14 +8,13 @@ model.json and preprocess.json, so that it loads like a model mmpipe trained (mo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from mmcore import console
+from mmcore import console, storage
 
 WEIGHT_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")
@@ -61,17 +60,9 @@ def check_weights(directory: Path) -> list[Path]:
     return weights
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def language_bundle(directory: Path, out: Path) -> list[str]:
-    """Write `directory`'s causal LM into `out` as a language model bundle; returns what was changed or
-    added to it (said to the user). Errors name what transformers cannot load."""
+def language_bundle(directory: Path, weights: list[Path], out: Path) -> list[str]:
+    """Write `directory`'s causal LM (its `weights` files: check_weights) into `out` as a language model bundle;
+    returns what was changed or added to it (said to the user). Errors name what transformers cannot load."""
     from transformers import AutoConfig, AutoTokenizer
 
     from mmcore.models.causal_lm import CausalLM, CausalLMConfig, card
@@ -94,7 +85,7 @@ def language_bundle(directory: Path, out: Path) -> list[str]:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         notes.append("it brings no chat template: turns are written 'User: ...' / 'Assistant: ...'")
     out.mkdir(parents=True)
-    for name in [*MODEL_FILES, *(p.name for p in check_weights(directory))]:
+    for name in [*MODEL_FILES, *(path.name for path in weights)]:
         if (directory / name).is_file():
             shutil.copyfile(directory / name, out / name)
     tokenizer.save_pretrained(out)
@@ -133,10 +124,10 @@ def import_model(source: str, stage: str, revision: str | None = None, alias: st
     name = f"mmpipe-{stage}"
     with tempfile.TemporaryDirectory(prefix="mmpipe-import-") as scratch:
         bundle = Path(scratch) / "bundle"
-        for note in BUNDLERS[stage](directory, bundle):
+        for note in BUNDLERS[stage](directory, weights, bundle):
             console.say(f"{source}: {note}")
         tags = {"stage": stage, "source": source, "source_revision": revision,
-                **{f"sha256.{path.name}": sha256(path) for path in weights}}
+                **{f"sha256.{path.name}": storage.sha256(path) for path in weights}}
         run_id = tracking.create_import_run(uri, IMPORT_EXPERIMENT, source, revision, stage)
         try:
             version = registry.log_and_register(uri, run_id, bundle, name, alias, tags)

@@ -63,7 +63,7 @@ def quick_http():
                 os.environ[key] = value
 
 
-def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     """The id of experiment `name`, made if new (under sqlite, its artifacts beside the database)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -97,7 +97,7 @@ def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
 def create_run(uri: str, cfg: TrackingConfig, run_name: str, dataset) -> str:
     """A new MLflow run for a training run; returns its id (keep it at once: see start_run)."""
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, cfg.experiment, uri), run_name=run_name,
+    run = client.create_run(_experiment_id(client, cfg.experiment, uri), run_name=run_name,
                             tags={"mmpipe.git_commit": git_commit(), "mmpipe.dataset_id": dataset.id})
     return run.info.run_id
 
@@ -105,7 +105,7 @@ def create_run(uri: str, cfg: TrackingConfig, run_name: str, dataset) -> str:
 def create_import_run(uri: str, experiment: str, source: str, revision: str, stage: str) -> str:
     """A run for a checkpoint's import (hub.py), RUNNING, with the source and revision as params."""
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id(client, experiment, uri), run_name=f"import-{stage}",
+    run = client.create_run(_experiment_id(client, experiment, uri), run_name=f"import-{stage}",
                             tags={"mmpipe.git_commit": git_commit(), "mmpipe.source": source})
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in
                                               {"source": source, "revision": revision, "stage": stage}.items()])
@@ -240,7 +240,7 @@ def wait_until_reachable(uri: str, wait_s: float, what: str) -> None:
 def log_evaluation(tracking_uri: str, experiment: str, name: str, version: str, dataset, results: dict) -> str:
     """One MLflow run per evaluation: metrics per suite, a table per suite, figures; linked to the version."""
     client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id(client, experiment, tracking_uri), run_name=f"eval-{name}-v{version}",
+    run = client.create_run(_experiment_id(client, experiment, tracking_uri), run_name=f"eval-{name}-v{version}",
                             tags={"mmpipe.model_name": name, "mmpipe.model_version": version,
                                   "mmpipe.dataset_id": dataset.id, "mmpipe.kind": "evaluation"})
     run_id = run.info.run_id

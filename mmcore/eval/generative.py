@@ -23,6 +23,27 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
+def exact_match(frame: pd.DataFrame, overall: str = "accuracy") -> tuple[dict[str, float], pd.DataFrame]:
+    """Marks each row of `frame` (kind, held_out, answer, generated) `correct` when the generated answer,
+    normalized, is the answer -> the accuracy over all (`overall`, `heldout_<overall>`) and per kind
+    (`<kind>_accuracy`, `heldout_<kind>_accuracy`), and the table of each kind's mean and size."""
+    frame["correct"] = [normalize_answer(g) == normalize_answer(a) for g, a in zip(frame.generated, frame.answer)]
+    metrics = {}
+    for held_out, prefix in ((False, ""), (True, "heldout_")):
+        part = frame[frame.held_out == held_out]
+        metrics[f"{prefix}{overall}"] = float(part.correct.mean())
+        for kind, group in part.groupby("kind"):
+            metrics[f"{prefix}{kind}_accuracy"] = float(group.correct.mean())
+    return metrics, frame.groupby(["kind", "held_out"]).correct.agg(["mean", "size"]).reset_index()
+
+
+def attribute_questions(records: list[dict]) -> list[tuple[dict, Question]]:
+    """(row, question) for every question about the rows' attributes, seen and held-out wordings (not the
+    caption request)."""
+    return [(row, q) for row in records for held_out in (False, True) for q in questions(row, held_out)
+            if q.kind != "caption"]
+
+
 def ask(model, preprocess, asked: list[tuple[dict, Question]]) -> list[str]:
     """The model's greedy answers to (row, question) pairs as the vqa suite asks them: at most
     ANSWER_TOKENS new tokens each, not yet normalized."""
@@ -38,29 +59,21 @@ def _test_rows(version) -> list[dict]:
 @suite("vqa", {"generate"}, "questions about colour, shape, count, relation, yes/no and digits; exact match",
        SAMPLE_COLUMNS)
 def vqa(model, preprocess, version) -> SuiteResult:
-    asked = [(row, q) for row in _test_rows(version) for held_out in (False, True)
-             for q in questions(row, held_out) if q.kind != "caption"]
+    asked = attribute_questions(_test_rows(version))
     if not asked:
         raise SuiteError(f"vqa: dataset {version.id}'s test split has no rows to ask about")
     answers = ask(model, preprocess, asked)
     frame = pd.DataFrame({"kind": [q.kind for _, q in asked], "held_out": [q.held_out for _, q in asked],
                           "question": [q.question for _, q in asked], "answer": [q.answer for _, q in asked],
                           "generated": answers})
-    frame["correct"] = [normalize_answer(g) == normalize_answer(a) for g, a in zip(frame.generated, frame.answer)]
+    metrics, per_kind = exact_match(frame)
     frame["two_groups"] = [bool(r.get("relation")) for r, _ in asked]
-    metrics = {}
-    for held_out, prefix in ((False, ""), (True, "heldout_")):
-        part = frame[frame.held_out == held_out]
-        metrics[f"{prefix}accuracy"] = float(part.correct.mean())
-        for kind, group in part.groupby("kind"):
-            metrics[f"{prefix}{kind}_accuracy"] = float(group.correct.mean())
     # Colour of one group is recognition; of one of two groups it needs binding colour to shape.
     colour = frame[(frame.kind == "colour") & ~frame.held_out]
     for two, name in ((False, "one_group"), (True, "two_groups")):
         if (colour.two_groups == two).any():
             metrics[f"colour_{name}_accuracy"] = float(colour[colour.two_groups == two].correct.mean())
     metrics["n"] = float((~frame.held_out).sum())
-    per_kind = frame.groupby(["kind", "held_out"]).correct.agg(["mean", "size"]).reset_index()
     return SuiteResult(metrics, "accuracy", tables={"per_kind": per_kind, "examples": frame.head(200)})
 
 

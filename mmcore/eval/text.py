@@ -7,10 +7,10 @@ import math
 
 import pandas as pd
 
-from mmcore.data.instruct import ROW_COLUMNS, questions
+from mmcore.data.instruct import ROW_COLUMNS
 from mmcore.data.passages import about_caption
 from mmcore.eval.contrastive import rows
-from mmcore.eval.generative import ANSWER_TOKENS, normalize_answer
+from mmcore.eval.generative import ANSWER_TOKENS, attribute_questions, exact_match
 from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
 
 
@@ -24,8 +24,7 @@ def text(model, preprocess, version) -> SuiteResult:
     scored = model.text_nll([r["caption"] for r in records])
     metrics = {"perplexity": math.exp(sum(n for n, _ in scored) / max(sum(c for _, c in scored), 1)),
                "n": float(len(records))}
-    asked = [(row, q) for row in records for held_out in (False, True) for q in questions(row, held_out)
-             if q.kind != "caption"] if SAMPLE_COLUMNS <= extras else []
+    asked = attribute_questions(records) if SAMPLE_COLUMNS <= extras else []
     if not asked:
         return SuiteResult(metrics, "perplexity")
     answers = model.complete([about_caption(row["caption"], q.question) for row, q in asked],
@@ -33,11 +32,6 @@ def text(model, preprocess, version) -> SuiteResult:
     frame = pd.DataFrame({"kind": [q.kind for _, q in asked], "held_out": [q.held_out for _, q in asked],
                           "caption": [r["caption"] for r, _ in asked], "question": [q.question for _, q in asked],
                           "answer": [q.answer for _, q in asked], "generated": answers})
-    frame["correct"] = [normalize_answer(g) == normalize_answer(a) for g, a in zip(frame.generated, frame.answer)]
-    for held_out, prefix in ((False, ""), (True, "heldout_")):
-        part = frame[frame.held_out == held_out]
-        metrics[f"{prefix}answer_accuracy"] = float(part.correct.mean())
-        for kind, group in part.groupby("kind"):
-            metrics[f"{prefix}{kind}_accuracy"] = float(group.correct.mean())
-    per_kind = frame.groupby(["kind", "held_out"]).correct.agg(["mean", "size"]).reset_index()
-    return SuiteResult(metrics, "answer_accuracy", tables={"per_kind": per_kind, "examples": frame.head(200)})
+    answered, per_kind = exact_match(frame, overall="answer_accuracy")
+    return SuiteResult(metrics | answered, "answer_accuracy",
+                       tables={"per_kind": per_kind, "examples": frame.head(200)})

@@ -73,12 +73,14 @@ class CausalLMConfig:
 
 
 def _from_config(cfg: CausalLMConfig, eos_id: int) -> nn.Module:
-    """A freshly initialised transformers LM; ids of the dataset tokenizer's specials (data/tokenizer.py
-    SPECIAL_TOKENS): <pad> 0, <bos> 2."""
+    """A freshly initialised transformers LM, with the ids of the dataset tokenizer's specials."""
     from transformers import AutoModelForCausalLM
 
+    from mmcore.data.tokenizer import BOS, PAD, SPECIAL_TOKENS
+
     _quiet()
-    config = cfg.hf_config({"bos_token_id": 2, "eos_token_id": eos_id, "pad_token_id": 0})
+    config = cfg.hf_config({"bos_token_id": SPECIAL_TOKENS.index(BOS), "eos_token_id": eos_id,
+                            "pad_token_id": SPECIAL_TOKENS.index(PAD)})
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 

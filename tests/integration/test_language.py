@@ -93,7 +93,8 @@ def test_hugging_face_checkpoints_import_as_language_models_with_their_lineage(t
     from transformers import GPT2Config, LlamaConfig
 
     from mmcore import registry
-    from mmcore.hub import import_model, sha256
+    from mmcore.hub import import_model
+    from mmcore.storage import sha256
     from mmcore.tracking import resolve_uri
     from mmcore.config import TrackingConfig
 

@@ -383,6 +383,7 @@ def test_lora_starts_as_the_lm_trains_only_its_adapters_and_merges_into_a_plain_
 
 def test_lora_targets_the_lm_does_not_have_are_named_with_those_it_has():
     model = _model("llava-lm")
-    with pytest.raises(ValueError, match=r"model.lora.target_modules: the language model has no c_attn; its linear "
-                                         r"layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"):
+    with pytest.raises(ValueError, match=r"model.lora.target_modules: the language model has no c_attn; its "
+                                         r"linear layers: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, "
+                                         r"up_proj, v_proj"):
         model.lm.with_lora(rank=4, alpha=8.0, dropout=0.0, targets=["q_proj", "c_attn"])
