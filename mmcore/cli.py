@@ -11,6 +11,7 @@ from mmcore import console
 from mmcore.config import from_dict, project_home, to_dict
 from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.synthetic.corpus import SampleSpec
+from mmcore.hub import BUNDLERS
 from mmcore.stages import STAGES
 
 DEMO_PORT = 8765
@@ -326,7 +327,8 @@ def _add_model_commands(commands) -> None:
     imported = models.add_parser("import", help="register a Hugging Face checkpoint (a repo id or a local "
                                  "directory) as a version of a stage's model")
     imported.add_argument("source", help="a Hugging Face repo id (owner/name) or a local directory in that format")
-    imported.add_argument("--stage", required=True, choices=["language"], help="the stage whose model it becomes")
+    imported.add_argument("--stage", required=True, choices=list(BUNDLERS),
+                          help="the stage whose model it becomes: language (a causal LM), contrastive (CLIP, SigLIP)")
     imported.add_argument("--revision", help="a branch, tag or commit of the repo (default: its main)")
     imported.add_argument("--alias", default="candidate", help="the alias the version gets (default %(default)s)")
     imported.set_defaults(func=cmd_models_import)

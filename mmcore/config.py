@@ -53,10 +53,12 @@ class ModelConfig:
     """Architecture name; `mmpipe models archs` lists them."""
     parent: str = ""
     """The registered model this stage builds on (models:/name@alias or /version); fusion takes its
-    vision tower, unified its image tokenizer. An alias is resolved to a version when the run starts
+    vision tower, unified its image tokenizer; contrastive fine-tunes it (trained or imported: its architecture,
+    weights and tokenizer; model.name is then not used). An alias is resolved to a version when the run starts
     and recorded."""
     freeze_vision: bool = True
-    """Keep the parent's vision tower frozen (LLaVA, LiT); False trains it with the rest."""
+    """Keep the parent's vision tower frozen (LLaVA; LiT when contrastive fine-tunes a parent: only the text
+    side learns); False trains it with the rest."""
     lm_parent: str = ""
     """A registered language model (mmpipe-language, trained or imported) that the fusion model's LM starts
     from, its tokenizer and chat format with it (empty: an LM trained from scratch on the dataset's tokenizer)."""
@@ -263,10 +265,10 @@ class RunConfig:
         for part in (self.task, self.data, self.optim, self.parallel, self.checkpoint, self.cluster):
             part.validate()
         stage = STAGES[self.task.stage]
-        if stage.parent:
+        if stage.parent and (stage.parent.default or self.model.parent):
             check(self.model.parent.startswith("models:/"), "model.parent",
                    f"{self.model.parent!r}: the {stage.name} stage needs a registered {stage.parent.stage} model, "
-                   f"e.g. {stage.parent.default}")
+                   f"e.g. {stage.parent.default or f'models:/mmpipe-{stage.parent.stage}@champion'}")
         check(not self.model.lm_parent or stage.lm_parent, "model.lm_parent",
                f"the {stage.name} stage does not start its LM from a registered model")
         check(self.model.lm_parent.startswith("models:/") or not self.model.lm_parent, "model.lm_parent",

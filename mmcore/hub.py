@@ -3,7 +3,8 @@ as a version of a stage's model, tagged with its source, its revision and the sh
 
 Safetensors only: a checkpoint whose weights are pickles (.bin, .pt, ...) is refused, naming the file. The
 registered bundle is the checkpoint's own files (config, weights, tokenizer, chat template) and mmpipe's
-model.json and preprocess.json, so that it loads like a model mmpipe trained (models/causal_lm.py).
+model.json and preprocess.json, so that it loads like a model mmpipe trained: a causal LM into the language stage
+(models/causal_lm.py), a CLIP or SigLIP into the contrastive stage (models/pretrained_clip.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ WEIGHT_PICKLES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")
 """What is fetched from a repo: weights as safetensors, configs, the tokenizer's files and chat template."""
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
-"""The model's files copied into the bundle as they are (with its *.safetensors); the tokenizer is saved anew."""
+"""The model's files copied into the bundle as they are (with its *.safetensors and a CLIP's image processor
+file); the tokenizer is saved anew."""
 IMPORT_EXPERIMENT = "mmpipe-import"
 PLAIN_CHAT_TEMPLATE = ("{{ bos_token if bos_token }}{% for message in messages %}"
                        "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
@@ -60,19 +62,38 @@ def check_weights(directory: Path) -> list[Path]:
     return weights
 
 
+def _config(directory: Path):
+    """The checkpoint's transformers config; an error names what transformers cannot read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, OSError) as err:
+        raise ValueError(f"{directory}: transformers cannot read its config.json ({str(err).splitlines()[0]})") \
+            from None
+
+
+def _copy_model_files(directory: Path, weights: list[Path], out: Path, names=MODEL_FILES) -> None:
+    out.mkdir(parents=True)
+    for name in [*names, *(path.name for path in weights)]:
+        if (directory / name).is_file():
+            shutil.copyfile(directory / name, out / name)
+
+
+def _write_card(out: Path, card: dict, preprocess) -> None:
+    (out / "model.json").write_text(json.dumps(card, indent=2))
+    (out / "preprocess.json").write_text(json.dumps(asdict(preprocess), indent=2))
+
+
 def language_bundle(directory: Path, weights: list[Path], out: Path) -> list[str]:
     """Write `directory`'s causal LM (its `weights` files: check_weights) into `out` as a language model bundle;
     returns what was changed or added to it (said to the user). Errors name what transformers cannot load."""
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mmcore.models.causal_lm import CausalLM, CausalLMConfig, card
     from mmcore.models.preprocess import PreprocessConfig
 
-    try:
-        config = AutoConfig.from_pretrained(directory)
-    except (ValueError, KeyError, OSError) as err:
-        raise ValueError(f"{directory}: transformers cannot read its config.json ({str(err).splitlines()[0]})") \
-            from None
+    config = _config(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     notes = []
     if tokenizer.eos_token_id is None:
@@ -84,10 +105,7 @@ def language_bundle(directory: Path, weights: list[Path], out: Path) -> list[str
     if not tokenizer.chat_template:
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
         notes.append("it brings no chat template: turns are written 'User: ...' / 'Assistant: ...'")
-    out.mkdir(parents=True)
-    for name in [*MODEL_FILES, *(path.name for path in weights)]:
-        if (directory / name).is_file():
-            shutil.copyfile(directory / name, out / name)
+    _copy_model_files(directory, weights, out)
     tokenizer.save_pretrained(out)
     text = config.get_text_config()
     cfg = CausalLMConfig(architecture=config.model_type, context_length=int(text.max_position_embeddings),
@@ -98,13 +116,52 @@ def language_bundle(directory: Path, weights: list[Path], out: Path) -> list[str
     except ValueError as err:
         raise ValueError(f"{directory}: not a causal language model transformers can load "
                          f"({str(err).strip().splitlines()[0][:200]})") from None
-    (out / "model.json").write_text(json.dumps({**card(cfg), "description": f"imported {config.model_type}"},
-                                               indent=2))
-    (out / "preprocess.json").write_text(json.dumps(asdict(PreprocessConfig(0, cfg.context_length)), indent=2))
+    _write_card(out, {**card(cfg), "description": f"imported {config.model_type}"},
+                PreprocessConfig(0, cfg.context_length))
     return notes
 
 
-BUNDLERS = {"language": language_bundle}
+def contrastive_bundle(directory: Path, weights: list[Path], out: Path) -> list[str]:
+    """Write `directory`'s CLIP or SigLIP into `out` as a contrastive model bundle: its weights, config and
+    image processor's file, its tokenizer with the padding it was trained with (to the text model's positions),
+    the images' normalisation; returns what was assumed (said to the user)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from mmcore.models.pretrained_clip import ARCHITECTURES, NORMALISATION, PretrainedClip, PretrainedClipConfig, card
+
+    config = _config(directory)
+    if config.model_type not in ARCHITECTURES:
+        raise ValueError(f"{directory}: a {config.model_type} checkpoint; the contrastive stage imports CLIP and "
+                         "SigLIP ones (CLIPModel, SiglipModel)")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    notes = []
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"{directory}: its tokenizer names neither a padding nor an end-of-sequence token; set "
+                             "pad_token in tokenizer_config.json")
+        tokenizer.pad_token = tokenizer.eos_token
+        notes.append(f"its tokenizer has no padding token: padding with {tokenizer.eos_token}")
+    processor = directory / "preprocessor_config.json"
+    if processor.is_file():
+        fields = json.loads(processor.read_text())
+        mean, std = fields["image_mean"], fields["image_std"]
+    else:
+        mean, std = NORMALISATION[config.model_type]
+        notes.append(f"it brings no preprocessor_config.json: images are normalised with mean {mean}, std {std} "
+                     f"({config.model_type}'s)")
+    _copy_model_files(directory, weights, out, (*MODEL_FILES, processor.name))
+    tokenizer.save_pretrained(out)
+    backend = Tokenizer.from_file(str(out / "tokenizer.json"))  # the padding the preprocessing reads
+    backend.enable_padding(pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+    backend.save(str(out / "tokenizer.json"))
+    cfg = PretrainedClipConfig.of(config, tokenizer, mean, std)
+    PretrainedClip.from_pretrained(out, cfg)
+    _write_card(out, {**card(cfg), "description": f"imported {config.model_type}"}, cfg.preprocess())
+    return notes
+
+
+BUNDLERS = {"language": language_bundle, "contrastive": contrastive_bundle}
 """The stages a checkpoint can be imported into, and how each makes its bundle."""
 
 

@@ -54,6 +54,17 @@ def demo_siglip(dataset: str) -> RunConfig:
     return named("demo-siglip", demo(dataset), task=TaskConfig(loss="siglip"))
 
 
+def finetune(dataset: str) -> RunConfig:
+    """The contrastive champion (trained here or imported: a CLIP or SigLIP from the Hub) fine-tuned on a dataset
+    version, both towers at a tenth of the demo's rate; model.parent names another, model.freeze_vision=true
+    locks its image tower (LiT). Its architecture, tokenizer and normalisation are the parent's."""
+    cfg = demo(dataset)
+    return named("finetune", cfg, model=dataclasses.replace(cfg.model, parent="models:/mmpipe-contrastive@champion",
+                                                            freeze_vision=False),
+                 optim=OptimConfig(lr=1e-4, warmup_steps=20, max_steps=200),
+                 checkpoint=CheckpointConfig(every_steps=100))
+
+
 def debug_fusion(dataset: str) -> RunConfig:
     """Seconds on a CPU: the smallest LLaVA on the contrastive champion's tower (tests)."""
     return named("debug-fusion", base("fusion", dataset, "llava-debug",
@@ -178,6 +189,7 @@ def gpu_base(dataset: str) -> RunConfig:
 
 
 RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo_siglip, "gpu-base": gpu_base,
+           "finetune": finetune,
            "debug-fusion": debug_fusion, "demo-fusion": demo_fusion, "demo-flamingo": demo_flamingo,
            "quality-fusion": quality_fusion, "long-fusion": long_fusion,
            "debug-language": debug_language, "demo-language": demo_language,

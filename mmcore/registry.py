@@ -168,12 +168,16 @@ def _lineage(client: MlflowClient, name: str, number: str, depth: int) -> list[d
                          "weights": ", ".join(f"{k.removeprefix('sha256.')} sha256 {v[:12]}"
                                               for k, v in sorted(tags.items()) if k.startswith("sha256.")),
                          "depth": depth + 1}]
-    parents = [tags[key] for key in ("parent_model", "lm_parent_model", "start_model") if tags.get(key)]
-    for parent in parents:
-        parent_name, _, parent_number = parent.partition("/")
-        links += _lineage(client, parent_name, parent_number, depth + 1)
-    if parents:  # the dataset is named on each model; the data's own links close each parent's branch
-        return links
+    parents = []
+    for key in ("parent_model", "lm_parent_model", "start_model"):
+        if tags.get(key):
+            parent_name, _, parent_number = tags[key].partition("/")
+            parents += _lineage(client, parent_name, parent_number, depth + 1)
+    # The model's own dataset, unless a parent's branch already ends at it (a fusion model and its parents
+    # trained on one dataset version); a model fine-tuned on another version shows both.
+    shown = {link["name"] for link in parents if link["kind"] == "dataset"}
+    if tags.get("dataset_id") and tags["dataset_id"] in shown:
+        return links + parents
     with tempfile.TemporaryDirectory() as tmp:
         manifest = json.loads(Path(client.download_artifacts(version.run_id, "dataset/manifest.json", tmp)).read_text())
     inputs = client.get_run(version.run_id).inputs.dataset_inputs
@@ -181,4 +185,4 @@ def _lineage(client: MlflowClient, name: str, number: str, depth: int) -> list[d
     return links + [{"kind": "dataset", "name": manifest["id"], "path": where, "rows": manifest["rows"]["kept"],
                      "splits": manifest["splits"], "depth": depth + 1},
                     {"kind": "url list", "name": manifest["source"]["path"], "sha256": manifest["source"]["sha256"],
-                     "depth": depth + 2}]
+                     "depth": depth + 2}] + parents

@@ -18,9 +18,10 @@ class Parent:
     stage: str
     """The parent's stage."""
     default: str
-    """The parent a recipe names unless told otherwise."""
+    """The parent a recipe names unless told otherwise; empty: the parent is optional (none by default)."""
     takes: Callable[[dict], dict]
-    """The part of the parent's architecture (its model.json) the child's architecture takes."""
+    """The part of the parent's architecture (its model.json) the child's architecture takes; a parent of the
+    child's own stage (a model fine-tuned) gives the whole architecture."""
     same_text: bool
     """The parent must have been trained with the dataset's text tokenizer (a contrastive tower's text side
     must; an image tokenizer reads no text, so one trained on another dataset version serves)."""
@@ -61,7 +62,8 @@ def _without_card(config: dict) -> dict:
 
 
 STAGES = {stage.name: stage for stage in (
-    Stage("contrastive", "ContrastiveTask", ("clip",), ("clip", "siglip"), "retrieval.image_to_text_recall_5", "demo"),
+    Stage("contrastive", "ContrastiveTask", ("clip", "hf-clip"), ("clip", "siglip"), "retrieval.image_to_text_recall_5",
+          "demo", parent=Parent("contrastive", "", lambda parent: parent, same_text=False)),
     Stage("fusion", "FusionTask", ("llava", "flamingo"), ("next-token",), "vqa.accuracy", "demo-fusion",
           parent=Parent("contrastive", "models:/mmpipe-contrastive@champion",
                         lambda parent: {"vision": parent["vision"]}, same_text=True),

@@ -51,7 +51,6 @@ class _Pixels(nn.Module):
 class ContrastiveTask(nn.Module):
     """CLIP / SigLIP. Batch: {"image": (B, 3, H, W) uint8, "tokens": (B, L) int64}."""
 
-
     def __init__(self, model: nn.Module, preprocess: PreprocessConfig, loss: str = "clip"):
         super().__init__()
         if loss not in LOSSES:
@@ -63,10 +62,26 @@ class ContrastiveTask(nn.Module):
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
               parents: Parents | None = None) -> "ContrastiveTask":
-        return cls(model, preprocess, loss=cfg.task.loss)
+        """With a parent (model.parent: a contrastive model, trained or imported), fine-tuning: every weight
+        starts from it, the loss's temperature from its own, and model.freeze_vision locks its image tower
+        (LiT, Zhai et al. 2022: only the text side learns)."""
+        task = cls(model, preprocess, loss=cfg.task.loss)
+        if parents and "parent" in parents:
+            model.load_state_dict(_load(parents["parent"]).state_dict())
+            start = model.temperature() if hasattr(model, "temperature") else {}
+            with torch.no_grad():
+                for name, value in start.items():
+                    if hasattr(task.loss, name):
+                        getattr(task.loss, name).fill_(value)
+            for part in model.image_tower():
+                part.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
+        return task
 
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
+        """A parent's tokenizer (it travels with its model), else the dataset's."""
+        if parents and "parent" in parents:
+            return ModelBundle.at(parents["parent"]).tokenizer_json()
         return dataset_tokenizer_json
 
     @staticmethod
@@ -75,8 +90,7 @@ class ContrastiveTask(nn.Module):
         return Preprocessor(preprocess, tokenizer_json)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = self.pixels(batch["image"], self.model.image_proj.weight.dtype)
-        features = self.model(images, batch["tokens"])
+        features = self.model(self.pixels(batch["image"], self.model.dtype), batch["tokens"])
         return self.loss(**{k: v.float() for k, v in features.items()})  # the loss in fp32 under bf16
 
 

@@ -14,11 +14,13 @@ from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.llava import LlavaConfig, LlavaModel
 from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.pretrained_clip import PretrainedClip, PretrainedClipConfig
 from mmcore.models.unified import UnifiedConfig, UnifiedModel
 
 FAMILIES = {"clip": (ClipConfig, ClipModel), "llava": (LlavaConfig, LlavaModel),
             "flamingo": (FlamingoConfig, FlamingoModel), "vq": (ImageTokenizerConfig, ImageTokenizer),
-            "unified": (UnifiedConfig, UnifiedModel), "lm": (CausalLMConfig, CausalLM)}
+            "unified": (UnifiedConfig, UnifiedModel), "lm": (CausalLMConfig, CausalLM),
+            "hf-clip": (PretrainedClipConfig, PretrainedClip)}
 
 
 CAPABILITIES = {"embed": ("encode_image", "encode_text"), "generate": ("generate",), "score": ("score",),
@@ -60,7 +62,7 @@ def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, 
 
 
 def load_pretrained(config: dict, directory) -> nn.Module:
-    """A model saved as a Hugging Face directory (a language model), described by its model.json `config`."""
+    """A model saved as a Hugging Face directory (a language model, an imported CLIP), described by its model.json `config`."""
     cfg, model_class = _family(config)
     return model_class.from_pretrained(directory, cfg)
 

@@ -78,7 +78,7 @@ def _from_config(cfg: CausalLMConfig, eos_id: int) -> nn.Module:
 
     from mmcore.data.tokenizer import BOS, PAD, SPECIAL_TOKENS
 
-    _quiet()
+    quiet()
     config = cfg.hf_config({"bos_token_id": SPECIAL_TOKENS.index(BOS), "eos_token_id": eos_id,
                             "pad_token_id": SPECIAL_TOKENS.index(PAD)})
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -169,7 +169,7 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, directory: Path, tokenizer_json: str) -> None:
         """The Hugging Face directory: weights in fp32 safetensors, config, tokenizer and chat template."""
-        _quiet()
+        quiet()
         state = {k: v.detach().float().cpu().contiguous() for k, v in self.lm.state_dict().items()}
         self.lm.config.dtype = torch.float32
         self.lm.save_pretrained(directory, state_dict=state)
@@ -179,7 +179,7 @@ class CausalLM(nn.Module):
     def from_pretrained(cls, directory: Path, cfg: CausalLMConfig) -> "CausalLM":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        _quiet()
+        quiet()
         tokenizer = AutoTokenizer.from_pretrained(directory)
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         return cls(cfg, tokenizer.eos_token_id, lm, tokenizer)
@@ -235,7 +235,7 @@ def hf_tokenizer(tokenizer_json: str, context_length: int):
     return tokenizer
 
 
-def _quiet() -> None:
+def quiet() -> None:
     """No progress bars of transformers' own on the user's console (mmpipe draws its own)."""
     from transformers.utils import logging
 

@@ -46,6 +46,14 @@ class ClipModel(nn.Module):
         self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.image_proj.weight.dtype
+
+    def image_tower(self) -> list[nn.Module]:
+        """What LiT locks (model.freeze_vision): the image tower and its projection."""
+        return [self.visual, self.image_proj]
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, E), unit norm."""
         return F.normalize(self.image_proj(self.visual(images)[:, 0]), dim=-1)

@@ -57,9 +57,10 @@ class Preprocessor:
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
             tokenizer = Tokenizer.from_str(self.tokenizer_json)
+            # An imported model's tokenizer names its own padding (hub.py); the dataset's pads with <pad>.
+            pad = tokenizer.padding or {"pad_id": tokenizer.token_to_id(PAD), "pad_token": PAD}
             tokenizer.enable_truncation(self.cfg.context_length)
-            tokenizer.enable_padding(length=self.cfg.context_length, pad_id=tokenizer.token_to_id(PAD),
-                                     pad_token=PAD)
+            tokenizer.enable_padding(length=self.cfg.context_length, pad_id=pad["pad_id"], pad_token=pad["pad_token"])
             self._tokenizer = tokenizer
         return self._tokenizer
 

@@ -54,7 +54,8 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
         _check_tokenizer(parent, Path(bundle.tokenizer), version)
     _check_image_size(f"model.parent: {parent}", json.loads(Path(bundle.preprocess).read_text())["image_size"],
                       version)
-    arch = {**arch, **spec.takes(parent_cfg)}
+    # A parent of the run's own stage is the model fine-tuned: the architecture is all its.
+    arch = spec.takes(parent_cfg) if spec.stage == cfg.task.stage else {**arch, **spec.takes(parent_cfg)}
     model = dataclasses.replace(cfg.model, parent=parent)
     tags = {"parent_model": parent.removeprefix("models:/")}
     dirs = {"parent": bundle.directory}

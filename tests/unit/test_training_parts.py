@@ -221,8 +221,9 @@ def test_a_model_that_takes_larger_images_than_the_dataset_stores_is_refused(nam
 def test_stages_that_build_on_a_parent_say_which_one_they_need():
     from mmcore.config import ModelConfig, TaskConfig
 
-    for stage, kind in (("fusion", "contrastive"), ("unified", "image-tokenizer")):
-        cfg = _cfg(task=TaskConfig(stage=stage, loss="next-token"), model=ModelConfig(parent="runs/x"))
+    for stage, kind in (("fusion", "contrastive"), ("unified", "image-tokenizer"), ("contrastive", "contrastive")):
+        loss = "clip" if stage == "contrastive" else "next-token"
+        cfg = _cfg(task=TaskConfig(stage=stage, loss=loss), model=ModelConfig(parent="runs/x"))
         with pytest.raises(ValueError, match=f"^model.parent: 'runs/x': the {stage} stage needs a registered {kind} "
                                              "model, e.g. models:/"):
             cfg.validate()

@@ -1,0 +1,176 @@
+"""CLIP and SigLIP checkpoints imported into the contrastive stage for real: tiny ones built from configs and saved
+as a download would be, registered in MLflow on sqlite, evaluated by the stage's suites, answering through the
+pyfunc by alias, and fine-tuned with the image tower locked (LiT) through the same fit() as any run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "max_position_embeddings": 32}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "image_size": 32, "patch_size": 8}
+
+
+def _tokenizer(dataset):
+    """The dataset's BPE as a transformers tokenizer, as a Hub checkpoint brings one (here without padding)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(dataset.tokenizer_path.read_text()),
+                                   bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+
+
+def _checkpoint(directory, dataset, architecture: str, image_size: int = 32, processor: bool = True):
+    """A tiny CLIP or SigLIP with random weights, saved with save_pretrained (and an image processor's file)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, SiglipConfig, SiglipModel
+
+    tokenizer = _tokenizer(dataset)
+    text, vision = {**TEXT, "vocab_size": len(tokenizer)}, {**VISION, "image_size": image_size}
+    torch.manual_seed(0)
+    if architecture == "clip":  # CLIP pools the text at its first <eos>
+        model = CLIPModel(CLIPConfig(text_config={**text, "eos_token_id": tokenizer.eos_token_id},
+                                     vision_config=vision, projection_dim=16))
+    else:
+        model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if processor:
+        CLIPImageProcessor(image_mean=[0.4, 0.45, 0.5], image_std=[0.25, 0.25, 0.3]).save_pretrained(directory)
+    return directory
+
+
+def _versions(mmpipe_home, name="mmpipe-contrastive") -> int:
+    from mlflow.tracking import MlflowClient
+
+    return len(MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").search_model_versions(f"name='{name}'"))
+
+
+@pytest.fixture(scope="module")
+def imported_clip(train_dataset, mmpipe_home, tmp_path_factory):
+    """A tiny CLIP checkpoint imported as models:/mmpipe-contrastive@imported-clip: (directory, models:/ URI)."""
+    from mmcore.hub import import_model
+
+    directory = _checkpoint(tmp_path_factory.mktemp("hub") / "tiny-clip", train_dataset, "clip")
+    return directory, import_model(str(directory), "contrastive", alias="imported-clip")
+
+
+def test_clip_and_siglip_import_embed_as_transformers_does_and_are_evaluated(imported_clip, train_dataset,
+                                                                            mmpipe_home, tmp_path):
+    import mlflow.pyfunc
+    from transformers import AutoModel
+
+    from mmcore import registry
+    from mmcore.config import TrackingConfig
+    from mmcore.eval.run import evaluate
+    from mmcore.hub import import_model
+    from mmcore.storage import sha256
+    from mmcore.tracking import fluent_uri, resolve_uri
+
+    uri = resolve_uri(TrackingConfig())
+    siglip = _checkpoint(tmp_path / "tiny-siglip", train_dataset, "siglip", processor=False)
+    checkpoints = {"clip": imported_clip, "siglip": (siglip, import_model(str(siglip), "contrastive",
+                                                                          alias="imported-siglip"))}
+    rows = train_dataset.read("test", ["image", "caption"]).slice(0, 4).to_pylist()
+    for architecture, (directory, imported) in checkpoints.items():
+        tags = registry.version_tags(*imported.removeprefix("models:/").split("/"), uri)
+        assert tags["source"] == str(directory) and tags["sha256.model.safetensors"] == sha256(
+            directory / "model.safetensors")
+        chain = registry.lineage(imported, uri)
+        assert [link["kind"] for link in chain] == ["model", "checkpoint"]
+        model, preprocess = registry.load_model(imported, uri)
+        # The normalisation is the checkpoint's image processor's (SigLIP's own without one); the captions
+        # are padded to the text model's positions with the tokenizer's <eos> (it named no padding token).
+        expected_mean = [0.4, 0.45, 0.5] if architecture == "clip" else [0.5, 0.5, 0.5]
+        assert preprocess.cfg.mean == pytest.approx(expected_mean) and preprocess.cfg.image_size == 32
+        tokens = torch.from_numpy(preprocess.tokens([r["caption"] for r in rows]))
+        assert tokens.shape == (4, 32) and int(tokens[0, -1]) == _tokenizer(train_dataset).eos_token_id
+        # Our embeddings are plain transformers' on the same inputs: one model, not a re-implementation.
+        plain = AutoModel.from_pretrained(directory).eval()
+        pixels = torch.from_numpy(preprocess.images([r["image"] for r in rows]))
+        with torch.no_grad():
+            ours = model(pixels, tokens)
+            theirs = plain.get_image_features(pixel_values=pixels).pooler_output
+            theirs_text = plain.get_text_features(input_ids=tokens).pooler_output
+        assert torch.allclose(ours["image_features"], torch.nn.functional.normalize(theirs, dim=-1), atol=1e-5)
+        assert torch.allclose(ours["text_features"], torch.nn.functional.normalize(theirs_text, dim=-1), atol=1e-5)
+        with fluent_uri(uri):
+            pyfunc = mlflow.pyfunc.load_model(f"models:/mmpipe-contrastive@imported-{architecture}")
+        embedded = pyfunc.predict(pd.DataFrame({"text": [rows[0]["caption"]]}))
+        assert np.allclose(np.asarray(embedded)[0], ours["text_features"][0].numpy(), atol=1e-5)
+    report = evaluate(checkpoints["siglip"][1], str(train_dataset.path), suites=["retrieval"])
+    assert report.ok and 0 <= report.metric("retrieval.image_to_text_recall_5") <= 1
+
+
+def test_lit_fine_tunes_the_text_side_of_an_imported_clip(imported_clip, train_dataset, mmpipe_home):
+    from mmcore import registry
+    from mmcore.bundle import ModelBundle
+    from mmcore.cli import apply_overrides
+    from mmcore.config import TrackingConfig
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+    from mmcore.tracking import resolve_uri
+    from tests.integration.workers import HERE
+
+    directory, imported = imported_clip
+    cfg = apply_overrides(recipe("finetune", str(train_dataset.path)), [
+        f'model.parent="{imported}"', "model.freeze_vision=true", "optim.max_steps=12", "optim.lr=0.003",
+        "optim.warmup_steps=2", "checkpoint.every_steps=6", "data.batch_size=32", "data.val_batches=1",
+        'tracking.model_name="mmpipe-lit-test"', 'tracking.alias="lit"', *HERE])
+    result = fit(cfg)
+    uri = resolve_uri(TrackingConfig())
+    parent, _ = registry.load_model(imported, uri)
+    tuned, _ = registry.load_model("models:/mmpipe-lit-test@lit", uri)
+    start, end = parent.state_dict(), tuned.state_dict()
+    tower = [k for k in start if k.startswith(("hf.vision_model.", "hf.visual_projection."))]
+    text = [k for k in start if k.startswith(("hf.text_model.", "hf.text_projection."))]
+    assert tower and all(torch.equal(start[k], end[k]) for k in tower), "LiT keeps the image tower as it was"
+    assert any(not torch.equal(start[k], end[k]) for k in text), "the text side learned"
+    assert result.metrics["step"] == 12 and np.isfinite(result.metrics["loss"])
+    # The fine-tuned model is still the checkpoint's kind, with its tokenizer and normalisation, and names it.
+    bundle = ModelBundle.at(registry.model_files("models:/mmpipe-lit-test@lit", uri).directory)
+    card = json.loads(open(bundle.config).read())
+    assert card["family"] == "hf-clip" and card["architecture"] == "clip"
+    assert json.loads(bundle.tokenizer_json())["model"] == json.loads(
+        (directory / "tokenizer.json").read_text())["model"]
+    tree = [(link["depth"], link["kind"], link["name"])
+            for link in registry.lineage("models:/mmpipe-lit-test@lit", uri)]
+    assert tree == [(0, "model", result.model_uri), (1, "dataset", train_dataset.id),
+                    (2, "url list", train_dataset.manifest["source"]["path"]),
+                    (1, "model", imported), (2, "checkpoint", str(directory))]
+
+
+def test_bad_contrastive_checkpoints_are_refused_with_nothing_registered(imported_clip, train_dataset, mmpipe_home,
+                                                                         tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmcore.cli import apply_overrides
+    from mmcore.hub import import_model
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+    from tests.integration.workers import HERE
+
+    before = _versions(mmpipe_home)
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(_tokenizer(train_dataset)), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2)).save_pretrained(llama)
+    _tokenizer(train_dataset).save_pretrained(llama)
+    with pytest.raises(ValueError, match="a llama checkpoint; the contrastive stage imports CLIP and SigLIP"):
+        import_model(str(llama), "contrastive")
+    # A CLIP that takes larger images than the dataset stores (64 pixels) is imported, but not trained on it.
+    large = import_model(str(_checkpoint(tmp_path / "large", train_dataset, "clip", image_size=96)), "contrastive",
+                         alias="too-large")
+    assert _versions(mmpipe_home) == before + 1
+    runs = mmpipe_home / "runs"
+    made = set(runs.glob("*"))
+    cfg = apply_overrides(recipe("finetune", str(train_dataset.path)), [f'model.parent="{large}"', *HERE])
+    with pytest.raises(ValueError, match="takes 96-pixel images but dataset .* stores 64-pixel ones"):
+        fit(cfg)
+    assert set(runs.glob("*")) == made, "no run directory is left behind"
