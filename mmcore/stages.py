@@ -61,12 +61,21 @@ def _without_card(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in ("family", "description")}
 
 
+def _vision(parent: dict) -> dict:
+    """What a fusion model takes of its contrastive parent: the vision tower's config, and an imported CLIP's or
+    SigLIP's whole config (whose vision model becomes the tower; models/pretrained_clip.py)."""
+    if parent.get("family") != "hf-clip":
+        return {"vision": parent["vision"]}
+    from mmcore.models.pretrained_clip import vision_config
+
+    return {"vision": vision_config(parent["hf"]), "vision_hf": _without_card(parent)}
+
+
 STAGES = {stage.name: stage for stage in (
     Stage("contrastive", "ContrastiveTask", ("clip", "hf-clip"), ("clip", "siglip"), "retrieval.image_to_text_recall_5",
           "demo", parent=Parent("contrastive", "", lambda parent: parent, same_text=False)),
     Stage("fusion", "FusionTask", ("llava", "flamingo"), ("next-token",), "vqa.accuracy", "demo-fusion",
-          parent=Parent("contrastive", "models:/mmpipe-contrastive@champion",
-                        lambda parent: {"vision": parent["vision"]}, same_text=True),
+          parent=Parent("contrastive", "models:/mmpipe-contrastive@champion", _vision, same_text=False),
           lm_parent=Parent("language", "models:/mmpipe-language@champion",
                            lambda parent: {"language": _without_card(parent)}, same_text=True),
           packs=True, question_loss=True),

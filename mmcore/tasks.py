@@ -125,7 +125,7 @@ class FusionTask(_PixelTask):
         bundles, or the whole model from model.start_from's; without, freshly initialised (enough to size
         the preprocessing)."""
         if parents:
-            model.visual.load_state_dict(_load(parents["parent"]).visual.state_dict())
+            model.visual.load_state_dict(_load(parents["parent"]).vision_state())
             if "lm_parent" in parents:  # a language model: its transformers weights
                 model.lm.hf.load_state_dict(_load(parents["lm_parent"]).lm.state_dict())
             if "start_from" in parents:  # the same architecture: every weight (the parents' too)

@@ -62,7 +62,8 @@ def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, 
 
 
 def load_pretrained(config: dict, directory) -> nn.Module:
-    """A model saved as a Hugging Face directory (a language model, an imported CLIP), described by its model.json `config`."""
+    """A model saved as a Hugging Face directory (a language model, an imported CLIP), described by its model.json
+    `config`."""
     cfg, model_class = _family(config)
     return model_class.from_pretrained(directory, cfg)
 

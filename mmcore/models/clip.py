@@ -50,6 +50,10 @@ class ClipModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.image_proj.weight.dtype
 
+    def vision_state(self) -> dict[str, torch.Tensor]:
+        """The image tower a fusion model takes (VisionTower's weights)."""
+        return self.visual.state_dict()
+
     def image_tower(self) -> list[nn.Module]:
         """What LiT locks (model.freeze_vision): the image tower and its projection."""
         return [self.visual, self.image_proj]

@@ -16,6 +16,7 @@ from mmcore.models.causal_lm import CausalLMConfig
 from mmcore.models.decoder import DecoderConfig
 from mmcore.models.generate import IGNORE, TextGenerator
 from mmcore.models.preprocess import PreprocessConfig
+from mmcore.models.pretrained_clip import PretrainedClipConfig, PretrainedVisionTower
 from mmcore.models.towers import VisionConfig, VisionTower
 
 
@@ -29,6 +30,8 @@ class FusionConfig:
     vision_layer: int = -1
     """The tower's hidden state the LM sees, indexed as [embeddings, block 1, ..., block N]: -1 the
     last (after the final norm), -2 the one before it (LLaVA's choice), 0 the patch embeddings."""
+    vision_hf: PretrainedClipConfig | None = None
+    """An imported CLIP or SigLIP parent's config (its vision model is then the tower; `vision` gives its sizes)."""
     language: CausalLMConfig | None = None
     """The language parent's architecture, copied into the config at training time (model.lm_parent):
     the LM is then that transformers model (and `lm` gives only the text context_length)."""
@@ -52,18 +55,23 @@ class FusionConfig:
         return self.language.width if self.language is not None else self.lm.width
 
     def preprocess(self) -> PreprocessConfig:
+        """Images as the vision parent saw them (an imported one's normalisation), text as the LM reads it."""
+        if self.vision_hf is not None:
+            return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length,
+                                    mean=tuple(self.vision_hf.mean), std=tuple(self.vision_hf.std))
         return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)
 
 
 class FusionModel(TextGenerator):
-    """Base of the fusion families: `visual` (the parent's VisionTower) built here, `lm` (a DecoderLM)
-    built by the family, and per family `context(images)` and `hidden(input_ids, context, start, caches)`."""
+    """Base of the fusion families: `visual` (the parent's VisionTower, or an imported one's vision model) built
+    here, `lm` (a DecoderLM) built by the family, and per family `context(images)` and
+    `hidden(input_ids, context, start, caches)`."""
 
     def __init__(self, cfg: FusionConfig, eos_id: int):
         super().__init__()
         cfg.validate()
         self.cfg, self.eos_id = cfg, eos_id
-        self.visual = VisionTower(cfg.vision)
+        self.visual = VisionTower(cfg.vision) if cfg.vision_hf is None else PretrainedVisionTower(cfg.vision_hf)
 
     def merge_lora(self) -> None:
         """LoRA adapters on a language parent's LM merged into its weights (before the model is saved)."""

@@ -94,6 +94,10 @@ class PretrainedClip(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.hf.text_model.embeddings.token_embedding.weight.dtype
 
+    def vision_state(self) -> dict[str, torch.Tensor]:
+        """The image tower a fusion model takes (PretrainedVisionTower's weights)."""
+        return {f"vision_model.{k}": v for k, v in self.hf.vision_model.state_dict().items()}
+
     def image_tower(self) -> list[nn.Module]:
         """What LiT locks: the vision model and its projection."""
         return [self.hf.vision_model, *([self.hf.visual_projection] if hasattr(self.hf, "visual_projection") else [])]
@@ -138,6 +142,41 @@ class PretrainedClip(nn.Module):
         if hf.config.model_type not in ARCHITECTURES:
             raise ValueError(f"{directory}: a {hf.config.model_type} model, not a CLIP or SigLIP")
         return cls(cfg, hf=hf)
+
+
+class PretrainedVisionTower(nn.Module):
+    """An imported CLIP's or SigLIP's vision model behind the VisionTower interface a fusion model reads:
+    images (B, 3, H, W) -> tokens (B, 1 + P, D), a global token first (CLIP's CLS; SigLIP, which has none,
+    its attention-pooled output), then the patches. Its weights come from the contrastive parent
+    (tasks.FusionTask)."""
+
+    def __init__(self, cfg: PretrainedClipConfig):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        from mmcore.models.causal_lm import quiet
+
+        quiet()
+        vision = AutoConfig.for_model(cfg.architecture, **cfg.hf).vision_config
+        self.cfg, self.layers = cfg, vision.num_hidden_layers
+        self.vision_model = AutoModel.from_config(vision, dtype=torch.float32)  # what CLIPModel.vision_model is
+
+    def forward(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """`layer` as VisionTower's: -1 the last hidden state (after SigLIP's final norm), -2 the one before."""
+        index = layer % (self.layers + 1)
+        out = self.vision_model(pixel_values=images, output_hidden_states=index != self.layers)
+        tokens = out.last_hidden_state if index == self.layers else out.hidden_states[index]
+        if self.cfg.architecture == "siglip":
+            tokens = torch.cat([out.pooler_output[:, None], tokens], dim=1)
+        return tokens
+
+
+def vision_config(hf: dict) -> dict:
+    """The VisionConfig fields (sizes) of a transformers CLIP's or SigLIP's vision model, from its config."""
+    vision = hf["vision_config"]
+    return {"image_size": vision["image_size"], "patch_size": vision["patch_size"], "width": vision["hidden_size"],
+            "layers": vision["num_hidden_layers"], "heads": vision["num_attention_heads"],
+            "mlp_ratio": vision["intermediate_size"] / vision["hidden_size"]}
 
 
 def _from_config(cfg: PretrainedClipConfig) -> nn.Module:

@@ -174,3 +174,38 @@ def test_bad_contrastive_checkpoints_are_refused_with_nothing_registered(importe
     with pytest.raises(ValueError, match="takes 96-pixel images but dataset .* stores 64-pixel ones"):
         fit(cfg)
     assert set(runs.glob("*")) == made, "no run directory is left behind"
+
+
+def test_llava_on_an_imported_clip_sees_through_its_tower_unchanged(imported_clip, train_dataset, mmpipe_home,
+                                                                    tmp_path):
+    from mmcore import registry
+    from mmcore.cli import apply_overrides
+    from mmcore.config import TrackingConfig
+    from mmcore.eval.run import evaluate
+    from mmcore.models.pretrained_clip import PretrainedClip, PretrainedClipConfig, PretrainedVisionTower
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+    from mmcore.tracking import resolve_uri
+    from tests.integration.workers import HERE
+
+    directory, imported = imported_clip
+    fused = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
+        f'model.parent="{imported}"', "optim.max_steps=10", "checkpoint.every_steps=5", "data.val_batches=1",
+        'tracking.model_name="mmpipe-fusion-on-clip"', 'tracking.alias="on-clip"', *HERE]))
+    uri = resolve_uri(TrackingConfig())
+    parent, _ = registry.load_model(imported, uri)
+    model, preprocess = registry.load_model(fused.model_uri, uri)
+    ours, theirs = model.visual.state_dict(), parent.vision_state()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), "the tower is frozen"
+    assert preprocess.cfg.mean == pytest.approx([0.4, 0.45, 0.5]), "images normalised as the parent's were"
+    assert evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa"]).ok
+    # SigLIP has no CLS token: its attention-pooled output stands first, then the patches.
+    siglip = PretrainedClip.from_pretrained(_checkpoint(tmp_path / "siglip", train_dataset, "siglip"),
+                                            PretrainedClipConfig(architecture="siglip"))
+    tower = PretrainedVisionTower(PretrainedClipConfig(architecture="siglip", hf={
+        k: v for k, v in siglip.hf.config.to_dict().items() if k != "model_type"}))
+    tower.load_state_dict(siglip.vision_state())
+    images = torch.randn(2, 3, 32, 32)
+    tokens = tower(images).detach()
+    assert tokens.shape == (2, 1 + 16, 32)
+    assert torch.allclose(tokens[:, 0], siglip.hf.get_image_features(pixel_values=images).pooler_output, atol=1e-5)
