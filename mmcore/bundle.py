@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmcore.data.tokenizer import EOS, load_tokenizer
-from mmcore.models import build_model, load_pretrained
+from mmcore.data.tokenizer import load_tokenizer
+from mmcore.models import build_model_for, load_pretrained
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
 
 
@@ -81,8 +81,7 @@ class ModelBundle:
         if self.hugging_face:
             model = load_pretrained(config, self.directory)
         else:
-            tokenizer = load_tokenizer(self.tokenizer)
-            model, _ = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+            model, _ = build_model_for(config, load_tokenizer(self.tokenizer))
             model.load_state_dict(load_file(self.weights))
         return model.eval(), Preprocessor(preprocess, self.tokenizer_json())
 

@@ -23,6 +23,9 @@ CHECKPOINT_FILES = ("*.safetensors", "*.json", "*.jinja", "*.txt", "*.model")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
 """The model's files copied into the bundle as they are (with its *.safetensors and a CLIP's image processor
 file); the tokenizer is saved anew."""
+CONFIG_NOT_COPIED = ("model_type", "architectures", "transformers_version", "vocab_size", "dtype", "torch_dtype")
+"""A checkpoint's config fields an LM config does not take verbatim (its `extra`): the model type is its
+`architecture`, the vocabulary is sized from the tokenizer, the weights are float32 in training."""
 IMPORT_EXPERIMENT = "mmpipe-import"
 PLAIN_CHAT_TEMPLATE = ("{{ bos_token if bos_token }}{% for message in messages %}"
                        "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
@@ -110,7 +113,12 @@ def language_bundle(directory: Path, weights: list[Path], out: Path) -> list[str
     text = config.get_text_config()
     cfg = CausalLMConfig(architecture=config.model_type, context_length=int(text.max_position_embeddings),
                          width=int(text.hidden_size), layers=int(text.num_hidden_layers),
-                         heads=int(text.num_attention_heads), vocab_size=int(text.vocab_size))
+                         heads=int(text.num_attention_heads), vocab_size=int(text.vocab_size),
+                         # the whole config, so that a fusion model builds this very architecture around it
+                         extra={k: v for k, v in config.to_dict().items() if k not in CONFIG_NOT_COPIED},
+                         chat_template=tokenizer.chat_template,  # what a fusion model on it speaks
+                         chat_tokens={role: getattr(tokenizer, role) for role in ("bos_token", "eos_token", "pad_token")
+                                      if getattr(tokenizer, role)})
     try:
         CausalLM.from_pretrained(out, cfg)
     except ValueError as err:

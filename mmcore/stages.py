@@ -22,9 +22,6 @@ class Parent:
     takes: Callable[[dict], dict]
     """The part of the parent's architecture (its model.json) the child's architecture takes; a parent of the
     child's own stage (a model fine-tuned) gives the whole architecture."""
-    same_text: bool
-    """The parent must have been trained with the dataset's text tokenizer (a contrastive tower's text side
-    must; an image tokenizer reads no text, so one trained on another dataset version serves)."""
 
 
 @dataclass(frozen=True)
@@ -73,17 +70,17 @@ def _vision(parent: dict) -> dict:
 
 STAGES = {stage.name: stage for stage in (
     Stage("contrastive", "ContrastiveTask", ("clip", "hf-clip"), ("clip", "siglip"), "retrieval.image_to_text_recall_5",
-          "demo", parent=Parent("contrastive", "", lambda parent: parent, same_text=False)),
+          "demo", parent=Parent("contrastive", "", lambda parent: parent)),
     Stage("fusion", "FusionTask", ("llava", "flamingo"), ("next-token",), "vqa.accuracy", "demo-fusion",
-          parent=Parent("contrastive", "models:/mmpipe-contrastive@champion", _vision, same_text=False),
+          parent=Parent("contrastive", "models:/mmpipe-contrastive@champion", _vision),
           lm_parent=Parent("language", "models:/mmpipe-language@champion",
-                           lambda parent: {"language": _without_card(parent)}, same_text=True),
+                           lambda parent: {"language": _without_card(parent)}),
           packs=True, question_loss=True),
     Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language"),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",
           parent=Parent("image-tokenizer", "models:/mmpipe-image-tokenizer@champion",
-                        lambda parent: {"image_tokenizer": _without_card(parent)}, same_text=False),
+                        lambda parent: {"image_tokenizer": _without_card(parent)}),
           packs=True),
 )}
 

@@ -18,10 +18,10 @@ from torch import nn
 from mmcore.bundle import ModelBundle
 from mmcore.config import RunConfig
 from mmcore.data.instruct import SHARED
-from mmcore.data.tokenizer import (CHAT_TOKENS, EOS, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens,
+from mmcore.data.tokenizer import (CHAT_TOKENS, IMAGE, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens,
                                    with_tokens)
 from mmcore.losses import LOSSES
-from mmcore.models import architecture, build_model
+from mmcore.models import architecture, build_model_for
 from mmcore.models.decoder import Packing
 from mmcore.models.fusion import loss_on_answers
 from mmcore.models.generate import IGNORE
@@ -127,7 +127,7 @@ class FusionTask(_PixelTask):
         if parents:
             model.visual.load_state_dict(_load(parents["parent"]).vision_state())
             if "lm_parent" in parents:  # a language model: its transformers weights
-                model.lm.hf.load_state_dict(_load(parents["lm_parent"]).lm.state_dict())
+                model.lm.load_parent(_load(parents["lm_parent"]).lm)
             if "start_from" in parents:  # the same architecture: every weight (the parents' too)
                 model.load_state_dict(_load(parents["start_from"]).state_dict())
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
@@ -139,9 +139,10 @@ class FusionTask(_PixelTask):
 
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
-        """The language parent's tokenizer (it travels with its model), else the dataset's with the chat roles."""
+        """The language parent's tokenizer (it travels with its model; with <image> added when an imported one
+        lacks it), else the dataset's with the chat roles."""
         if parents and "lm_parent" in parents:
-            return ModelBundle.at(parents["lm_parent"]).tokenizer_json()
+            return with_tokens(ModelBundle.at(parents["lm_parent"]).tokenizer_json(), [IMAGE])
         return with_chat_tokens(dataset_tokenizer_json)
 
     @staticmethod
@@ -169,7 +170,8 @@ class FusionTask(_PixelTask):
         return out | ({"questions_per_image": batch["questions"].float().mean()} if packing else {})
 
 
-def question_labels(input_ids: torch.Tensor, labels: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+def question_labels(input_ids: torch.Tensor, labels: torch.Tensor,
+                    segments: torch.Tensor | None = None) -> torch.Tensor:
     """The questions' tokens as next-token targets, IGNORE elsewhere: the tokens of each turn after the
     shared <bos> <|user|> <image> that are neither answer nor padding, each one that follows a token of
     its own turn (a turn's first word, after the image or another turn, is not asked for). `segments`:
@@ -284,7 +286,7 @@ def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,
     `tokenizer` of the dataset's); with `parents`, parent weights are loaded from their local bundle
     directories, else the model is freshly initialised (enough to size the preprocessing)."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    model, preprocess = build_model(model_config, tokenizer.get_vocab_size(), tokenizer.token_to_id(EOS))
+    model, preprocess = build_model_for(model_config, tokenizer)
     return STAGES[cfg.task.stage].task.build(cfg, model, preprocess, parents), preprocess
 
 

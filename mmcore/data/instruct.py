@@ -8,7 +8,9 @@ shape, count, relation, yes/no against a foil, the digit). Each question type ha
 the model learned the question or the wording.
 
 A turn becomes a chat: `<bos> <|user|> <image> question <|assistant|> answer <eos>`, and the loss counts
-the answer's tokens and its <eos> only.
+the answer's tokens and its <eos> only. On an imported LM the chat is its own template's (`TemplateChat`):
+the user's message `<image>` + newline + question, the loss on what the template writes after the prompt
+(the answer and the tokens that end a turn).
 
 Packed (`data.pack_length`), one training sequence carries several of the row's questions after one
 shared `<bos> <|user|> <image>`: each question sees that prefix and itself only, at the positions it
@@ -111,8 +113,12 @@ class ChatFormat:
     @classmethod
     def of(cls, preprocess: Preprocessor) -> "ChatFormat":
         """The chat format of a fusion or unified model's preprocessor: its tokenizer (without the
-        preprocessor's padding) and its context."""
-        return cls(Tokenizer.from_str(preprocess.tokenizer_json), preprocess.cfg.context_length)
+        preprocessor's padding) and its context; an imported LM's template when it brought one."""
+        tokenizer = Tokenizer.from_str(preprocess.tokenizer_json)
+        if preprocess.cfg.chat_template:
+            return TemplateChat(tokenizer, preprocess.cfg.context_length, preprocess.cfg.chat_template,
+                                preprocess.cfg.chat_tokens)
+        return cls(tokenizer, preprocess.cfg.context_length)
 
     def prompt(self, question: str) -> list[int]:
         """<bos> <|user|> <image> question <|assistant|>"""
@@ -154,6 +160,47 @@ class ChatFormat:
         pad = length - len(ids)
         return (ids + [self.ids[PAD]] * pad, labels + [IGNORE] * pad, segments + [-1] * pad, positions + [0] * pad,
                 truncated, segments[-1])
+
+
+class TemplateChat(ChatFormat):
+    """An imported LM's own chat template (Jinja, rendered as transformers renders it): the prompt is the
+    user's message `<image>` + newline + question with the template's generation prompt; the labels are what
+    the template writes after it for the answer. Not packed (data.pack_length must be 0)."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int, template: str, tokens: dict):
+        from transformers import PreTrainedTokenizerFast
+
+        self.tokenizer, self.context_length, self.template = tokenizer, context_length, template
+        self._renderer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **tokens)
+        pad = tokens.get("pad_token") or tokens.get("eos_token")
+        if tokenizer.token_to_id(IMAGE) is None or pad is None or tokenizer.token_to_id(pad) is None:
+            raise ValueError(f"the tokenizer lacks {IMAGE} or a padding token ({pad}); the fusion stage adds "
+                             f"{IMAGE} (tasks.FusionTask.tokenizer) and an import names the padding")
+        self.ids = {PAD: tokenizer.token_to_id(pad)}
+
+    def overhead(self) -> int:
+        """Tokens the template adds to a turn beyond mmpipe's format (`<bos> <|user|> <image>`, `<|assistant|>`,
+        `<eos>`): what the text context grows by."""
+        ids, _, _ = self._turn("", "")
+        return max(0, len(ids) - 5)
+
+    def _render(self, messages: list[dict], generation: bool) -> list[int]:
+        text = self._renderer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=generation)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def prompt(self, question: str) -> list[int]:
+        return self._render([{"role": "user", "content": f"{IMAGE}\n{question}"}], generation=True)
+
+    def _turn(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
+        prompt = self.prompt(question)
+        ids = self._render([{"role": "user", "content": f"{IMAGE}\n{question}"},
+                            {"role": "assistant", "content": answer}], generation=False)
+        if ids[: len(prompt)] != prompt:
+            raise ValueError("the chat template writes a question's prompt differently when its answer follows; "
+                             "its answers cannot be told apart for the loss")
+        labels = [IGNORE] * len(prompt) + ids[len(prompt):]
+        return ids[: self.context_length], labels[: self.context_length], len(ids) > self.context_length
 
 
 def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0,

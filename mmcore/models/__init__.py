@@ -8,6 +8,7 @@ from importlib import resources
 from torch import nn
 
 from mmcore.config import from_dict
+from mmcore.data.tokenizer import EOS, IMAGE
 from mmcore.models.causal_lm import CausalLM, CausalLMConfig
 from mmcore.models.clip import ClipConfig, ClipModel
 from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
@@ -52,6 +53,26 @@ def model_config(name: str) -> dict:
 def architecture(config: dict) -> dict:
     """A model config without its `family` and `description`: the fields of its family's config class."""
     return {k: v for k, v in config.items() if k not in ("family", "description")}
+
+
+def build_model_for(config: dict, tokenizer) -> tuple[nn.Module, PreprocessConfig]:
+    """build_model sized for `tokenizer` (a tokenizers.Tokenizer): its vocabulary, the token that ends an
+    answer (an imported language parent's chat eos_token, else <eos>) and, for a fusion model, its <image>; on
+    an LM with its own chat template the text context grows by what the template adds to mmpipe's format."""
+    language = config.get("language") or {}
+    if language.get("chat_template"):
+        from mmcore.data.instruct import TemplateChat
+        from mmcore.models.decoder import DecoderConfig
+
+        chat = TemplateChat(tokenizer, 10 ** 6, language["chat_template"], language.get("chat_tokens", {}))
+        lm = config.get("lm", {})
+        context = lm.get("context_length", DecoderConfig.context_length) + chat.overhead()
+        config = {**config, "lm": {**lm, "context_length": context}}
+    stop = language.get("chat_tokens", {}).get("eos_token") or EOS
+    model, preprocess = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(stop))
+    if hasattr(model, "image_id") and tokenizer.token_to_id(IMAGE) is not None:
+        model.image_id = tokenizer.token_to_id(IMAGE)
+    return model, preprocess
 
 
 def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, PreprocessConfig]:

@@ -43,6 +43,10 @@ class CausalLMConfig:
     """Set from the stage's tokenizer when built."""
     extra: dict = field(default_factory=dict)
     """Further fields of the architecture's transformers config, verbatim (e.g. {"n_inner": 512} for gpt2)."""
+    chat_template: str = ""
+    """An imported LM's own chat template (Jinja), which a fusion model on it speaks; empty: mmpipe's."""
+    chat_tokens: dict = field(default_factory=dict)
+    """The special tokens its template names, by role (bos_token, eos_token, pad_token)."""
 
     def validate(self) -> None:
         if self.width % self.heads:
@@ -116,6 +120,18 @@ class PretrainedDecoder(nn.Module):
         """The names the LM's linear layers end with (what LoRA's target_modules name)."""
         return sorted({name.rsplit(".", 1)[-1] for name, module in self.core.named_modules()
                        if isinstance(module, nn.Linear)})
+
+    def load_parent(self, lm: nn.Module) -> None:
+        """The language parent's transformers weights; the rows of tokens its vocabulary lacks (the <image> the
+        fusion stage adds to an imported LM's tokenizer) start at the mean of its rows, as LLaVA and Emu3 do."""
+        ours, state = self.core.state_dict(), {}
+        for key, value in lm.state_dict().items():
+            if key in ours and value.shape != ours[key].shape and value.shape[1:] == ours[key].shape[1:]:
+                grown = value.new_empty(ours[key].shape)
+                grown[: len(value)], grown[len(value):] = value, value.mean(0)
+                value = grown
+            state[key] = value
+        self.core.load_state_dict(state)
 
     def with_lora(self, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
         """LoRA adapters (peft) on the `targets` linear layers; the LM's own weights frozen."""

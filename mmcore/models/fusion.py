@@ -47,19 +47,22 @@ class FusionConfig:
 
     def set_vocab_size(self, vocab_size: int) -> None:
         self.lm.vocab_size = vocab_size
-        if self.language is not None:
-            self.language.vocab_size = vocab_size
+        if self.language is not None:  # an imported LM may have more rows than its tokenizer has tokens
+            self.language.vocab_size = max(vocab_size, self.language.vocab_size)
 
     @property
     def lm_width(self) -> int:
         return self.language.width if self.language is not None else self.lm.width
 
     def preprocess(self) -> PreprocessConfig:
-        """Images as the vision parent saw them (an imported one's normalisation), text as the LM reads it."""
-        if self.vision_hf is not None:
-            return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length,
-                                    mean=tuple(self.vision_hf.mean), std=tuple(self.vision_hf.std))
-        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length)
+        """Images as the vision parent saw them (an imported one's normalisation), text in the LM's chat format
+        (an imported LM's own template)."""
+        images = {} if self.vision_hf is None else {"mean": tuple(self.vision_hf.mean),
+                                                    "std": tuple(self.vision_hf.std)}
+        chat = {} if self.language is None else {"chat_template": self.language.chat_template,
+                                                 "chat_tokens": self.language.chat_tokens}
+        return PreprocessConfig(image_size=self.vision.image_size, context_length=self.lm.context_length, **images,
+                                **chat)
 
 
 class FusionModel(TextGenerator):

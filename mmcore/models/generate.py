@@ -27,6 +27,9 @@ class TextGenerator(nn.Module):
 
     lm: DecoderLM
     eos_id: int
+    image_id = IMAGE_ID
+    """The <image> token's id: mmpipe's tokenizers' fixed one, or where it was added to an imported LM's
+    (models.build_model_for)."""
     extra_positions = 0
     """LM positions a sample takes beyond its text tokens (LLaVA: the image tokens minus <image>)."""
 
@@ -66,7 +69,7 @@ class TextGenerator(nn.Module):
         ids, done = prompt_ids, torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
         for _ in range(min(max_new_tokens, limit)):
             logits = self.text_logits(self.head(last).float())
-            logits[:, IMAGE_ID] = -torch.inf  # an answer never asks for another image
+            logits[:, self.image_id] = -torch.inf  # an answer never asks for another image
             token = sample(logits, temperature, top_p=top_p, generator=generator)
             token = torch.where(done, torch.full_like(token, self.eos_id), token)
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -94,7 +97,8 @@ class TextGenerator(nn.Module):
 
 
 def splice_hidden(lm: DecoderLM, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
-                  caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
+                  caches: list[KVCache] | None = None, packing: Packing | None = None,
+                  image_id: int = IMAGE_ID) -> torch.Tensor:
     """Text (B, L) with one <image> token per row, image tokens (B, N, D) -> LM states at the text
     positions (B, L, D); the <image> position gets the state of the last image token, which predicts
     the token after <image>. Continuing after a prefill (start > 0), the ids are text only and follow
@@ -102,7 +106,7 @@ def splice_hidden(lm: DecoderLM, input_ids: torch.Tensor, context: torch.Tensor,
     text = lm.embed(input_ids)  # (B, L, D)
     if start:
         return lm(text, start=start, caches=caches)
-    at = _image_position(input_ids)  # (B,)
+    at = _image_position(input_ids, image_id)  # (B,)
     length, n = input_ids.shape[1], context.shape[1]
     j = torch.arange(length + n - 1, device=input_ids.device)[None]  # positions of the spliced sequence
     in_image = (j >= at[:, None]) & (j < at[:, None] + n)  # (B, L + N - 1)
@@ -118,8 +122,8 @@ def splice_hidden(lm: DecoderLM, input_ids: torch.Tensor, context: torch.Tensor,
     return _take(states, torch.where(t < at[:, None], t, t + n - 1))
 
 
-def _image_position(input_ids: torch.Tensor) -> torch.Tensor:
-    is_image = input_ids == IMAGE_ID
+def _image_position(input_ids: torch.Tensor, image_id: int) -> torch.Tensor:
+    is_image = input_ids == image_id
     counts = is_image.sum(1)
     if not bool((counts == 1).all()):
         row = int((counts != 1).nonzero()[0])

@@ -62,4 +62,4 @@ class LlavaModel(FusionModel):
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
                caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
-        return splice_hidden(self.lm, input_ids, context, start, caches, packing)
+        return splice_hidden(self.lm, input_ids, context, start, caches, packing, self.image_id)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +25,11 @@ class PreprocessConfig:
     train_crop_scale: float = 0.9
     """Training images are randomly cropped to a square of this fraction of the side (or more), then
     resized. No flips: captions say "left of" and "right of"."""
+    chat_template: str = ""
+    """A fusion model's chat format when its LM brought its own (an imported LM's Jinja template); empty:
+    mmpipe's `<bos> <|user|> <image> question <|assistant|> answer <eos>` (data/instruct.py)."""
+    chat_tokens: dict = field(default_factory=dict)
+    """The template's special tokens by role (bos_token, eos_token, pad_token): eos_token ends an answer."""
 
 
 def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -5,15 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
 from pathlib import Path
-
-from tokenizers import Tokenizer
 
 from mmcore.bundle import ModelBundle
 from mmcore.config import RunConfig, TrackingConfig
 from mmcore.data.dataset import DatasetVersion
-from mmcore.data.tokenizer import load_tokenizer, with_chat_tokens
 from mmcore.models import architecture
 from mmcore.stages import STAGES
 
@@ -50,8 +46,6 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
     if spec is None:
         raise ValueError(f"model.parent: the {cfg.task.stage} stage builds on no registered model")
     parent, parent_cfg, bundle = _pinned(cfg.model.parent, tracking_uri, "model.parent", spec.stage)
-    if spec.same_text:
-        _check_tokenizer(parent, Path(bundle.tokenizer), version)
     _check_image_size(f"model.parent: {parent}", json.loads(Path(bundle.preprocess).read_text())["image_size"],
                       version)
     # A parent of the run's own stage is the model fine-tuned: the architecture is all its.
@@ -62,8 +56,13 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
     if cfg.model.lm_parent:
         lm_spec = STAGES[cfg.task.stage].lm_parent
         lm_parent, lm_cfg, lm_bundle = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", lm_spec.stage)
-        if lm_spec.same_text:
-            _check_tokenizer(lm_parent, Path(lm_bundle.tokenizer), version, "model.lm_parent", with_chat_tokens)
+        if lm_cfg.get("chat_template"):  # an imported LM speaks its own template (data/instruct.py TemplateChat)
+            if cfg.data.pack_length:
+                raise ValueError(f"data.pack_length: questions are packed in mmpipe's chat format only; {lm_parent} "
+                                 "has its own chat template: set data.pack_length=0")
+            if cfg.task.question_loss:
+                raise ValueError(f"task.question_loss: the question loss reads mmpipe's chat format; {lm_parent} has "
+                                 "its own chat template: set task.question_loss=0")
         dirs["lm_parent"] = lm_bundle.directory
         arch = {**arch, **lm_spec.takes(lm_cfg)}
         model = dataclasses.replace(model, lm_parent=lm_parent)
@@ -110,13 +109,3 @@ def _pinned(uri: str, tracking_uri: str | None, field: str, stage: str) -> tuple
     if config.get("family") not in STAGES[stage].families:
         raise ValueError(f"{field}: {uri} ({pinned}) is a {config.get('family')} model, not a {stage} one")
     return pinned, config, bundle
-
-
-def _check_tokenizer(parent: str, tokenizer_path: Path, version: DatasetVersion, field: str = "model.parent",
-                     extended: Callable[[str], str] = lambda json_text: json_text) -> None:
-    """The parent's tokenizer must be the dataset's (`extended` by the tokens the parent's stage adds)."""
-    theirs = load_tokenizer(tokenizer_path).get_vocab()
-    ours = Tokenizer.from_str(extended(version.tokenizer_path.read_text())).get_vocab()
-    if theirs != ours:
-        raise ValueError(f"{field}: {parent} was trained with another tokenizer ({len(theirs)} tokens) than "
-                         f"dataset {version.id}'s ({len(ours)} tokens); train one on this dataset first")

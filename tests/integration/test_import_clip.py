@@ -209,3 +209,75 @@ def test_llava_on_an_imported_clip_sees_through_its_tower_unchanged(imported_cli
     tokens = tower(images).detach()
     assert tokens.shape == (2, 1 + 16, 32)
     assert torch.allclose(tokens[:, 0], siglip.hf.get_image_features(pixel_values=images).pooler_output, atol=1e-5)
+
+
+CHATML = ("{% for message in messages %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+"""The chat template of SmolLM2 and Qwen2 instruct models (ChatML)."""
+
+
+def _chatml_lm(directory, dataset):
+    """A tiny Llama with a byte-level BPE of its own (not the dataset's), ChatML and no <image>, as an instruct
+    model from the Hub has: its embedding table exactly as large as its vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    texts = dataset.read("train", ["caption"]).column("caption").to_pylist()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, max_position_embeddings=256, eos_token_id=2, pad_token_id=0,
+                                 bos_token_id=None)).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, len(tokenizer)
+
+
+def test_llava_on_an_imported_clip_and_an_imported_lm_speaks_the_lms_chat_template(imported_clip, train_dataset,
+                                                                                   mmpipe_home, tmp_path):
+    from tokenizers import Tokenizer
+
+    from mmcore import registry
+    from mmcore.cli import apply_overrides
+    from mmcore.config import TrackingConfig
+    from mmcore.data.instruct import ChatFormat, TemplateChat
+    from mmcore.eval.run import evaluate
+    from mmcore.hub import import_model
+    from mmcore.models.generate import IGNORE
+    from mmcore.recipes import recipe
+    from mmcore.train.fit import fit
+    from mmcore.tracking import resolve_uri
+    from tests.integration.workers import HERE
+
+    directory, vocab = _chatml_lm(tmp_path / "tiny-chatml", train_dataset)
+    lm = import_model(str(directory), "language", alias="chatml")
+    overrides = [f'model.parent="{imported_clip[1]}"', f'model.lm_parent="{lm}"', "model.freeze_lm=true",
+                 "optim.max_steps=10", "checkpoint.every_steps=5", "data.val_batches=1",
+                 'tracking.model_name="mmpipe-fusion-imported"', 'tracking.alias="imported"', *HERE]
+    runs = mmpipe_home / "runs"
+    made = set(runs.glob("*"))
+    with pytest.raises(ValueError, match="data.pack_length: questions are packed in mmpipe's chat format only"):
+        fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), overrides))  # it packs by default
+    assert set(runs.glob("*")) == made, "refused before a run directory was made"
+    fused = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [*overrides, "data.pack_length=0"]))
+
+    uri = resolve_uri(TrackingConfig())
+    model, preprocess = registry.load_model(fused.model_uri, uri)
+    parent, _ = registry.load_model(lm, uri)
+    tokenizer = Tokenizer.from_str(preprocess.tokenizer_json)
+    assert tokenizer.token_to_id("<image>") == vocab and model.image_id == vocab, "<image> added after its vocabulary"
+    ours, theirs = model.lm.hf.get_input_embeddings().weight, parent.lm.get_input_embeddings().weight
+    assert ours.shape[0] == vocab + 1 and torch.equal(ours[:vocab], theirs), "the frozen LM is the parent's"
+    assert torch.allclose(ours[vocab], theirs.mean(0)), "the new row starts at the mean of the others"
+    chat = ChatFormat.of(preprocess)
+    assert isinstance(chat, TemplateChat) and model.eos_id == tokenizer.token_to_id("<|im_end|>")
+    assert tokenizer.decode(chat.prompt("what colour is the circle?"), skip_special_tokens=False) == (
+        "<|im_start|>user\n<image>\nwhat colour is the circle?<|im_end|>\n<|im_start|>assistant\n")
+    ids, labels, _ = chat.encode("what colour is the circle?", "red")
+    assert tokenizer.decode([t for t in labels if t != IGNORE], skip_special_tokens=False) == "red<|im_end|>\n"
+    assert evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa"]).ok
