@@ -149,9 +149,23 @@ class PretrainedDecoder(nn.Module):
         if hasattr(self.hf, "merge_and_unload"):
             self.hf = self.hf.merge_and_unload()
 
+    def decoder_layers(self) -> nn.ModuleList:
+        """The LM's decoder layers (Llama's model.layers, GPT-2's transformer.h, ...)."""
+        count = self.core.config.get_text_config().num_hidden_layers
+        return next(m for m in self.core.base_model.modules() if isinstance(m, nn.ModuleList) and len(m) == count)
+
     def forward(self, x: torch.Tensor, start: int = 0, caches=None, between=None, packing=None) -> torch.Tensor:
-        if between is not None:
-            raise ValueError("cross-attention between the layers of a pretrained LM (Flamingo) is not supported yet")
+        """`between(i, hidden)` runs before decoder layer i (Flamingo's cross-attention), through a pre-hook on
+        the layer for this call, as open_flamingo wraps a pretrained LM's layers."""
+        hooks = [] if between is None else [layer.register_forward_pre_hook(_before(i, between), with_kwargs=True)
+                                            for i, layer in enumerate(self.decoder_layers())]
+        try:
+            return self._run(x, start, caches, packing)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _run(self, x: torch.Tensor, start: int, caches, packing) -> torch.Tensor:
         if packing is None and start + x.shape[1] > self.max_positions:
             raise ValueError(f"sequence of {start + x.shape[1]} positions is longer than the language model's "
                              f"{self.max_positions}")
@@ -168,6 +182,16 @@ class PretrainedDecoder(nn.Module):
         from transformers import DynamicCache
 
         return DynamicCache(config=self.core.config)
+
+
+def _before(i: int, between):
+    """A forward pre-hook that passes a decoder layer's input hidden states through between(i, .)."""
+    def hook(module, args, kwargs):
+        if args:
+            return (between(i, args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": between(i, kwargs["hidden_states"])}
+
+    return hook
 
 
 class CausalLM(nn.Module):

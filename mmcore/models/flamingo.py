@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mmcore.models.causal_lm import PretrainedDecoder
 from mmcore.models.decoder import DecoderLM, Packing
 from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.transformer import CrossAttention, KVCache, mlp
@@ -83,14 +84,18 @@ class FlamingoModel(FusionModel):
 
     def __init__(self, cfg: FlamingoConfig, eos_id: int):
         super().__init__(cfg, eos_id)
-        if cfg.language is not None:
-            raise ValueError("model.lm_parent: Flamingo on a pretrained language model is not supported yet; "
-                             "use a llava architecture")
-        self.media_proj = nn.Linear(cfg.vision.width, cfg.lm.width)
-        self.resampler = PerceiverResampler(cfg.lm.width, cfg.lm.heads, cfg.latents, cfg.resampler_layers)
-        self.cross = nn.ModuleList(GatedCrossAttention(cfg.lm.width, cfg.lm.heads, cfg.gate_scale)
-                                   for _ in range(0, cfg.lm.layers, cfg.cross_every))
-        self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length)
+        lm = cfg.language or cfg.lm  # a language parent's LM (its layers wrapped, as open_flamingo does), or ours
+        self.media_proj = nn.Linear(cfg.vision.width, lm.width)
+        self.resampler = PerceiverResampler(lm.width, lm.heads, cfg.latents, cfg.resampler_layers)
+        self.cross = nn.ModuleList(GatedCrossAttention(lm.width, lm.heads, cfg.gate_scale)
+                                   for _ in range(0, lm.layers, cfg.cross_every))
+        if cfg.language is None:
+            self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length)
+        else:
+            self.lm = PretrainedDecoder(cfg.language, eos_id)
+            if self.lm.max_positions < cfg.lm.context_length:
+                raise ValueError(f"the language model has {self.lm.max_positions} positions, fewer than the "
+                                 f"{cfg.lm.context_length} text tokens of a sample")
 
     def context(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> resampled latents (B, latents, D)."""
