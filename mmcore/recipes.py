@@ -129,19 +129,34 @@ def _on_language(cfg: RunConfig, name: str, steps: int, **model) -> RunConfig:
                  optim=dataclasses.replace(cfg.optim, max_steps=steps, warmup_steps=min(50, steps // 5)))
 
 
+def _alignment(cfg: RunConfig, name: str, steps: int) -> RunConfig:
+    """LLaVA's first phase of `cfg`: tower and LM frozen, caption requests only, registered as `aligned`."""
+    cfg = _on_language(cfg, name, steps, freeze_lm=True)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, captions_only=True),
+                               tracking=dataclasses.replace(cfg.tracking, alias="aligned"))
+
+
 def demo_alignment(dataset: str) -> RunConfig:
     """LLaVA's first phase on the demo's contrastive and language champions: both frozen, the projector learns
     to put the tower's tokens where the LM reads them, from caption requests alone (100 steps); registered
     with alias `aligned`, where `demo-instruction` starts."""
-    cfg = _on_language(demo_fusion(dataset), "demo-alignment", 100, freeze_lm=True)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, captions_only=True),
-                               tracking=dataclasses.replace(cfg.tracking, alias="aligned"))
+    return _alignment(demo_fusion(dataset), "demo-alignment", 100)
 
 
 def demo_instruction(dataset: str) -> RunConfig:
     """LLaVA's second phase: from the aligned model (models:/mmpipe-fusion@aligned), projector and LM learn
     every question (300 steps: the two phases together take the demo-fusion budget of 400)."""
     return _on_language(demo_fusion(dataset), "demo-instruction", 300, start_from="models:/mmpipe-fusion@aligned")
+
+
+def debug_alignment(dataset: str) -> RunConfig:
+    """Seconds on a CPU: the first phase on the debug LLaVA (tests)."""
+    return _alignment(debug_fusion(dataset), "debug-alignment", 20)
+
+
+def debug_instruction(dataset: str) -> RunConfig:
+    """Seconds on a CPU: the second phase on the debug LLaVA (tests)."""
+    return _on_language(debug_fusion(dataset), "debug-instruction", 20, start_from="models:/mmpipe-fusion@aligned")
 
 
 def debug_tokenizer(dataset: str) -> RunConfig:
@@ -194,6 +209,7 @@ RECIPES = {"debug": debug, "demo": demo, "quality": quality, "demo-siglip": demo
            "quality-fusion": quality_fusion, "long-fusion": long_fusion,
            "debug-language": debug_language, "demo-language": demo_language,
            "demo-alignment": demo_alignment, "demo-instruction": demo_instruction,
+           "debug-alignment": debug_alignment, "debug-instruction": debug_instruction,
            "debug-tokenizer": debug_tokenizer, "demo-tokenizer": demo_tokenizer,
            "debug-unified": debug_unified, "demo-unified": demo_unified}
 

@@ -54,13 +54,13 @@ def _ensure_sample(root: Path, base_url: str, spec) -> Path:
     return make_sample(root, base_url, spec)
 
 
-QUICK = {"recipe": "debug", "fusion_recipe": "debug-fusion", "tokenizer_recipe": "debug-tokenizer",
-         "unified_recipe": "debug-unified"}
+QUICK = {"recipe": "debug", "language_recipe": "none", "fusion_recipe": "debug-fusion",
+         "tokenizer_recipe": "debug-tokenizer", "unified_recipe": "debug-unified"}
 """`mmpipe demo --quick`: the smallest models for a few steps each, on QUICK_SAMPLE."""
 QUICK_SAMPLE = {"synthetic": 1000, "digits": 300}
 """The quick demo's sample corpus (SampleSpec fields; the photos and planted defects as in the full one)."""
-FULL = {"recipe": "demo", "fusion_recipe": "demo-fusion", "tokenizer_recipe": "demo-tokenizer",
-        "unified_recipe": "demo-unified"}
+FULL = {"recipe": "demo", "language_recipe": "none", "fusion_recipe": "demo-fusion",
+        "tokenizer_recipe": "demo-tokenizer", "unified_recipe": "demo-unified"}
 
 
 def cmd_demo(args) -> int:
@@ -71,8 +71,8 @@ def cmd_demo(args) -> int:
     from mmcore.data.synthetic.corpus import SampleSpec
     from mmcore.tracking import resolve_uri
     from pipelines.flows import retrain_flow
-    from pipelines.params import FusionSettings, IngestParams, RetrainParams, TokenizerSettings, TrainSettings, \
-        UnifiedSettings
+    from pipelines.params import FusionSettings, IngestParams, LanguageSettings, RetrainParams, TokenizerSettings, \
+        TrainSettings, UnifiedSettings
 
     for key, default in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
@@ -86,8 +86,10 @@ def cmd_demo(args) -> int:
         console.say(f"sample corpus at {sample_dir}, served at {server.url}")
         result = retrain_flow(RetrainParams(
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
-            train=TrainSettings(recipe=args.recipe), skip_fusion=args.fusion_recipe == "none",
-            fusion=FusionSettings(**_recipe(args.fusion_recipe)), skip_unified=args.unified_recipe == "none",
+            train=TrainSettings(recipe=args.recipe), skip_language=args.language_recipe == "none",
+            language=LanguageSettings(**_recipe(args.language_recipe)), skip_fusion=args.fusion_recipe == "none",
+            fusion=FusionSettings(**_recipe(args.fusion_recipe), alignment_recipe=args.alignment_recipe),
+            skip_unified=args.unified_recipe == "none",
             tokenizer=TokenizerSettings(**_recipe(args.tokenizer_recipe)),
             unified=UnifiedSettings(**_recipe(args.unified_recipe))))
     library_cli.print_summary(DatasetVersion.open(result.dataset["path"]))
@@ -137,9 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a few minutes instead of about 40: the debug recipes on a sample corpus of 1,557 rows, "
                            "to check that everything works (its models learn little)")
     demo.add_argument("--recipe", help="contrastive recipe (default demo; debug with --quick)")
+    demo.add_argument("--language-recipe",
+                      help="language recipe (demo-language, debug-language; default none: the stage is skipped)")
     demo.add_argument("--fusion-recipe",
                       help="fusion recipe on the new contrastive champion (default demo-fusion, debug-fusion with "
-                           "--quick; none skips the stage)")
+                           "--quick; none skips the stage; demo-instruction on the language champion, after "
+                           "--alignment-recipe)")
+    demo.add_argument("--alignment-recipe",
+                      help="LLaVA's first phase before --fusion-recipe, on the language champion (demo-alignment)")
     demo.add_argument("--tokenizer-recipe",
                       help="image tokenizer recipe (default demo-tokenizer, debug-tokenizer with --quick)")
     demo.add_argument("--unified-recipe",

@@ -199,6 +199,9 @@ class RetrainResult:
     trained: dict | None
     """The contrastive TrainResult, as a dict (None when skipped)."""
     decision: GateDecision | None
+    language: dict | None = None
+    """The language stage's TrainResult, as a dict (None when skipped)."""
+    language_decision: GateDecision | None = None
     fusion: dict | None = None
     """The fusion TrainResult, as a dict (None when skipped)."""
     fusion_decision: GateDecision | None = None
@@ -211,7 +214,8 @@ class RetrainResult:
 
     def stages(self) -> list[tuple[dict, GateDecision | None]]:
         """(TrainResult dict, gate decision) of each stage that ran, in order."""
-        pairs = [(self.trained, self.decision), (self.fusion, self.fusion_decision),
+        pairs = [(self.trained, self.decision), (self.language, self.language_decision),
+                 (self.fusion, self.fusion_decision),
                  (self.tokenizer, self.tokenizer_decision), (self.unified, self.unified_decision)]
         return [(trained, decision) for trained, decision in pairs if trained]
 
@@ -222,9 +226,10 @@ class RetrainResult:
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
-    """ingest (or a landed dataset) -> contrastive -> fusion on the contrastive champion -> image
-    tokenizer -> unified on the tokenizer champion, each trained, evaluated and promoted. Stages can
-    be skipped."""
+    """ingest (or a landed dataset) -> contrastive -> language -> fusion on the contrastive (and language)
+    champion, in one phase or LLaVA's two -> image tokenizer -> unified on the tokenizer champion, each
+    trained, evaluated and promoted (an alignment phase is not gated: the next phase starts from it). Stages
+    can be skipped."""
     _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))
@@ -232,8 +237,12 @@ def retrain_flow(params: RetrainParams) -> RetrainResult:
     if not params.skip_contrastive:
         result.trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))
         result.decision = promote_task(result.trained["model_name"], dataset["path"], params.gate)
+    if not params.skip_language:
+        result.language = train_task(TrainParams(dataset=dataset["path"], **params.language.model_dump()))
+        result.language_decision = promote_task(result.language["model_name"], dataset["path"], params.language_gate)
     if not params.skip_fusion:
-        result.fusion = train_task(TrainParams(dataset=dataset["path"], **params.fusion.model_dump()))
+        for phase in params.fusion.phases(dataset["path"]):
+            result.fusion = train_task(phase)
         result.fusion_decision = promote_task(result.fusion["model_name"], dataset["path"], params.fusion_gate)
     if not params.skip_unified:
         result.tokenizer = train_task(TrainParams(dataset=dataset["path"], **params.tokenizer.model_dump()))

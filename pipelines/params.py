@@ -138,13 +138,33 @@ class EvaluateParams(GateParams):
                                             "off: only evaluate @candidate.")
 
 
+class LanguageSettings(TrainSettings):
+    """The language stage in `retrain`: a decoder LM on the dataset's text, the fusion stage's language parent."""
+
+    stage: Stage = Field("language", description="Training stage.")
+    recipe: RecipeName = Field(STAGES["language"].recipe, description="Named RunConfig (mmcore/recipes.py): "
+                                                             "demo-language, debug-language.")
+
+
 class FusionSettings(TrainSettings):
     """The fusion stage in `retrain`: its parent is the contrastive champion after the gate."""
 
     stage: Stage = Field("fusion", description="Training stage.")
     recipe: RecipeName = Field(STAGES["fusion"].recipe, description="Named RunConfig (mmcore/recipes.py): demo-fusion (LLaVA), "
                                                           "demo-flamingo, quality-fusion (LLaVA, 5x the steps), "
-                                                          "long-fusion (12.5x, for a GPU), debug-fusion.")
+                                                          "long-fusion (12.5x, for a GPU), debug-fusion; "
+                                                          "demo-instruction (after alignment_recipe).")
+    alignment_recipe: RecipeName | None = Field(None, description="LLaVA's first phase, trained (not gated) before "
+                                                                  "`recipe` on the language champion: demo-alignment "
+                                                                  "(then recipe demo-instruction); empty: one phase.")
+
+    def phases(self, dataset: str) -> list[TrainParams]:
+        """The runs of this stage: the alignment phase (its recipe, this stage's cluster settings and overrides)
+        when there is one, then `recipe`."""
+        settings = self.model_dump(exclude={"alignment_recipe"})
+        first = [] if not self.alignment_recipe else [TrainParams(dataset=dataset, **{
+            **settings, "recipe": self.alignment_recipe, "batch_size": None, "max_steps": None})]
+        return [*first, TrainParams(dataset=dataset, **settings)]
 
 
 class TokenizerSettings(TrainSettings):
@@ -164,9 +184,9 @@ class UnifiedSettings(TrainSettings):
 
 
 class RetrainParams(_Params):
-    """Ingest (or take a landed dataset) -> contrastive -> fusion on the contrastive champion -> image
-    tokenizer -> unified on the tokenizer champion; each trained, evaluated and promoted (the `retrain`
-    flow)."""
+    """Ingest (or take a landed dataset) -> contrastive -> language -> fusion on the contrastive (and language)
+    champion -> image tokenizer -> unified on the tokenizer champion; each trained, evaluated and promoted (the
+    `retrain` flow)."""
 
     source: IngestParams | None = Field(None, description="A URL list to ingest first; or leave empty and set "
                                                           "`dataset`.")
@@ -176,6 +196,10 @@ class RetrainParams(_Params):
     gate: GateParams = Field(default_factory=GateParams, description="The contrastive stage's gate.")
     skip_contrastive: bool = Field(False, description="Skip the contrastive stage (fusion then builds on the "
                                                       "current contrastive champion).")
+    language: LanguageSettings = Field(default_factory=LanguageSettings, description="The language stage.")
+    language_gate: GateParams = Field(default_factory=GateParams, description="The language stage's gate.")
+    skip_language: bool = Field(True, description="Skip the language stage (on by hand: on the demo corpus LLaVA "
+                                                  "on it does not beat the one-phase LLaVA yet, docs/stages.md).")
     fusion: FusionSettings = Field(default_factory=FusionSettings, description="The fusion stage.")
     fusion_gate: GateParams = Field(default_factory=GateParams, description="The fusion stage's gate.")
     skip_fusion: bool = Field(False, description="Skip the fusion stage.")

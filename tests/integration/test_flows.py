@@ -248,3 +248,28 @@ def test_twenty_flow_runs_submitted_at_once_all_complete_once(served, served_dir
     fault("load-flows", "20 runs of the ingest deployment created through the Prefect API at once (`mmpipe serve`, "
           "one at a time)", 20, f"nothing: 20 of 20 completed, each once, in {seconds:.0f} s; the dataset was made "
           "once and reused by the other 19; no image fetched twice")
+
+
+def test_retrain_trains_the_language_stage_then_llavas_two_phases_on_its_champion(prefect_api, trained, train_dataset,
+                                                                                  mmpipe_home):
+    from mmcore import registry
+    from mmcore.config import TrackingConfig
+    from mmcore.tracking import resolve_uri
+    from pipelines.flows import retrain_flow
+    from pipelines.params import FusionSettings, LanguageSettings, RetrainParams
+
+    here = 'cluster.executor="here"'
+    result = retrain_flow(RetrainParams(
+        dataset=str(train_dataset.path), skip_contrastive=True, skip_unified=True, skip_language=False,
+        language=LanguageSettings(recipe="debug-language", num_workers=1, overrides=[here]),
+        fusion=FusionSettings(recipe="debug-instruction", alignment_recipe="debug-alignment", num_workers=1,
+                              overrides=[here, f'model.parent="{trained.model_uri}"'])))
+    uri = resolve_uri(TrackingConfig())
+    assert result.language_decision.promoted, result.language_decision.reason  # the first language champion
+    assert registry.resolve_version("models:/mmpipe-language@champion", uri)[1] == result.language["model_version"]
+    aligned = registry.resolve_version("models:/mmpipe-fusion@aligned", uri)[1]
+    tags = registry.version_tags("mmpipe-fusion", result.fusion["model_version"], uri)
+    assert tags["lm_parent_model"] == f"mmpipe-language/{result.language['model_version']}"
+    assert tags["start_model"] == f"mmpipe-fusion/{aligned}" != f"mmpipe-fusion/{result.fusion['model_version']}"
+    assert result.fusion_decision is not None and [t["run_name"].split("-")[1] for t, _ in result.stages()] == [
+        "language", "instruction"]

@@ -281,3 +281,40 @@ def test_llava_on_an_imported_clip_and_an_imported_lm_speaks_the_lms_chat_templa
     ids, labels, _ = chat.encode("what colour is the circle?", "red")
     assert tokenizer.decode([t for t in labels if t != IGNORE], skip_special_tokens=False) == "red<|im_end|>\n"
     assert evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa"]).ok
+
+
+@pytest.mark.fault
+def test_lora_on_an_imported_lm_under_zero3_on_ray_survives_a_killed_worker(imported_clip, train_dataset, local_ray,
+                                                                           mmpipe_home, tmp_path, fault):
+    """Ray Train, 2 workers, ZeRO-3: the LM's table grown by <image>, LoRA adapters on the frozen LM, the tower
+    frozen, one worker killed after the step-10 checkpoint; the registered model has the adapters merged."""
+    from mmcore import registry
+    from mmcore.cli import apply_overrides
+    from mmcore.config import TrackingConfig
+    from mmcore.hub import import_model
+    from mmcore.recipes import recipe
+    from mmcore.tracking import resolve_uri
+    from tests.integration.workers import fit_killing_a_worker
+
+    directory, vocab = _chatml_lm(tmp_path / "tiny-chatml", train_dataset)
+    lm = import_model(str(directory), "language", alias="chatml-zero3")
+    runs = tmp_path / "runs"
+    cfg = apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
+        f'model.parent="{imported_clip[1]}"', f'model.lm_parent="{lm}"', "model.lora.rank=4", "data.pack_length=0",
+        "parallel.zero_stage=3", "optim.max_steps=30", "checkpoint.every_steps=10", "checkpoint.max_failures=1",
+        f'cluster.storage_path="{runs}"', 'tracking.model_name="mmpipe-lora-zero3"', 'tracking.alias="lora-zero3"'])
+    result, killed_at = fit_killing_a_worker(cfg, runs, "*/checkpoints/step-00000010")
+    assert result.metrics["step"] == 30 and result.metrics["resumed_from"] >= 10
+    uri = resolve_uri(TrackingConfig())
+    model, _ = registry.load_model(result.model_uri, uri)
+    parent_lm, _ = registry.load_model(lm, uri)
+    clip, _ = registry.load_model(imported_clip[1], uri)
+    ours, theirs = model.lm.hf.state_dict(), parent_lm.lm.state_dict()
+    assert ours["model.embed_tokens.weight"].shape[0] == vocab + 1, "the table grown by <image> under ZeRO-3"
+    adapted = [k for k in theirs if k.endswith(("q_proj.weight", "v_proj.weight"))]
+    assert adapted and all(not torch.equal(ours[k], theirs[k]) for k in adapted), "the adapters were merged in"
+    assert torch.equal(ours["model.layers.0.mlp.up_proj.weight"], theirs["model.layers.0.mlp.up_proj.weight"])
+    tower, start = model.visual.state_dict(), clip.vision_state()
+    assert all(torch.equal(tower[k], start[k]) for k in start), "the frozen tower is the parent's under ZeRO-3"
+    fault("worker-killed", "SIGKILL to a Ray Train worker after the step-10 checkpoint (fusion with LoRA on an "
+          "imported LM, ZeRO-3)", 1, f"killed at step {killed_at}, resumed from step {result.metrics['resumed_from']}")
