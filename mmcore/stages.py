@@ -81,6 +81,8 @@ STAGES = {stage.name: stage for stage in (
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",
           parent=Parent("image-tokenizer", "models:/mmpipe-image-tokenizer@champion",
                         lambda parent: {"image_tokenizer": _without_card(parent)}),
+          lm_parent=Parent("language", "models:/mmpipe-language@champion",
+                           lambda parent: {"language": _without_card(parent)}),
           packs=True),
 )}
 

@@ -131,10 +131,7 @@ class FusionTask(_PixelTask):
             if "start_from" in parents:  # the same architecture: every weight (the parents' too)
                 model.load_state_dict(_load(parents["start_from"]).state_dict())
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
-        model.lm.requires_grad_(not cfg.model.freeze_lm)
-        lora = cfg.model.lora
-        if lora.rank:  # after the weights are loaded: the adapters start at zero on top of them
-            model.lm.with_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+        _train_lm(cfg, model)
         return cls(model, preprocess, question_loss=cfg.task.question_loss)
 
     @staticmethod
@@ -168,6 +165,15 @@ class FusionTask(_PixelTask):
             out |= {"loss": answers + self.question_loss * asked, "answer_loss": answers.detach(),
                     "question_loss": asked.detach()}
         return out | ({"questions_per_image": batch["questions"].float().mean()} if packing else {})
+
+
+def _train_lm(cfg: RunConfig, model: nn.Module) -> None:
+    """How the LM of a fusion or unified model trains, once its weights are loaded: frozen (model.freeze_lm),
+    or with LoRA adapters (model.lora, starting at zero on top of the weights), or whole."""
+    model.lm.requires_grad_(not cfg.model.freeze_lm)
+    lora = cfg.model.lora
+    if lora.rank:
+        model.lm.with_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
 
 
 def question_labels(input_ids: torch.Tensor, labels: torch.Tensor,
@@ -216,14 +222,22 @@ class UnifiedTask(nn.Module):
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
               parents: Parents | None = None) -> "UnifiedTask":
-        """With `parents`, the image tokenizer comes from the parent's bundle."""
+        """With `parents`, the image tokenizer comes from the parent's bundle, and with model.lm_parent the
+        transformer from the language parent (the rows of the span tokens and the codes, which it lacks, start
+        at the mean of its rows)."""
         if parents:
             model.image_tokenizer.load_state_dict(_load(parents["parent"]).state_dict())
+            if "lm_parent" in parents:
+                model.lm.load_parent(_load(parents["lm_parent"]).lm)
+        _train_lm(cfg, model)
         return cls(model)
 
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
-        return with_tokens(dataset_tokenizer_json, CHAT_TOKENS + IMAGE_SPAN_TOKENS)
+        """The dataset's (or the language parent's) tokenizer with the chat roles and the image span tokens last."""
+        text = ModelBundle.at(parents["lm_parent"]).tokenizer_json() if parents and "lm_parent" in parents \
+            else dataset_tokenizer_json
+        return with_tokens(text, CHAT_TOKENS + IMAGE_SPAN_TOKENS)
 
     @staticmethod
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,

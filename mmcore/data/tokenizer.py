@@ -49,7 +49,7 @@ IMAGE_SPAN_TOKENS = [IMAGE_START, IMAGE_END]
 
 
 def with_tokens(tokenizer_json: str, tokens: list[str]) -> str:
-    """The dataset's tokenizer with `tokens` added as special tokens (ids after its vocabulary, in order)."""
+    """A tokenizer with `tokens` added as special tokens when it lacks them (ids after its vocabulary, in order)."""
     tokenizer = Tokenizer.from_str(tokenizer_json)
     tokenizer.add_special_tokens([token for token in tokens if tokenizer.token_to_id(token) is None])
     return tokenizer.to_str()

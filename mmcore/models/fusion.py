@@ -76,11 +76,6 @@ class FusionModel(TextGenerator):
         self.cfg, self.eos_id = cfg, eos_id
         self.visual = VisionTower(cfg.vision) if cfg.vision_hf is None else PretrainedVisionTower(cfg.vision_hf)
 
-    def merge_lora(self) -> None:
-        """LoRA adapters on a language parent's LM merged into its weights (before the model is saved)."""
-        if hasattr(self.lm, "merge_lora"):
-            self.lm.merge_lora()
-
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> the tower's tokens (B, 1 + P, Dv); no graph when the tower is frozen."""
         trainable = any(p.requires_grad for p in self.visual.parameters())

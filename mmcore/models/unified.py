@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmcore.models.causal_lm import CausalLMConfig, PretrainedDecoder
 from mmcore.models.decoder import DecoderConfig, DecoderLM, Packing
 from mmcore.models.generate import IGNORE, TextGenerator, splice_hidden
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
@@ -44,16 +45,28 @@ class UnifiedConfig:
     text_vocab_size: int = 0
     """Set from the stage's tokenizer; image code c is token text_vocab_size + c. The tokenizer's
     last two ids are <|image_start|> and <|image_end|> (data.tokenizer.IMAGE_SPAN_TOKENS)."""
+    language: CausalLMConfig | None = None
+    """The language parent's architecture (model.lm_parent), copied into the config at training time: the
+    transformer is then that LM, its table grown by the image span tokens and the codes (`lm` gives only the
+    text context_length)."""
+
+    @property
+    def lm_width(self) -> int:
+        return self.language.width if self.language is not None else self.lm.width
 
     def validate(self) -> None:
         self.lm.validate()
         self.image_tokenizer.validate()
+        if self.language is not None:
+            self.language.validate()
         if self.z_loss < 0:
             raise ValueError(f"z_loss {self.z_loss} must be >= 0")
 
     def set_vocab_size(self, vocab_size: int) -> None:
         self.text_vocab_size = vocab_size
         self.lm.vocab_size = vocab_size + math.prod(self.image_tokenizer.levels)
+        if self.language is not None:  # the parent's table may be larger than its tokenizer
+            self.language.vocab_size = max(self.lm.vocab_size, self.language.vocab_size)
 
     def preprocess(self) -> PreprocessConfig:
         return PreprocessConfig(image_size=self.image_tokenizer.image_size, context_length=self.lm.context_length)
@@ -71,7 +84,15 @@ class UnifiedModel(TextGenerator):
         self.start_id, self.end_id = self.offset - 2, self.offset - 1
         self.image_codes = self.image_tokenizer.grid ** 2
         self.extra_positions = self.image_codes + 1  # <image> becomes start + codes + end
-        self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length + self.extra_positions)
+        needed = cfg.lm.context_length + self.extra_positions
+        if cfg.language is None:
+            self.lm = DecoderLM(cfg.lm, max_positions=needed)
+        else:
+            self.lm = PretrainedDecoder(cfg.language, eos_id)
+            if self.lm.max_positions < needed:
+                raise ValueError(f"the language model has {self.lm.max_positions} positions, fewer than the "
+                                 f"{self.image_codes + 2} of an image's span and {cfg.lm.context_length} text tokens "
+                                 "of a sample need")
         if cfg.factored_codes:
             levels = torch.tensor(cfg.image_tokenizer.levels)
             starts = torch.cat([levels.new_zeros(1), levels.cumsum(0)[:-1]])
@@ -81,12 +102,12 @@ class UnifiedModel(TextGenerator):
             incidence = torch.zeros(int(levels.sum()), len(digits))
             incidence.scatter_(0, self.code_digits.T, 1.0)  # (channel levels, codes): a code's digits
             self.register_buffer("code_incidence", incidence, persistent=False)
-            self.digit_embed = nn.Embedding(int(levels.sum()), cfg.lm.width)
+            self.digit_embed = nn.Embedding(int(levels.sum()), cfg.lm_width)
             nn.init.normal_(self.digit_embed.weight, std=0.02)  # the scale of the LM's own embeddings
-            self.digit_head = nn.Linear(cfg.lm.width, int(levels.sum()), bias=False)
+            self.digit_head = nn.Linear(cfg.lm_width, int(levels.sum()), bias=False)
         if cfg.code_positions:
-            self.code_row = nn.Embedding(self.image_tokenizer.grid, cfg.lm.width)
-            self.code_column = nn.Embedding(self.image_tokenizer.grid, cfg.lm.width)
+            self.code_row = nn.Embedding(self.image_tokenizer.grid, cfg.lm_width)
+            self.code_column = nn.Embedding(self.image_tokenizer.grid, cfg.lm_width)
             for table in (self.code_row, self.code_column):
                 nn.init.normal_(table.weight, std=0.02)
 

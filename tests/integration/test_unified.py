@@ -115,3 +115,30 @@ def test_a_bad_tokenizer_parent_fails_before_any_worker(image_tokenizer, train_d
     with pytest.raises(ValueError, match="the unified stage needs a registered image-tokenizer model"):
         fit(unified_config(train_dataset, "runs/tokenizer"))
     assert set(runs.glob("*")) == before, "no run directory is left behind"
+
+
+def test_unified_on_a_language_parent_starts_from_its_lm_and_reads_and_draws(image_tokenizer, language_model,
+                                                                            train_dataset, mmpipe_home):
+    import torch
+    from tokenizers import Tokenizer
+
+    from mmcore import registry
+    from mmcore.config import TrackingConfig
+    from mmcore.eval.run import evaluate
+    from mmcore.tracking import resolve_uri
+
+    fused = fit(unified_config(train_dataset, image_tokenizer.model_uri,
+                               f'model.lm_parent="{language_model.model_uri}"', "model.freeze_lm=true", "optim.max_steps=10", "checkpoint.every_steps=5",
+                               'tracking.model_name="mmpipe-unified-on-lm"', 'tracking.alias="on-lm"', *HERE))
+    model, preprocess = registry.load_model(fused.model_uri)
+    parent, parent_preprocess = registry.load_model(language_model.model_uri)
+    ours, theirs = model.lm.hf.get_input_embeddings().weight, parent.lm.get_input_embeddings().weight
+    text = Tokenizer.from_str(parent_preprocess.tokenizer_json).get_vocab_size()
+    assert model.offset == text + 2 and ours.shape[0] == text + 2 + model.image_tokenizer.codebook_size, \
+        "the parent's table grown by the image span tokens and the codes"
+    assert torch.equal(ours[:text], theirs[:text]), "the frozen LM is the parent's"
+    assert torch.allclose(ours[text:], theirs.mean(0).expand(ours.shape[0] - text, -1)), "new rows at the mean"
+    report = evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa", "text-to-image"])
+    assert report.ok, report.errors
+    tags = registry.version_tags("mmpipe-unified-on-lm", fused.model_version, resolve_uri(TrackingConfig()))
+    assert tags["lm_parent_model"] == language_model.model_uri.removeprefix("models:/")

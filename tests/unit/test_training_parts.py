@@ -227,9 +227,9 @@ def test_stages_that_build_on_a_parent_say_which_one_they_need():
         with pytest.raises(ValueError, match=f"^model.parent: 'runs/x': the {stage} stage needs a registered {kind} "
                                              "model, e.g. models:/"):
             cfg.validate()
-    lm = _cfg(task=TaskConfig(stage="unified", loss="next-token"),
-              model=ModelConfig(parent="models:/t@c", lm_parent="models:/f@c"))
-    with pytest.raises(ValueError, match="^model.lm_parent: the unified stage does not start its LM from a registered model"):
+    lm = _cfg(task=TaskConfig(stage="image-tokenizer", loss="mse"), model=ModelConfig(lm_parent="models:/f@c"))
+    with pytest.raises(ValueError, match="^model.lm_parent: the image-tokenizer stage does not start its LM from a "
+                                         "registered model"):
         lm.validate()
     packed = RunConfig(data=DataConfig(dataset="d", pack_length=96))  # a contrastive run has no questions
     with pytest.raises(ValueError, match="^data.pack_length: the contrastive stage does not pack questions"):

@@ -33,11 +33,17 @@ def tokenizer_json():
     return UnifiedTask.tokenizer(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
 
 
-@pytest.fixture(scope="module")
-def unified(tokenizer_json):
+LANGUAGE = {**architecture(model_config("lm-debug")), "positions": 512}
+"""A language parent's architecture (a transformers Llama), as model.lm_parent puts it in a unified config."""
+
+
+@pytest.fixture(scope="module", params=["own", "on-a-language-parent"])
+def unified(tokenizer_json, request):
+    """The debug unified model: its own transformer, or a language parent's transformers LM."""
     torch.manual_seed(0)
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    model, pre = build_model({**model_config("unified-debug"), "image_tokenizer": TOKENIZER},
+    language = {"language": LANGUAGE} if request.param == "on-a-language-parent" else {}
+    model, pre = build_model({**model_config("unified-debug"), "image_tokenizer": TOKENIZER, **language},
                              tokenizer.get_vocab_size(), tokenizer.token_to_id("<eos>"))
     return model.eval(), pre, tokenizer
 
@@ -125,7 +131,7 @@ def test_drawing_samples_image_codes_only_and_decodes_to_the_image_size(unified,
     assert int(codes.max()) < model.image_tokenizer.codebook_size
     images = model.generate_image(prompt, generator=torch.Generator().manual_seed(0), **settings)
     assert images.shape == (4, 3, 32, 32) and images.abs().max() <= 1
-    too_long = torch.ones(1, model.lm.pos.shape[1] - model.image_codes, dtype=torch.long)
+    too_long = torch.ones(1, model.lm.max_positions - model.image_codes, dtype=torch.long)
     with pytest.raises(ValueError, match="exceed the context"):
         model.generate_image_codes(too_long)
 
