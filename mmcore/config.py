@@ -278,6 +278,9 @@ class RunConfig:
         self.model.lora.validate()
         check(not self.model.lora.rank or (bool(self.model.lm_parent) and not self.model.freeze_lm), "model.lora.rank",
                "LoRA adapts a language parent's LM that trains (set model.lm_parent, and model.freeze_lm=false)")
+        check(not self.model.start_from or stage.starts_from, "model.start_from",
+              f"the {stage.name} stage does not start from a registered model of its own"
+              + (" (model.parent fine-tunes one)" if stage.parent and stage.parent.stage == stage.name else ""))
         check(not self.model.start_from or self.model.start_from.startswith("models:/"), "model.start_from",
                f"{self.model.start_from!r}: a registered model, e.g. models:/mmpipe-fusion@aligned")
         check(not self.data.captions_only or stage.name == "fusion", "data.captions_only",

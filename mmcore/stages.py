@@ -45,6 +45,8 @@ class Stage:
     """Packs several questions of one image into a training sequence (data.pack_length)."""
     question_loss: bool = False
     """Has a next-token loss on the questions' tokens to weigh (task.question_loss)."""
+    starts_from: bool = False
+    """Can start every weight from a registered model of its own stage (model.start_from: LLaVA's second phase)."""
 
     @property
     def task(self) -> type:
@@ -75,7 +77,7 @@ STAGES = {stage.name: stage for stage in (
           parent=Parent("contrastive", "models:/mmpipe-contrastive@champion", _vision),
           lm_parent=Parent("language", "models:/mmpipe-language@champion",
                            lambda parent: {"language": _without_card(parent)}),
-          packs=True, question_loss=True),
+          packs=True, question_loss=True, starts_from=True),
     Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language"),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",

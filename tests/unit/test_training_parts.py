@@ -231,6 +231,10 @@ def test_stages_that_build_on_a_parent_say_which_one_they_need():
     with pytest.raises(ValueError, match="^model.lm_parent: the image-tokenizer stage does not start its LM from a "
                                          "registered model"):
         lm.validate()
+    started = _cfg(model=ModelConfig(start_from="models:/mmpipe-contrastive@champion"))
+    with pytest.raises(ValueError, match=r"^model.start_from: the contrastive stage does not start from a registered "
+                                         r"model of its own \(model.parent fine-tunes one\)"):
+        started.validate()
     packed = RunConfig(data=DataConfig(dataset="d", pack_length=96))  # a contrastive run has no questions
     with pytest.raises(ValueError, match="^data.pack_length: the contrastive stage does not pack questions"):
         packed.validate()
