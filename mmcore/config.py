@@ -144,9 +144,14 @@ class OptimConfig:
     """Clip the global gradient norm to this (0 disables)."""
     max_bad_steps: int = 5
     """Consecutive non-finite losses tolerated (each skipped and counted) before the run stops."""
+    bridge_lr: float = 0.0
+    """The learning rate of what joins a fusion model's tower to its LM (LLaVA's projector, Flamingo's
+    resampler and cross-attention) in a parameter group of its own, as LLaVA's mm_projector_lr; 0: lr.
+    Warmup and decay scale it as they scale lr."""
 
     def validate(self) -> None:
         check(self.lr > 0, "optim.lr", "must be positive")
+        check(self.bridge_lr >= 0, "optim.bridge_lr", "must be >= 0")
         check(self.max_steps >= 1, "optim.max_steps", "must be at least 1")
         check(0 <= self.warmup_steps <= self.max_steps, "optim.warmup_steps", "must be in [0, max_steps]")
         check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
@@ -283,6 +288,8 @@ class RunConfig:
               + (" (model.parent fine-tunes one)" if stage.parent and stage.parent.stage == stage.name else ""))
         check(not self.model.start_from or self.model.start_from.startswith("models:/"), "model.start_from",
                f"{self.model.start_from!r}: a registered model, e.g. models:/mmpipe-fusion@aligned")
+        check(not self.optim.bridge_lr or stage.name == "fusion", "optim.bridge_lr",
+              f"the {stage.name} stage has no tower joined to an LM")
         check(not self.data.captions_only or stage.name == "fusion", "data.captions_only",
                f"the {stage.name} stage does not ask questions about images")
         check(not self.data.pack_length or stage.packs, "data.pack_length",

@@ -134,6 +134,13 @@ class FusionTask(_PixelTask):
         _train_lm(cfg, model)
         return cls(model, preprocess, question_loss=cfg.task.question_loss)
 
+    def learning_rates(self, optim) -> dict[str, float]:
+        """optim.bridge_lr for what joins the tower to the LM (every parameter outside both), by name."""
+        if not optim.bridge_lr:
+            return {}
+        return {f"model.{name}": optim.bridge_lr for name, _ in self.model.named_parameters()
+                if not name.startswith(("visual.", "lm."))}
+
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
         """The language parent's tokenizer (it travels with its model; with <image> added when an imported one

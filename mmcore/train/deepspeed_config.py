@@ -52,7 +52,8 @@ def build_ds_config(cfg: RunConfig, precision: str) -> dict:
 
 def initialize(task, cfg: RunConfig, cuda: bool):
     """DeepSpeed around a Task as a training worker starts it: the precision resolve_precision picks for
-    the device, AdamW over param_groups (frozen parameters left out), build_ds_config.
+    the device, AdamW over param_groups (frozen parameters left out; the Task's `learning_rates` in groups of
+    their own), build_ds_config.
     -> (engine, precision, the dtype cast_floating gives the engine's inputs)."""
     import deepspeed
     import torch
@@ -60,7 +61,8 @@ def initialize(task, cfg: RunConfig, cuda: bool):
     from mmcore.train.parallel import param_groups
 
     precision = resolve_precision(cfg.parallel.precision, cuda, cuda and torch.cuda.is_bf16_supported())
-    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay),
+    lrs = task.learning_rates(cfg.optim) if hasattr(task, "learning_rates") else {}
+    engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay, lrs),
                                       config=build_ds_config(cfg, precision), dist_init_required=False)
     return engine, precision, torch.bfloat16 if precision == "bf16" else torch.float32
 

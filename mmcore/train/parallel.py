@@ -25,11 +25,14 @@ def worker_threads(parallel: ParallelConfig, local_workers: int) -> int:
     return parallel.threads_per_worker or max(1, (os.cpu_count() or 1) // local_workers)
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms, embeddings' positions or scalars."""
-    decay, no_decay = [], []
+def param_groups(module: nn.Module, weight_decay: float, lrs: dict[str, float] | None = None) -> list[dict]:
+    """Weight decay on matrices only: not on biases, norms, embeddings' positions or scalars. `lrs`: parameter
+    name -> its own learning rate (in groups of their own; the rest take the optimizer's)."""
+    groups: dict[tuple[bool, float | None], list] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and "pos" not in name.split(".")[-1] else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = param.ndim >= 2 and "pos" not in name.split(".")[-1]
+        groups.setdefault((decays, (lrs or {}).get(name)), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"lr": lr} if lr else {})}
+            for (decays, lr), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1] or 0))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmcore.config import RunConfig, TaskConfig
+from mmcore.config import DataConfig, RunConfig, TaskConfig
 from mmcore.data.config import TokenizerConfig
 from mmcore.data.instruct import (SHARED, TEMPLATES, ChatFormat, InstructPreprocessor, instruction_batch, questions,
                                   training_question, training_questions)
@@ -279,6 +280,34 @@ def test_a_frozen_tower_stays_out_of_the_optimizer():
     trainable = {id(p) for group in param_groups(task, 0.1) for p in group["params"]}
     assert not any(id(p) in trainable for p in task.model.visual.parameters())
     assert all(id(p) in trainable for p in task.model.projector.parameters())
+
+
+def test_the_bridge_trains_at_its_own_learning_rate_through_warmup_and_decay():
+    """optim.bridge_lr: LLaVA's projector (and image positions) in groups of their own, the LM at optim.lr;
+    DeepSpeed's warmup and cosine scale both alike."""
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from mmcore.tasks import FusionTask
+    from mmcore.train.deepspeed_config import build_ds_config
+
+    cfg = RunConfig(task=TaskConfig(stage="fusion", loss="next-token"))
+    cfg.optim.lr, cfg.optim.bridge_lr, cfg.optim.warmup_steps, cfg.optim.max_steps = 1e-4, 2e-3, 5, 50
+    model, pre = build_model({**model_config("llava-debug"), "vision": VISION, "image_positions": True}, 400, 3)
+    task = FusionTask.build(cfg, model, pre)
+    groups = param_groups(task, 0.1, task.learning_rates(cfg.optim))
+    bridge = {id(p) for g in groups if g.get("lr") == 2e-3 for p in g["params"]}
+    assert bridge == {id(p) for p in [*task.model.projector.parameters(), task.model.patch_row,
+                                      task.model.patch_column]}
+    assert all("lr" not in g for g in groups if any(id(p) not in bridge for p in g["params"]))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    scheduler = WarmupCosineLR(optimizer, **build_ds_config(cfg, "fp32")["scheduler"]["params"])
+    for _ in range(30):
+        optimizer.step()
+        scheduler.step()
+        lrs = {g.get("lr") for g in optimizer.param_groups}
+        assert max(lrs) == pytest.approx(20 * min(lrs)), "the ratio holds at every step"
+    with pytest.raises(ValueError, match="^optim.bridge_lr: the contrastive stage has no tower joined to an LM"):
+        RunConfig(data=DataConfig(dataset="d"), optim=dataclasses.replace(cfg.optim)).validate()
 
 
 def test_question_loss_predicts_each_questions_words_and_counts_it_beside_the_answers(tokenizer_json):
