@@ -76,7 +76,10 @@ def connect_ray(address: str = "", num_cpus: int = 0):
 
     A local Ray gets its dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the State
     API (served by the dashboard) whether the controller lives, every second of the run, and without
-    it logs a failure each time. Logical CPUs: local_ray_cpus().
+    it logs a failure each time. Logical CPUs: local_ray_cpus(). Ray starts a local cluster's GCS and
+    raylet with PR_SET_PDEATHSIG, so the kernel kills them when the *thread* that started them ends: off
+    the main thread (a fit() in a thread, a Prefect task runner's) a local Ray is started from a thread that
+    lives as long as the process.
     """
     import ray
     import ray.data
@@ -86,8 +89,8 @@ def connect_ray(address: str = "", num_cpus: int = 0):
         if address:
             ray.init(address=address)
         else:
-            ray.init(num_cpus=local_ray_cpus(num_cpus), include_dashboard=True,
-                     dashboard_host="127.0.0.1", configure_logging=False)
+            _outliving_this_thread(lambda: ray.init(num_cpus=local_ray_cpus(num_cpus), include_dashboard=True,
+                                                    dashboard_host="127.0.0.1", configure_logging=False))
     from mmcore.data.stream import WaitWhenIdle
 
     context = ray.data.DataContext.get_current()
@@ -95,6 +98,28 @@ def connect_ray(address: str = "", num_cpus: int = 0):
     if WaitWhenIdle not in context.custom_execution_callback_classes:
         context.custom_execution_callback_classes.append(WaitWhenIdle)
     return ray
+
+
+def _outliving_this_thread(start) -> None:
+    """Run `start` (which starts processes) here on the main thread, else on a daemon thread that stays
+    alive until the process exits, so the processes do not die with the calling thread."""
+    if threading.current_thread() is threading.main_thread():
+        start()
+        return
+    done, failed = threading.Event(), []
+
+    def keep() -> None:
+        try:
+            start()
+        except BaseException as err:  # noqa: BLE001 - raised again in the calling thread
+            failed.append(err)
+        done.set()
+        threading.Event().wait()
+
+    threading.Thread(target=keep, name="mmpipe-local-ray", daemon=True).start()
+    done.wait()
+    if failed:
+        raise failed[0]
 
 
 def fit(cfg: RunConfig) -> TrainResult:

@@ -35,24 +35,9 @@ def train_dataset(served_dir, tmp_path_factory):
                                guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_ray_after_the_module():
-    """A local Ray this process started (local_ray's, or one fit() started) is shut down when the test module
-    ends; the next module that trains on Ray starts its own. A Ray driver exits its process 60 s after it
-    loses its GCS: a local Ray left running while unrelated tests go on made a session end without its
-    summary (CI, exit 1) when its GCS and raylet were killed at the end of a run."""
-    yield
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.fixture(scope="session")
 def local_ray():
-    """One local Ray for the session, started as `fit` starts it (4 logical CPUs on 2 cores); between
-    modules it is shut down (no_ray_after_the_module) and fit() starts it again."""
+    """One local Ray for the session, started as `fit` starts it (4 logical CPUs on 2 cores)."""
     from mmcore.train.fit import connect_ray
 
     ray = connect_ray()

@@ -214,3 +214,14 @@ def test_preflight_errors_come_before_any_worker(train_dataset, tmp_path, mmpipe
     assert runs_after == runs_before
     fault("corrupted", "the last 100 bytes of a train shard overwritten after the manifest was written", 1,
           "nothing: the shard is named before any worker starts, no run directory is made")
+
+
+def test_a_local_ray_started_off_the_main_thread_outlives_that_thread(tmp_path):
+    """Ray kills a local cluster's GCS and raylet when the thread that started them ends (PR_SET_PDEATHSIG):
+    a fit() in a thread (a Prefect task runner's) must not leave a dead cluster behind. In a fresh process,
+    so that this session's Ray is not the one reused."""
+    code = ("import threading, time, ray\nfrom mmcore.train.fit import connect_ray\n"
+            "starter = threading.Thread(target=connect_ray)\nstarter.start()\nstarter.join()\ntime.sleep(2)\n"
+            "print('answer', ray.get(ray.remote(lambda: 21 * 2).remote(), timeout=120))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0 and "answer 42" in done.stdout, done.stderr[-3000:]
