@@ -184,6 +184,20 @@ class PretrainedDecoder(nn.Module):
         return DynamicCache(config=self.core.config)
 
 
+def decoder_lm(cfg, language: CausalLMConfig | None, eos_id: int, needed: int, sample: str) -> nn.Module:
+    """The LM of a model whose samples take `needed` positions (`sample` says of what): a DecoderLM of
+    `cfg` (a models.decoder.DecoderConfig) trained from scratch, or the language parent's (`language`), which
+    must have that many positions."""
+    if language is None:
+        from mmcore.models.decoder import DecoderLM
+
+        return DecoderLM(cfg, max_positions=needed)
+    lm = PretrainedDecoder(language, eos_id)
+    if lm.max_positions < needed:
+        raise ValueError(f"the language model has {lm.max_positions} positions, fewer than the {sample} need")
+    return lm
+
+
 def _before(i: int, between):
     """A forward pre-hook that passes a decoder layer's input hidden states through between(i, .)."""
     def hook(module, args, kwargs):

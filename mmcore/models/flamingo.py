@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmcore.models.causal_lm import PretrainedDecoder
-from mmcore.models.decoder import DecoderLM, Packing
+from mmcore.models.causal_lm import decoder_lm
+from mmcore.models.decoder import Packing
 from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.transformer import CrossAttention, KVCache, mlp
 
@@ -89,13 +89,8 @@ class FlamingoModel(FusionModel):
         self.resampler = PerceiverResampler(lm.width, lm.heads, cfg.latents, cfg.resampler_layers)
         self.cross = nn.ModuleList(GatedCrossAttention(lm.width, lm.heads, cfg.gate_scale)
                                    for _ in range(0, lm.layers, cfg.cross_every))
-        if cfg.language is None:
-            self.lm = DecoderLM(cfg.lm, max_positions=cfg.lm.context_length)
-        else:
-            self.lm = PretrainedDecoder(cfg.language, eos_id)
-            if self.lm.max_positions < cfg.lm.context_length:
-                raise ValueError(f"the language model has {self.lm.max_positions} positions, fewer than the "
-                                 f"{cfg.lm.context_length} text tokens of a sample")
+        self.lm = decoder_lm(cfg.lm, cfg.language, eos_id, cfg.lm.context_length,
+                             f"{cfg.lm.context_length} text tokens of a sample")
 
     def context(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> resampled latents (B, latents, D)."""

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmcore.models.causal_lm import PretrainedDecoder
-from mmcore.models.decoder import DecoderLM, Packing
+from mmcore.models.causal_lm import decoder_lm
+from mmcore.models.decoder import Packing
 from mmcore.models.fusion import FusionConfig, FusionModel
 from mmcore.models.generate import splice_hidden
 from mmcore.models.transformer import KVCache
@@ -35,14 +35,8 @@ class LlavaModel(FusionModel):
         self.extra_positions = self.image_tokens - 1
         width, needed = cfg.lm_width, cfg.lm.context_length + self.extra_positions
         self.projector = nn.Sequential(nn.Linear(cfg.vision.width, width), nn.GELU(), nn.Linear(width, width))
-        if cfg.language is None:
-            self.lm = DecoderLM(cfg.lm, max_positions=needed)
-        else:
-            self.lm = PretrainedDecoder(cfg.language, eos_id)
-            if self.lm.max_positions < needed:
-                raise ValueError(f"the language model has {self.lm.max_positions} positions, fewer than the "
-                                 f"{self.image_tokens} image tokens and {cfg.lm.context_length} text tokens of a "
-                                 "sample need")
+        self.lm = decoder_lm(cfg.lm, cfg.language, eos_id, needed, f"{self.image_tokens} image tokens and "
+                             f"{cfg.lm.context_length} text tokens of a sample")
         if cfg.image_positions:
             self.patch_row = nn.Parameter(torch.randn(grid, 1, width) * 0.2)
             self.patch_column = nn.Parameter(torch.randn(1, grid, width) * 0.2)

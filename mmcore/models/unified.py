@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmcore.models.causal_lm import CausalLMConfig, PretrainedDecoder
-from mmcore.models.decoder import DecoderConfig, DecoderLM, Packing
+from mmcore.models.causal_lm import CausalLMConfig, decoder_lm
+from mmcore.models.decoder import DecoderConfig, Packing
 from mmcore.models.generate import IGNORE, TextGenerator, splice_hidden
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.preprocess import PreprocessConfig
@@ -84,15 +84,9 @@ class UnifiedModel(TextGenerator):
         self.start_id, self.end_id = self.offset - 2, self.offset - 1
         self.image_codes = self.image_tokenizer.grid ** 2
         self.extra_positions = self.image_codes + 1  # <image> becomes start + codes + end
-        needed = cfg.lm.context_length + self.extra_positions
-        if cfg.language is None:
-            self.lm = DecoderLM(cfg.lm, max_positions=needed)
-        else:
-            self.lm = PretrainedDecoder(cfg.language, eos_id)
-            if self.lm.max_positions < needed:
-                raise ValueError(f"the language model has {self.lm.max_positions} positions, fewer than the "
-                                 f"{self.image_codes + 2} of an image's span and {cfg.lm.context_length} text tokens "
-                                 "of a sample need")
+        self.lm = decoder_lm(cfg.lm, cfg.language, eos_id, cfg.lm.context_length + self.extra_positions,
+                             f"{self.image_codes + 2} of an image's span and {cfg.lm.context_length} text tokens "
+                             "of a sample")
         if cfg.factored_codes:
             levels = torch.tensor(cfg.image_tokenizer.levels)
             starts = torch.cat([levels.new_zeros(1), levels.cumsum(0)[:-1]])

@@ -128,7 +128,8 @@ def test_unified_on_a_language_parent_starts_from_its_lm_and_reads_and_draws(ima
     from mmcore.tracking import resolve_uri
 
     fused = fit(unified_config(train_dataset, image_tokenizer.model_uri,
-                               f'model.lm_parent="{language_model.model_uri}"', "model.freeze_lm=true", "optim.max_steps=10", "checkpoint.every_steps=5",
+                               f'model.lm_parent="{language_model.model_uri}"', "model.freeze_lm=true",
+                               "optim.max_steps=10", "checkpoint.every_steps=5",
                                'tracking.model_name="mmpipe-unified-on-lm"', 'tracking.alias="on-lm"', *HERE))
     model, preprocess = registry.load_model(fused.model_uri)
     parent, parent_preprocess = registry.load_model(language_model.model_uri)
