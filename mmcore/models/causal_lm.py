@@ -223,10 +223,7 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, directory: Path, tokenizer_json: str) -> None:
         """The Hugging Face directory: weights in fp32 safetensors, config, tokenizer and chat template."""
-        quiet()
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.lm.state_dict().items()}
-        self.lm.config.dtype = torch.float32
-        self.lm.save_pretrained(directory, state_dict=state)
+        save_fp32(self.lm, directory)
         (self.tokenizer or hf_tokenizer(tokenizer_json, self.cfg.context_length)).save_pretrained(directory)
 
     @classmethod
@@ -287,6 +284,14 @@ def hf_tokenizer(tokenizer_json: str, context_length: int):
     tokenizer.add_special_tokens({"additional_special_tokens": CHAT_TOKENS})  # already in the vocabulary
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def save_fp32(hf: nn.Module, directory: Path) -> None:
+    """A transformers model's save_pretrained with its weights in fp32, whatever it trained in (its config says so)."""
+    quiet()
+    state = {k: v.detach().float().cpu().contiguous() for k, v in hf.state_dict().items()}
+    hf.config.dtype = torch.float32
+    hf.save_pretrained(directory, state_dict=state)
 
 
 def quiet() -> None:

@@ -123,9 +123,9 @@ class PretrainedClip(nn.Module):
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.hf.state_dict().items()}
-        self.hf.config.dtype = torch.float32
-        self.hf.save_pretrained(directory, state_dict=state)
+        from mmcore.models.causal_lm import save_fp32
+
+        save_fp32(self.hf, directory)
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tokenizer_json),
                                             model_max_length=self.cfg.context_length, **self.cfg.tokens)
         tokenizer.save_pretrained(directory)

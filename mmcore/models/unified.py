@@ -144,7 +144,7 @@ class UnifiedModel(TextGenerator):
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
                caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:
-        return splice_hidden(self.lm, input_ids, context, start, caches, packing)
+        return splice_hidden(self.lm, input_ids, context, start, caches, packing, self.image_id)
 
     def text_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """Text is written with text ids only."""
