@@ -98,7 +98,7 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
     if cfg.data.pack_length and cfg.data.pack_length < context:  # a packed row holds at least one question
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pack_length=context))
     version = DatasetVersion.open(dataset)
-    tokenizer_json = STAGES[cfg.task.stage].task.tokenizer(version.tokenizer_path.read_text())
+    tokenizer_json = STAGES[cfg.task.stage].task.tokenizer(version.tokenizer_path.read_text(), arch)
     torch.manual_seed(cfg.seed)  # as start_engine seeds rank 0
     task, preprocess = build_task(cfg, arch, tokenizer_json)
     if cfg.task.stage == "unified":  # its data workers encode images with the parent tokenizer's weights

@@ -3,7 +3,10 @@
 safetensors weights, the architecture's JSON config (model.json), the tokenizer and the preprocessing config;
 no pickle, nothing else. A language model's bundle is also a Hugging Face directory (config.json,
 model.safetensors or its shards, the tokenizer's files and chat template: models/causal_lm.py), which
-transformers opens without mmpipe. Needs no MLflow: the registry (registry.py) stores and fetches bundles.
+transformers opens without mmpipe. A model trained with LoRA adapters registered unmerged (model.lora.merge
+false; its model.json's `adapters` name the language model they adapt) holds the adapters and the rest of the
+model, not that LM's weights: loading it takes the base's bundle. Needs no MLflow: the registry (registry.py)
+stores and fetches bundles (an adapters bundle's base too).
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class ModelBundle:
         else:
             state, seen = {}, set()
             for key, value in model.state_dict().items():
+                if config.get("adapters") and _from_base(key):
+                    continue
                 tensor = value.detach().float().cpu().contiguous()
                 state[key] = tensor.clone() if tensor.data_ptr() in seen else tensor  # tied: stored apart
                 seen.add(tensor.data_ptr())
@@ -75,15 +80,37 @@ class ModelBundle:
     def tokenizer_json(self) -> str:
         return Path(self.tokenizer).read_text()
 
-    def load(self) -> tuple[torch.nn.Module, Preprocessor]:
+    @property
+    def base(self) -> str | None:
+        """The registered language model whose weights this bundle's LoRA adapters adapt (None: a whole model)."""
+        return json.loads(Path(self.config).read_text()).get("adapters", {}).get("base")
+
+    def load(self, base: Path | None = None) -> tuple[torch.nn.Module, Preprocessor]:
+        """The model in eval mode and its preprocessor; `base`: the bundle directory of `self.base`."""
         config = json.loads(Path(self.config).read_text())
         preprocess = PreprocessConfig(**json.loads(Path(self.preprocess).read_text()))
         if self.hugging_face:
             model = load_pretrained(config, self.directory)
         else:
             model, _ = build_model_for(config, load_tokenizer(self.tokenizer))
-            model.load_state_dict(load_file(self.weights))
+            if config.get("adapters"):
+                self._load_adapted(model, config["adapters"], base)
+            else:
+                model.load_state_dict(load_file(self.weights))
         return model.eval(), Preprocessor(preprocess, self.tokenizer_json())
+
+    def _load_adapted(self, model: torch.nn.Module, adapters: dict, base: Path | None) -> None:
+        """The base LM's weights, then the adapters on it as they trained (tasks._train_lm), then the rest."""
+        if base is None:
+            raise BundleError(f"{self.directory} holds LoRA adapters on {adapters['base']}: load it through the "
+                              "registry (mmcore.load_model or the pyfunc), which fetches that base")
+        model.lm.load_parent(ModelBundle.at(base).load()[0].lm)
+        model.lm.with_lora(adapters["rank"], adapters["alpha"], adapters["dropout"], adapters["target_modules"])
+        missing, unexpected = model.load_state_dict(load_file(self.weights), strict=False)
+        wrong = sorted(unexpected) + [key for key in missing if not _from_base(key)]
+        if wrong:
+            raise BundleError(f"{self.directory}: its weights do not fit its architecture with adapters on "
+                              f"{adapters['base']} ({', '.join(wrong[:5])})")
 
     @classmethod
     def checked(cls, directory: Path, uri: str) -> "ModelBundle":
@@ -110,3 +137,8 @@ class ModelBundle:
         if missing:
             raise BundleError(f"cannot load {uri}: its files lack {', '.join(missing)}")
         return cls.at(directory)
+
+
+def _from_base(key: str) -> bool:
+    """A weight of an adapted model that its base LM holds: the LM's own, not its LoRA adapters'."""
+    return key.startswith("lm.") and "lora_" not in key

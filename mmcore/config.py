@@ -37,6 +37,10 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """The LM's linear layers that get adapters (by the name they end with; Llama's attention by default)."""
+    merge: bool = True
+    """Register the adapters merged into the LM's weights (a plain model); false: the adapters and the rest of
+    the model alone, naming the language parent's version they adapt, which loading fetches from the registry
+    (a model the size of its adapters, not of its LM)."""
 
     def validate(self) -> None:
         check(self.rank >= 0, "model.lora.rank", "must be >= 0")
@@ -68,7 +72,7 @@ class ModelConfig:
     """A registered model of this stage and architecture whose weights this run starts from (LLaVA's
     instruction phase starts from its alignment phase's model), pinned and tagged like a parent."""
     lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA on the language parent's LM; the registered model has the adapters merged into its weights."""
+    """LoRA on the language parent's LM, registered merged into its weights or as adapters naming it."""
 
 
 @dataclass

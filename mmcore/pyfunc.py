@@ -25,8 +25,10 @@ class PyfuncModel(mlflow.pyfunc.PythonModel):
     (unified), with params {"output": "image"}: predict(DataFrame with `prompt`) -> PNG bytes."""
 
     def load_context(self, context):
+        from mmcore.registry import open_bundle  # it imports this module
+
         bundle = ModelBundle.checked(Path(next(iter(context.artifacts.values()))).parent, "this model")
-        self.model, self.preprocess = bundle.load()
+        self.model, self.preprocess = open_bundle(bundle, mlflow.get_tracking_uri())  # LoRA adapters: their base
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         can = capabilities(self.model)

@@ -40,7 +40,7 @@ def log_and_register(uri: str, run_id: str, bundle_dir: Path, name: str, alias: 
         client.set_registered_model_alias(name, alias, version)
         return str(version)
     bundle = ModelBundle.at(bundle_dir)
-    model, _ = bundle.load()
+    model, _ = open_bundle(bundle, uri)
     with fluent_uri(uri):
         with mlflow.start_run(run_id=run_id):
             files = {path.name: str(path) for path in sorted(bundle.directory.iterdir()) if path.is_file()}
@@ -76,7 +76,12 @@ def model_files(uri: str, tracking_uri: str | None = None) -> ModelBundle:
 
 def load_model(uri: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Preprocessor]:
     """models:/name@alias (or /version) -> (native module in eval mode, its preprocessor)."""
-    return model_files(uri, tracking_uri).load()
+    return open_bundle(model_files(uri, tracking_uri), tracking_uri)
+
+
+def open_bundle(bundle: ModelBundle, tracking_uri: str | None = None) -> tuple[torch.nn.Module, Preprocessor]:
+    """A fetched bundle loaded; LoRA adapters registered apart from their LM get that base from the registry."""
+    return bundle.load(model_files(bundle.base, tracking_uri).directory if bundle.base else None)
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:

@@ -8,6 +8,7 @@ stream yields what the Task reads.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -16,10 +17,10 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from mmcore.bundle import ModelBundle
-from mmcore.config import RunConfig
+from mmcore.config import RunConfig, from_dict
 from mmcore.data.instruct import SHARED
-from mmcore.data.tokenizer import (CHAT_TOKENS, IMAGE, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens,
-                                   with_tokens)
+from mmcore.data.tokenizer import (CHAT_TOKENS, IMAGE, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, image_code_tokens,
+                                   with_chat_tokens, with_tokens)
 from mmcore.losses import LOSSES
 from mmcore.models import architecture, build_model_for
 from mmcore.models.decoder import Packing
@@ -27,7 +28,7 @@ from mmcore.models.fusion import loss_on_answers
 from mmcore.models.generate import IGNORE
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
-from mmcore.models.unified import unified_loss
+from mmcore.models.unified import UnifiedConfig, unified_loss
 from mmcore.stages import STAGES
 
 Parents = dict[str, Path]
@@ -78,7 +79,7 @@ class ContrastiveTask(nn.Module):
         return task
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
+    def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
         """A parent's tokenizer (it travels with its model), else the dataset's."""
         if parents and "parent" in parents:
             return ModelBundle.at(parents["parent"]).tokenizer_json()
@@ -108,7 +109,7 @@ class _PixelTask(nn.Module):
         return cls(model, preprocess)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
+    def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
         return dataset_tokenizer_json
 
 
@@ -130,6 +131,11 @@ class FusionTask(_PixelTask):
                 model.lm.load_parent(_load(parents["lm_parent"]).lm)
             if "start_from" in parents:  # the same architecture: every weight (the parents' too)
                 model.load_state_dict(_load(parents["start_from"]).state_dict())
+                if cfg.model.lora.rank and not cfg.model.lora.merge \
+                        and not model.lm.holds_parent(_load(parents["lm_parent"]).lm):
+                    raise ValueError(f"model.lora.merge: the LM of model.start_from {cfg.model.start_from} is not its "
+                                     f"language parent's {cfg.model.lm_parent} (it trained): adapters registered "
+                                     "apart must adapt a registered LM; set model.lora.merge=true")
         model.visual.requires_grad_(not cfg.model.freeze_vision)  # frozen parameters stay out of the optimizer
         _train_lm(cfg, model)
         return cls(model, preprocess, question_loss=cfg.task.question_loss)
@@ -142,7 +148,7 @@ class FusionTask(_PixelTask):
                 if not name.startswith(("visual.", "lm."))}
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
+    def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
         """The language parent's tokenizer (it travels with its model; with <image> added when an imported one
         lacks it), else the dataset's with the chat roles."""
         if parents and "lm_parent" in parents:
@@ -240,11 +246,13 @@ class UnifiedTask(nn.Module):
         return cls(model)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
-        """The dataset's (or the language parent's) tokenizer with the chat roles and the image span tokens last."""
+    def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
+        """The dataset's (or the language parent's) tokenizer with the chat roles, the image span tokens and the
+        image tokenizer's codes (`arch`'s) as named special tokens, in that order after its own."""
         text = ModelBundle.at(parents["lm_parent"]).tokenizer_json() if parents and "lm_parent" in parents \
             else dataset_tokenizer_json
-        return with_tokens(text, CHAT_TOKENS + IMAGE_SPAN_TOKENS)
+        codes = math.prod(from_dict(UnifiedConfig, architecture(arch)).image_tokenizer.levels)
+        return with_tokens(text, CHAT_TOKENS + IMAGE_SPAN_TOKENS + image_code_tokens(codes))
 
     @staticmethod
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
@@ -285,7 +293,7 @@ class LanguageTask(nn.Module):
         return cls(model)
 
     @staticmethod
-    def tokenizer(dataset_tokenizer_json: str, parents: Parents | None = None) -> str:
+    def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
         return with_chat_tokens(dataset_tokenizer_json)
 
     @staticmethod

@@ -67,7 +67,7 @@ def main() -> None:
     from mmcore.config import TrackingConfig
     from mmcore.data.dataset import DatasetVersion
     from mmcore.data.mixed import MixedPreprocessor
-    from mmcore.models import architecture, build_model, model_config
+    from mmcore.models import architecture, build_model_for, model_config
     from mmcore.tasks import UnifiedTask
     from mmcore.tracking import resolve_uri
     from mmcore.registry import model_files
@@ -76,10 +76,9 @@ def main() -> None:
     version = DatasetVersion.open(args.dataset)
     files = model_files(args.tokenizer, resolve_uri(TrackingConfig()))
     config = architecture(json.loads(Path(files.config).read_text()))
-    tokenizer_json = UnifiedTask.tokenizer(version.tokenizer_path.read_text())
-    tokenizer = Tokenizer.from_str(tokenizer_json)
-    _, pre = build_model({**model_config("unified-demo"), "image_tokenizer": config}, tokenizer.get_vocab_size(),
-                         tokenizer.token_to_id("<eos>"))
+    arch = {**model_config("unified-demo"), "image_tokenizer": config}
+    tokenizer_json = UnifiedTask.tokenizer(version.tokenizer_path.read_text(), arch)
+    _, pre = build_model_for(arch, Tokenizer.from_str(tokenizer_json))
     mixed = MixedPreprocessor(pre, tokenizer_json, {"config": config, "state": load_file(files.weights)})
     decode, encode, total = time_parts(mixed, version, args.groups)
     per_row = median(total)

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 from mmcore.data.instruct import (ROW_COLUMNS, InstructPreprocessor, batch_rows, row_rng, training_question,
                                   training_questions)
-from mmcore.data.tokenizer import BOS, EOS, IMAGE_END, IMAGE_START, PAD
+from mmcore.data.tokenizer import BOS, EOS, IMAGE_END, IMAGE_START, PAD, code_offset
 from mmcore.models.generate import IGNORE, IMAGE_ID
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.preprocess import PreprocessConfig, normalize
@@ -58,11 +58,8 @@ class MixedFormat:
     def __init__(self, tokenizer: Tokenizer, context_length: int):
         self.tokenizer, self.context_length = tokenizer, context_length
         self.ids = {t: tokenizer.token_to_id(t) for t in (BOS, EOS, PAD, IMAGE_START, IMAGE_END)}
-        self.offset = tokenizer.get_vocab_size()
-        """Image code c is token offset + c (the unified model's vocabulary)."""
-        if [self.ids[IMAGE_START], self.ids[IMAGE_END]] != [self.offset - 2, self.offset - 1]:
-            raise ValueError("the unified stage's tokenizer must end with <|image_start|> <|image_end|> "
-                             "(data.tokenizer.with_tokens adds them)")
+        self.offset = code_offset(tokenizer)
+        """Image code c is token offset + c (its named token in the tokenizer)."""
 
     def drawing(self, caption: str, length: int = 0) -> tuple[list[int], list[int], bool]:
         """<bos> caption <image> <eos>, the caption cut to fit the context, padded to `length` (default:
@@ -76,7 +73,7 @@ class MixedFormat:
         return ids + [i[PAD]] * pad, labels + [IGNORE] * pad, len(text) > room
 
     def image(self, codes: np.ndarray) -> list[int]:
-        """An image's codes as the ids of its span: <|image_start|> offset + code ... <|image_end|>."""
+        """An image's codes as the ids of its span: <|image_start|> <|image_code_c|> ... <|image_end|>."""
         return [self.ids[IMAGE_START], *(int(c) + self.offset for c in codes), self.ids[IMAGE_END]]
 
 

@@ -46,6 +46,22 @@ CHAT_TOKENS = [USER, ASSISTANT]
 IMAGE_START, IMAGE_END = "<|image_start|>", "<|image_end|>"
 IMAGE_SPAN_TOKENS = [IMAGE_START, IMAGE_END]
 """Around an image's codes in the unified stage's sequences."""
+IMAGE_CODE = "<|image_code_{}|>"
+"""Image code c of the unified stage's image tokenizer, a special token of its tokenizer (Chameleon, Anole
+and Emu3 name their visual tokens the same way): image code c is the id of IMAGE_CODE.format(0) plus c."""
+
+
+def image_code_tokens(codebook_size: int) -> list[str]:
+    return [IMAGE_CODE.format(c) for c in range(codebook_size)]
+
+
+def code_offset(tokenizer: Tokenizer) -> int:
+    """The id of image code 0 in a unified model's tokenizer (its codes follow it in order)."""
+    first = tokenizer.token_to_id(IMAGE_CODE.format(0))
+    if first is None:
+        raise ValueError(f"the tokenizer names no image codes ({IMAGE_CODE.format(0)}, ...): a unified model's "
+                         "tokenizer has its image tokenizer's codes as special tokens (tasks.UnifiedTask.tokenizer)")
+    return first
 
 
 def with_tokens(tokenizer_json: str, tokens: list[str]) -> str:

@@ -8,7 +8,7 @@ from importlib import resources
 from torch import nn
 
 from mmcore.config import from_dict
-from mmcore.data.tokenizer import EOS, IMAGE
+from mmcore.data.tokenizer import EOS, IMAGE, IMAGE_END, IMAGE_START, code_offset
 from mmcore.models.causal_lm import CausalLM, CausalLMConfig
 from mmcore.models.clip import ClipConfig, ClipModel
 from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
@@ -51,14 +51,16 @@ def model_config(name: str) -> dict:
 
 
 def architecture(config: dict) -> dict:
-    """A model config without its `family` and `description`: the fields of its family's config class."""
-    return {k: v for k, v in config.items() if k not in ("family", "description")}
+    """A model config without its `family`, `description` and `adapters` (LoRA adapters registered apart from
+    the LM they adapt: bundle.py): the fields of its family's config class."""
+    return {k: v for k, v in config.items() if k not in ("family", "description", "adapters")}
 
 
 def build_model_for(config: dict, tokenizer) -> tuple[nn.Module, PreprocessConfig]:
     """build_model sized for `tokenizer` (a tokenizers.Tokenizer): its vocabulary, the token that ends an
-    answer (an imported language parent's chat eos_token, else <eos>) and, for a fusion model, its <image>; on
-    an LM with its own chat template the text context grows by what the template adds to mmpipe's format."""
+    answer (an imported language parent's chat eos_token, else <eos>), the ids of <image> and of a unified
+    model's image span and codes; on an LM with its own chat template the text context grows by what the
+    template adds to mmpipe's format."""
     language = config.get("language") or {}
     if language.get("chat_template"):
         from mmcore.data.instruct import TemplateChat
@@ -69,9 +71,12 @@ def build_model_for(config: dict, tokenizer) -> tuple[nn.Module, PreprocessConfi
         context = lm.get("context_length", DecoderConfig.context_length) + chat.overhead()
         config = {**config, "lm": {**lm, "context_length": context}}
     stop = language.get("chat_tokens", {}).get("eos_token") or EOS
+    if config.get("family") == "unified":  # its image codes are named tokens of its tokenizer
+        config = {**config, "text_vocab_size": code_offset(tokenizer)}
     model, preprocess = build_model(config, tokenizer.get_vocab_size(), tokenizer.token_to_id(stop))
-    if hasattr(model, "image_id") and tokenizer.token_to_id(IMAGE) is not None:
-        model.image_id = tokenizer.token_to_id(IMAGE)
+    for attribute, token in (("image_id", IMAGE), ("start_id", IMAGE_START), ("end_id", IMAGE_END)):
+        if hasattr(model, attribute) and tokenizer.token_to_id(token) is not None:
+            setattr(model, attribute, tokenizer.token_to_id(token))
     return model, preprocess
 
 

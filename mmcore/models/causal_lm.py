@@ -124,6 +124,14 @@ class PretrainedDecoder(nn.Module):
     def load_parent(self, lm: nn.Module) -> None:
         """The language parent's transformers weights; the rows of tokens its vocabulary lacks (the <image> the
         fusion stage adds to an imported LM's tokenizer) start at the mean of its rows, as LLaVA and Emu3 do."""
+        self.core.load_state_dict(self._parent_state(lm))
+
+    def holds_parent(self, lm: nn.Module) -> bool:
+        """Whether this LM's weights are still the ones load_parent(lm) gave it."""
+        ours = self.core.state_dict()
+        return all(torch.equal(ours[key], value) for key, value in self._parent_state(lm).items())
+
+    def _parent_state(self, lm: nn.Module) -> dict[str, torch.Tensor]:
         ours, state = self.core.state_dict(), {}
         for key, value in lm.state_dict().items():
             if key in ours and value.shape != ours[key].shape and value.shape[1:] == ours[key].shape[1:]:
@@ -131,7 +139,7 @@ class PretrainedDecoder(nn.Module):
                 grown[: len(value)], grown[len(value):] = value, value.mean(0)
                 value = grown
             state[key] = value
-        self.core.load_state_dict(state)
+        return state
 
     def with_lora(self, rank: int, alpha: float, dropout: float, targets: list[str]) -> None:
         """LoRA adapters (peft) on the `targets` linear layers; the LM's own weights frozen."""

@@ -1,5 +1,6 @@
 """The unified model (Chameleon-style early fusion): one decoder-only transformer over one vocabulary,
-the text ids followed by the image tokenizer's codes (offset = the text vocabulary's size).
+the text tokens and then the image tokenizer's codes, each a named token of its tokenizer (offset = the id of
+code 0).
 
 An image is `<|image_start|> code ... code <|image_end|>` in the sequence, its codes made by the
 registered image tokenizer (a frozen part of this model, so it can read images and draw them).
@@ -43,8 +44,8 @@ class UnifiedConfig:
     image's span starts at a different position in every sequence, so the LM's own positions do not
     say where in the image a code is."""
     text_vocab_size: int = 0
-    """Set from the stage's tokenizer; image code c is token text_vocab_size + c. The tokenizer's
-    last two ids are <|image_start|> and <|image_end|> (data.tokenizer.IMAGE_SPAN_TOKENS)."""
+    """The id of image code 0 in the stage's tokenizer (set from it: data.tokenizer.code_offset); image code c
+    is token text_vocab_size + c, a named special token (data.tokenizer.IMAGE_CODE)."""
     language: CausalLMConfig | None = None
     """The language parent's architecture (model.lm_parent), copied into the config at training time: the
     transformer is then that LM, its table grown by the image span tokens and the codes (`lm` gives only the
@@ -63,8 +64,12 @@ class UnifiedConfig:
             raise ValueError(f"z_loss {self.z_loss} must be >= 0")
 
     def set_vocab_size(self, vocab_size: int) -> None:
-        self.text_vocab_size = vocab_size
-        self.lm.vocab_size = vocab_size + math.prod(self.image_tokenizer.levels)
+        """`vocab_size`: the whole tokenizer's, its image codes included."""
+        codes = math.prod(self.image_tokenizer.levels)
+        if not self.text_vocab_size or self.text_vocab_size + codes > vocab_size:
+            raise ValueError(f"the tokenizer's {vocab_size} tokens do not hold the image tokenizer's {codes} codes "
+                             f"from id {self.text_vocab_size}")
+        self.lm.vocab_size = vocab_size
         if self.language is not None:  # the parent's table may be larger than its tokenizer
             self.language.vocab_size = max(self.lm.vocab_size, self.language.vocab_size)
 
@@ -82,6 +87,7 @@ class UnifiedModel(TextGenerator):
         self.image_tokenizer = ImageTokenizer(cfg.image_tokenizer).requires_grad_(False)
         self.offset = cfg.text_vocab_size
         self.start_id, self.end_id = self.offset - 2, self.offset - 1
+        """The span's tokens (set from the tokenizer by models.build_model_for)."""
         self.image_codes = self.image_tokenizer.grid ** 2
         self.extra_positions = self.image_codes + 1  # <image> becomes start + codes + end
         self.lm = decoder_lm(cfg.lm, cfg.language, eos_id, cfg.lm.context_length + self.extra_positions,
@@ -131,7 +137,8 @@ class UnifiedModel(TextGenerator):
         if not self.cfg.factored_codes:
             return logits
         codes = self.digit_head(states) @ self.code_incidence.to(states.dtype)  # (..., codes)
-        return torch.cat([logits[..., :self.offset], logits[..., self.offset:] + codes], dim=-1)
+        end = self.offset + codes.shape[-1]  # a language parent's table may have rows after the codes
+        return torch.cat([logits[..., :self.offset], logits[..., self.offset:end] + codes, logits[..., end:]], dim=-1)
 
     def logits(self, input_ids: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """Training: a full mixed sequence (B, T) of text and image ids -> logits (B, T, V); `packing`
@@ -173,7 +180,8 @@ class UnifiedModel(TextGenerator):
         states = [self.lm(self.embed(ids), caches=c)[:, -1] for ids, c in zip(streams, caches)]
         codes = []
         for i in range(self.image_codes):
-            logits = [self.head(h).float()[:, self.offset:] for h in states]
+            logits = [self.head(h).float()[:, self.offset: self.offset + self.image_tokenizer.codebook_size]
+                      for h in states]
             mixed = logits[0] if len(logits) == 1 else logits[1] + guidance * (logits[0] - logits[1])
             code = sample(mixed, temperature, top_k=top_k, generator=generator)
             codes.append(code)

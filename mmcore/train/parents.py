@@ -68,6 +68,10 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
                                  "its own chat template: set task.question_loss=0")
         dirs["lm_parent"] = lm_bundle.directory
         arch = {**arch, **lm_spec.takes(lm_cfg)}
+        lora = cfg.model.lora
+        if lora.rank and not lora.merge:  # registered as adapters on this version of the parent (bundle.py)
+            arch["adapters"] = {"base": lm_parent, "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout,
+                                "target_modules": list(lora.target_modules)}
         model = dataclasses.replace(model, lm_parent=lm_parent)
         tags["lm_parent_model"] = lm_parent.removeprefix("models:/")
     if cfg.model.start_from:
@@ -76,6 +80,9 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
         if architecture(start_cfg) != architecture(arch):
             raise ValueError(f"model.start_from: {start} is another architecture than this run's ({cfg.model.name} "
                              "on its parents); a run starts from a model of its own architecture")
+        if start_cfg.get("adapters"):
+            raise ValueError(f"model.start_from: {start} holds LoRA adapters registered apart from the LM they adapt; "
+                             "a run starts from a model registered whole (model.lora.merge=true)")
         dirs["start_from"] = start_bundle.directory
         model = dataclasses.replace(model, start_from=start)
         tags["start_model"] = start.removeprefix("models:/")

@@ -70,7 +70,7 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
     its checkpoint was taken (epochs: as many as max_steps needs, one more for the ranks' uneven shares).
     Validation reads the first val_batches batches of its share of the val split, the same rows every time."""
     task_class = STAGES[cfg.task.stage].task
-    tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text(), parents)
+    tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text(), arch, parents)
     _, preprocess = build_task(cfg, arch, tokenizer_json)
     pre = task_class.preprocessor(cfg, preprocess, tokenizer_json, parents)
     epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1

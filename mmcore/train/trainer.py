@@ -300,7 +300,7 @@ class Trainer:
         with gather:
             if self.ranks.rank == 0:
                 model = self.engine.module.model
-                if hasattr(model, "merge_lora"):  # training is over: adapters into the weights they adapt
+                if hasattr(model, "merge_lora") and not model_config.get("adapters"):  # into the weights they adapt
                     model.merge_lora()
                 staging = storage.scratch_dir(self.run_dir) / ".final.tmp"
                 with staged(staging):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,12 +160,19 @@ def test_bad_checkpoints_are_refused_with_nothing_registered(train_dataset, mmpi
 
 def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_dataset, mmpipe_home):
     """Alignment: the language parent frozen (bit-identical after), captions only; instruction: from the
-    aligned model, LoRA on the LM, registered merged (a plain LM that learned). Both parents and the start
-    recorded, the parent's tokenizer kept."""
+    aligned model, LoRA on the LM, registered as adapters naming the parent (the bundle holds none of its
+    weights; loaded by the registry and the pyfunc on that base, the adapters learned). Both parents and the
+    start recorded, the parent's tokenizer kept. The merged registration: the ZeRO-3 LoRA test."""
+    import mlflow
+    import pandas as pd
+    from safetensors.torch import load_file
+
     from mmcore import registry
     from mmcore.cli import apply_overrides
     from mmcore.eval.run import evaluate
+    from mmcore.models.encode import generate_answers
     from mmcore.recipes import recipe
+    from mmcore.tracking import fluent_uri
     from mmcore.train.fit import fit
     from tests.integration.workers import HERE
 
@@ -197,14 +205,28 @@ def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_d
 
     instructed = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
         f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(language_model.model_uri)}",
-        'model.start_from="models:/mmpipe-fusion@aligned-test"', "model.lora.rank=4", "optim.max_steps=20",
-        "checkpoint.every_steps=10", 'tracking.alias="instructed-test"', *HERE]))
+        'model.start_from="models:/mmpipe-fusion@aligned-test"', "model.lora.rank=4", "model.lora.merge=false",
+        "optim.max_steps=20", "checkpoint.every_steps=10", 'tracking.alias="instructed-test"', *HERE]))
     tags = registry.version_tags(instructed.model_name, instructed.model_version,
                                  f"sqlite:///{mmpipe_home / 'mlflow.db'}")
     assert tags["start_model"] == fused.model_uri.removeprefix("models:/")
-    tuned = registry.load_model(instructed.model_uri)[0].lm.hf.state_dict()
-    assert tuned.keys() == theirs.keys()  # merged: the plain architecture
-    assert not all(torch_equal(tuned[k], theirs[k]) for k in tuned)  # the LM learned in this phase
+    files = registry.model_files(instructed.model_uri)
+    stored = load_file(files.weights)
+    assert json.loads(Path(files.config).read_text())["adapters"]["base"] == language_model.model_uri
+    assert any("lora_B" in k for k in stored) and not [k for k in stored if k.startswith("lm.") and "lora_" not in k]
+    assert Path(files.weights).stat().st_size < Path(registry.model_files(fused.model_uri).weights).stat().st_size
+    model, own = registry.load_model(instructed.model_uri)  # its base fetched from the registry
+    probe = train_dataset.read("test", columns=["image"]).column("image").to_pylist()[:2]
+    native = generate_answers(model, own, probe, ["describe the image.", "what colour is it?"], 8)
+    model.merge_lora()
+    tuned = model.lm.hf.state_dict()
+    assert tuned.keys() == theirs.keys()
+    assert not all(torch_equal(tuned[k], theirs[k]) for k in tuned)  # the adapters learned in this phase
+    with fluent_uri(f"sqlite:///{mmpipe_home / 'mlflow.db'}"):
+        answers = mlflow.pyfunc.load_model("models:/mmpipe-fusion@instructed-test").predict(
+            pd.DataFrame({"image": probe, "prompt": ["describe the image.", "what colour is it?"]}),
+            params={"max_new_tokens": 8})
+    assert list(answers) == native
     report = evaluate(instructed.model_uri, str(train_dataset.path), suites=["vqa"])
     assert report.ok and 0 <= report.metrics["vqa"]["accuracy"] <= 1
 

@@ -137,6 +137,10 @@ def test_unified_on_a_language_parent_starts_from_its_lm_and_reads_and_draws(ima
     text = Tokenizer.from_str(parent_preprocess.tokenizer_json).get_vocab_size()
     assert model.offset == text + 2 and ours.shape[0] == text + 2 + model.image_tokenizer.codebook_size, \
         "the parent's table grown by the image span tokens and the codes"
+    named = Tokenizer.from_str(preprocess.tokenizer_json)
+    last = model.image_tokenizer.codebook_size - 1
+    assert [named.token_to_id(f"<|image_code_{c}|>") for c in (0, last)] == [model.offset, model.offset + last], \
+        "the codes are named tokens of the registered tokenizer"
     assert torch.equal(ours[:text], theirs[:text]), "the frozen LM is the parent's"
     assert torch.allclose(ours[text:], theirs.mean(0).expand(ours.shape[0] - text, -1)), "new rows at the mean"
     report = evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa", "text-to-image"])

@@ -14,13 +14,14 @@ from mmcore.data.config import TokenizerConfig
 from mmcore.data.instruct import ChatFormat, questions
 from mmcore.data.mixed import MixedPreprocessor
 from mmcore.data.tokenizer import train_tokenizer
-from mmcore.models import architecture, build_model, capabilities, model_config
+from mmcore.models import architecture, build_model, build_model_for, capabilities, model_config
 from mmcore.models.decoder import Packing
 from mmcore.models.generate import IGNORE
 from mmcore.models.unified import unified_loss
 from mmcore.tasks import UnifiedTask
 
 TOKENIZER = architecture(model_config("vq-debug"))
+ARCH = {**model_config("unified-debug"), "image_tokenizer": TOKENIZER}
 SCENES = [{"key": f"k{i}", "source": "synthetic", "caption": f"an image of {n} {c} circles", "label": f"{c} circle",
            "shape": "circle", "color": c, "count": k, "relation": None, "shape2": None, "color2": None, "count2": None}
           for i, (n, c, k) in enumerate([("two", "red", 2), ("three", "blue", 3)] * 8)]
@@ -30,7 +31,7 @@ SCENES = [{"key": f"k{i}", "source": "synthetic", "caption": f"an image of {n} {
 def tokenizer_json():
     captions = [s["caption"] for s in SCENES] * 10 + [q.question + " " + q.answer for s in SCENES[:2]
                                                      for q in questions(s)] * 5
-    return UnifiedTask.tokenizer(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
+    return UnifiedTask.tokenizer(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str(), ARCH)
 
 
 LANGUAGE = {**architecture(model_config("lm-debug")), "positions": 512}
@@ -43,8 +44,7 @@ def unified(tokenizer_json, request):
     torch.manual_seed(0)
     tokenizer = Tokenizer.from_str(tokenizer_json)
     language = {"language": LANGUAGE} if request.param == "on-a-language-parent" else {}
-    model, pre = build_model({**model_config("unified-debug"), "image_tokenizer": TOKENIZER, **language},
-                             tokenizer.get_vocab_size(), tokenizer.token_to_id("<eos>"))
+    model, pre = build_model_for({**ARCH, **language}, tokenizer)
     return model.eval(), pre, tokenizer
 
 
@@ -66,10 +66,14 @@ def test_mixed_samples_read_or_draw_the_image_as_codes(unified, tokenizer_json):
     assert np.array_equal(out["input_ids"], mixed(batch)["input_ids"]), "a row's sample depends on (seed, epoch, key)"
     assert 0 < out["drawing"].sum() < len(SCENES)
     offset = model.offset
-    expected_codes = model.image_tokenizer.encode(torch.from_numpy(mixed.images([batch["image"][0]])))[0] + offset
+    codes = model.image_tokenizer.encode(torch.from_numpy(mixed.images([batch["image"][0]])))[0]
+    expected_codes = codes + offset
+    assert [tokenizer.id_to_token(int(i)) for i in expected_codes[:2]] == [f"<|image_code_{int(c)}|>" for c in codes[:2]]
+    assert (model.start_id, model.end_id) == (tokenizer.token_to_id("<|image_start|>"),
+                                              tokenizer.token_to_id("<|image_end|>"))
     for ids, labels, drawing in zip(out["input_ids"], out["labels"], out["drawing"]):
-        start = int(np.flatnonzero(ids == offset - 2)[0])
-        assert ids[start + model.image_codes + 1] == offset - 1 and (ids == offset - 2).sum() == 1
+        start = int(np.flatnonzero(ids == model.start_id)[0])
+        assert ids[start + model.image_codes + 1] == model.end_id and (ids == model.start_id).sum() == 1
         assert np.array_equal(ids[start + 1: start + 1 + model.image_codes], expected_codes.numpy())
         counted = labels[labels != IGNORE]
         if drawing:  # the codes, the end marker and <eos> are counted; the prompt is not
@@ -155,8 +159,8 @@ def test_the_loss_reports_text_and_image_apart_and_adds_the_z_loss(unified):
     assert out["loss"] == pytest.approx(float(out["text_loss"] + out["image_loss"] + out["z_loss"]), rel=1e-5)
 
 
-def test_qk_norm_is_on_in_the_unified_configs():
-    model, _ = build_model({**model_config("unified-debug"), "image_tokenizer": TOKENIZER}, 300, 3)
+def test_qk_norm_is_on_in_the_unified_configs(tokenizer_json):
+    model, _ = build_model_for(ARCH, Tokenizer.from_str(tokenizer_json))
     assert isinstance(model.lm.blocks[0].attn.q_norm, torch.nn.LayerNorm)
     llava, _ = build_model({**model_config("llava-debug"), "vision": {"image_size": 32, "patch_size": 8, "width": 32,
                                                                       "layers": 1, "heads": 2}}, 300, 3)
