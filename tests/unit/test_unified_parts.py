@@ -68,7 +68,8 @@ def test_mixed_samples_read_or_draw_the_image_as_codes(unified, tokenizer_json):
     offset = model.offset
     codes = model.image_tokenizer.encode(torch.from_numpy(mixed.images([batch["image"][0]])))[0]
     expected_codes = codes + offset
-    assert [tokenizer.id_to_token(int(i)) for i in expected_codes[:2]] == [f"<|image_code_{int(c)}|>" for c in codes[:2]]
+    names = [f"<|image_code_{int(c)}|>" for c in codes[:2]]
+    assert [tokenizer.id_to_token(int(i)) for i in expected_codes[:2]] == names, "codes are named tokens"
     assert (model.start_id, model.end_id) == (tokenizer.token_to_id("<|image_start|>"),
                                               tokenizer.token_to_id("<|image_end|>"))
     for ids, labels, drawing in zip(out["input_ids"], out["labels"], out["drawing"]):
