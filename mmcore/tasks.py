@@ -247,12 +247,15 @@ class UnifiedTask(nn.Module):
 
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
-        """The dataset's (or the language parent's) tokenizer with the chat roles, the image span tokens and the
-        image tokenizer's codes (`arch`'s) as named special tokens, in that order after its own."""
-        text = ModelBundle.at(parents["lm_parent"]).tokenizer_json() if parents and "lm_parent" in parents \
-            else dataset_tokenizer_json
+        """The dataset's tokenizer with the chat roles (or the language parent's, with <image> when an imported
+        one lacks it), then the image span tokens and the image tokenizer's codes (`arch`'s) as named special
+        tokens, in that order after its own."""
+        if parents and "lm_parent" in parents:
+            text, chat = ModelBundle.at(parents["lm_parent"]).tokenizer_json(), [IMAGE]
+        else:
+            text, chat = dataset_tokenizer_json, CHAT_TOKENS
         codes = math.prod(from_dict(UnifiedConfig, architecture(arch)).image_tokenizer.levels)
-        return with_tokens(text, CHAT_TOKENS + IMAGE_SPAN_TOKENS + image_code_tokens(codes))
+        return with_tokens(text, chat + IMAGE_SPAN_TOKENS + image_code_tokens(codes))
 
     @staticmethod
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,

@@ -109,6 +109,8 @@ class ChatFormat:
             raise ValueError(f"the tokenizer lacks the chat tokens {missing}; the fusion stage adds them "
                              f"(data.tokenizer.with_chat_tokens)")
         self.ids = ids
+        self.eos, self.pad, self.image = ids[EOS], ids[PAD], ids[IMAGE]
+        """The ids that end an answer, pad a sequence and stand for the image."""
 
     @classmethod
     def of(cls, preprocess: Preprocessor) -> "ChatFormat":
@@ -126,10 +128,16 @@ class ChatFormat:
         return [i[BOS], i[USER], i[IMAGE], *self.tokenizer.encode(question, add_special_tokens=False).ids,
                 i[ASSISTANT]]
 
+    def drawing_prompt(self, caption: str, limit: int = 10 ** 9) -> tuple[list[int], bool]:
+        """What a unified model draws after (data/mixed.py): `<bos> caption` (an empty caption: the unconditional
+        prompt classifier-free guidance mixes in), cut to `limit` tokens -> (ids, cut)."""
+        ids = [self.ids[BOS], *self.tokenizer.encode(caption, add_special_tokens=False).ids]
+        return ids[:limit], len(ids) > limit
+
     def _turn(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, truncated) of one question, cut to the context, unpadded."""
         prompt = self.prompt(question)
-        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False).ids + [self.ids[EOS]]
+        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False).ids + [self.eos]
         ids, labels = prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids
         return ids[: self.context_length], labels[: self.context_length], len(ids) > self.context_length
 
@@ -137,7 +145,7 @@ class ChatFormat:
         """(input_ids, labels, truncated), each list context_length long; labels IGNORE outside the answer."""
         ids, labels, truncated = self._turn(question, answer)
         pad = self.context_length - len(ids)
-        return ids + [self.ids[PAD]] * pad, labels + [IGNORE] * pad, truncated
+        return ids + [self.pad] * pad, labels + [IGNORE] * pad, truncated
 
     def encode_packed(self, asked: list[Question], length: int) -> tuple[list[int], list[int], list[int], list[int],
                                                                         bool, int]:
@@ -158,7 +166,7 @@ class ChatFormat:
             positions += range(SHARED, SHARED + len(turn_ids))
             ids, labels, truncated = ids + turn_ids, labels + turn_labels, truncated or cut
         pad = length - len(ids)
-        return (ids + [self.ids[PAD]] * pad, labels + [IGNORE] * pad, segments + [-1] * pad, positions + [0] * pad,
+        return (ids + [self.pad] * pad, labels + [IGNORE] * pad, segments + [-1] * pad, positions + [0] * pad,
                 truncated, segments[-1])
 
 
@@ -174,9 +182,10 @@ class TemplateChat(ChatFormat):
         self._renderer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **tokens)
         pad = tokens.get("pad_token") or tokens.get("eos_token")
         if tokenizer.token_to_id(IMAGE) is None or pad is None or tokenizer.token_to_id(pad) is None:
-            raise ValueError(f"the tokenizer lacks {IMAGE} or a padding token ({pad}); the fusion stage adds "
-                             f"{IMAGE} (tasks.FusionTask.tokenizer) and an import names the padding")
-        self.ids = {PAD: tokenizer.token_to_id(pad)}
+            raise ValueError(f"the tokenizer lacks {IMAGE} or a padding token ({pad}); the fusion and unified "
+                             f"stages add {IMAGE} (tasks) and an import names the padding")
+        self.pad, self.image = tokenizer.token_to_id(pad), tokenizer.token_to_id(IMAGE)
+        self.eos = tokenizer.token_to_id(tokens.get("eos_token") or pad)
 
     def overhead(self) -> int:
         """Tokens the template adds to a turn beyond mmpipe's format (`<bos> <|user|> <image>`, `<|assistant|>`,
@@ -191,6 +200,16 @@ class TemplateChat(ChatFormat):
 
     def prompt(self, question: str) -> list[int]:
         return self._render([{"role": "user", "content": f"{IMAGE}\n{question}"}], generation=True)
+
+    def drawing_prompt(self, caption: str, limit: int = 10 ** 9) -> tuple[list[int], bool]:
+        """The caption as the user's message with the template's generation prompt; a caption too long for
+        `limit` tokens is cut (its tokens) and rendered again."""
+        ids = self._render([{"role": "user", "content": caption}], generation=True)
+        if len(ids) <= limit:
+            return ids, False
+        words = self.tokenizer.encode(caption, add_special_tokens=False).ids
+        kept = self.tokenizer.decode(words[:max(0, len(words) - (len(ids) - limit))])
+        return self._render([{"role": "user", "content": kept}], generation=True)[:limit], True
 
     def _turn(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
         prompt = self.prompt(question)

@@ -6,7 +6,8 @@ Per row and epoch, one of:
   a colour / shape / count / relation / yes-no / digit question), loss on the answer;
 - **drawing**: `<bos> caption <|image_start|> codes <|image_end|> <eos>`, loss on the codes, the end
   marker and <eos>; one drawing sample in ten drops the caption, which teaches the unconditional
-  image the classifier-free guidance of `generate_image` subtracts.
+  image the classifier-free guidance of `generate_image` subtracts. On an imported LM with its own chat
+  template, the caption is the user's message in that template and the image the assistant's turn.
 
 With `data.pack_length`, a reading sample carries several of the row's questions, as the fusion
 stage's do (instruct.py), and a drawing sample is padded to the same length; the image's span
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
-from mmcore.data.instruct import (ROW_COLUMNS, InstructPreprocessor, batch_rows, row_rng, training_question,
-                                  training_questions)
-from mmcore.data.tokenizer import BOS, EOS, IMAGE_END, IMAGE_START, PAD, code_offset
-from mmcore.models.generate import IGNORE, IMAGE_ID
+from mmcore.data.instruct import (ROW_COLUMNS, ChatFormat, InstructPreprocessor, batch_rows, row_rng,
+                                  training_question, training_questions)
+from mmcore.data.tokenizer import IMAGE_END, IMAGE_START, code_offset
+from mmcore.models.generate import IGNORE
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.preprocess import PreprocessConfig, normalize
 
@@ -34,14 +34,14 @@ UNCONDITIONAL_FRACTION = 0.1
 """Of the drawing samples, those without a caption."""
 
 
-def expand_image(ids: list[int], labels: list[int], image: list[int], labelled: bool,
+def expand_image(ids: list[int], labels: list[int], image: list[int], labelled: bool, image_id: int,
                  segments: list[int] | None = None, positions: list[int] | None = None) -> tuple[list[int], ...]:
-    """Replace the one <image> id by the image's ids (start, codes, end); their labels are the ids
+    """Replace the one <image> id (`image_id`) by the image's ids (start, codes, end); their labels are the ids
     themselves when the image is what the sample teaches to draw (the start marker is given by the
     prompt, so it is not counted). A packed sample's segments and positions (instruct.py) are
     expanded with them: the span takes the <image> token's segment and the positions from its own,
     and the positions after it move along by the span's extra length."""
-    at, extra = ids.index(IMAGE_ID), len(image) - 1
+    at, extra = ids.index(image_id), len(image) - 1
     span_labels = [IGNORE, *image[1:]] if labelled else [IGNORE] * len(image)
     out = ids[:at] + image + ids[at + 1:], labels[:at] + span_labels + labels[at + 1:]
     if segments is None or positions is None:
@@ -53,28 +53,29 @@ def expand_image(ids: list[int], labels: list[int], image: list[int], labelled: 
 
 
 class MixedFormat:
-    """Token ids of the drawing sample; reading samples use the chat format of the fusion stage."""
+    """Token ids of the drawing sample, after the chat format's drawing prompt (mmpipe's `<bos> caption`, or
+    an imported LM's template around the caption); reading samples are the chat format's own."""
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int):
-        self.tokenizer, self.context_length = tokenizer, context_length
-        self.ids = {t: tokenizer.token_to_id(t) for t in (BOS, EOS, PAD, IMAGE_START, IMAGE_END)}
+    def __init__(self, chat: ChatFormat):
+        self.chat, self.context_length = chat, chat.context_length
+        tokenizer = chat.tokenizer
+        self.start, self.end = tokenizer.token_to_id(IMAGE_START), tokenizer.token_to_id(IMAGE_END)
         self.offset = code_offset(tokenizer)
         """Image code c is token offset + c (its named token in the tokenizer)."""
 
     def drawing(self, caption: str, length: int = 0) -> tuple[list[int], list[int], bool]:
-        """<bos> caption <image> <eos>, the caption cut to fit the context, padded to `length` (default:
-        the context)."""
-        i = self.ids
-        text = self.tokenizer.encode(caption, add_special_tokens=False).ids if caption else []
-        room = self.context_length - 3
-        ids = [i[BOS], *text[:room], IMAGE_ID, i[EOS]]
-        labels = [IGNORE] * (len(ids) - 1) + [i[EOS]]
+        """drawing prompt, <image>, end of turn: the caption cut to fit the context, padded to `length`
+        (default: the context)."""
+        chat = self.chat
+        prompt, cut = chat.drawing_prompt(caption, self.context_length - 2)
+        ids = [*prompt, chat.image, chat.eos]
+        labels = [IGNORE] * (len(ids) - 1) + [chat.eos]
         pad = (length or self.context_length) - len(ids)
-        return ids + [i[PAD]] * pad, labels + [IGNORE] * pad, len(text) > room
+        return ids + [chat.pad] * pad, labels + [IGNORE] * pad, cut
 
     def image(self, codes: np.ndarray) -> list[int]:
         """An image's codes as the ids of its span: <|image_start|> <|image_code_c|> ... <|image_end|>."""
-        return [self.ids[IMAGE_START], *(int(c) + self.offset for c in codes), self.ids[IMAGE_END]]
+        return [self.start, *(int(c) + self.offset for c in codes), self.end]
 
 
 class MixedPreprocessor(InstructPreprocessor):
@@ -116,7 +117,7 @@ class MixedPreprocessor(InstructPreprocessor):
             caption = "" if rng.random() < UNCONDITIONAL_FRACTION else str(row["caption"])
             ids, labels, truncated = self._format.drawing(caption, self.pack_length)
             if self.pack_length:  # one sequence, then padding
-                segments = [-1 if i == self._format.ids[PAD] else 1 for i in ids]
+                segments = [-1 if i == self.chat.pad else 1 for i in ids]
                 positions = [k if segment > 0 else 0 for k, segment in enumerate(segments)]
         elif self.pack_length:
             ids, labels, segments, positions, truncated, questions = self.chat.encode_packed(
@@ -124,7 +125,7 @@ class MixedPreprocessor(InstructPreprocessor):
         else:
             question = training_question(row, self.seed, epoch)
             ids, labels, truncated = self.chat.encode(question.question, question.answer)
-        expanded = expand_image(ids, labels, image, drawing, segments, positions)
+        expanded = expand_image(ids, labels, image, drawing, self.chat.image, segments, positions)
         out = {"input_ids": expanded[0], "labels": expanded[1], "truncated": truncated, "drawing": drawing}
         if self.pack_length:
             out |= {"segments": expanded[2], "positions": expanded[3], "questions": questions}
@@ -132,7 +133,7 @@ class MixedPreprocessor(InstructPreprocessor):
 
     def __call__(self, batch: dict) -> dict:
         if self._format is None:
-            self._format = MixedFormat(Tokenizer.from_str(self.tokenizer_json), self.cfg.context_length)
+            self._format = MixedFormat(self.chat)
         codes = self.codes(self.batch_pixels(batch["image"]))
         samples = [self.sample(row, self._format.image(row_codes)) for row, row_codes in zip(batch_rows(batch), codes)]
         return {key: np.asarray([s[key] for s in samples], np.int64) for key in samples[0]}

@@ -61,24 +61,23 @@ def score_answers(model, preprocess, images: list[bytes], prompts: list[str], an
 def draw_images(model, preprocess, prompts: list[str], temperature: float = 1.0, top_k: int = 0,
                 guidance: float = 1.0, seed: int = 0, batch_size: int = 64) -> np.ndarray:
     """A unified model's image for each text prompt: (N, S, S, 3) uint8, drawn in batches of prompts of
-    one token length (`<bos>` + the prompt, as the drawing samples were trained). A prompt that
-    leaves no room for the image in the context is a ValueError naming the row and the limit."""
-    from tokenizers import Tokenizer
-
-    from mmcore.data.tokenizer import BOS
-
-    tokenizer = Tokenizer.from_str(preprocess.tokenizer_json)
-    encoded = [[tokenizer.token_to_id(BOS), *tokenizer.encode(p, add_special_tokens=False).ids] for p in prompts]
+    one token length (the chat format's drawing prompt, as the drawing samples were trained; an empty one is
+    the unconditional prompt of guidance). A prompt that leaves no room for the image in the context is a
+    ValueError naming the row and the limit."""
+    chat = ChatFormat.of(preprocess)
+    encoded = [chat.drawing_prompt(p)[0] for p in prompts]
     for row, ids in enumerate(encoded):
         if len(ids) > preprocess.cfg.context_length - 2:
             raise ValueError(f"row {row}: the prompt is {len(ids)} tokens; this model draws after at most "
                              f"{preprocess.cfg.context_length - 2}")
+    unconditional = torch.tensor([chat.drawing_prompt("")[0]])
     side = preprocess.cfg.image_size
     out = np.zeros((len(prompts), side, side, 3), np.uint8)
     generator = torch.Generator().manual_seed(seed)
     for chunk in same_length_batches(encoded, batch_size):
         images = model.generate_image(torch.tensor([encoded[r] for r in chunk]), temperature=temperature,
-                                      top_k=top_k, guidance=guidance, generator=generator)
+                                      top_k=top_k, guidance=guidance, generator=generator,
+                                      unconditional=unconditional)
         out[chunk] = preprocess.to_uint8(images)
     return out
 

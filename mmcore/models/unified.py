@@ -74,7 +74,11 @@ class UnifiedConfig:
             self.language.vocab_size = max(self.lm.vocab_size, self.language.vocab_size)
 
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig(image_size=self.image_tokenizer.image_size, context_length=self.lm.context_length)
+        """Text in the LM's chat format (an imported language parent's own template)."""
+        chat = {} if self.language is None else {"chat_template": self.language.chat_template,
+                                                 "chat_tokens": self.language.chat_tokens}
+        return PreprocessConfig(image_size=self.image_tokenizer.image_size, context_length=self.lm.context_length,
+                                **chat)
 
 
 class UnifiedModel(TextGenerator):
@@ -160,13 +164,16 @@ class UnifiedModel(TextGenerator):
     # ----- drawing -----
     @torch.no_grad()
     def generate_image_codes(self, prompt_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                             guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Text prompts (B, L: <bos> caption ids, the same length in every row) -> (B, codes) image codes.
+                             guidance: float = 1.0, generator: torch.Generator | None = None,
+                             unconditional: torch.Tensor | None = None) -> torch.Tensor:
+        """Text prompts (B, L: drawing prompts, data/instruct.py, the same length in every row) -> (B, codes)
+        image codes.
 
         Only image codes can be sampled inside the span (the rest of the vocabulary is never a
         candidate). With guidance != 1, classifier-free guidance mixes in the unconditional logits
-        of `<bos> <|image_start|>` (training drops some captions to learn them): u + g * (c - u).
-        temperature 0 is greedy; top_k > 0 keeps the k likeliest codes.
+        of `unconditional` (1, U: the drawing prompt of no caption; default the prompts' first token,
+        mmpipe's <bos>) then <|image_start|> (training drops some captions to learn them):
+        u + g * (c - u). temperature 0 is greedy; top_k > 0 keeps the k likeliest codes.
         """
         total = prompt_ids.shape[1] + 1 + self.image_codes
         if total > self.lm.max_positions:
@@ -175,7 +182,8 @@ class UnifiedModel(TextGenerator):
         start = torch.full((len(prompt_ids), 1), self.start_id, device=prompt_ids.device)
         streams = [torch.cat([prompt_ids, start], dim=1)]
         if guidance != 1.0:
-            streams.append(torch.cat([prompt_ids[:, :1], start], dim=1))
+            empty = prompt_ids[:, :1] if unconditional is None else unconditional.to(prompt_ids).expand(len(start), -1)
+            streams.append(torch.cat([empty, start], dim=1))
         caches = [self.lm.new_caches() for _ in streams]
         states = [self.lm(self.embed(ids), caches=c)[:, -1] for ids, c in zip(streams, caches)]
         codes = []
@@ -193,9 +201,10 @@ class UnifiedModel(TextGenerator):
 
     @torch.no_grad()
     def generate_image(self, prompt_ids: torch.Tensor, temperature: float = 1.0, top_k: int = 0,
-                       guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                       guidance: float = 1.0, generator: torch.Generator | None = None,
+                       unconditional: torch.Tensor | None = None) -> torch.Tensor:
         """Text prompts (B, L) -> images (B, 3, S, S), normalized, drawn by the image tokenizer's decoder."""
-        codes = self.generate_image_codes(prompt_ids, temperature, top_k, guidance, generator)
+        codes = self.generate_image_codes(prompt_ids, temperature, top_k, guidance, generator, unconditional)
         return self.image_tokenizer.decode(codes)
 
 

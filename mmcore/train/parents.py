@@ -57,9 +57,6 @@ def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: D
         lm_spec = STAGES[cfg.task.stage].lm_parent
         lm_parent, lm_cfg, lm_bundle = _pinned(cfg.model.lm_parent, tracking_uri, "model.lm_parent", lm_spec.stage)
         if lm_cfg.get("chat_template"):  # an imported LM speaks its own template (data/instruct.py TemplateChat)
-            if cfg.task.stage != "fusion":
-                raise ValueError(f"model.lm_parent: {lm_parent} has its own chat template; the {cfg.task.stage} stage "
-                                 "speaks mmpipe's chat format only: start it from a language model mmpipe trained")
             if cfg.data.pack_length:
                 raise ValueError(f"data.pack_length: questions are packed in mmpipe's chat format only; {lm_parent} "
                                  "has its own chat template: set data.pack_length=0")

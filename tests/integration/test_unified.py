@@ -147,3 +147,32 @@ def test_unified_on_a_language_parent_starts_from_its_lm_and_reads_and_draws(ima
     assert report.ok, report.errors
     tags = registry.version_tags("mmpipe-unified-on-lm", fused.model_version, resolve_uri(TrackingConfig()))
     assert tags["lm_parent_model"] == language_model.model_uri.removeprefix("models:/")
+
+
+def test_unified_on_an_imported_lm_reads_and_draws_in_its_chat_template(image_tokenizer, train_dataset, mmpipe_home,
+                                                                       tmp_path):
+    """An imported ChatML LM (its own byte-level BPE, no <image>, no <bos>) as the unified transformer: a drawing
+    sample is the caption as the user's message and the image as the assistant's turn; <image>, the span and the
+    codes are added to its tokenizer after its own tokens; the registered model reads and draws."""
+    from mmcore import registry
+    from mmcore.data.instruct import ChatFormat
+    from mmcore.data.mixed import MixedFormat
+    from mmcore.eval.run import evaluate
+    from mmcore.hub import import_model
+    from tests.integration.test_import_clip import _chatml_lm
+
+    directory, vocab = _chatml_lm(tmp_path / "tiny-chatml", train_dataset)
+    lm = import_model(str(directory), "language", alias="chatml-unified")
+    fused = fit(unified_config(train_dataset, image_tokenizer.model_uri, f'model.lm_parent="{lm}"',
+                               "data.pack_length=0", "optim.max_steps=10", "checkpoint.every_steps=5",
+                               'tracking.model_name="mmpipe-unified-chatml"', 'tracking.alias="chatml"', *HERE))
+    model, preprocess = registry.load_model(fused.model_uri)
+    chat = ChatFormat.of(preprocess)
+    ids, labels, cut = MixedFormat(chat).drawing("a red circle")
+    assert chat.tokenizer.decode(ids, skip_special_tokens=False).startswith(
+        "<|im_start|>user\na red circle<|im_end|>\n<|im_start|>assistant\n<image><|im_end|>") and not cut
+    assert [t for t in labels if t != -100] == [chat.eos], "the image's codes are labelled once expanded"
+    assert model.offset == chat.tokenizer.token_to_id("<|image_code_0|>") == vocab + 3  # <image>, start, end
+    assert (model.image_id, model.start_id) == (vocab, vocab + 1)
+    report = evaluate(fused.model_uri, str(train_dataset.path), suites=["vqa", "text-to-image"])
+    assert report.ok, report.errors
