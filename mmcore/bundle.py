@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmcore.data.tokenizer import load_tokenizer
-from mmcore.models import build_model_for, load_pretrained
+from tokenizers import Tokenizer
+
+from mmcore.models import build_model_for, load_pretrained, with_named_codes
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
 
 
@@ -89,15 +90,16 @@ class ModelBundle:
         """The model in eval mode and its preprocessor; `base`: the bundle directory of `self.base`."""
         config = json.loads(Path(self.config).read_text())
         preprocess = PreprocessConfig(**json.loads(Path(self.preprocess).read_text()))
+        tokenizer_json = with_named_codes(config, self.tokenizer_json())
         if self.hugging_face:
             model = load_pretrained(config, self.directory)
         else:
-            model, _ = build_model_for(config, load_tokenizer(self.tokenizer))
+            model, _ = build_model_for(config, Tokenizer.from_str(tokenizer_json))
             if config.get("adapters"):
                 self._load_adapted(model, config["adapters"], base)
             else:
                 model.load_state_dict(load_file(self.weights))
-        return model.eval(), Preprocessor(preprocess, self.tokenizer_json())
+        return model.eval(), Preprocessor(preprocess, tokenizer_json)
 
     def _load_adapted(self, model: torch.nn.Module, adapters: dict, base: Path | None) -> None:
         """The base LM's weights, then the adapters on it as they trained (tasks._train_lm), then the rest."""

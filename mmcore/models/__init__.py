@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 from importlib import resources
 
+from tokenizers import Tokenizer
 from torch import nn
 
 from mmcore.config import from_dict
-from mmcore.data.tokenizer import EOS, IMAGE, IMAGE_END, IMAGE_START, code_offset
+from mmcore.data.tokenizer import (EOS, IMAGE, IMAGE_CODE, IMAGE_END, IMAGE_START, code_offset, image_code_tokens,
+                                   with_tokens)
 from mmcore.models.causal_lm import CausalLM, CausalLMConfig
 from mmcore.models.clip import ClipConfig, ClipModel
 from mmcore.models.flamingo import FlamingoConfig, FlamingoModel
@@ -78,6 +81,16 @@ def build_model_for(config: dict, tokenizer) -> tuple[nn.Module, PreprocessConfi
         if hasattr(model, attribute) and tokenizer.token_to_id(token) is not None:
             setattr(model, attribute, tokenizer.token_to_id(token))
     return model, preprocess
+
+
+def with_named_codes(config: dict, tokenizer_json: str) -> str:
+    """The tokenizer of a registered model; a unified model's from before its image codes were named tokens gets
+    them, at the ids its codes had (the tokenizer's size + c), so it loads as it was trained."""
+    named = Tokenizer.from_str(tokenizer_json).token_to_id(IMAGE_CODE.format(0)) is not None
+    if config.get("family") != "unified" or named:
+        return tokenizer_json
+    levels = from_dict(UnifiedConfig, architecture(config)).image_tokenizer.levels
+    return with_tokens(tokenizer_json, image_code_tokens(math.prod(levels)))
 
 
 def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, PreprocessConfig]:

@@ -27,11 +27,15 @@ SCENES = [{"key": f"k{i}", "source": "synthetic", "caption": f"an image of {n} {
           for i, (n, c, k) in enumerate([("two", "red", 2), ("three", "blue", 3)] * 8)]
 
 
-@pytest.fixture(scope="module")
-def tokenizer_json():
+def _text_tokenizer() -> str:
     captions = [s["caption"] for s in SCENES] * 10 + [q.question + " " + q.answer for s in SCENES[:2]
                                                      for q in questions(s)] * 5
-    return UnifiedTask.tokenizer(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str(), ARCH)
+    return train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json():
+    return UnifiedTask.tokenizer(_text_tokenizer(), ARCH)
 
 
 LANGUAGE = {**architecture(model_config("lm-debug")), "positions": 512}
@@ -202,3 +206,19 @@ def test_drawing_one_code_at_a_time_sees_what_the_whole_sequence_shows(unified):
     sequence = torch.cat([prompt, torch.tensor([[model.start_id]]), codes + model.offset], dim=1)
     logits = model.logits(sequence)[0, prompt.shape[1]: -1, model.offset:]
     assert torch.equal(logits.argmax(-1), codes[0])
+
+
+def test_a_unified_model_registered_before_its_codes_were_named_loads_with_them_at_their_ids(tokenizer_json,
+                                                                                           tmp_path):
+    """Its tokenizer ended with the span tokens and its codes were the ids after it: loading names them there."""
+    from mmcore.bundle import ModelBundle
+    from mmcore.data.tokenizer import CHAT_TOKENS, IMAGE_SPAN_TOKENS, with_tokens
+
+    old = with_tokens(_text_tokenizer(), CHAT_TOKENS + IMAGE_SPAN_TOKENS)
+    torch.manual_seed(0)
+    model, pre = build_model_for(ARCH, Tokenizer.from_str(tokenizer_json))
+    ModelBundle.write(tmp_path, model, ARCH, old, pre)
+    loaded, preprocessor = ModelBundle.at(tmp_path).load()
+    assert loaded.offset == model.offset == Tokenizer.from_str(old).get_vocab_size()
+    assert Tokenizer.from_str(preprocessor.tokenizer_json).token_to_id("<|image_code_0|>") == model.offset
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
