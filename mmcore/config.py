@@ -89,6 +89,10 @@ class TaskConfig:
     """fusion: weight of a next-token loss on the questions' tokens beside the answers' (0: answers
     only, as instruction tuning a pretrained LM does). An LM trained from scratch with it learns to carry
     the asked group from the question to the answer much sooner (experiments/fusion-binding)."""
+    text_loss: float = 1.0
+    """language: weight of the next-token loss on the text a chat is about (the caption and the questions; a
+    row with no question: its caption) beside the answers' (each the mean over its own tokens; 0: answers
+    only). Below 1 the LM learns to read the answer out of the caption sooner (experiments/language-stage)."""
 
     def validate(self) -> None:
         check(self.stage in STAGES, "task.stage", f"{self.stage!r} is not one of {tuple(STAGES)}")
@@ -97,6 +101,9 @@ class TaskConfig:
         check(self.question_loss >= 0, "task.question_loss", f"{self.question_loss} is negative")
         check(self.question_loss == 0 or STAGES[self.stage].question_loss, "task.question_loss",
                f"is not a setting of the {self.stage} stage")
+        check(self.text_loss >= 0, "task.text_loss", f"{self.text_loss} is negative")
+        check(self.text_loss == 1.0 or STAGES[self.stage].text_loss, "task.text_loss",
+              f"is not a setting of the {self.stage} stage")
 
 
 @dataclass

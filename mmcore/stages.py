@@ -47,6 +47,8 @@ class Stage:
     """Has a next-token loss on the questions' tokens to weigh (task.question_loss)."""
     starts_from: bool = False
     """Can start every weight from a registered model of its own stage (model.start_from: LLaVA's second phase)."""
+    text_loss: bool = False
+    """Weighs the loss on the text a chat is about against the answers' (task.text_loss: the language stage)."""
 
     @property
     def task(self) -> type:
@@ -78,7 +80,8 @@ STAGES = {stage.name: stage for stage in (
           lm_parent=Parent("language", "models:/mmpipe-language@champion",
                            lambda parent: {"language": _without_card(parent)}),
           packs=True, question_loss=True, starts_from=True),
-    Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language"),
+    Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language",
+          text_loss=True),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",
           parent=Parent("image-tokenizer", "models:/mmpipe-image-tokenizer@champion",

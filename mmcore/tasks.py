@@ -284,16 +284,16 @@ class UnifiedTask(nn.Module):
 
 class LanguageTask(nn.Module):
     """A causal LM learns the text of a dataset (data/passages.py). Batch: {"input_ids": (B, L), "labels": (B, L)
-    (IGNORE on padding), "truncated": (B,)}."""
+    (the answers' tokens, IGNORE elsewhere), "text_labels": (B, L) (the rest's but padding), "truncated": (B,)}."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, text_loss: float = 1.0):
         super().__init__()
-        self.model = model
+        self.model, self.text_loss = model, text_loss
 
     @classmethod
     def build(cls, cfg: RunConfig, model: nn.Module, preprocess: PreprocessConfig,
               parents: Parents | None = None) -> "LanguageTask":
-        return cls(model)
+        return cls(model, cfg.task.text_loss)
 
     @staticmethod
     def tokenizer(dataset_tokenizer_json: str, arch: dict, parents: Parents | None = None) -> str:
@@ -308,8 +308,16 @@ class LanguageTask(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.model(batch["input_ids"])
-        return {"loss": loss_on_answers(logits, batch["labels"]),
+        answers, text = _mean_nll(logits, batch["labels"]), _mean_nll(logits, batch["text_labels"])
+        return {"loss": answers + self.text_loss * text, "answer_loss": answers.detach(), "text_loss": text.detach(),
                 "truncated_fraction": batch["truncated"].float().mean()}
+
+
+def _mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """loss_on_answers, zero (with a graph) when a batch labels no token of the kind (web captions: no answers)."""
+    if bool((labels[:, 1:] != IGNORE).any()):
+        return loss_on_answers(logits, labels)
+    return logits.sum() * 0
 
 
 def build_task(cfg: RunConfig, model_config: dict, tokenizer_json: str,

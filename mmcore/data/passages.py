@@ -6,8 +6,10 @@ held-out ones, which only evaluation asks).
 
 This is the chat format the language model is saved with (models/causal_lm.py CHAT_TEMPLATE; a test
 holds the two token for token). A row with no question to answer (a photo, a web pair) is its caption
-alone: `<bos> caption <eos>`. The loss counts every token but the padding: the stage learns the
-language of the captions and the questions, and to answer from a caption it reads.
+alone: `<bos> caption <eos>`. Two losses: on the answers (`labels`: each answer and its <eos>) and on the
+text the chat is about (`text_labels`: the caption, the questions and their role tokens; a caption alone),
+weighed by task.text_loss: the stage learns the language of the captions and the questions, and to answer
+from a caption it reads.
 """
 
 from __future__ import annotations
@@ -48,24 +50,28 @@ class TextFormat:
     def _text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode(self, row: dict, seed: int, epoch: int) -> tuple[list[int], list[int], bool]:
-        """(input_ids, labels, truncated), context_length long: whole turns while they fit (the first one
-        cut if it alone does not), labels the ids themselves, IGNORE on padding."""
+    def encode(self, row: dict, seed: int, epoch: int) -> tuple[list[int], list[int], list[int], bool]:
+        """(input_ids, labels, text_labels, truncated), context_length long: whole turns while they fit (the
+        first one cut if it alone does not); labels the answers' ids, text_labels the rest's (IGNORE elsewhere
+        and on padding)."""
         i = self.ids
         turns = passage(row, seed, epoch)
         if not turns:
             ids = [i[BOS], *self._text(row["caption"]), i[EOS]]
+            labels, text = [IGNORE] * len(ids), list(ids)
         else:
-            ids = [i[BOS]]
+            ids, labels, text = [i[BOS]], [IGNORE], [IGNORE]
             for user, answer in turns:
-                turn = [i[USER], *self._text(user), i[ASSISTANT], *self._text(answer), i[EOS]]
-                if len(ids) > 1 and len(ids) + len(turn) > self.context_length:
+                asked, said = [i[USER], *self._text(user), i[ASSISTANT]], [*self._text(answer), i[EOS]]
+                if len(ids) > 1 and len(ids) + len(asked) + len(said) > self.context_length:
                     break
-                ids += turn
+                ids += asked + said
+                labels += [IGNORE] * len(asked) + said
+                text += asked + [IGNORE] * len(said)
         truncated = len(ids) > self.context_length
-        ids = ids[: self.context_length]
-        pad = self.context_length - len(ids)
-        return ids + [i[PAD]] * pad, ids + [IGNORE] * pad, truncated
+        pad = max(0, self.context_length - len(ids))
+        return ([*ids[: self.context_length], *[i[PAD]] * pad], [*labels[: self.context_length], *[IGNORE] * pad],
+                [*text[: self.context_length], *[IGNORE] * pad], truncated)
 
 
 class TextPreprocessor(Preprocessor):
@@ -89,6 +95,7 @@ class TextPreprocessor(Preprocessor):
 
     def __call__(self, batch: dict) -> dict:
         encoded = [self.format.encode(row, self.seed, int(row.get("epoch") or 0)) for row in batch_rows(batch)]
-        return {"input_ids": np.array([e[0] for e in encoded], np.int64).reshape(len(encoded), self.cfg.context_length),
-                "labels": np.array([e[1] for e in encoded], np.int64).reshape(len(encoded), self.cfg.context_length),
-                "truncated": np.array([e[2] for e in encoded], np.int64)}
+        shape = (len(encoded), self.cfg.context_length)
+        return {**{key: np.array([e[k] for e in encoded], np.int64).reshape(shape)
+                   for k, key in enumerate(("input_ids", "labels", "text_labels"))},
+                "truncated": np.array([e[3] for e in encoded], np.int64)}

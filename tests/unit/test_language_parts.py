@@ -48,25 +48,54 @@ def test_the_training_text_is_the_saved_chat_template_token_for_token(tokenizer_
                                                        {"role": "assistant", "content": answer})]
     templated = hf_tokenizer(tokenizer_json, 512).apply_chat_template(messages, tokenize=True,
                                                                       return_dict=True)["input_ids"]
-    ids, labels, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 512).encode(SCENE, seed=0, epoch=3)
+    ids, labels, text, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 512).encode(SCENE, seed=0,
+                                                                                             epoch=3)
     assert ids[: len(templated)] == templated and not truncated
-    assert labels[: len(templated)] == templated and set(labels[len(templated):]) == {IGNORE}
-    # A row that answers no question is its caption, as the tokenizer wraps it.
-    ids, _, _ = TextFormat(Tokenizer.from_str(tokenizer_json), 64).encode(PHOTO, seed=0, epoch=0)
+    # The answers (and their <eos>) in one loss, the caption and questions in the other, each token in one.
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    eos = tokenizer.token_to_id("<eos>")
+    assert [t for t in labels if t != IGNORE] == [t for _, answer in turns
+                                                  for t in (*tokenizer.encode(answer, add_special_tokens=False).ids, eos)]
+    merged = [a if a != IGNORE else b for a, b in zip(labels, text)]
+    assert merged[: len(templated)] == [IGNORE, *templated[1:]]
+    assert set(labels[len(templated):]) == set(text[len(templated):]) == {IGNORE}
+    # A row that answers no question is its caption, as the tokenizer wraps it: all of it in the text loss.
+    ids, labels, text, _ = TextFormat(Tokenizer.from_str(tokenizer_json), 64).encode(PHOTO, seed=0, epoch=0)
     assert ids[: ids.index(0)] == hf_tokenizer(tokenizer_json, 64)(PHOTO["caption"])["input_ids"]
+    assert set(labels) == {IGNORE} and text[: ids.index(0)] == ids[: ids.index(0)]
 
 
 def test_a_short_context_keeps_whole_turns_and_counts_a_cut(tokenizer_json):
     fmt = TextFormat(Tokenizer.from_str(tokenizer_json), 40)
-    ids, labels, truncated = fmt.encode(SCENE, seed=0, epoch=0)
-    assert len(ids) == len(labels) == 40 and not truncated
+    ids, labels, text, truncated = fmt.encode(SCENE, seed=0, epoch=0)
+    assert len(ids) == len(labels) == len(text) == 40 and not truncated
     assert ids[ids.index(0) - 1] == fmt.ids["<eos>"]  # the last turn kept is whole
-    ids, _, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 12).encode(SCENE, seed=0, epoch=0)
-    assert truncated and len(ids) == 12
+    ids, labels, text, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 12).encode(SCENE, seed=0, epoch=0)
+    assert truncated and len(ids) == len(labels) == len(text) == 12
     batch = TextPreprocessor(_lm(tokenizer_json)[1], tokenizer_json)({
         "key": np.array(["a", "b"]), "caption": np.array([SCENE["caption"], PHOTO["caption"]]),
         "epoch": np.array([0, 1])})
-    assert batch["input_ids"].shape == batch["labels"].shape == (2, 96) and batch["truncated"].tolist() == [0, 0]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["text_labels"].shape == (2, 96)
+    assert batch["truncated"].tolist() == [0, 0]
+
+
+def test_the_text_loss_is_weighed_against_the_answers_and_captions_alone_train_the_text_only(tokenizer_json):
+    from mmcore.tasks import LanguageTask
+
+    model, preprocess, _ = _lm(tokenizer_json)
+    pre = TextPreprocessor(preprocess, tokenizer_json)
+    rows = {"key": np.array(["a", "b"]), "caption": np.array([SCENE["caption"], PHOTO["caption"]]),
+            "epoch": np.array([0, 0]), **{k: np.array([SCENE[k], None], dtype=object) for k in SCENE
+                                          if k not in ("key", "caption")}}
+    batch = {k: torch.from_numpy(v) for k, v in pre(rows).items()}
+    out = LanguageTask(model, text_loss=0.25)(batch)
+    assert float(out["answer_loss"]) > 0 and float(out["text_loss"]) > 0
+    assert out["loss"].item() == pytest.approx((out["answer_loss"] + 0.25 * out["text_loss"]).item(), rel=1e-6)
+    photos = {k: torch.from_numpy(v) for k, v in pre({k: v[1:] for k, v in rows.items()}).items()}
+    out = LanguageTask(model, text_loss=0.25)(photos)  # web captions: no answer to learn, a finite loss
+    assert float(out["answer_loss"]) == 0 and torch.isfinite(out["loss"]) and float(out["loss"]) > 0
+    out["loss"].backward()
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
 
 
 def test_a_language_model_is_a_hugging_face_directory_that_plain_transformers_opens(tokenizer_json, tmp_path):
