@@ -54,8 +54,8 @@ def test_the_training_text_is_the_saved_chat_template_token_for_token(tokenizer_
     # The answers (and their <eos>) in one loss, the caption and questions in the other, each token in one.
     tokenizer = Tokenizer.from_str(tokenizer_json)
     eos = tokenizer.token_to_id("<eos>")
-    assert [t for t in labels if t != IGNORE] == [t for _, answer in turns
-                                                  for t in (*tokenizer.encode(answer, add_special_tokens=False).ids, eos)]
+    said = [t for _, answer in turns for t in (*tokenizer.encode(answer, add_special_tokens=False).ids, eos)]
+    assert [t for t in labels if t != IGNORE] == said
     merged = [a if a != IGNORE else b for a, b in zip(labels, text)]
     assert merged[: len(templated)] == [IGNORE, *templated[1:]]
     assert set(labels[len(templated):]) == set(text[len(templated):]) == {IGNORE}
