@@ -86,8 +86,8 @@ def build_model_for(config: dict, tokenizer) -> tuple[nn.Module, PreprocessConfi
 def with_named_codes(config: dict, tokenizer_json: str) -> str:
     """The tokenizer of a registered model; a unified model's from before its image codes were named tokens gets
     them, at the ids its codes had (the tokenizer's size + c), so it loads as it was trained."""
-    named = Tokenizer.from_str(tokenizer_json).token_to_id(IMAGE_CODE.format(0)) is not None
-    if config.get("family") != "unified" or named:
+    if config.get("family") != "unified" or Tokenizer.from_str(tokenizer_json).token_to_id(IMAGE_CODE.format(0)) \
+            is not None:
         return tokenizer_json
     levels = from_dict(UnifiedConfig, architecture(config)).image_tokenizer.levels
     return with_tokens(tokenizer_json, image_code_tokens(math.prod(levels)))
