@@ -8,7 +8,6 @@ stream yields what the Task reads.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -17,18 +16,18 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from mmcore.bundle import ModelBundle
-from mmcore.config import RunConfig, from_dict
+from mmcore.config import RunConfig
 from mmcore.data.instruct import SHARED
-from mmcore.data.tokenizer import (CHAT_TOKENS, IMAGE, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, image_code_tokens,
-                                   with_chat_tokens, with_tokens)
+from mmcore.data.tokenizer import (CHAT_TOKENS, IMAGE, IMAGE_SPAN_TOKENS, PAD, SPECIAL_TOKENS, with_chat_tokens,
+                                   with_tokens)
 from mmcore.losses import LOSSES
-from mmcore.models import architecture, build_model_for
+from mmcore.models import architecture, build_model_for, image_code_names
 from mmcore.models.decoder import Packing
 from mmcore.models.fusion import loss_on_answers
 from mmcore.models.generate import IGNORE
 from mmcore.models.imagetok import psnr
 from mmcore.models.preprocess import ImagePreprocessor, PreprocessConfig, Preprocessor, normalize
-from mmcore.models.unified import UnifiedConfig, unified_loss
+from mmcore.models.unified import unified_loss
 from mmcore.stages import STAGES
 
 Parents = dict[str, Path]
@@ -254,8 +253,7 @@ class UnifiedTask(nn.Module):
             text, chat = ModelBundle.at(parents["lm_parent"]).tokenizer_json(), [IMAGE]
         else:
             text, chat = dataset_tokenizer_json, CHAT_TOKENS
-        codes = math.prod(from_dict(UnifiedConfig, architecture(arch)).image_tokenizer.levels)
-        return with_tokens(text, chat + IMAGE_SPAN_TOKENS + image_code_tokens(codes))
+        return with_tokens(text, chat + IMAGE_SPAN_TOKENS + image_code_names(arch))
 
     @staticmethod
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from importlib import resources
 
 from tokenizers import Tokenizer
@@ -83,14 +82,18 @@ def build_model_for(config: dict, tokenizer) -> tuple[nn.Module, PreprocessConfi
     return model, preprocess
 
 
+def image_code_names(config: dict) -> list[str]:
+    """A unified model config's image codes as its tokenizer names them (data.tokenizer.IMAGE_CODE)."""
+    return image_code_tokens(from_dict(UnifiedConfig, architecture(config)).image_tokenizer.codebook_size)
+
+
 def with_named_codes(config: dict, tokenizer_json: str) -> str:
     """The tokenizer of a registered model; a unified model's from before its image codes were named tokens gets
     them, at the ids its codes had (the tokenizer's size + c), so it loads as it was trained."""
     if config.get("family") != "unified" or Tokenizer.from_str(tokenizer_json).token_to_id(IMAGE_CODE.format(0)) \
             is not None:
         return tokenizer_json
-    levels = from_dict(UnifiedConfig, architecture(config)).image_tokenizer.levels
-    return with_tokens(tokenizer_json, image_code_tokens(math.prod(levels)))
+    return with_tokens(tokenizer_json, image_code_names(config))
 
 
 def build_model(config: dict, vocab_size: int, eos_id: int) -> tuple[nn.Module, PreprocessConfig]:

@@ -36,6 +36,10 @@ class ImageTokenizerConfig:
         if not self.levels or any(level < 3 for level in self.levels):
             raise ValueError(f"levels {self.levels}: each must be >= 3")
 
+    @property
+    def codebook_size(self) -> int:
+        return math.prod(self.levels)
+
     def set_vocab_size(self, vocab_size: int) -> None:
         """An image tokenizer reads no text."""
 
@@ -90,7 +94,7 @@ class ImageTokenizer(nn.Module):
 
     @property
     def codebook_size(self) -> int:
-        return math.prod(self.cfg.levels)
+        return self.cfg.codebook_size
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized -> (B, grid * grid) int64 codes, row-major."""

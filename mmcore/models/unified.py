@@ -12,7 +12,6 @@ and decodes them to pixels.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -65,7 +64,7 @@ class UnifiedConfig:
 
     def set_vocab_size(self, vocab_size: int) -> None:
         """`vocab_size`: the whole tokenizer's, its image codes included."""
-        codes = math.prod(self.image_tokenizer.levels)
+        codes = self.image_tokenizer.codebook_size
         if not self.text_vocab_size or self.text_vocab_size + codes > vocab_size:
             raise ValueError(f"the tokenizer's {vocab_size} tokens do not hold the image tokenizer's {codes} codes "
                              f"from id {self.text_vocab_size}")
