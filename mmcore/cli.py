@@ -94,7 +94,7 @@ def cmd_ingest(args) -> int:
 
     cfg = IngestConfig(
         source=SourceConfig(path=args.url_list, format=args.format, url_col=args.url_col,
-                            caption_col=args.caption_col),
+                            caption_col=args.caption_col, kind=args.kind, images=args.images),
         out=args.out, work_dir=args.work_dir, guard=GuardConfig(allow_networks=args.allow_network or []),
     )
     version = ingest(apply_overrides(cfg, args.set or []))
@@ -292,8 +292,13 @@ def _add_corpus_commands(commands) -> None:
     serve.add_argument("--port", type=int, default=DEMO_PORT, help="default %(default)s")
     serve.set_defaults(func=cmd_sample_serve)
 
-    ing = commands.add_parser("ingest", help="URL list -> filtered, versioned dataset")
-    ing.add_argument("url_list", help="a .parquet, .csv or .jsonl URL list (or a directory of them)")
+    ing = commands.add_parser("ingest", help="URL list or conversation file -> filtered, versioned dataset")
+    ing.add_argument("url_list", help="a .parquet, .csv or .jsonl URL list (or a directory of them); with --kind "
+                                      "instructions, a LLaVA-format conversation file (.json or .jsonl)")
+    ing.add_argument("--kind", choices=["captions", "instructions"], default="captions",
+                     help="captions: image-text pairs (default); instructions: conversations about images")
+    ing.add_argument("--images", metavar="ROOT",
+                     help="--kind instructions: the directory that the file's image paths are relative to")
     ing.add_argument("--out", required=True, help="directory of the new dataset version (must not exist)")
     ing.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: from the extension")
     ing.add_argument("--url-col", default="url")

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from mmcore.config import check
 
 SOURCE_FORMATS = ("parquet", "csv", "jsonl")
+SOURCE_KINDS = ("captions", "instructions")
 RESIZE_MODES = ("border", "keep_ratio", "center_crop", "keep_ratio_largest", "no")
 ENCODE_FORMATS = ("jpg", "png", "webp")
 
@@ -15,10 +16,18 @@ ENCODE_FORMATS = ("jpg", "png", "webp")
 
 @dataclass
 class SourceConfig:
-    """Where the URL list is and which of its columns to use."""
+    """Where the URL list (or the conversation file) is and which of its columns to use."""
 
     path: str
-    """The URL list: a .parquet, .csv or .jsonl file (or a directory of one format)."""
+    """The URL list: a .parquet, .csv or .jsonl file (or a directory of one format); with kind instructions,
+    a LLaVA-format conversation file (a JSON array or JSON lines; or a directory of them)."""
+    kind: str = "captions"
+    """captions: image-text pairs (url_col, caption_col); instructions: conversations about images
+    (data/conversations.py)."""
+    images: str | None = None
+    """kind instructions: the directory that image paths in the file are relative to (URLs need none)."""
+    max_conversation_chars: int = 8192
+    """kind instructions: a conversation with more characters of text than this is rejected."""
     format: str | None = None
     """One of parquet / csv / jsonl; None infers it from the file extension."""
     url_col: str = "url"
@@ -33,6 +42,10 @@ class SourceConfig:
         check(self.format in (None, *SOURCE_FORMATS), "source.format",
                f"{self.format!r} is not one of {SOURCE_FORMATS}")
         check(self.url_col != self.caption_col, "source.caption_col", "must differ from url_col")
+        check(self.kind in SOURCE_KINDS, "source.kind", f"{self.kind!r} is not one of {SOURCE_KINDS}")
+        check(self.kind == "instructions" or not self.images, "source.images",
+              "is for image paths in a conversation file (source.kind=instructions)")
+        check(self.max_conversation_chars >= 1, "source.max_conversation_chars", "must be at least 1")
 
 
 @dataclass

@@ -51,8 +51,10 @@ def file_digest(path) -> dict:
 class ShardWriter:
     """Writes kept rows into per-split shards of `rows_per_shard` rows under root/shards."""
 
-    def __init__(self, root: Path, extras: pa.Schema, rows_per_shard: int, split: SplitConfig):
-        self.root, self.rows_per_shard, self.split = root, rows_per_shard, split
+    def __init__(self, root: Path, extras: pa.Schema, rows_per_shard: int, split: SplitConfig, by_id: bool = False):
+        self.root, self.rows_per_shard, self.split, self.by_id = root, rows_per_shard, split, by_id
+        """by_id: rows are conversations, keyed by their image and their `id`; those about one image share its
+        split."""
         self.schema = curated_schema(extras)
         self.extras = extras.names
         self.pending: dict[str, list[pa.Table]] = {name: [] for name in SPLITS}
@@ -62,8 +64,10 @@ class ShardWriter:
 
     def write(self, rows: pa.Table) -> None:
         """rows: row, url, caption, image, width, height, sha256 and the extras."""
-        keys = [url_key(url) for url in rows.column("url").to_pylist()]
-        splits = [assign_split(key, self.split) for key in keys]
+        urls = rows.column("url").to_pylist()
+        splits = [assign_split(url_key(url), self.split) for url in urls]
+        keys = [url_key(f"{url}#{i}") for url, i in zip(urls, rows.column("id").to_pylist())] if self.by_id \
+            else [url_key(url) for url in urls]
         table = pa.table({
             "key": keys, "url": rows.column("url"), "caption": rows.column("caption"),
             "image": rows.column("image"), "width": rows.column("width"), "height": rows.column("height"),
@@ -156,6 +160,11 @@ class DatasetVersion:
     @property
     def id(self) -> str:
         return self.manifest["id"]
+
+    @property
+    def kind(self) -> str:
+        """captions (image-text pairs) or instructions (conversations about images)."""
+        return self.manifest.get("source", {}).get("kind", "captions")
 
     @property
     def tokenizer_path(self) -> Path:

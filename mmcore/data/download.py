@@ -35,11 +35,11 @@ _PROGRESS = None  # the shared row counter, set in each download process
 _DISK_FULL = None  # set to 1 by a download process whose write found the disk full
 
 
-def _init_worker(policy: GuardConfig, counter, disk_full) -> None:
+def _init_worker(policy: GuardConfig, images_root: str | None, counter, disk_full) -> None:
     """Runs once in every download process, before any fetch."""
     global _PROGRESS, _DISK_FULL
     _PROGRESS, _DISK_FULL = counter, disk_full
-    urlguard.install(policy)
+    urlguard.install(policy, images_root)
 
 
 class CountingParquetWriter(ParquetSampleWriter):
@@ -76,8 +76,10 @@ def _prepare(raw_dir, request: dict) -> None:
     stamp.write_text(json.dumps(request, indent=2, sort_keys=True))
 
 
-def download(rows: pa.Table, raw_dir, cfg: DownloadConfig, guard: GuardConfig, source_sha256: str):
-    """Download `rows` (row, url, caption) into img2dataset Parquet shards under `raw_dir`.
+def download(rows: pa.Table, raw_dir, cfg: DownloadConfig, guard: GuardConfig, source_sha256: str,
+             images_root: str | None = None):
+    """Download `rows` (row, url, caption) into img2dataset Parquet shards under `raw_dir`; `images:` URLs
+    are files under `images_root` (a conversation file's image paths).
 
     `raw_dir` is a local Path or a prefix in a bucket (storage.path): img2dataset writes each shard through
     fsspec and its `_stats.json` last, so the shards finished before an interruption are not fetched again,
@@ -90,7 +92,7 @@ def download(rows: pa.Table, raw_dir, cfg: DownloadConfig, guard: GuardConfig, s
                            "download": to_dict(cfg), "guard": to_dict(guard)})
     done = {int(p.name.split("_")[0]) for p in raw_dir.glob("*_stats.json")}
     with tempfile.TemporaryDirectory(prefix="mmpipe-download-", dir=_scratch_parent(raw_dir)) as scratch:
-        _download(rows, raw_dir, Path(scratch), done, cfg, guard)
+        _download(rows, raw_dir, Path(scratch), done, cfg, guard, images_root)
     return raw_dir
 
 
@@ -103,7 +105,7 @@ COLUMNS = ["row", "caption", "url"]  # what img2dataset's Reader would put in a 
 
 
 def _download(rows: pa.Table, raw_dir, scratch: Path, done: set[int], cfg: DownloadConfig,
-              guard: GuardConfig) -> None:
+              guard: GuardConfig, images_root: str | None) -> None:
     resizer = Resizer(image_size=cfg.image_size, resize_mode=cfg.resize_mode, resize_only_if_bigger=False,
                       encode_quality=cfg.encode_quality, encode_format=cfg.encode_format,
                       min_image_size=cfg.min_image_size, max_aspect_ratio=cfg.max_aspect_ratio)
@@ -118,7 +120,8 @@ def _download(rows: pa.Table, raw_dir, scratch: Path, done: set[int], cfg: Downl
         shards = _input_shards(rows, scratch, cfg.samples_per_shard, done)
     done_rows = min(rows.num_rows, len(done) * cfg.samples_per_shard)
     with scratch_tmpdir(scratch / "tmp"):
-        _run(downloader, shards, cfg.processes, guard, raw_dir, total=rows.num_rows, already=done_rows)
+        _run(downloader, shards, cfg.processes, guard, images_root, raw_dir, total=rows.num_rows,
+             already=done_rows)
 
 
 def _input_shards(rows: pa.Table, scratch: Path, per_shard: int, done: set[int]) -> list[tuple[int, str]]:
@@ -152,14 +155,14 @@ def scratch_tmpdir(path: Path):
             os.environ["TMPDIR"] = saved
 
 
-def _run(downloader, shards: list, processes: int, guard: GuardConfig, raw_dir, total: int,
-         already: int) -> None:
+def _run(downloader, shards: list, processes: int, guard: GuardConfig, images_root: str | None, raw_dir,
+         total: int, already: int) -> None:
     """Download shards in a spawn pool under a progress bar; failed shards are tried once more, unless the
     disk is full (then an error naming `raw_dir`)."""
     ctx = multiprocessing.get_context("spawn")
     counter, disk_full = ctx.Value("q", 0), ctx.Value("b", 0)
     with progress_bar("downloading", total=total) as advance_to, \
-            ctx.Pool(processes, initializer=_init_worker, initargs=(guard, counter, disk_full),
+            ctx.Pool(processes, initializer=_init_worker, initargs=(guard, images_root, counter, disk_full),
                      maxtasksperchild=5) as pool:
         for _attempt in range(2):
             result = pool.map_async(downloader, shards, chunksize=1)

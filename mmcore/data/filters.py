@@ -173,8 +173,13 @@ class ModelScoreFilter:
         return [None if k else ("model_score", f"score {s:.3f} < {cut:.3f}") for s, k in zip(scores, keep)]
 
 
-def build_filters(cfg: FilterConfig) -> list[Filter]:
-    """The configured chain, cheapest first."""
+def build_filters(cfg: FilterConfig, kind: str = "captions") -> list[Filter]:
+    """The configured chain, cheapest first. Conversations (kind instructions) pass the language filter only:
+    their length is checked as they are read, several may be about one image, and a caption's score does
+    not rank a conversation."""
+    if kind == "instructions":
+        return [LanguageFilter(cfg.languages, cfg.language_candidates, cfg.language_min_confidence)] \
+            if cfg.languages else []
     chain: list[Filter] = [CaptionFilter(cfg.caption_min_words, cfg.caption_max_chars)]
     if cfg.languages:
         chain.append(LanguageFilter(cfg.languages, cfg.language_candidates, cfg.language_min_confidence))

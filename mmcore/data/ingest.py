@@ -68,12 +68,13 @@ def _ingest(cfg: IngestConfig, extra_filters: Sequence[Filter]) -> DatasetVersio
         raise FileExistsError(f"{cfg.out} already exists; dataset versions are immutable, choose another --out")
     work = storage.path(cfg.work_dir or f"{cfg.out}.partial")
     source = read_source(cfg.source)
-    say(f"ingesting {source.table.num_rows} rows of {source.path} into {cfg.out} (downloads in {work})")
+    say(f"ingesting {source.table.num_rows} {'conversations' if source.kind == 'instructions' else 'rows'} of "
+        f"{source.path} into {cfg.out} (downloads in {work})")
     rejects = Rejects()
     todo = precheck(source, cfg.guard, rejects)
     _trim_heap()
-    raw_dir = download(todo, work / "raw", cfg.download, cfg.guard, source.sha256)
-    chain = list(build_filters(cfg.filters)) + list(extra_filters)
+    raw_dir = download(todo, work / "raw", cfg.download, cfg.guard, source.sha256, cfg.source.images)
+    chain = list(build_filters(cfg.filters, source.kind)) + list(extra_filters)
     if isinstance(out, Path):
         staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
         with staged(staging):
@@ -106,7 +107,7 @@ def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw
            rejects: Rejects, chain: list[Filter]) -> None:
     """Filter, split, shard, tokenize, then write the manifest last."""
     extras = source.table.select(source.extras).schema
-    writer = ShardWriter(staging, extras, cfg.rows_per_shard, cfg.split)
+    writer = ShardWriter(staging, extras, cfg.rows_per_shard, cfg.split, by_id=source.kind == "instructions")
     chunks = _raw_chunks(raw_dir, todo, source, rejects, cfg.download.encode_format)
     before, kept = len(rejects), 0
     with progress_bar("filtering", total=todo.num_rows) as advance_to:
@@ -122,7 +123,7 @@ def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw
     tokenizer.save(str(staging / "tokenizer.json"))
     _write_rejects(staging / "rejects.parquet", rejects, source)
     stats = _stats(source, shards, rejects)
-    source_info = {"path": source.path, "format": source.format, "sha256": source.sha256,
+    source_info = {"path": source.path, "kind": source.kind, "format": source.format, "sha256": source.sha256,
                    "url_col": cfg.source.url_col, "caption_col": cfg.source.caption_col,
                    "extras": source.extras, "dropped_columns": source.dropped}
     manifest = build_manifest(staging, shards, stats, source_info, to_dict(cfg), writer.schema,

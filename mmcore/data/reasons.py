@@ -10,6 +10,18 @@ REASONS: dict[str, str] = {
     "duplicate_url": "the same URL appeared on an earlier row",
     "caption_not_utf8": "the caption is not valid UTF-8",
     "caption_empty": "the caption is missing or blank",
+    # read from a conversation file (source.kind instructions), before any download
+    "malformed_json": "a line of a JSON-lines conversation file is not valid JSON",
+    "bad_conversation": "not an object with an id and a 'conversations' list of {from, value} turns",
+    "duplicate_id": "the same id appeared on an earlier row",
+    "text_not_utf8": "the id, the image or a turn's text is not valid UTF-8",
+    "bad_roles": "a turn's role is not human / gpt (user / assistant), or they do not alternate, human first "
+                 "and an answer last",
+    "empty_turn": "a turn's text is empty",
+    "conversation_too_long": "more characters than source.max_conversation_chars",
+    "no_image": "the row names no image (text-only conversations are not kept)",
+    "image_token": "no <image> in the first turn of a row with an image, or one elsewhere or in a row without",
+    "path_outside_root": "the image path leaves source.images (.., absolute, or a link out of it)",
     # the URL guard, while fetching
     "blocked_network": "the host resolves to a private, loopback, link-local, CGNAT, ULA or metadata address",
     "too_large": "the response is larger than guard.max_bytes",
@@ -20,6 +32,7 @@ REASONS: dict[str, str] = {
     "http_error": "the server answered with an HTTP error status",
     "timeout": "the server did not answer within the timeout or the body within the deadline",
     "connection_error": "the connection failed (refused, reset, DNS failure)",
+    "image_not_found": "no file at the image's path under source.images",
     "robots_optout": "an X-Robots-Tag header opts the image out (noai, noimageai, ...)",
     "download_error": "any other download failure",
     # img2dataset's decoder and resizer

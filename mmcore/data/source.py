@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from mmcore.data.config import GuardConfig, SourceConfig
+from mmcore.data.conversations import IMAGES_SCHEME, read_conversations
 from mmcore.data.schema import CURATED_NAMES, SchemaError
 from mmcore.data.urlguard import FetchError, check_url
 
@@ -79,6 +80,10 @@ class Source:
     extras: list[str]
     dropped: list[str]
     """Source columns not carried because mmpipe reserves their names."""
+    kind: str = "captions"
+    """SourceConfig.kind: captions, or instructions (a conversation file; rows keyed by their id)."""
+    invalid: list[tuple[int, str, str]] = field(default_factory=list)
+    """Rows rejected while reading (row, reason, detail): a conversation file's bad rows."""
 
 
 def infer_format(path: Path) -> str:
@@ -192,6 +197,8 @@ def read_source(cfg: SourceConfig) -> Source:
     """Read the URL list; missing columns fail here, naming the column and the file."""
     cfg.validate()
     root = Path(cfg.path)
+    if cfg.kind == "instructions":
+        return _read_instructions(root, cfg)
     files = _files(root, cfg.format)
     fmt = cfg.format or infer_format(files[0])
     tables = []
@@ -213,6 +220,19 @@ def read_source(cfg: SourceConfig) -> Source:
                   extras=list(extras), dropped=dropped)
 
 
+def _read_instructions(root: Path, cfg: SourceConfig) -> Source:
+    """A conversation file (or a directory of them, rows numbered across the files in name order)."""
+    files = _files(root, cfg.format)
+    tables, invalid = [], []
+    for path in files:
+        offset = sum(t.num_rows for t in tables)
+        table, rejected = read_conversations(path, cfg)
+        tables.append(table.set_column(0, "row", pa.array(range(offset, offset + table.num_rows), pa.int64())))
+        invalid += [(offset + row, reason, detail) for row, reason, detail in rejected]
+    return Source(table=pa.concat_tables(tables), path=str(root), format="json", sha256=file_sha256(files),
+                  extras=["id", "conversations"], dropped=[], kind="instructions", invalid=invalid)
+
+
 def _text(value) -> str | None:
     """A cell as text; raises UnicodeDecodeError for bytes that are not UTF-8."""
     if value is None:
@@ -228,20 +248,29 @@ def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
     Python sees one batch of rows at a time and repeated URLs are found by Arrow, so a long list costs its
     Arrow columns, not a Python string per URL.
     """
-    checked = [_check_batch(batch, guard, rejects)
-               for batch in source.table.select(["row", "url", "caption"]).to_batches(max_chunksize=ROWS_AT_A_TIME)]
-    return _drop_repeated_urls(pa.Table.from_batches(checked, TODO_SCHEMA), rejects)
+    table = source.table.select(["row", "url", "caption"])
+    if source.invalid:
+        for row, reason, detail in source.invalid:
+            rejects.add(row, reason, detail)
+        valid = np.ones(table.num_rows, bool)
+        valid[[row for row, _, _ in source.invalid]] = False
+        table = table.filter(pa.array(valid))
+    checked = pa.Table.from_batches([_check_batch(batch, guard, rejects, source.kind == "instructions")
+                                     for batch in table.to_batches(max_chunksize=ROWS_AT_A_TIME)], TODO_SCHEMA)
+    # several conversations may be about one image
+    return checked if source.kind == "instructions" else _drop_repeated_urls(checked, rejects)
 
 
 TODO_SCHEMA = pa.schema([("row", pa.int64()), ("url", pa.string()), ("caption", pa.string())])
 
 
-def _check_batch(batch: pa.RecordBatch, guard: GuardConfig, rejects: Rejects) -> pa.RecordBatch:
+def _check_batch(batch: pa.RecordBatch, guard: GuardConfig, rejects: Rejects, local_images: bool) -> pa.RecordBatch:
     rows, urls, captions = [], [], []
     for row, url, caption in zip(*(column.to_pylist() for column in batch.columns)):
         try:
             url = _text(url)
-            check_url(url, guard)
+            if not (local_images and url.startswith(f"{IMAGES_SCHEME}:")):  # a path under source.images
+                check_url(url, guard)
         except UnicodeDecodeError:
             rejects.add(row, "malformed_url", "the URL is not valid UTF-8")
             continue

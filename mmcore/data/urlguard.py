@@ -15,6 +15,7 @@ Proxies from the environment are not used: a proxy would connect on our behalf, 
 
 from __future__ import annotations
 
+import email.message
 import http.client
 import io
 import ipaddress
@@ -24,7 +25,8 @@ import urllib.error
 import urllib.request
 import urllib.response
 import warnings
-from urllib.parse import urljoin, urlsplit
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
 
 from PIL import Image
 
@@ -207,6 +209,27 @@ class _UnknownSchemeHandler(urllib.request.BaseHandler):
         raise FetchError("scheme_not_allowed", f"scheme {req.type!r} of {req.full_url[:80]!r} is not allowed")
 
 
+class _ImagesHandler(urllib.request.BaseHandler):
+    """`images:<path>` (a conversation file's image paths, data/conversations.py): a file under `root`, read
+    under the byte cap and checked as a fetched body is; a path that leads out of `root` is refused."""
+
+    def __init__(self, root: str, policy: GuardConfig):
+        self.root, self.policy = Path(root).resolve(), policy
+
+    def images_open(self, req):
+        relative = unquote(req.selector)
+        path = (self.root / relative).resolve()  # follows links: where the file really is
+        if not path.is_relative_to(self.root):
+            raise FetchError("path_outside_root", f"{relative!r} leads to {path}, outside {self.root}")
+        if not path.is_file():
+            raise FetchError("image_not_found", f"no file {relative!r} under {self.root}")
+        if path.stat().st_size > self.policy.max_bytes:
+            raise FetchError("too_large", f"{relative!r} is larger than max_bytes {self.policy.max_bytes}")
+        body = path.read_bytes()
+        check_image(body, self.policy)
+        return urllib.response.addinfourl(io.BytesIO(body), email.message.Message(), req.full_url, 200)
+
+
 class _BodyGuard(urllib.request.BaseHandler):
     """Reads each success body under the byte cap and deadline, then checks it is a sane image."""
 
@@ -290,10 +313,12 @@ def check_image(body: bytes, policy: GuardConfig, content_type: str = "") -> Non
                 raise FetchError("truncated_image", f"{image.format} data incomplete or corrupt: {err}") from None
 
 
-def build_opener(policy: GuardConfig) -> urllib.request.OpenerDirector:
-    """An opener with only guarded handlers (no file/ftp/data handlers, no proxies)."""
+def build_opener(policy: GuardConfig, images_root: str | None = None) -> urllib.request.OpenerDirector:
+    """An opener with only guarded handlers (no file/ftp/data handlers, no proxies); with `images_root`, one
+    that reads `images:` paths under it."""
     opener = urllib.request.OpenerDirector()
     for handler in (
+        *([_ImagesHandler(images_root, policy)] if images_root else []),
         _GuardedHTTPHandler(policy),
         _GuardedHTTPSHandler(policy),
         _GuardedRedirectHandler(policy),
@@ -306,7 +331,7 @@ def build_opener(policy: GuardConfig) -> urllib.request.OpenerDirector:
     return opener
 
 
-def install(policy: GuardConfig) -> None:
+def install(policy: GuardConfig, images_root: str | None = None) -> None:
     """Route this process's `urllib.request.urlopen` (img2dataset's fetcher) through the guard."""
-    urllib.request.install_opener(build_opener(policy))
+    urllib.request.install_opener(build_opener(policy, images_root))
 
