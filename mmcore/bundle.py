@@ -108,8 +108,9 @@ class ModelBundle:
                               "registry (mmcore.load_model or the pyfunc), which fetches that base")
         model.lm.load_parent(ModelBundle.at(base).load()[0].lm)
         model.lm.with_lora(adapters["rank"], adapters["alpha"], adapters["dropout"], adapters["target_modules"])
+        model.lm.train_new_rows()
         missing, unexpected = model.load_state_dict(load_file(self.weights), strict=False)
-        wrong = sorted(unexpected) + [key for key in missing if not _from_base(key)]
+        wrong = sorted(unexpected) + [key for key in missing if not _from_base(key) and not _new_row(key)]
         if wrong:
             raise BundleError(f"{self.directory}: its weights do not fit its architecture with adapters on "
                               f"{adapters['base']} ({', '.join(wrong[:5])})")
@@ -142,5 +143,12 @@ class ModelBundle:
 
 
 def _from_base(key: str) -> bool:
-    """A weight of an adapted model that its base LM holds: the LM's own, not its LoRA adapters'."""
-    return key.startswith("lm.") and "lora_" not in key
+    """A weight of an adapted model that its base LM holds: the LM's own, not its LoRA adapters' nor its new
+    rows'."""
+    return key.startswith("lm.") and "lora_" not in key and not _new_row(key)
+
+
+def _new_row(key: str) -> bool:
+    """The rows of the tokens an adapted LM's base lacks (absent from a bundle written before they trained:
+    they stay at the base's start)."""
+    return key.startswith("lm.new_rows.")

@@ -181,11 +181,14 @@ class FusionTask(_PixelTask):
 
 def _train_lm(cfg: RunConfig, model: nn.Module) -> None:
     """How the LM of a fusion or unified model trains, once its weights are loaded: frozen (model.freeze_lm),
-    or with LoRA adapters (model.lora, starting at zero on top of the weights), or whole."""
+    or with LoRA adapters (model.lora, starting at zero on top of the weights), or whole. Frozen or adapted, the
+    rows of the tokens its language parent lacked still train."""
     model.lm.requires_grad_(not cfg.model.freeze_lm)
     lora = cfg.model.lora
     if lora.rank:
         model.lm.with_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
+    if cfg.model.freeze_lm or lora.rank:
+        model.lm.train_new_rows()
 
 
 def question_labels(input_ids: torch.Tensor, labels: torch.Tensor,

@@ -99,6 +99,10 @@ class PretrainedDecoder(nn.Module):
         self.cfg = cfg
         self.hf = _from_config(cfg, eos_id)
         """The transformers model; while LoRA trains, peft's wrapper around it (`with_lora`)."""
+        self.parent_rows: int | None = None
+        """The language parent's vocabulary size, once load_parent has loaded it."""
+        self.new_rows: nn.Embedding | None = None
+        """While the table is frozen, the rows its parent lacks, training apart (`train_new_rows`)."""
 
     @property
     def core(self) -> nn.Module:
@@ -114,7 +118,11 @@ class PretrainedDecoder(nn.Module):
         return self.core.get_output_embeddings()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.core.get_input_embeddings()(input_ids)
+        x = self.core.get_input_embeddings()(input_ids)
+        if self.new_rows is None:
+            return x
+        new = input_ids - self.parent_rows
+        return torch.where((new >= 0)[..., None], self.new_rows(new.clamp(min=0)).to(x.dtype), x)
 
     def linear_layers(self) -> list[str]:
         """The names the LM's linear layers end with (what LoRA's target_modules name)."""
@@ -125,11 +133,21 @@ class PretrainedDecoder(nn.Module):
         """The language parent's transformers weights; the rows of tokens its vocabulary lacks (the <image> the
         fusion stage adds to an imported LM's tokenizer) start at the mean of its rows, as LLaVA and Emu3 do."""
         self.core.load_state_dict(self._parent_state(lm))
+        self.parent_rows = lm.get_input_embeddings().num_embeddings
 
     def holds_parent(self, lm: nn.Module) -> bool:
-        """Whether this LM's weights are still the ones load_parent(lm) gave it."""
+        """Whether this LM's weights are still the parent's (the rows the parent lacks aside)."""
         ours = self.core.state_dict()
-        return all(torch.equal(ours[key], value) for key, value in self._parent_state(lm).items())
+        return all(torch.equal(ours[key] if ours[key].shape == value.shape else ours[key][: len(value)], value)
+                   for key, value in lm.state_dict().items())
+
+    def train_new_rows(self) -> None:
+        """With the LM's own weights frozen (model.freeze_lm, LoRA), the input rows of the tokens its parent
+        lacked (<image> on an imported LM, a unified model's codes) still train, in a table of their own that
+        `merge_adapters` writes back, as open_flamingo trains its media token's row. None to add: nothing."""
+        table = self.core.get_input_embeddings().weight
+        if self.parent_rows is not None and self.parent_rows < len(table):
+            self.new_rows = nn.Embedding.from_pretrained(table[self.parent_rows:].detach().clone(), freeze=False)
 
     def _parent_state(self, lm: nn.Module) -> dict[str, torch.Tensor]:
         ours, state = self.core.state_dict(), {}
@@ -152,10 +170,15 @@ class PretrainedDecoder(nn.Module):
         self.hf = get_peft_model(self.hf, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                                                      target_modules=list(targets)))
 
-    def merge_lora(self) -> None:
-        """The adapters merged into the weights: the plain transformers model again (what is registered)."""
+    def merge_adapters(self) -> None:
+        """LoRA's adapters and the new rows merged into the weights: the plain transformers model again (what
+        is registered)."""
         if hasattr(self.hf, "merge_and_unload"):
             self.hf = self.hf.merge_and_unload()
+        if self.new_rows is not None:
+            with torch.no_grad():
+                self.core.get_input_embeddings().weight[self.parent_rows:] = self.new_rows.weight
+            self.new_rows = None
 
     def decoder_layers(self) -> nn.ModuleList:
         """The LM's decoder layers (Llama's model.layers, GPT-2's transformer.h, ...)."""

@@ -33,10 +33,10 @@ class TextGenerator(nn.Module):
     extra_positions = 0
     """LM positions a sample takes beyond its text tokens (LLaVA: the image tokens minus <image>)."""
 
-    def merge_lora(self) -> None:
-        """LoRA adapters on a language parent's LM merged into its weights (before the model is saved)."""
-        if hasattr(self.lm, "merge_lora"):
-            self.lm.merge_lora()
+    def merge_adapters(self) -> None:
+        """LoRA adapters and new rows on a language parent's LM merged into its weights (before saving)."""
+        if hasattr(self.lm, "merge_adapters"):
+            self.lm.merge_adapters()
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, packing: Packing | None = None) -> torch.Tensor:
         """(B, 3, H, W), (B, L) -> logits (B, L, V); `packing` in text positions (the <image> token one)."""

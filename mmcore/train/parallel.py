@@ -26,13 +26,14 @@ def worker_threads(parallel: ParallelConfig, local_workers: int) -> int:
 
 
 def param_groups(module: nn.Module, weight_decay: float, lrs: dict[str, float] | None = None) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms, embeddings' positions or scalars. `lrs`: parameter
-    name -> its own learning rate (in groups of their own; the rest take the optimizer's)."""
+    """Weight decay on matrices only: not on biases, norms, embeddings' positions or scalars, nor on the new
+    rows of a frozen table (decay would pull them away from rows that never move). `lrs`: parameter name -> its
+    own learning rate (in groups of their own; the rest take the optimizer's)."""
     groups: dict[tuple[bool, float | None], list] = {}
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        decays = param.ndim >= 2 and "pos" not in name.split(".")[-1]
+        decays = param.ndim >= 2 and "pos" not in name.split(".")[-1] and "new_rows" not in name.split(".")
         groups.setdefault((decays, (lrs or {}).get(name)), []).append(param)
     return [{"params": params, "weight_decay": weight_decay if decays else 0.0, **({"lr": lr} if lr else {})}
             for (decays, lr), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1] or 0))]

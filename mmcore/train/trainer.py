@@ -300,8 +300,8 @@ class Trainer:
         with gather:
             if self.ranks.rank == 0:
                 model = self.engine.module.model
-                if hasattr(model, "merge_lora") and not model_config.get("adapters"):  # into the weights they adapt
-                    model.merge_lora()
+                if hasattr(model, "merge_adapters") and not model_config.get("adapters"):  # into the weights
+                    model.merge_adapters()
                 staging = storage.scratch_dir(self.run_dir) / ".final.tmp"
                 with staged(staging):
                     ModelBundle.write(staging, model, model_config, tokenizer_json, preprocess)

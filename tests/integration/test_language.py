@@ -218,7 +218,7 @@ def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_d
     model, own = registry.load_model(instructed.model_uri)  # its base fetched from the registry
     probe = train_dataset.read("test", columns=["image"]).column("image").to_pylist()[:2]
     native = generate_answers(model, own, probe, ["describe the image.", "what colour is it?"], 8)
-    model.merge_lora()
+    model.merge_adapters()
     tuned = model.lm.hf.state_dict()
     assert tuned.keys() == theirs.keys()
     assert not all(torch_equal(tuned[k], theirs[k]) for k in tuned)  # the adapters learned in this phase

@@ -410,8 +410,36 @@ def test_lora_starts_as_the_lm_trains_only_its_adapters_and_merges_into_a_plain_
                 param.normal_(0, 0.1)
     adapted = model(images, ids)
     assert not torch.allclose(adapted, before, atol=1e-3)
-    model.merge_lora()
+    model.merge_adapters()
     assert set(model.state_dict()) == plain_keys and torch.allclose(model(images, ids), adapted, atol=1e-5)
+
+
+def test_a_frozen_lm_still_trains_the_row_its_parent_lacked_and_saves_it_in_its_table():
+    """Flamingo on a frozen imported LM: <image> (added after its 400 rows) trains in a table of its own, the
+    parent's rows stay out of the optimizer, and merging writes the trained row back into a plain table."""
+    from mmcore.tasks import _train_lm
+
+    parent = _model("flamingo-lm").lm.core
+    model = _model("flamingo-lm", vocab=401)
+    model.lm.load_parent(parent)
+    cfg = RunConfig(task=TaskConfig(stage="fusion", loss="next-token"))
+    cfg.model.freeze_lm = True
+    _train_lm(cfg, model)
+    images, ids = torch.randn(2, 3, 32, 32), _ids(2)
+    ids[:, 2] = 400  # the imported LM's <image>
+    plain_keys = set(model.state_dict()) - {"lm.new_rows.weight"}
+    assert [n for n, p in model.lm.named_parameters() if p.requires_grad] == ["new_rows.weight"]
+    assert [g["weight_decay"] for g in param_groups(model.lm, 0.1)] == [0.0], "no decay away from frozen peers"
+    (grad,) = torch.autograd.grad(model(images, ids)[:, -1].sum(), model.lm.new_rows.weight)
+    assert grad.abs().sum() > 0  # the text after <image> reads the row
+    with torch.no_grad():
+        model.lm.new_rows.weight.normal_(0, 0.1)
+    trained, row = model(images, ids), model.lm.new_rows.weight.detach().clone()
+    model.merge_adapters()
+    table = model.lm.core.get_input_embeddings().weight
+    assert set(model.state_dict()) == plain_keys and torch.equal(table[400:], row)
+    assert torch.equal(table[:400], parent.get_input_embeddings().weight)
+    assert torch.allclose(model(images, ids), trained, atol=1e-6)
 
 
 def test_lora_targets_the_lm_does_not_have_are_named_with_those_it_has():
