@@ -56,11 +56,21 @@ def print_summary(version) -> None:
     head.add_row("kept", str(rows["kept"]))
     reasons = sorted(rows["rejected"].items(), key=lambda kv: -kv[1])
     head.add_row("rejected", f"{sum(rows['rejected'].values())}" +
-                 (": " + ", ".join(f"{reason} {count}" for reason, count in reasons) if reasons else ""))
+                 (": " + ", ".join(f"{reason} {count} ({count / rows['in']:.1%})" for reason, count in reasons)
+                  if reasons else ""))
     head.add_row("splits", ", ".join(f"{k} {v}" for k, v in m["splits"].items()))
     head.add_row("shards", str(len(m["shards"])))
     head.add_row("tokenizer", f"BPE, {m['tokenizer']['vocab_size']} tokens")
     head.add_row("extra columns", ", ".join(m["source"]["extras"]) or "-")
+    card = m.get("card", {})
+    head.add_row("kind", version.kind)
+    for name, spread in card.items():
+        if isinstance(spread, dict) and "median" in spread:
+            head.add_row(name.replace("_", " "), ", ".join(f"{k} {v}" for k, v in spread.items()))
+    if card.get("languages"):
+        judged = sum(card["languages"].values())
+        head.add_row("languages", ", ".join(f"{code} {count / judged:.0%}"
+                                            for code, count in card["languages"].items()))
     console.out.print(head)
 
 

@@ -49,6 +49,8 @@ class Stage:
     """Can start every weight from a registered model of its own stage (model.start_from: LLaVA's second phase)."""
     text_loss: bool = False
     """Weighs the loss on the text a chat is about against the answers' (task.text_loss: the language stage)."""
+    reads: tuple[str, ...] = ("captions",)
+    """The dataset kinds it trains on (SourceConfig.kind): captions, and instructions (conversations)."""
 
     @property
     def task(self) -> type:
@@ -79,7 +81,7 @@ STAGES = {stage.name: stage for stage in (
           parent=Parent("contrastive", "models:/mmpipe-contrastive@champion", _vision),
           lm_parent=Parent("language", "models:/mmpipe-language@champion",
                            lambda parent: {"language": _without_card(parent)}),
-          packs=True, question_loss=True, starts_from=True),
+          packs=True, question_loss=True, starts_from=True, reads=("captions", "instructions")),
     Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language",
           text_loss=True),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -101,6 +103,40 @@ class ShardWriter:
         return self.written
 
 
+class DataCard:
+    """What `mmpipe dataset show` reports beyond the counts, gathered as the kept rows are written (histograms:
+    memory does not grow with the rows): words per caption, or turns per conversation and words per answer."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.histograms: dict[str, Counter[int]] = {}
+
+    def add(self, rows: pa.Table) -> None:
+        if self.kind == "instructions":
+            for text in rows.column("conversations").to_pylist():
+                turns = json.loads(text)
+                self.histograms.setdefault("turns_per_conversation", Counter())[len(turns) // 2] += 1
+                self.histograms.setdefault("words_per_answer", Counter()).update(
+                    len(turn["value"].split()) for turn in turns if turn["from"] == "gpt")
+        else:
+            self.histograms.setdefault("words_per_caption", Counter()).update(
+                len(caption.split()) for caption in rows.column("caption").to_pylist())
+
+    def summary(self, languages: Counter[str] | None = None) -> dict:
+        """{kind, <histogram>: {min, median, p90, max}, languages: {code: rows}} for the manifest."""
+        card = {"kind": self.kind, **{name: _spread(h) for name, h in self.histograms.items() if h}}
+        return card | ({"languages": dict(languages.most_common())} if languages else {})
+
+
+def _spread(histogram: Counter[int]) -> dict[str, int]:
+    values = sorted(histogram)
+    cumulative = np.cumsum([histogram[v] for v in values])
+
+    def quantile(q: float) -> int:
+        return int(values[int(np.searchsorted(cumulative, q * cumulative[-1]))])
+    return {"min": values[0], "median": quantile(0.5), "p90": quantile(0.9), "max": values[-1]}
+
+
 def content_id(files: dict[str, dict]) -> str:
     """The dataset id: a hash over every data file's path and sha256."""
     listing = json.dumps(sorted((path, entry["sha256"]) for path, entry in files.items()))
@@ -108,7 +144,7 @@ def content_id(files: dict[str, dict]) -> str:
 
 
 def build_manifest(root: Path, shards: list[dict], stats: dict, source: dict, config: dict,
-                   schema: pa.Schema, tokenizer_vocab: int) -> dict:
+                   schema: pa.Schema, tokenizer_vocab: int, card: dict | None = None) -> dict:
     files = {shard["path"]: {k: shard[k] for k in ("sha256", "bytes")} for shard in shards}
     for name in ("tokenizer.json", "rejects.parquet"):
         files[name] = file_digest(root / name)
@@ -124,6 +160,7 @@ def build_manifest(root: Path, shards: list[dict], stats: dict, source: dict, co
         "tokenizer": {"path": "tokenizer.json", "vocab_size": tokenizer_vocab},
         "source": source,
         "config": config,
+        **({"card": card} if card else {}),
     }
 
 

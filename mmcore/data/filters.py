@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import imagehash
@@ -52,6 +53,8 @@ class LanguageFilter:
         self.candidates = [code.lower() for code in candidates]
         self.min_confidence = min_confidence
         self._detector = None
+        self.detected: Counter[str] = Counter()
+        """The most likely language of every row judged (the data card's language mix)."""
 
     def _build(self):
         from lingua import IsoCode639_1, LanguageDetectorBuilder
@@ -69,6 +72,7 @@ class LanguageFilter:
         return [self._verdict(values) for values in results]
 
     def _verdict(self, values) -> Verdict:
+        self.detected[values[0].language.iso_code_639_1.name.lower() if values else "unknown"] += 1
         target = sum(v.value for v in values if v.language.iso_code_639_1.name.lower() in self.languages)
         if target >= self.min_confidence:
             return None

@@ -20,9 +20,9 @@ from mmcore import storage
 from mmcore.config import project_home, to_dict
 from mmcore.data.config import IngestConfig
 from mmcore.console import say
-from mmcore.data.dataset import MANIFEST, DatasetVersion, ShardWriter, build_manifest
+from mmcore.data.dataset import MANIFEST, DataCard, DatasetVersion, ShardWriter, build_manifest
 from mmcore.data.download import download
-from mmcore.data.filters import Filter, build_filters, run_filters
+from mmcore.data.filters import Filter, LanguageFilter, build_filters, run_filters
 from mmcore.data.reasons import classify_download_error
 from mmcore.data.source import REJECTS_SCHEMA, ROWS_AT_A_TIME, Rejects, Source, precheck, read_source
 from mmcore.data.tokenizer import train_tokenizer
@@ -109,10 +109,11 @@ def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw
     extras = source.table.select(source.extras).schema
     writer = ShardWriter(staging, extras, cfg.rows_per_shard, cfg.split, by_id=source.kind == "instructions")
     chunks = _raw_chunks(raw_dir, todo, source, rejects, cfg.download.encode_format)
-    before, kept = len(rejects), 0
+    before, kept, card = len(rejects), 0, DataCard(source.kind)
     with progress_bar("filtering", total=todo.num_rows) as advance_to:
         for chunk in run_filters(chunks, chain, rejects):
             writer.write(chunk)
+            card.add(chunk)
             kept += chunk.num_rows
             advance_to(kept + len(rejects) - before)
     shards = writer.close()
@@ -126,8 +127,9 @@ def _build(staging: Path, cfg: IngestConfig, source: Source, todo: pa.Table, raw
     source_info = {"path": source.path, "kind": source.kind, "format": source.format, "sha256": source.sha256,
                    "url_col": cfg.source.url_col, "caption_col": cfg.source.caption_col,
                    "extras": source.extras, "dropped_columns": source.dropped}
+    languages = next((f.detected for f in chain if isinstance(f, LanguageFilter)), None)
     manifest = build_manifest(staging, shards, stats, source_info, to_dict(cfg), writer.schema,
-                              tokenizer.get_vocab_size())
+                              tokenizer.get_vocab_size(), card.summary(languages))
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 

@@ -1,4 +1,5 @@
-"""Instruction turns derived from a dataset row, deterministically (nothing new is stored).
+"""Instruction turns of a dataset row: an instruction dataset's conversation as written (`conversation`), or
+turns derived from a caption dataset's row, deterministically (nothing new is stored).
 
 What the fusion and unified stages read, a row -> its turns: `training_questions(row, seed, epoch)` while
 training, `questions(row, held_out)` for evaluation. Every row can be asked for its caption; rows of the
@@ -20,6 +21,7 @@ the cost of one image.
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 
@@ -40,8 +42,9 @@ CAPTION_PROMPT = CAPTION_TEMPLATES[0][0]
 """The prompt evaluation asks for a caption with (captioning; the compositional probe, scoring): seen."""
 SHARED = 3
 """<bos> <|user|> <image>: the prefix every question about one image shares in a packed sequence."""
-ROW_COLUMNS = ["key", "caption", *attributes.COLUMNS]
-"""Columns a sample can be derived from; a dataset without the attribute columns gets captions only."""
+ROW_COLUMNS = ["key", "caption", *attributes.COLUMNS, "conversations"]
+"""Columns a sample can be derived from; a dataset without the attribute columns gets captions only, one of
+conversations (an instruction dataset) its conversations."""
 
 
 @dataclass(frozen=True)
@@ -122,11 +125,17 @@ class ChatFormat:
                                 preprocess.cfg.chat_tokens)
         return cls(tokenizer, preprocess.cfg.context_length)
 
-    def prompt(self, question: str) -> list[int]:
-        """<bos> <|user|> <image> question <|assistant|>"""
+    def prompt(self, question: str, history: list[Question] = ()) -> list[int]:
+        """<bos> <|user|> <image> question <|assistant|>; after `history` (the turns of a conversation before
+        it): those turns, then <|user|> question <|assistant|>."""
+        if history:
+            return self._conversation(history)[0] + self._follow_up(question)
         i = self.ids
         return [i[BOS], i[USER], i[IMAGE], *self.tokenizer.encode(question, add_special_tokens=False).ids,
                 i[ASSISTANT]]
+
+    def _follow_up(self, question: str) -> list[int]:
+        return [self.ids[USER], *self.tokenizer.encode(question, add_special_tokens=False).ids, self.ids[ASSISTANT]]
 
     def drawing_prompt(self, caption: str, limit: int = 10 ** 9) -> tuple[list[int], bool]:
         """What a unified model draws after (data/mixed.py): `<bos> caption` (an empty caption: the unconditional
@@ -134,11 +143,19 @@ class ChatFormat:
         ids = [self.ids[BOS], *self.tokenizer.encode(caption, add_special_tokens=False).ids]
         return ids[:limit], len(ids) > limit
 
+    def _conversation(self, turns: list[Question]) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of turns in one sequence, uncut: the first turn's prompt, then `<|user|> question
+        <|assistant|>` for each later one; labels on each answer and its <eos>."""
+        ids, labels = [], []
+        for k, turn in enumerate(turns):
+            prompt = self._follow_up(turn.question) if k else self.prompt(turn.question)
+            answer = self.tokenizer.encode(turn.answer, add_special_tokens=False).ids + [self.eos]
+            ids, labels = ids + prompt + answer, labels + [IGNORE] * len(prompt) + answer
+        return ids, labels
+
     def _turn(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
         """(input_ids, labels, truncated) of one question, cut to the context, unpadded."""
-        prompt = self.prompt(question)
-        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False).ids + [self.eos]
-        ids, labels = prompt + answer_ids, [IGNORE] * len(prompt) + answer_ids
+        ids, labels = self._conversation([Question("", question, answer)])
         return ids[: self.context_length], labels[: self.context_length], len(ids) > self.context_length
 
     def encode(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
@@ -146,6 +163,20 @@ class ChatFormat:
         ids, labels, truncated = self._turn(question, answer)
         pad = self.context_length - len(ids)
         return ids + [self.pad] * pad, labels + [IGNORE] * pad, truncated
+
+    def encode_conversation(self, turns: list[Question], length: int = 0) -> tuple[list[int], list[int], list[int],
+                                                                                   list[int], bool, int]:
+        """A conversation (an instruction dataset's row) in one causal sequence of `length` tokens (default the
+        context): each answer sees the turns before it; cut where it does not fit. -> encode_packed's tuple:
+        segments 0 on the shared prefix and 1 on the rest (one question's, as packing counts), positions
+        0.., and the number of answers that begin inside the sequence."""
+        ids, labels = self._conversation(turns)
+        length = length or self.context_length
+        answers = sum(1 for i in range(1, min(len(ids), length)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
+        truncated, ids, labels = len(ids) > length, ids[:length], labels[:length]
+        pad = length - len(ids)
+        return (ids + [self.pad] * pad, labels + [IGNORE] * pad, [0] * SHARED + [1] * (len(ids) - SHARED) + [-1] * pad,
+                list(range(len(ids))) + [0] * pad, truncated, answers)
 
     def encode_packed(self, asked: list[Question], length: int) -> tuple[list[int], list[int], list[int], list[int],
                                                                         bool, int]:
@@ -198,8 +229,9 @@ class TemplateChat(ChatFormat):
                                                   add_generation_prompt=generation)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def prompt(self, question: str) -> list[int]:
-        return self._render([{"role": "user", "content": f"{IMAGE}\n{question}"}], generation=True)
+    def prompt(self, question: str, history: list[Question] = ()) -> list[int]:
+        asked = {"role": "user", "content": question if history else f"{IMAGE}\n{question}"}
+        return self._render([*_messages(history), asked], generation=True)
 
     def drawing_prompt(self, caption: str, limit: int = 10 ** 9) -> tuple[list[int], bool]:
         """The caption as the user's message with the template's generation prompt; a caption too long for
@@ -211,15 +243,26 @@ class TemplateChat(ChatFormat):
         kept = self.tokenizer.decode(words[:max(0, len(words) - (len(ids) - limit))])
         return self._render([{"role": "user", "content": kept}], generation=True)[:limit], True
 
-    def _turn(self, question: str, answer: str) -> tuple[list[int], list[int], bool]:
-        prompt = self.prompt(question)
-        ids = self._render([{"role": "user", "content": f"{IMAGE}\n{question}"},
-                            {"role": "assistant", "content": answer}], generation=False)
-        if ids[: len(prompt)] != prompt:
-            raise ValueError("the chat template writes a question's prompt differently when its answer follows; "
-                             "its answers cannot be told apart for the loss")
-        labels = [IGNORE] * len(prompt) + ids[len(prompt):]
-        return ids[: self.context_length], labels[: self.context_length], len(ids) > self.context_length
+    def _conversation(self, turns: list[Question]) -> tuple[list[int], list[int]]:
+        """The turns as the template renders them (<image> in the first user message); labels on what it writes
+        after each generation prompt."""
+        ids, labels = [], []
+        for k in range(len(turns)):
+            prompt = self.prompt(turns[k].question, turns[:k])
+            full = self._render(_messages(turns[: k + 1]), generation=False)
+            if prompt[: len(ids)] != ids or full[: len(prompt)] != prompt:
+                raise ValueError("the chat template writes a turn differently when more of the conversation "
+                                 "follows; its answers cannot be told apart for the loss")
+            labels += [IGNORE] * (len(prompt) - len(ids)) + full[len(prompt):]
+            ids = full
+        return ids, labels
+
+
+def _messages(turns: list[Question]) -> list[dict]:
+    """Turns as chat-template messages, <image> opening the first user message."""
+    return [m for k, turn in enumerate(turns) for m in (
+        {"role": "user", "content": turn.question if k else f"{IMAGE}\n{turn.question}"},
+        {"role": "assistant", "content": turn.answer})]
 
 
 def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0,
@@ -228,18 +271,36 @@ def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length
     one question a row; with `pack_length`, all the row's questions that fit in that many tokens (B,
     pack_length), with segments and positions (B, pack_length) and the number of questions (B,).
     `captions_only`: the caption request alone."""
-    if not pack_length:
-        encoded = [chat.encode(q.question, q.answer) for q in
-                   (training_question(row, seed, int(row.get("epoch") or 0), captions_only) for row in rows)]
-        keys = ("input_ids", "labels", "truncated")
-    else:
-        encoded = [chat.encode_packed(training_questions(row, seed, int(row.get("epoch") or 0), captions_only),
-                                      pack_length) for row in rows]
-        keys = ("input_ids", "labels", "segments", "positions", "truncated", "questions")
+    encoded = [_encoded(row, chat, seed, pack_length, captions_only) for row in rows]
+    keys = ("input_ids", "labels", "segments", "positions", "truncated", "questions") if pack_length else \
+        ("input_ids", "labels", "truncated")
     shapes = {"truncated": (len(rows),), "questions": (len(rows),)}
     width = pack_length or chat.context_length
     return {key: np.array([e[i] for e in encoded], np.int64).reshape(shapes.get(key, (len(rows), width)))
             for i, key in enumerate(keys)}
+
+
+def _encoded(row: dict, chat: ChatFormat, seed: int, pack_length: int, captions_only: bool) -> tuple:
+    """One row's sequence: its conversation (an instruction dataset's row), else this epoch's questions
+    derived from it."""
+    turns, epoch = conversation(row), int(row.get("epoch") or 0)
+    if pack_length:
+        return chat.encode_conversation(turns, pack_length) if turns else \
+            chat.encode_packed(training_questions(row, seed, epoch, captions_only), pack_length)
+    if turns:
+        ids, labels, _, _, truncated, _ = chat.encode_conversation(turns)
+        return ids, labels, truncated
+    asked = training_question(row, seed, epoch, captions_only)
+    return chat.encode(asked.question, asked.answer)
+
+
+def conversation(row: dict) -> list[Question] | None:
+    """An instruction dataset's row: its conversation's turns (question, answer) in order (data/conversations.py
+    stored them); None for a row of a caption dataset."""
+    if not row.get("conversations"):
+        return None
+    turns = json.loads(row["conversations"])
+    return [Question("conversation", turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)]
 
 
 class InstructPreprocessor(Preprocessor):

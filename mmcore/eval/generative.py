@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, Question, questions
+from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, ChatFormat, Question, conversation, questions
 from mmcore.data.synthetic.corpus import COLORS, SHAPES
 from mmcore.eval.contrastive import rows
 from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
@@ -52,13 +52,17 @@ def ask(model, preprocess, asked: list[tuple[dict, Question]]) -> list[str]:
 
 
 def _test_rows(version) -> list[dict]:
-    table = rows(version, ["image", *[c for c in ROW_COLUMNS if c != "key"]])
-    return table.to_pylist()
+    """The test split's rows: the image, the caption and the other columns a sample derives from that the
+    dataset has."""
+    extras = version.manifest["source"].get("extras", [])
+    return rows(version, ["image", "caption", *[c for c in ROW_COLUMNS if c in extras]]).to_pylist()
 
 
-@suite("vqa", {"generate"}, "questions about colour, shape, count, relation, yes/no and digits; exact match",
-       SAMPLE_COLUMNS)
+@suite("vqa", {"generate"}, "questions about colour, shape, count, relation, yes/no and digits, or an instruction "
+       "dataset's conversations; exact match", SAMPLE_COLUMNS, kinds=("captions", "instructions"))
 def vqa(model, preprocess, version) -> SuiteResult:
+    if version.kind == "instructions":
+        return _conversation_vqa(model, preprocess, version)
     asked = attribute_questions(_test_rows(version))
     if not asked:
         raise SuiteError(f"vqa: dataset {version.id}'s test split has no rows to ask about")
@@ -74,6 +78,40 @@ def vqa(model, preprocess, version) -> SuiteResult:
         if (colour.two_groups == two).any():
             metrics[f"colour_{name}_accuracy"] = float(colour[colour.two_groups == two].correct.mean())
     metrics["n"] = float((~frame.held_out).sum())
+    return SuiteResult(metrics, "accuracy", tables={"per_kind": per_kind, "examples": frame.head(200)})
+
+
+CONVERSATION_ANSWER_TOKENS = 32
+"""New tokens allowed for an answer in a conversation (open answers run longer)."""
+
+
+def _conversation_vqa(model, preprocess, version) -> SuiteResult:
+    """Every turn of the test split's conversations, asked after the turns before it as the data wrote them:
+    exact match (case, spacing and a final full stop aside) and contains (the answer inside the generated
+    text, for open answers). A turn whose prompt leaves no room for an answer in the context is counted,
+    not asked."""
+    chat = ChatFormat.of(preprocess)
+    asked, too_long = [], 0
+    for row in rows(version, ["image", "conversations"]).to_pylist():
+        turns = conversation(row)
+        for k, turn in enumerate(turns):
+            if len(chat.prompt(turn.question, turns[:k])) < chat.context_length:
+                asked.append((row["image"], turns[:k], turn))
+            else:
+                too_long += 1
+    if not asked:
+        raise SuiteError(f"vqa: dataset {version.id}'s test split has no conversation turn that fits the model's "
+                         f"context of {chat.context_length} tokens ({too_long} do not)")
+    generated = generate_answers(model, preprocess, [image for image, _, _ in asked], [t.question for *_, t in asked],
+                                 max_new_tokens=CONVERSATION_ANSWER_TOKENS, histories=[h for _, h, _ in asked])
+    frame = pd.DataFrame({"kind": "conversation", "held_out": False, "turn": [len(h) for _, h, _ in asked],
+                          "question": [t.question for *_, t in asked], "answer": [t.answer for *_, t in asked],
+                          "generated": generated})
+    metrics, per_kind = exact_match(frame)
+    frame["contains"] = [normalize_answer(a) in normalize_answer(g) for a, g in zip(frame.answer, frame.generated)]
+    metrics |= {"contains_accuracy": float(frame.contains.mean()), "n": float(len(frame)),
+                "n_too_long": float(too_long)}
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("heldout_")}  # the data names no held-out
     return SuiteResult(metrics, "accuracy", tables={"per_kind": per_kind, "examples": frame.head(200)})
 
 
@@ -107,8 +145,8 @@ def _attribute_scores(records: list[dict], generated: list[str]) -> dict[str, fl
     return scores
 
 
-@suite("captioning", {"generate"}, "generated captions: scene attributes parsed back, CIDEr and BLEU-4",
-       SAMPLE_COLUMNS)
+@suite("captioning", {"generate"}, "generated captions against the test split's: CIDEr and BLEU-4, and on the "
+       "sample corpus its scenes' attributes parsed back")
 def captioning(model, preprocess, version) -> SuiteResult:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -122,12 +160,13 @@ def captioning(model, preprocess, version) -> SuiteResult:
     candidates = {i: [normalize_answer(g) or "-"] for i, g in enumerate(generated)}
     cider, _ = Cider().compute_score(references, candidates)
     bleu, _ = Bleu(4).compute_score(references, candidates, verbose=0)
-    synthetic = [(r, g) for r, g in zip(records, generated) if r["source"] == "synthetic"]
+    synthetic = [(r, g) for r, g in zip(records, generated) if r.get("source") == "synthetic"]
     metrics = {"cider": float(cider), "bleu4": float(bleu[3]),
                "exact_match": float(np.mean([normalize_answer(g) == normalize_answer(r["caption"])
                                              for r, g in zip(records, generated)])),
-               **_attribute_scores([r for r, _ in synthetic], [g for _, g in synthetic]), "n": float(len(records))}
-    examples = pd.DataFrame({"source": [r["source"] for r in records], "caption": [r["caption"] for r in records],
+               **(_attribute_scores([r for r, _ in synthetic], [g for _, g in synthetic]) if synthetic else {}),
+               "n": float(len(records))}
+    examples = pd.DataFrame({"source": [r.get("source") for r in records], "caption": [r["caption"] for r in records],
                              "generated": generated}).head(200)
     return SuiteResult(metrics, "cider", tables={"examples": examples})
 

@@ -46,7 +46,8 @@ def _grid_png(pairs: list[tuple[np.ndarray, np.ndarray]]) -> bytes:
     return png_bytes(canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST))
 
 
-@suite("reconstruction", {"tokenize_image"}, "PSNR of decode(encode(image)) per source; share of the codebook used")
+@suite("reconstruction", {"tokenize_image"}, "PSNR of decode(encode(image)) per source; share of the codebook used",
+       kinds=("captions", "instructions"))
 def reconstruction(model, preprocess, version) -> SuiteResult:
     has_source = "source" in version.manifest["source"].get("extras", [])
     records = rows(version, ["image", "source"] if has_source else ["image"]).to_pylist()

@@ -44,11 +44,17 @@ class Suite:
     run: Callable[..., SuiteResult]
     description: str
     columns: frozenset[str] = frozenset()
-    """The columns beyond the curated ones that the suite reads (the sample corpus's attributes); on a
-    dataset without them it does not apply."""
+    """The columns beyond the curated ones that the suite reads in a caption dataset (the sample corpus's
+    attributes); on a caption dataset without them it does not apply."""
+    kinds: frozenset[str] = frozenset({"captions"})
+    """The dataset kinds it reads (captions, instructions: SourceConfig.kind); on another it does not apply."""
 
     def not_applicable(self, version) -> str | None:
         """Why the suite does not apply to dataset `version`, or None when it does."""
+        if version.kind not in self.kinds:
+            return f"dataset {version.id} holds {version.kind}; the suite reads {' or '.join(sorted(self.kinds))}"
+        if version.kind != "captions":
+            return None
         missing = sorted(self.columns - set(version.manifest["source"].get("extras", [])))
         if missing:
             return f"dataset {version.id} has no {', '.join(missing)} column(s): the sample corpus's attributes"
@@ -58,12 +64,13 @@ class Suite:
 SUITES: dict[str, Suite] = {}
 
 
-def suite(name: str, needs: set[str], description: str, columns: frozenset[str] = frozenset()):
-    """Register `fn(model, preprocess, version) -> SuiteResult` under `name`; `columns`: Suite.columns."""
+def suite(name: str, needs: set[str], description: str, columns: frozenset[str] = frozenset(),
+          kinds: tuple[str, ...] = ("captions",)):
+    """Register `fn(model, preprocess, version) -> SuiteResult` under `name`; `columns`, `kinds`: Suite's."""
     assert needs <= set(CAPABILITIES), needs
 
     def register(fn):
-        SUITES[name] = Suite(name, frozenset(needs), fn, description, frozenset(columns))
+        SUITES[name] = Suite(name, frozenset(needs), fn, description, frozenset(columns), frozenset(kinds))
         return fn
     return register
 

@@ -23,15 +23,17 @@ def embed_texts(model, preprocess, texts: list[str], batch_size: int = 256) -> n
 
 
 def generate_answers(model, preprocess, images: list[bytes], prompts: list[str], max_new_tokens: int = 16,
-                     temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64) -> list[str]:
-    """A fusion model's answer to each (image, prompt), in the chat format it was trained with.
+                     temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64,
+                     histories: list[list] | None = None) -> list[str]:
+    """A fusion model's answer to each (image, prompt), in the chat format it was trained with; with
+    `histories`, each prompt follows its conversation's earlier turns (data.instruct.Question).
 
     Rows are batched by prompt length (no padding inside a batch: a row's answer does not depend on
     its neighbours). A prompt that does not leave room for an answer in the context is a ValueError
     naming the row and the limit.
     """
     chat = ChatFormat.of(preprocess)
-    encoded = [chat.prompt(p) for p in prompts]
+    encoded = [chat.prompt(p, h) for p, h in zip(prompts, histories or [()] * len(prompts))]
     for row, ids in enumerate(encoded):
         if len(ids) >= chat.context_length:
             raise ValueError(f"row {row}: the prompt is {len(ids)} tokens with the chat format; this model's "

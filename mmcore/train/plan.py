@@ -31,6 +31,13 @@ def open_dataset(cfg: RunConfig) -> DatasetVersion:
     if not cfg.data.verify:  # verify() read every shard already; without it, each footer and schema
         for path in version.shard_paths():
             open_shard(path)
+    reads = STAGES[cfg.task.stage].reads
+    if version.kind not in reads:
+        raise DatasetError(f"{version.path} is a dataset of {version.kind}; the {cfg.task.stage} stage trains on "
+                           f"{' or '.join(reads)}")
+    if cfg.data.captions_only and version.kind != "captions":
+        raise DatasetError(f"data.captions_only: {version.path} is a dataset of {version.kind}; LLaVA's alignment "
+                           "phase trains on a caption dataset")
     for split in ("train", "val"):
         if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
             raise DatasetError(f"{version.path}: the {split} split is empty")

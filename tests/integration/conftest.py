@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
-from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
+from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig, SplitConfig
 from mmcore.data.ingest import ingest
 from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 
@@ -33,6 +34,24 @@ def train_dataset(served_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("datasets") / "train-v1"
     return ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(out),
                                guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
+
+
+PHOTO_CONVERSATIONS = Path(__file__).parents[1] / "data" / "photo_conversations.json"
+"""Conversations written by hand about the sample corpus's real photos (scikit-image, scikit-learn, LFW), their
+images by path relative to the corpus's images directory."""
+
+
+@pytest.fixture(scope="session")
+def photo_conversations(served_dir, tmp_path_factory):
+    """An instruction dataset version: PHOTO_CONVERSATIONS ingested with --images (a third of the images in the
+    test split, so that a small file leaves every split some)."""
+    server, root = served_dir
+    make_sample(root / "photo-corpus", f"{server.url}/photo-corpus",
+                SampleSpec(synthetic=10, digits=10, defects=False, seed=2))
+    out = tmp_path_factory.mktemp("datasets") / "photos-v1"
+    return ingest(IngestConfig(source=SourceConfig(str(PHOTO_CONVERSATIONS), kind="instructions",
+                                                   images=str(root / "photo-corpus" / "images")),
+                               out=str(out), split=SplitConfig(val_fraction=0.2, test_fraction=0.3)))
 
 
 @pytest.fixture(scope="session")

@@ -149,3 +149,29 @@ def test_bad_parents_fail_before_any_worker(fused, trained, train_dataset, mmpip
     with pytest.raises(ValueError, match="model.name: clip-debug is a clip model; the fusion stage trains llava"):
         fit(fusion_config(train_dataset, trained.model_uri, 'model.name="clip-debug"'))
     assert set(runs.glob("*")) == before, "no run directory is left behind"
+
+
+def test_fusion_trains_on_conversations_about_real_photos_and_is_evaluated_on_them(trained, photo_conversations,
+                                                                                 mmpipe_home):
+    """The real-photo check: LLaVA on the debug CLIP's tower learns the hand-written conversations (multi-turn,
+    each answer after the turns before it); vqa asks every test turn after its history; the suites that read
+    captions or the corpus's attributes say they do not apply; the alignment phase refuses conversations."""
+    from mmcore.data.dataset import DatasetError
+    from mmcore.eval.run import evaluate
+
+    overrides = ["optim.max_steps=60", "checkpoint.every_steps=30", "data.batch_size=8", "data.val_batches=1",
+                 'tracking.model_name="mmpipe-fusion-photos"', 'tracking.alias="photos"', *HERE]
+    fused = fit(fusion_config(photo_conversations, trained.model_uri, *overrides))
+    losses = _losses(fused.mlflow_run_id, mmpipe_home)
+    assert len(losses) >= 5 and losses[-1] < 0.5 * losses[0], f"it learns the answers: {losses}"
+    report = evaluate(fused.model_uri, str(photo_conversations.path), ["vqa", "captioning", "compositional"])
+    assert report.ok, report.errors
+    test_turns = sum(len(json.loads(c)) // 2 for c in photo_conversations.read("test", ["conversations"])
+                     .column("conversations").to_pylist())
+    vqa = report.metrics["vqa"]
+    assert vqa["n"] + vqa["n_too_long"] == test_turns and vqa["n"] > 0
+    assert 0 <= vqa["accuracy"] <= vqa["contains_accuracy"] <= 1 and "heldout_accuracy" not in vqa
+    assert set(report.not_applicable) == {"captioning", "compositional"}
+    assert "holds instructions" in report.not_applicable["captioning"]
+    with pytest.raises(DatasetError, match="data.captions_only: .* is a dataset of instructions; LLaVA's alignment"):
+        fit(fusion_config(photo_conversations, trained.model_uri, *overrides, "data.captions_only=true"))

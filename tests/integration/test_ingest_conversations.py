@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,13 +15,10 @@ import pytest
 
 from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
 from mmcore.data.ingest import ingest
-from mmcore.data.synthetic.corpus import SampleSpec, make_sample
 from tests.conftest import jpeg_bytes
+from tests.integration.conftest import PHOTO_CONVERSATIONS
 
 pytestmark = pytest.mark.integration
-
-PHOTO_CONVERSATIONS = Path(__file__).parents[1] / "data" / "photo_conversations.json"
-
 
 def _chat(*turns: str, image: bool = True) -> list[dict]:
     """Turns alternating human, gpt; <image> before the first when `image`."""
@@ -151,15 +150,29 @@ def test_a_file_of_no_conversations_or_paths_without_a_root_fail_before_anything
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_hand_written_conversations_about_the_sample_photos_ingest_from_their_directory(served_dir, tmp_path):
+def test_hand_written_conversations_about_the_sample_photos_ingest_from_their_directory(photo_conversations):
     """The real-photo check's data: scikit-image's and scikit-learn's photos and LFW faces, as the sample corpus
     ships them, with the conversations in tests/data (images by relative path, one JSON array)."""
-    server, _ = served_dir
-    make_sample(tmp_path / "sample", server.url, SampleSpec(synthetic=10, digits=10, defects=False, seed=2))
-    version = ingest(_config(PHOTO_CONVERSATIONS, tmp_path / "photos", tmp_path / "sample" / "images"))
     written = json.loads(PHOTO_CONVERSATIONS.read_text())
-    assert version.manifest["rows"] == {"in": len(written), "kept": len(written), "rejected": {}}
-    coffee = next(r for path in version.shard_paths() for r in pq.read_table(path).to_pylist()
-                  if r["id"] == "coffee-0")
+    assert photo_conversations.manifest["rows"] == {"in": len(written), "kept": len(written), "rejected": {}}
+    kept = [r for path in photo_conversations.shard_paths() for r in pq.read_table(path).to_pylist()]
+    assert {r["split"] for r in kept} == {"train", "val", "test"}
+    coffee = next(r for r in kept if r["id"] == "coffee-0")
     assert coffee["url"] == "images:photos/coffee.jpg" and coffee["width"] == coffee["height"] == 64
     assert json.loads(coffee["conversations"])[1] == {"from": "gpt", "value": "A cup of coffee."}
+
+
+def test_the_data_card_shows_turns_answer_lengths_languages_and_reject_shares(version):
+    card = version.manifest["card"]
+    assert card["kind"] == "instructions"
+    assert card["turns_per_conversation"] == {"min": 1, "median": 1, "p90": 2, "max": 2}  # red: 2, four: 1
+    assert (card["words_per_answer"]["min"], card["words_per_answer"]["max"]) == (1, 7)
+    assert card["languages"]["fr"] == 1 and sum(card["languages"].values()) == 6, "each row downloaded, judged"
+    cli = Path(sys.executable).with_name("mmpipe")
+    shown = subprocess.run([str(cli), "dataset", "show", str(version.path)], capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    out = " ".join(shown.stdout.split())
+    rows = version.manifest["rows"]
+    assert "kind │ instructions" in out and "turns per conversation │ min 1, median 1, p90 2, max 2" in out
+    assert f"bad_roles {rows['rejected']['bad_roles']} ({rows['rejected']['bad_roles'] / rows['in']:.1%})" in out

@@ -125,6 +125,55 @@ def test_chat_format_labels_the_answer_and_flags_truncation(tokenizer_json):
         ChatFormat(Tokenizer.from_str(train_tokenizer(["a b"] * 5, TokenizerConfig(vocab_size=300)).to_str()), 8)
 
 
+CONVERSATION = {"key": "c1", "caption": "what colour is the circle?\nred\nand the square?\nblue",
+                "conversations": '[{"from": "human", "value": "what colour is the circle?"}, {"from": "gpt", '
+                                 '"value": "red"}, {"from": "human", "value": "and the square?"}, '
+                                 '{"from": "gpt", "value": "blue"}]'}
+"""A row of an instruction dataset (data/conversations.py's columns)."""
+
+
+def test_a_conversation_trains_as_one_sequence_with_the_loss_on_every_answer(tokenizer_json):
+    """Each answer sees the turns before it (one segment after the shared prefix), the loss counts the answers
+    and their <eos>, packed or not; a cut conversation says so."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    chat = ChatFormat(tokenizer, 48)
+    batch = instruction_batch([dict(CONVERSATION, epoch=0)], chat, seed=0, pack_length=64)
+    ids, labels, segments = batch["input_ids"][0], batch["labels"][0], batch["segments"][0]
+    used = int((segments >= 0).sum())
+    assert tokenizer.decode(ids[:used].tolist(), skip_special_tokens=False).replace(" ", "") == (
+        "<bos><|user|><image>whatcolouristhecircle?<|assistant|>red<eos><|user|>andthesquare?<|assistant|>blue<eos>")
+    eos = tokenizer.token_to_id("<eos>")
+    words = [tokenizer.encode(w, add_special_tokens=False).ids for w in ("red", "blue")]
+    assert [t for t in labels.tolist() if t != IGNORE] == [*words[0], eos, *words[1], eos]
+    assert set(segments[SHARED:used].tolist()) == {1} and batch["questions"][0] == 2 and not batch["truncated"][0]
+    assert batch["positions"][0][:used].tolist() == list(range(used))
+    plain = instruction_batch([dict(CONVERSATION, epoch=0)], chat, seed=0)
+    assert plain["input_ids"][0][:used].tolist() == ids[:used].tolist() and plain["input_ids"].shape == (1, 48)
+    short = instruction_batch([dict(CONVERSATION, epoch=0)], ChatFormat(tokenizer, 16), seed=0)
+    assert short["truncated"][0] and short["input_ids"].shape == (1, 16)
+
+
+def test_a_conversation_in_an_imported_lms_template_labels_what_it_writes_for_each_answer(tokenizer_json):
+    from tokenizers import Tokenizer
+
+    from mmcore.data.instruct import TemplateChat, conversation
+    from mmcore.data.tokenizer import with_tokens
+
+    chatml = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+              "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    tokenizer = Tokenizer.from_str(with_tokens(tokenizer_json, ["<|im_start|>", "<|im_end|>"]))
+    chat = TemplateChat(tokenizer, 64, chatml, {"eos_token": "<|im_end|>", "pad_token": "<|im_end|>"})
+    ids, labels, _, positions, truncated, answers = chat.encode_conversation(conversation(CONVERSATION))
+    text = tokenizer.decode(ids[: max(positions) + 1], skip_special_tokens=False)
+    assert text.replace(" ", "") == ("<|im_start|>user\n<image>\nwhatcolouristhecircle?<|im_end|>\n<|im_start|>"
+                                     "assistant\nred<|im_end|>\n<|im_start|>user\nandthesquare?<|im_end|>\n"
+                                     "<|im_start|>assistant\nblue<|im_end|>\n").replace(" ", "")
+    said = tokenizer.decode([t for t in labels if t != IGNORE], skip_special_tokens=False)
+    assert said.replace(" ", "") == "red<|im_end|>\nblue<|im_end|>\n" and answers == 2 and not truncated
+
+
 def test_with_chat_tokens_appends_roles_once(tokenizer_json):
     from tokenizers import Tokenizer
 
