@@ -78,7 +78,7 @@ def cmd_sample_make(args) -> int:
     from mmcore.data.synthetic.corpus import make_sample
 
     spec = SampleSpec(synthetic=args.synthetic, digits=args.digits, photos=not args.no_photos,
-                      defects=not args.no_defects, seed=args.seed)
+                      defects=not args.no_defects, seed=args.seed, conversations=args.conversations)
     url_list = make_sample(args.dir, args.base_url, spec)
     console.out.print(f"wrote {url_list} (serve it with: mmpipe sample serve {args.dir} --port "
           f"{args.base_url.rsplit(':', 1)[-1].split('/')[0]})")
@@ -285,7 +285,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 def _add_corpus_commands(commands) -> None:
     """sample make / serve, ingest."""
     sample = commands.add_parser("sample", help="the sample corpus").add_subparsers(dest="action", required=True)
-    make = sample.add_parser("make", help="write sample images and urls.parquet")
+    make = sample.add_parser("make", help="write sample images, urls.parquet and conversations.jsonl")
     make.add_argument("dir")
     make.add_argument("--base-url", default=f"http://127.0.0.1:{DEMO_PORT}",
                       help="where `sample serve` will answer (default %(default)s)")
@@ -295,6 +295,9 @@ def _add_corpus_commands(commands) -> None:
     make.add_argument("--no-photos", action="store_true", help="leave out the bundled photos and LFW subset")
     make.add_argument("--no-defects", action="store_true", help="leave out the planted bad rows")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--conversations", type=int, default=SampleSpec.conversations,
+                      help="conversations about each image in conversations.jsonl, the corpus's questions as "
+                           "instruction data (default %(default)s; 0: none)")
     make.set_defaults(func=cmd_sample_make)
     serve = sample.add_parser("serve", help="serve a sample corpus over HTTP")
     serve.add_argument("dir")

@@ -69,3 +69,32 @@ def test_a_group_of_n_shapes_shows_n_separate_shapes():
         if attrs.get("relation") is not None:  # the second group may share the first's colour family
             continue
         assert ndimage.label(mask)[1] == attrs["count"], attrs["caption"]
+
+
+def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(tmp_path):
+    """conversations.jsonl: per clean image, two conversations of every question type it answers, in training's
+    seen wordings (never a held-out one), its image by the URL list's URL; each passes the ingest's checks."""
+    import json
+
+    from mmcore.data.config import SourceConfig
+    from mmcore.data.conversations import read_conversations
+    from mmcore.data.instruct import TEMPLATES, _question, questions
+
+    url_list = make_sample(tmp_path, "http://127.0.0.1:9", SampleSpec(synthetic=60, digits=20))
+    rows = {r["url"]: r for r in pq.read_table(url_list).to_pylist() if not r["defect"]}
+    written = [json.loads(line) for line in (tmp_path / "conversations.jsonl").read_text().splitlines()]
+    assert collections.Counter(w["image"] for w in written) == {url: 2 for url in rows}
+    for conversation in written:
+        row, turns = rows[conversation["image"]], conversation["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and [t["from"] for t in turns] == ["human", "gpt"] * (
+            len(turns) // 2)
+        kinds = [q.kind for q in questions(dict(row, key="k"))]
+        assert len(turns) // 2 == len(kinds), "every question type the row answers"
+        held_out = {_question(kind, template, row, truth).question for kind in kinds
+                    for template in TEMPLATES[kind][1] for truth in (True, False)}
+        assert {q.question for q in questions(dict(row, key="k"), held_out=True)} <= held_out
+        assert not [t["value"] for t in turns[::2] if any(h in t["value"] for h in held_out)]
+        assert row["caption"] in [t["value"] for t in turns[1::2]], "the caption request is one of them"
+    table, rejected = read_conversations(tmp_path / "conversations.jsonl", SourceConfig(
+        path=str(tmp_path / "conversations.jsonl"), kind="instructions"))
+    assert rejected == [] and table.num_rows == len(written)

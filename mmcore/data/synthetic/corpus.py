@@ -112,6 +112,8 @@ class SampleSpec:
     """Seed of every random choice."""
     image_px: int = 128
     """Side of the synthetic images."""
+    conversations: int = 2
+    """Conversations about each clean image in conversations.jsonl (write_conversations); 0 writes none."""
 
 
 def _row(**values) -> dict:
@@ -365,4 +367,31 @@ def make_sample(root: str | Path, base_url: str, spec: SampleSpec | None = None)
     pq.write_table(table, url_list)
     (root / "sample.json").write_text(json.dumps({"base_url": base_url, "spec": vars(spec),
                                                   "rows": table.num_rows}, indent=2))
+    if spec.conversations:
+        write_conversations(root, spec.conversations, spec.seed)
     return url_list
+
+
+def write_conversations(root: str | Path, per_image: int, seed: int = 0) -> Path:
+    """The corpus's questions and answers as instruction data: root/conversations.jsonl, in LLaVA's format,
+    `per_image` conversations about each clean image of root/urls.parquet (its URL: ingested, a conversation's
+    image lands in the split its URL gives the caption dataset). A conversation asks every question type the
+    row answers, in the order and the seen wordings training draws for epoch 0, 1, ... (data/instruct.py);
+    the held-out wordings stay out, for evaluation."""
+    from mmcore.data.dataset import url_key
+    from mmcore.data.instruct import training_questions
+
+    root = Path(root)
+    path = root / "conversations.jsonl"
+    with open(path, "w") as out:
+        for row in pq.read_table(root / "urls.parquet").to_pylist():
+            if row["defect"]:
+                continue
+            row["key"] = url_key(row["url"])
+            for epoch in range(per_image):
+                turns = [m for i, q in enumerate(training_questions(row, seed, epoch)) for m in (
+                    {"from": "human", "value": q.question if i else f"<image>\n{q.question}"},
+                    {"from": "gpt", "value": q.answer})]
+                out.write(json.dumps({"id": f"{row['key']}-{epoch}", "image": row["url"], "conversations": turns})
+                          + "\n")
+    return path
