@@ -166,15 +166,15 @@ class ChatFormat:
 
     def encode_conversation(self, turns: list[Question], length: int = 0) -> tuple[list[int], list[int], list[int],
                                                                                    list[int], bool, int]:
-        """A conversation (an instruction dataset's row) in one causal sequence of `length` tokens (default the
-        context): each answer sees the turns before it; cut where it does not fit. -> encode_packed's tuple:
-        segments 0 on the shared prefix and 1 on the rest (one question's, as packing counts), positions
-        0.., and the number of answers that begin inside the sequence."""
+        """A conversation (an instruction dataset's row) in one causal sequence, cut to the model's context (its
+        positions) and padded to `length` tokens (default the context): each answer sees the turns before it.
+        -> encode_packed's tuple: segments 0 on the shared prefix and 1 on the rest (one question's, as packing
+        counts), positions 0.., and the number of answers that begin inside the sequence."""
         ids, labels = self._conversation(turns)
-        length = length or self.context_length
-        answers = sum(1 for i in range(1, min(len(ids), length)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
-        truncated, ids, labels = len(ids) > length, ids[:length], labels[:length]
-        pad = length - len(ids)
+        fits = self.context_length
+        answers = sum(1 for i in range(1, min(len(ids), fits)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
+        truncated, ids, labels = len(ids) > fits, ids[:fits], labels[:fits]
+        pad = (length or self.context_length) - len(ids)
         return (ids + [self.pad] * pad, labels + [IGNORE] * pad, [0] * SHARED + [1] * (len(ids) - SHARED) + [-1] * pad,
                 list(range(len(ids))) + [0] * pad, truncated, answers)
 

@@ -151,8 +151,9 @@ def test_a_conversation_trains_as_one_sequence_with_the_loss_on_every_answer(tok
     assert batch["positions"][0][:used].tolist() == list(range(used))
     plain = instruction_batch([dict(CONVERSATION, epoch=0)], chat, seed=0)
     assert plain["input_ids"][0][:used].tolist() == ids[:used].tolist() and plain["input_ids"].shape == (1, 48)
-    short = instruction_batch([dict(CONVERSATION, epoch=0)], ChatFormat(tokenizer, 16), seed=0)
-    assert short["truncated"][0] and short["input_ids"].shape == (1, 16)
+    short = instruction_batch([dict(CONVERSATION, epoch=0)], ChatFormat(tokenizer, 16), seed=0, pack_length=64)
+    assert short["truncated"][0] and short["input_ids"].shape == (1, 64) and short["questions"][0] == 1
+    assert short["positions"][0].max() == 15, "cut to the model's positions, padded to the packed width"
 
 
 def test_a_conversation_in_an_imported_lms_template_labels_what_it_writes_for_each_answer(tokenizer_json):
