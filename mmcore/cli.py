@@ -156,7 +156,7 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from mmcore.eval.run import evaluate
 
-    report = evaluate(args.uri, args.dataset, args.suite)
+    report = evaluate(args.uri, args.dataset, args.suite, classes=args.classes)
     print_report(report)
     return 0 if report.ok else 1
 
@@ -358,6 +358,9 @@ def _add_model_commands(commands) -> None:
     evaluate.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     evaluate.add_argument("--dataset", required=True)
     evaluate.add_argument("--suite", action="append", help="a suite to run (repeatable; default: all that fit)")
+    evaluate.add_argument("--classes", metavar="FILE",
+                          help='the zeroshot suite\'s classes: JSON {"column": "label", "classes": [...], '
+                               '"templates": ["a photo of a {}.", ...]}')
     evaluate.set_defaults(func=cmd_evaluate)
 
     gate = commands.add_parser("promote", help="evaluate @candidate against @champion and promote on a clear win")

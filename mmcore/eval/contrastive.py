@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -127,6 +129,40 @@ def zeroshot_digits(model, preprocess, version) -> SuiteResult:
        SAMPLE_COLUMNS)
 def zeroshot_digits_heldout(model, preprocess, version) -> SuiteResult:
     return _digits(model, preprocess, version, HELDOUT_DIGIT_TEMPLATES, "zero-shot digits, held-out prompts")
+
+
+@suite("zeroshot", {"embed"}, "zero-shot classification into the classes of a file the user gives (class names "
+       "and prompt templates, as CLIP_benchmark's), on its label column", kinds=("captions", "instructions"),
+       options=("classes",))
+def zeroshot(model, preprocess, version, classes: str) -> SuiteResult:
+    """`classes`: a JSON file {"column": the label column, "classes": [names], "templates": ["a photo of a {}.",
+    ...]}; the test split's rows whose label is one of the classes are classified (the others counted)."""
+    column, names, templates = _classes_file(classes)
+    table = rows(version, ["image", column])
+    labels = table.column(column).cast(pa.string())
+    keep = pc.fill_null(pc.is_in(labels, pa.array(names)), False)
+    labelled = pa.table({"image": table.column("image").filter(keep), "label": labels.filter(keep)})
+    result = zero_shot(model, preprocess, labelled, names, [[t.format(c) for t in templates] for c in names],
+                       f"zero-shot {Path(classes).name}")
+    result.metrics["unlabelled"] = float(table.num_rows - labelled.num_rows)
+    return result
+
+
+def _classes_file(path: str) -> tuple[str, list[str], list[str]]:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SuiteError(f"zeroshot: cannot read the classes file {path} ({err})") from None
+    checks = [("column", isinstance(spec.get("column"), str)),
+              ("classes", isinstance(spec.get("classes"), list) and len(spec["classes"]) >= 2
+               and all(isinstance(c, str) for c in spec["classes"])),
+              ("templates", isinstance(spec.get("templates"), list) and bool(spec["templates"])
+               and all(isinstance(t, str) and "{}" in t for t in spec["templates"]))]
+    wrong = [name for name, ok in checks if not ok]
+    if wrong:
+        raise SuiteError(f"zeroshot: {path}: {', '.join(wrong)} missing or malformed; expected "
+                         '{"column": "label", "classes": ["cat", "dog", ...], "templates": ["a photo of a {}.", ...]}')
+    return spec["column"], spec["classes"], spec["templates"]
 
 
 def retrieval_grid(table: pa.Table, similarity: np.ndarray, captions: list[str], count: int = 6) -> bytes:

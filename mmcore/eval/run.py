@@ -69,8 +69,9 @@ def side_by_side(reports: list[EvalReport], primary_only: bool = False
 
 
 def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
-             tracking_cfg: TrackingConfig | None = None) -> EvalReport:
-    """Load `uri` (models:/name@alias or /version) from the registry and run the suites on `dataset`.
+             tracking_cfg: TrackingConfig | None = None, classes: str | None = None) -> EvalReport:
+    """Load `uri` (models:/name@alias or /version) from the registry and run the suites on `dataset`;
+    `classes`: a classes file for the zeroshot suite (eval/contrastive.py).
 
     Unknown models, aliases or suites, a suite the model cannot take, or an unreachable
     MLflow fail before anything runs; a suite that fails while running is recorded in the report.
@@ -82,17 +83,19 @@ def evaluate(uri: str, dataset: str, suites: list[str] | None = None,
     model, preprocess = registry.load_model(f"models:/{name}/{version}", tracking_uri)
     can = capabilities(model)
     selected = [get_suite(s, can) for s in (suites or default_suites(can))]
+    options = {"classes": classes} if classes else {}
     console.say(f"evaluating models:/{name}/{version} on dataset {data.id}: {', '.join(s.name for s in selected)}")
     results = {}
     with progress_bar("evaluating", len(selected)) as advance_to:
         for done, suite in enumerate(selected):
             advance_to(done, suite.name)
-            reason = suite.not_applicable(data)
+            reason = suite.not_applicable(data, options)
             if reason:
                 results[suite.name] = {"not_applicable": reason}
                 continue
             try:
-                results[suite.name] = {"result": suite.run(model, preprocess, data)}
+                results[suite.name] = {"result": suite.run(model, preprocess, data,
+                                                           **{k: options[k] for k in suite.options})}
             except Exception as err:  # noqa: BLE001 - recorded, and the gate refuses a partial evaluation
                 results[suite.name] = {"error": f"{type(err).__name__}: {err}"}
                 console.log.exception("suite %s failed on %s/%s", suite.name, name, version)

@@ -48,9 +48,15 @@ class Suite:
     attributes); on a caption dataset without them it does not apply."""
     kinds: frozenset[str] = frozenset({"captions"})
     """The dataset kinds it reads (captions, instructions: SourceConfig.kind); on another it does not apply."""
+    options: frozenset[str] = frozenset()
+    """What the user gives evaluation for it (`classes`: mmpipe evaluate --classes FILE), passed to `run` by
+    name; without them it does not apply."""
 
-    def not_applicable(self, version) -> str | None:
-        """Why the suite does not apply to dataset `version`, or None when it does."""
+    def not_applicable(self, version, options: dict | None = None) -> str | None:
+        """Why the suite does not apply to dataset `version` (with evaluation's `options`), or None when it does."""
+        missing = sorted(self.options - set(options or {}))
+        if missing:
+            return f"it needs {', '.join(f'--{name}' for name in missing)} (mmpipe evaluate)"
         if version.kind not in self.kinds:
             return f"dataset {version.id} holds {version.kind}; the suite reads {' or '.join(sorted(self.kinds))}"
         if version.kind != "captions":
@@ -65,12 +71,14 @@ SUITES: dict[str, Suite] = {}
 
 
 def suite(name: str, needs: set[str], description: str, columns: frozenset[str] = frozenset(),
-          kinds: tuple[str, ...] = ("captions",)):
-    """Register `fn(model, preprocess, version) -> SuiteResult` under `name`; `columns`, `kinds`: Suite's."""
+          kinds: tuple[str, ...] = ("captions",), options: tuple[str, ...] = ()):
+    """Register `fn(model, preprocess, version, **options) -> SuiteResult` under `name`; `columns`, `kinds`,
+    `options`: Suite's."""
     assert needs <= set(CAPABILITIES), needs
 
     def register(fn):
-        SUITES[name] = Suite(name, frozenset(needs), fn, description, frozenset(columns), frozenset(kinds))
+        SUITES[name] = Suite(name, frozenset(needs), fn, description, frozenset(columns), frozenset(kinds),
+                             frozenset(options))
         return fn
     return register
 

@@ -236,7 +236,7 @@ def _train_on_ray(cfg, arch, steps, run_dir, runs, name, uri, run_id) -> dict:
 
     from mmcore.train.loop import train_loop_per_worker
 
-    ray = connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+    connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)  # `ray` above is the module it connects
     use_gpu = cfg.parallel.use_gpu if cfg.parallel.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     forget_ray_snapshot(run_dir)
     # Validation is read in the worker itself (a Ray Data stream of it started three more Ray processes per

@@ -61,6 +61,23 @@ def test_evaluate_by_alias_in_a_fresh_process(trained, train_dataset, mmpipe_hom
     assert "retrieval.image_to_text_recall_5=" in version.tags["eval.summary"]
 
 
+def test_zeroshot_on_a_users_classes_file_from_the_command_line(trained, train_dataset, mmpipe_home, tmp_path):
+    classes = tmp_path / "digits.json"
+    classes.write_text(json.dumps({"column": "label", "classes": [str(d) for d in range(10)],
+                                   "templates": ["a handwritten digit {}", "the number {}"]}))
+    cli = Path(sys.executable).with_name("mmpipe")
+    out = subprocess.run([str(cli), "evaluate", "models:/mmpipe-contrastive@candidate", "--dataset",
+                          str(train_dataset.path), "--suite", "zeroshot", "--classes", str(classes)],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, MMPIPE_HOME=str(mmpipe_home), COLUMNS="150"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    version = _client(mmpipe_home).get_model_version("mmpipe-contrastive", trained.model_version)
+    metrics = _client(mmpipe_home).get_run(version.tags["eval.run_id"]).data.metrics
+    digits = train_dataset.read("test", ["source"]).column("source").to_pylist().count("sklearn-digits")
+    assert metrics["zeroshot.n"] == digits and metrics["zeroshot.chance"] == 0.1
+    assert metrics["zeroshot.unlabelled"] + digits == train_dataset.manifest["splits"]["test"]
+
+
 def _register(bundle: Path, name: str, home: Path) -> str:
     uri = tracking.resolve_uri(TrackingConfig())
     client = _client(home)
@@ -118,7 +135,8 @@ def test_gate_never_moves_an_alias_on_a_partial_evaluation(trained, train_datase
     assert decision.candidate.ok and "retrieval" in decision.candidate.metrics, decision.candidate.errors
     assert "sample corpus" in decision.candidate.not_applicable["zeroshot-shapes"]
     assert set(decision.candidate.not_applicable) == {"zeroshot-shapes", "zeroshot-shapes-heldout", "zeroshot-digits",
-                                                      "zeroshot-digits-heldout", "compositional"}
+                                                      "zeroshot-digits-heldout", "compositional", "zeroshot"}
+    assert decision.candidate.not_applicable["zeroshot"] == "it needs --classes (mmpipe evaluate)"
     assert decision.promoted, decision.reason
 
 

@@ -123,6 +123,29 @@ def test_zero_shot_suites_score_an_oracle_right_and_a_shifted_one_wrong(version)
     assert get_suite("zeroshot-digits-heldout", {"embed"}).run(oracle, pre, version).metrics["accuracy"] == 1.0
 
 
+def test_zeroshot_classifies_into_a_users_classes_file_and_names_what_is_wrong_with_one(version, tmp_path):
+    """A user's classes file (a column, class names, templates): the rows labelled with a listed class are
+    classified, the others counted; without the file the suite does not apply; a malformed file is named."""
+    pre = _preprocess(version)
+    digits = [r for r in _table(version) if r["source"] == "sklearn-digits"]
+    names = ["3", "5", "7"]
+    classes = tmp_path / "digits.json"
+    classes.write_text(json.dumps({"column": "label", "classes": names, "templates": ["the digit {}.", "a {}"]}))
+    oracle = Oracle(pre, {r["image"]: f"the digit {r['label']}." for r in digits}, names)
+    suite = get_suite("zeroshot", {"embed"})
+    assert suite.not_applicable(version) == "it needs --classes (mmpipe evaluate)"
+    assert suite.not_applicable(version, {"classes": str(classes)}) is None
+    result = suite.run(oracle, pre, version, classes=str(classes))
+    assert result.metrics["accuracy"] == 1.0 and result.metrics["n"] == 9
+    assert result.metrics["unlabelled"] == len(_table(version)) - 9, "rows of other labels (and none) counted"
+    shifted = Oracle(pre, {r["image"]: f"the digit {names[(names.index(r['label']) + 1) % 3]}."
+                           for r in digits if r["label"] in names}, names)
+    assert suite.run(shifted, pre, version, classes=str(classes)).metrics["accuracy"] == 0.0
+    classes.write_text(json.dumps({"column": "label", "classes": names, "templates": ["no placeholder"]}))
+    with pytest.raises(SuiteError, match=r"digits.json: templates missing or malformed"):
+        suite.run(oracle, pre, version, classes=str(classes))
+
+
 def test_heldout_prompt_templates_use_words_that_no_corpus_caption_has(tmp_path):
     """The held-out suites measure generalisation only if their wording is new to the model."""
     import re
