@@ -47,7 +47,12 @@ class _Params(BaseModel):
 class IngestParams(_Params):
     """URL list -> filtered, versioned dataset (the `ingest` flow)."""
 
-    url_list: Plain = Field(description="A .parquet, .csv or .jsonl URL list, or a directory of them.")
+    url_list: Plain = Field(description="A .parquet, .csv or .jsonl URL list, or a directory of them; with kind "
+                                        "instructions, a LLaVA-format conversation file (.json or .jsonl).")
+    kind: Literal["captions", "instructions"] = Field("captions", description="captions: image-text pairs; "
+                                                      "instructions: conversations about images.")
+    images: Plain = Field("", description="kind instructions: the directory the file's image paths are relative "
+                                        "to (image URLs need none).")
     out: Plain = Field("", description="Dataset version to create: a directory or s3://bucket/prefix. Empty: "
                                      "<storage>/datasets/<list>-<hash of the list and settings>, so a re-run "
                                      "resumes or reuses it (<storage>: $MMPIPE_STORAGE, else the project home).")
@@ -62,7 +67,8 @@ class IngestParams(_Params):
                                  "(JSON value), e.g. filters.near_dup_max_distance=2.")
 
     def to_config(self) -> IngestConfig:
-        cfg = IngestConfig(source=SourceConfig(self.url_list, url_col=self.url_col, caption_col=self.caption_col),
+        cfg = IngestConfig(source=SourceConfig(self.url_list, url_col=self.url_col, caption_col=self.caption_col,
+                                               kind=self.kind, images=self.images or None),
                            out=self.out or "-", guard=GuardConfig(allow_networks=list(self.allow_networks)))
         settings = [f"download.image_size={self.image_size}", f"filters.languages={json.dumps(self.languages)}"]
         cfg = apply_overrides(cfg, settings + list(self.overrides))

@@ -51,3 +51,13 @@ def test_ingest_default_out_is_stable_for_the_same_list_and_settings(tmp_path, m
     pq.write_table(pa.table({"url": ["http://example.com/b.jpg"], "caption": ["a blue square"]}), urls)
     assert IngestParams(url_list=str(urls)).to_config().out != first.out
     assert IngestParams(url_list=str(urls), out=str(tmp_path / "v1")).to_config().out == str(tmp_path / "v1")
+
+
+def test_the_ingest_form_takes_a_conversation_file_and_its_images_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMPIPE_HOME", str(tmp_path / "home"))
+    chats = tmp_path / "chats.json"
+    chats.write_text('[{"id": 1, "image": "a.jpg", "conversations": []}]')
+    cfg = IngestParams(url_list=str(chats), kind="instructions", images=str(tmp_path)).to_config()
+    assert (cfg.source.kind, cfg.source.images) == ("instructions", str(tmp_path))
+    with pytest.raises(ValueError, match="source.images: is for image paths in a conversation file"):
+        IngestParams(url_list=str(chats), images=str(tmp_path)).to_config()
