@@ -243,7 +243,9 @@ def _text(value) -> str | None:
 
 
 def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
-    """Reject rows with a bad URL, a bad caption or a repeated URL; return the rest (row, url, caption).
+    """Reject rows with a bad URL, a bad caption or a repeated URL (a conversation file's rows: those its
+    reader rejected, then a bad URL; several conversations may share an image); return the rest (row, url,
+    caption).
 
     Python sees one batch of rows at a time and repeated URLs are found by Arrow, so a long list costs its
     Arrow columns, not a Python string per URL.
@@ -257,7 +259,6 @@ def precheck(source: Source, guard: GuardConfig, rejects: Rejects) -> pa.Table:
         table = table.filter(pa.array(valid))
     checked = pa.Table.from_batches([_check_batch(batch, guard, rejects, source.kind == "instructions")
                                      for batch in table.to_batches(max_chunksize=ROWS_AT_A_TIME)], TODO_SCHEMA)
-    # several conversations may be about one image
     return checked if source.kind == "instructions" else _drop_repeated_urls(checked, rejects)
 
 
