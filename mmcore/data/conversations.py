@@ -71,6 +71,8 @@ def checked_row(record, cfg: SourceConfig, seen: set[str]) -> dict:
     seen.add(row_id)
     turns = _turns(record["conversations"], cfg.max_conversation_chars)
     image = record.get("image")
+    if image is not None and not isinstance(image, str):
+        raise Rejected("bad_conversation", f"image is a {type(image).__name__}, not one image's URL or path")
     marks = [i for i, turn in enumerate(turns) if IMAGE_MARK in turn["value"]]
     if not image:
         raise Rejected("image_token" if marks else "no_image",
@@ -82,7 +84,7 @@ def checked_row(record, cfg: SourceConfig, seen: set[str]) -> dict:
     turns = [{"from": t["from"], "value": t["value"].replace(IMAGE_MARK, "").strip()} for t in turns]
     if not turns[0]["value"]:
         raise Rejected("empty_turn", "turn 0 holds nothing but <image>")
-    return {"url": _image_url(_utf8(str(image), "the image"), cfg), "id": row_id,
+    return {"url": _image_url(_utf8(image, "the image"), cfg), "id": row_id,
             "caption": "\n".join(turn["value"] for turn in turns), "conversations": json.dumps(turns)}
 
 

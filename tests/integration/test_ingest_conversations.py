@@ -67,6 +67,7 @@ def hostile(served_dir, tmp_path_factory):
         "empty": ("coco/1.jpg", _chat("What colour is it?", "   "), "empty_turn"),
         "long": ("coco/1.jpg", _chat("Describe it.", "blue " * 400), "conversation_too_long"),
         "text-only": ("", _chat("What is two and two?", "Four.", image=False), "no_image"),
+        "two-images": (["coco/0.jpg", "coco/1.jpg"], _chat("Which is red?", "The first."), "bad_conversation"),
         "no-mark": ("coco/1.jpg", _chat("What colour is it?", "Blue.", image=False), "image_token"),
         "mark-no-image": ("", _chat("What colour is it?", "Blue."), "image_token"),
         "mark-later": ("coco/1.jpg", _chat("Colour?", "Blue.", "<image> and this?", "Blue."), "image_token"),
