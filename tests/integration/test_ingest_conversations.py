@@ -171,7 +171,7 @@ def test_the_data_card_shows_turns_answer_lengths_languages_and_reject_shares(ve
     assert card["languages"]["fr"] == 1 and sum(card["languages"].values()) == 6, "each row downloaded, judged"
     cli = Path(sys.executable).with_name("mmpipe")
     shown = subprocess.run([str(cli), "dataset", "show", str(version.path)], capture_output=True, text=True,
-                           timeout=120)
+                           timeout=120, env=dict(os.environ, COLUMNS="400"))  # no line wrapped in a cell
     assert shown.returncode == 0, shown.stderr
     out = " ".join(shown.stdout.split())
     rows = version.manifest["rows"]
