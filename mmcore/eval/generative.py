@@ -23,11 +23,26 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
-def exact_match(frame: pd.DataFrame, overall: str = "accuracy") -> tuple[dict[str, float], pd.DataFrame]:
+_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_PUNCTUATION = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!]")
+
+
+def vqa_normalize(text: str) -> str:
+    """An answer as the VQAv2 evaluation compares it: lower case, punctuation out (a full stop not between
+    digits, commas in numbers), number words as digits, articles dropped (its processPunctuation and
+    processDigitArticle, less its table of contractions)."""
+    text = re.sub(r"(\d),(\d)", r"\1\2", text.lower().replace("\n", " "))
+    text = re.sub(r"(?<!\d)\.(?!\d)", "", _VQA_PUNCTUATION.sub(" ", text))
+    return " ".join(_VQA_NUMBERS.get(word, word) for word in text.split() if word not in ("a", "an", "the"))
+
+
+def exact_match(frame: pd.DataFrame, overall: str = "accuracy",
+                normalize=normalize_answer) -> tuple[dict[str, float], pd.DataFrame]:
     """Marks each row of `frame` (kind, held_out, answer, generated) `correct` when the generated answer,
     normalized, is the answer -> the accuracy over all (`overall`, `heldout_<overall>`) and per kind
     (`<kind>_accuracy`, `heldout_<kind>_accuracy`), and the table of each kind's mean and size."""
-    frame["correct"] = [normalize_answer(g) == normalize_answer(a) for g, a in zip(frame.generated, frame.answer)]
+    frame["correct"] = [normalize(g) == normalize(a) for g, a in zip(frame.generated, frame.answer)]
     metrics = {}
     for held_out, prefix in ((False, ""), (True, "heldout_")):
         part = frame[frame.held_out == held_out]
@@ -87,8 +102,8 @@ CONVERSATION_ANSWER_TOKENS = 32
 
 def _conversation_vqa(model, preprocess, version) -> SuiteResult:
     """Every turn of the test split's conversations, asked after the turns before it as the data wrote them:
-    exact match (case, spacing and a final full stop aside) and contains (the answer inside the generated
-    text, for open answers). A turn whose prompt leaves no room for an answer in the context is counted,
+    exact match after VQAv2's normalisation (vqa_normalize) and contains (the answer's words inside the
+    generated text's, for open answers). A turn whose prompt leaves no room for an answer in the context is counted,
     not asked."""
     chat = ChatFormat.of(preprocess)
     asked, too_long = [], 0
@@ -107,8 +122,9 @@ def _conversation_vqa(model, preprocess, version) -> SuiteResult:
     frame = pd.DataFrame({"kind": "conversation", "held_out": False, "turn": [len(h) for _, h, _ in asked],
                           "question": [t.question for *_, t in asked], "answer": [t.answer for *_, t in asked],
                           "generated": generated})
-    metrics, per_kind = exact_match(frame)
-    frame["contains"] = [normalize_answer(a) in normalize_answer(g) for a, g in zip(frame.answer, frame.generated)]
+    metrics, per_kind = exact_match(frame, normalize=vqa_normalize)
+    frame["contains"] = [f" {vqa_normalize(a)} " in f" {vqa_normalize(g)} "
+                         for a, g in zip(frame.answer, frame.generated)]
     metrics |= {"contains_accuracy": float(frame.contains.mean()), "n": float(len(frame)),
                 "n_too_long": float(too_long)}
     metrics = {k: v for k, v in metrics.items() if not k.startswith("heldout_")}  # the data names no held-out

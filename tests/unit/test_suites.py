@@ -146,6 +146,14 @@ def test_zeroshot_classifies_into_a_users_classes_file_and_names_what_is_wrong_w
         suite.run(oracle, pre, version, classes=str(classes))
 
 
+def test_open_answers_are_compared_as_vqav2_normalises_them():
+    from mmcore.eval.generative import vqa_normalize
+
+    assert vqa_normalize("A cup of coffee.") == vqa_normalize("cup of coffee") == "cup of coffee"
+    assert vqa_normalize("Two dogs!") == "2 dogs" and vqa_normalize("1,000 metres; 3.5 km.") == "1000 metres 3.5 km"
+    assert vqa_normalize("Yes, it is.") == "yes it is" != vqa_normalize("yes it is not")
+
+
 def test_heldout_prompt_templates_use_words_that_no_corpus_caption_has(tmp_path):
     """The held-out suites measure generalisation only if their wording is new to the model."""
     import re
