@@ -211,6 +211,8 @@ class RetrainResult:
     unified: dict | None = None
     """The unified TrainResult, as a dict (None when skipped)."""
     unified_decision: GateDecision | None = None
+    instructions: dict | None = None
+    """dataset_summary() of the instruction dataset the fusion stage trained on (None: it used `dataset`)."""
 
     def stages(self) -> list[tuple[dict, GateDecision | None]]:
         """(TrainResult dict, gate decision) of each stage that ran, in order."""
@@ -220,16 +222,18 @@ class RetrainResult:
         return [(trained, decision) for trained, decision in pairs if trained]
 
     def candidates(self) -> list[EvalReport]:
-        """The evaluation of each stage's candidate, in order."""
-        return [decision.candidate for _, decision in self.stages() if decision is not None]
+        """The evaluation of each stage's candidate on `dataset`, in order (side by side on one test split: a
+        fusion stage gated on an instruction dataset is left out)."""
+        return [decision.candidate for _, decision in self.stages()
+                if decision is not None and decision.candidate.dataset_id == self.dataset["id"]]
 
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
     """ingest (or a landed dataset) -> contrastive -> language -> fusion on the contrastive (and language)
-    champion, in one phase or LLaVA's two -> image tokenizer -> unified on the tokenizer champion, each
-    trained, evaluated and promoted (an alignment phase is not gated: the next phase starts from it). Stages
-    can be skipped."""
+    champion, in one phase or LLaVA's two, on the dataset or on an instruction dataset ingested from a conversation
+    file -> image tokenizer -> unified on the tokenizer champion, each trained, evaluated and promoted (an
+    alignment phase is not gated: the next phase starts from it). Stages can be skipped."""
     _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))
@@ -241,9 +245,12 @@ def retrain_flow(params: RetrainParams) -> RetrainResult:
         result.language = train_task(TrainParams(dataset=dataset["path"], **params.language.model_dump()))
         result.language_decision = promote_task(result.language["model_name"], dataset["path"], params.language_gate)
     if not params.skip_fusion:
-        for phase in params.fusion.phases(dataset["path"]):
+        result.instructions = ingest_task(params.instructions) if params.instructions else None
+        chats = result.instructions["path"] if result.instructions else None
+        for phase in params.fusion.phases(dataset["path"], chats):
             result.fusion = train_task(phase)
-        result.fusion_decision = promote_task(result.fusion["model_name"], dataset["path"], params.fusion_gate)
+        result.fusion_decision = promote_task(result.fusion["model_name"], chats or dataset["path"],
+                                              params.fusion_gate)
     if not params.skip_unified:
         result.tokenizer = train_task(TrainParams(dataset=dataset["path"], **params.tokenizer.model_dump()))
         result.tokenizer_decision = promote_task(result.tokenizer["model_name"], dataset["path"],

@@ -164,13 +164,14 @@ class FusionSettings(TrainSettings):
                                                                   "`recipe` on the language champion: demo-alignment "
                                                                   "(then recipe demo-instruction); empty: one phase.")
 
-    def phases(self, dataset: str) -> list[TrainParams]:
+    def phases(self, dataset: str, instructions: str | None = None) -> list[TrainParams]:
         """The runs of this stage: the alignment phase (its recipe, this stage's cluster settings and overrides)
-        when there is one, then `recipe`."""
+        when there is one, on `dataset` (captions), then `recipe` on `instructions` (an instruction dataset) when
+        given, else on `dataset`."""
         settings = self.model_dump(exclude={"alignment_recipe"})
         first = [] if not self.alignment_recipe else [TrainParams(dataset=dataset, **{
             **settings, "recipe": self.alignment_recipe, "batch_size": None, "max_steps": None})]
-        return [*first, TrainParams(dataset=dataset, **settings)]
+        return [*first, TrainParams(dataset=instructions or dataset, **settings)]
 
 
 class TokenizerSettings(TrainSettings):
@@ -206,6 +207,10 @@ class RetrainParams(_Params):
     language_gate: GateParams = Field(default_factory=GateParams, description="The language stage's gate.")
     skip_language: bool = Field(True, description="Skip the language stage (on by hand: on the demo corpus LLaVA "
                                                   "on it does not beat the one-phase LLaVA yet, docs/stages.md).")
+    instructions: IngestParams | None = Field(None, description="A conversation file (LLaVA's format, kind "
+                                              "instructions), ingested, that the fusion stage trains and is gated on "
+                                              "(an alignment phase stays on the captions); empty: the fusion stage "
+                                              "uses the dataset above.")
     fusion: FusionSettings = Field(default_factory=FusionSettings, description="The fusion stage.")
     fusion_gate: GateParams = Field(default_factory=GateParams, description="The fusion stage's gate.")
     skip_fusion: bool = Field(False, description="Skip the fusion stage.")
@@ -219,4 +224,6 @@ class RetrainParams(_Params):
     def _one_input(self) -> RetrainParams:
         if (self.source is None) == (not self.dataset):
             raise ValueError("set exactly one of `source` (a URL list to ingest) and `dataset` (an existing version)")
+        if self.instructions is not None and self.instructions.kind != "instructions":
+            raise ValueError("instructions: a conversation file for the fusion stage; set its kind to instructions")
         return self

@@ -273,3 +273,34 @@ def test_retrain_trains_the_language_stage_then_llavas_two_phases_on_its_champio
     assert tags["start_model"] == f"mmpipe-fusion/{aligned}" != f"mmpipe-fusion/{result.fusion['model_version']}"
     assert result.fusion_decision is not None and [t["run_name"].split("-")[1] for t, _ in result.stages()] == [
         "language", "instruction"]
+
+
+def test_retrain_trains_and_gates_the_fusion_stage_on_an_ingested_conversation_file(
+        prefect_api, trained, train_dataset, photo_conversations, served_dir, mmpipe_home):
+    """`instructions`: a conversation file the flow ingests (images by path under its directory); the fusion
+    stage trains and is gated on it; side by side leaves it out (another test split); a URL list there is refused."""
+    from pydantic import ValidationError
+
+    from mmcore import registry
+    from mmcore.config import TrackingConfig
+    from mmcore.tracking import resolve_uri
+    from pipelines.flows import retrain_flow
+    from pipelines.params import FusionSettings, RetrainParams
+    from tests.integration.conftest import PHOTO_CONVERSATIONS
+
+    _, root = served_dir
+    chats = IngestParams(url_list=str(PHOTO_CONVERSATIONS), kind="instructions",
+                         images=str(root / "photo-corpus" / "images"))
+    result = retrain_flow(RetrainParams(
+        dataset=str(train_dataset.path), skip_contrastive=True, skip_unified=True, instructions=chats,
+        fusion=FusionSettings(recipe="debug-fusion", num_workers=1, batch_size=8, max_steps=20,
+                              overrides=['cluster.executor="here"', f'model.parent="{trained.model_uri}"',
+                                         "data.val_batches=1"])))
+    assert result.instructions["rows"]["kept"] == len(json.loads(PHOTO_CONVERSATIONS.read_text()))
+    tags = registry.version_tags("mmpipe-fusion", result.fusion["model_version"], resolve_uri(TrackingConfig()))
+    assert tags["dataset_id"] == result.instructions["id"] != train_dataset.id
+    vqa = result.fusion_decision.candidate.metrics["vqa"]
+    assert result.fusion_decision.candidate.dataset_id == result.instructions["id"] and "contains_accuracy" in vqa
+    assert result.candidates() == [], "its vqa is not the caption dataset's"
+    with pytest.raises(ValidationError, match="instructions: a conversation file for the fusion stage; set its kind"):
+        RetrainParams(dataset=str(train_dataset.path), instructions=IngestParams(url_list=str(PHOTO_CONVERSATIONS)))
