@@ -132,6 +132,12 @@ def _image_url(image: str, cfg: SourceConfig) -> str:
     return f"{IMAGES_SCHEME}:{quote(relative)}"
 
 
+def stored_turns(text: str) -> list[tuple[str, str]]:
+    """The (question, answer) pairs of a `conversations` cell, as checked_row stored them."""
+    turns = json.loads(text)
+    return [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)]
+
+
 def read_conversations(path: Path, cfg: SourceConfig) -> tuple[pa.Table, list[tuple[int, str, str]]]:
     """The file's rows (row, url, caption, id, conversations; nulls where a row was rejected) and the rejected
     ones as (row, reason, detail)."""

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from mmcore import storage
 from mmcore.data.config import SplitConfig
+from mmcore.data.conversations import stored_turns
 from mmcore.data.schema import SCHEMA_VERSION, SPLITS, SchemaError, curated_schema, read_shard
 from mmcore.data.tokenizer import load_tokenizer
 
@@ -67,9 +68,10 @@ class ShardWriter:
     def write(self, rows: pa.Table) -> None:
         """rows: row, url, caption, image, width, height, sha256 and the extras."""
         urls = rows.column("url").to_pylist()
-        splits = [assign_split(url_key(url), self.split) for url in urls]
+        image_keys = [url_key(url) for url in urls]
+        splits = [assign_split(key, self.split) for key in image_keys]
         keys = [url_key(f"{url}#{i}") for url, i in zip(urls, rows.column("id").to_pylist())] if self.by_id \
-            else [url_key(url) for url in urls]
+            else image_keys
         table = pa.table({
             "key": keys, "url": rows.column("url"), "caption": rows.column("caption"),
             "image": rows.column("image"), "width": rows.column("width"), "height": rows.column("height"),
@@ -114,10 +116,10 @@ class DataCard:
     def add(self, rows: pa.Table) -> None:
         if self.kind == "instructions":
             for text in rows.column("conversations").to_pylist():
-                turns = json.loads(text)
-                self.histograms.setdefault("turns_per_conversation", Counter())[len(turns) // 2] += 1
+                turns = stored_turns(text)
+                self.histograms.setdefault("turns_per_conversation", Counter())[len(turns)] += 1
                 self.histograms.setdefault("words_per_answer", Counter()).update(
-                    len(turn["value"].split()) for turn in turns if turn["from"] == "gpt")
+                    len(answer.split()) for _, answer in turns)
         else:
             self.histograms.setdefault("words_per_caption", Counter()).update(
                 len(caption.split()) for caption in rows.column("caption").to_pylist())

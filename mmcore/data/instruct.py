@@ -21,13 +21,13 @@ the cost of one image.
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer
 
+from mmcore.data.conversations import stored_turns
 from mmcore.data.synthetic import questions as attributes
 from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER
 from mmcore.models.generate import IGNORE
@@ -299,8 +299,7 @@ def conversation(row: dict) -> list[Question] | None:
     stored them); None for a row of a caption dataset."""
     if not row.get("conversations"):
         return None
-    turns = json.loads(row["conversations"])
-    return [Question("conversation", turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)]
+    return [Question("conversation", question, answer) for question, answer in stored_turns(row["conversations"])]
 
 
 class InstructPreprocessor(Preprocessor):
