@@ -126,9 +126,14 @@ class DataConfig:
     many of the image's questions as fit in N text tokens (at least the model's context), each seeing
     the image and itself only: several questions learned for one image's cost (the unified stage's
     drawing samples are padded to the same length)."""
-    captions_only: bool = False
-    """Fusion: ask each image for its caption only (LLaVA's alignment phase trains the projector on caption
-    pairs); otherwise every question its row answers."""
+    mix: dict[str, float] = field(default_factory=dict)
+    """Other dataset versions trained on with data.dataset, each path with its weight: the share of the training
+    rows drawn from it (data.dataset gives the rest; validation reads data.dataset alone). The fusion stage
+    learns captions from a caption dataset and conversations from an instruction dataset; the unified stage
+    draws from captions and reads conversations."""
+    draw_fraction: float = 0.5
+    """Unified stage: the share of a caption dataset's rows that are drawing samples (the rest ask for the
+    caption); an instruction dataset's rows are read as their conversations."""
     record_samples: bool = False
     """Write the rows each worker trained on, in order, to <run dir>/samples/rank-N.tsv (epoch, row index
     in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""
@@ -138,6 +143,10 @@ class DataConfig:
         check(self.batch_size >= 1, "data.batch_size", "must be at least 1")
         check(self.val_batches >= 0, "data.val_batches", "must be >= 0")
         check(self.pack_length >= 0, "data.pack_length", "must be >= 0")
+        check(all(0 < w < 1 for w in self.mix.values()) and sum(self.mix.values()) < 1, "data.mix",
+              "each weight must be in (0, 1) and together under 1 (data.dataset gives the rest)")
+        check(self.dataset not in self.mix, "data.mix", "names data.dataset itself")
+        check(0 <= self.draw_fraction <= 1, "data.draw_fraction", "must be in [0, 1]")
 
 
 @dataclass
@@ -301,8 +310,6 @@ class RunConfig:
                f"{self.model.start_from!r}: a registered model, e.g. models:/mmpipe-fusion@aligned")
         check(not self.optim.bridge_lr or stage.name == "fusion", "optim.bridge_lr",
               f"the {stage.name} stage has no tower joined to an LM")
-        check(not self.data.captions_only or stage.name == "fusion", "data.captions_only",
-               f"the {stage.name} stage does not ask questions about images")
         check(not self.data.pack_length or stage.packs, "data.pack_length",
                f"the {stage.name} stage does not pack questions")
         check(self.cluster.executor == "ray" or self.parallel.num_workers == 1, "parallel.num_workers",
@@ -383,6 +390,9 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
             return value
         if option is dict and isinstance(value, dict):
             return value
+        if typing.get_origin(option) is dict and isinstance(value, dict):
+            key, item = typing.get_args(option)
+            return {_typed(k, key, f"{name} key"): _typed(v, item, f"{name}[{k!r}]") for k, v in value.items()}
         if typing.get_origin(option) is list and isinstance(value, list):
             return [_typed(item, typing.get_args(option)[0], f"{name}[{i}]") for i, item in enumerate(value)]
     wanted = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) if typing.get_origin(o) is None

@@ -73,9 +73,9 @@ def debug_fusion(dataset: str) -> RunConfig:
 
 
 def demo_fusion(dataset: str) -> RunConfig:
-    """Minutes on 2 CPU cores: LLaVA on the frozen tower of the contrastive champion answers questions
-    about the sample corpus's scenes and digits; an image's questions packed together (about 3.5
-    in 96 tokens)."""
+    """Minutes on 2 CPU cores: LLaVA on the frozen tower of the contrastive champion; on the sample corpus's
+    conversations (an instruction dataset) it answers questions about its scenes and digits, a conversation
+    packed in 96 tokens."""
     return named("demo-fusion", base("fusion", dataset, "llava-demo",
                                      OptimConfig(lr=1e-3, warmup_steps=50, max_steps=400), 200,
                                      batch_size=64, val_batches=4, augment=False, pack_length=96))
@@ -115,9 +115,8 @@ def debug_language(dataset: str) -> RunConfig:
 
 
 def demo_language(dataset: str) -> RunConfig:
-    """Minutes on 2 CPU cores: a Llama-architecture LM learns the sample corpus's captions, and to answer
-    questions about a caption it is given, in the wordings the fusion stage trains on (the caption's and the
-    questions' loss at half the answers': experiments/language-stage)."""
+    """Minutes on 2 CPU cores: a Llama-architecture LM learns the sample corpus's captions and, mixed in
+    (data.mix), its conversations as text (the questions' loss at half the answers': experiments/language-stage)."""
     cfg = base("language", dataset, "lm-demo", OptimConfig(lr=3e-3, warmup_steps=50, max_steps=720), 360,
                batch_size=32, val_batches=4, augment=False)
     return named("demo-language", cfg, task=dataclasses.replace(cfg.task, text_loss=0.5))
@@ -131,10 +130,10 @@ def _on_language(cfg: RunConfig, name: str, steps: int, **model) -> RunConfig:
 
 
 def _alignment(cfg: RunConfig, name: str, steps: int) -> RunConfig:
-    """LLaVA's first phase of `cfg`: tower and LM frozen, caption requests only, registered as `aligned`."""
+    """LLaVA's first phase of `cfg`: tower and LM frozen, registered as `aligned`; on a caption dataset, whose
+    rows are caption requests."""
     cfg = _on_language(cfg, name, steps, freeze_lm=True)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, captions_only=True),
-                               tracking=dataclasses.replace(cfg.tracking, alias="aligned"))
+    return dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, alias="aligned"))
 
 
 def demo_alignment(dataset: str) -> RunConfig:
@@ -186,10 +185,10 @@ def debug_unified(dataset: str) -> RunConfig:
 
 
 def demo_unified(dataset: str) -> RunConfig:
-    """Minutes on 2 CPU cores: one transformer that answers about the sample corpus's images and
-    draws scenes from captions, over the demo image tokenizer's 8 x 8 codes. A reading sample packs
-    as many of its image's questions as fit in the context, the length a drawing sample takes anyway
-    (longer packs pad the drawings too)."""
+    """Minutes on 2 CPU cores: one transformer that draws scenes from captions and, with the sample corpus's
+    conversations mixed in (data.mix, data.draw_fraction 1), answers about its images, over the demo image
+    tokenizer's 8 x 8 codes. A reading sample packs its conversation in the context, the length a drawing
+    sample takes anyway (longer packs pad the drawings too)."""
     return named("demo-unified", base("unified", dataset, "unified-demo",
                                       OptimConfig(lr=1e-3, warmup_steps=50, max_steps=800), 200,
                                       batch_size=32, val_batches=4, augment=False, pack_length=40))

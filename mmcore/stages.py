@@ -83,13 +83,13 @@ STAGES = {stage.name: stage for stage in (
                            lambda parent: {"language": _without_card(parent)}),
           packs=True, question_loss=True, starts_from=True, reads=("captions", "instructions")),
     Stage("language", "LanguageTask", ("lm",), ("next-token",), "text.answer_accuracy", "demo-language",
-          text_loss=True),
+          text_loss=True, reads=("captions", "instructions")),
     Stage("image-tokenizer", "ImageTokenizerTask", ("vq",), ("mse",), "reconstruction.psnr", "demo-tokenizer"),
     Stage("unified", "UnifiedTask", ("unified",), ("next-token",), "vqa.accuracy", "demo-unified",
           parent=Parent("image-tokenizer", "models:/mmpipe-image-tokenizer@champion",
                         lambda parent: {"image_tokenizer": _without_card(parent)}),
           lm_parent=Parent("language", "models:/mmpipe-language@champion",
                            lambda parent: {"language": _without_card(parent)}),
-          packs=True),
+          packs=True, reads=("captions", "instructions")),
 )}
 

@@ -159,8 +159,7 @@ class FusionTask(_PixelTask):
                      parents: Parents | None = None) -> Preprocessor:
         from mmcore.data.instruct import InstructPreprocessor
 
-        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length,
-                                    captions_only=cfg.data.captions_only)
+        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
 
     def __init__(self, model: nn.Module, preprocess: PreprocessConfig, question_loss: float = 0.0):
         super().__init__(model, preprocess)
@@ -270,7 +269,8 @@ class UnifiedTask(nn.Module):
         files = ModelBundle.at(parents["parent"])
         config = architecture(json.loads(Path(files.config).read_text()))
         return MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
-                                 seed=cfg.seed, pack_length=cfg.data.pack_length)
+                                 seed=cfg.seed, pack_length=cfg.data.pack_length,
+                                 draw_fraction=cfg.data.draw_fraction)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         packing = Packing.of(batch)
@@ -305,7 +305,7 @@ class LanguageTask(nn.Module):
                      parents: Parents | None = None) -> Preprocessor:
         from mmcore.data.passages import TextPreprocessor
 
-        return TextPreprocessor(preprocess, tokenizer_json, seed=cfg.seed)
+        return TextPreprocessor(preprocess, tokenizer_json)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.model(batch["input_ids"])

@@ -86,6 +86,8 @@ def cmd_demo(args) -> int:
         console.say(f"sample corpus at {sample_dir}, served at {server.url}")
         result = retrain_flow(RetrainParams(
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
+            instructions=IngestParams(url_list=str(sample_dir / "conversations.jsonl"), kind="instructions",
+                                      allow_networks=["127.0.0.1/32"]), fusion_gated_on="dataset",
             train=TrainSettings(recipe=args.recipe), skip_language=args.language_recipe == "none",
             language=LanguageSettings(**_recipe(args.language_recipe)), skip_fusion=args.fusion_recipe == "none",
             fusion=FusionSettings(**_recipe(args.fusion_recipe), alignment_recipe=args.alignment_recipe),

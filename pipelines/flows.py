@@ -29,7 +29,7 @@ from mmcore.redact import RedactingFormatter
 from mmcore.train.fit import TrainingError, fit
 from mmcore.train.trainer import NonFiniteLoss
 from pipelines import report
-from pipelines.params import EvaluateParams, GateParams, IngestParams, RetrainParams, TrainParams
+from pipelines.params import EvaluateParams, GateParams, IngestParams, RetrainParams, TrainParams, mixed
 
 DATASET_LANDED = "dataset.landed"
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NonFiniteLoss)
@@ -212,7 +212,8 @@ class RetrainResult:
     """The unified TrainResult, as a dict (None when skipped)."""
     unified_decision: GateDecision | None = None
     instructions: dict | None = None
-    """dataset_summary() of the instruction dataset the fusion stage trained on (None: it used `dataset`)."""
+    """dataset_summary() of the instruction dataset the fusion stage trained on and the language and unified stages
+    mixed in (None: they used `dataset` alone)."""
 
     def stages(self) -> list[tuple[dict, GateDecision | None]]:
         """(TrainResult dict, gate decision) of each stage that ran, in order."""
@@ -230,32 +231,33 @@ class RetrainResult:
 
 @flow(name="retrain", log_prints=True)
 def retrain_flow(params: RetrainParams) -> RetrainResult:
-    """ingest (or a landed dataset) -> contrastive -> language -> fusion on the contrastive (and language)
-    champion, in one phase or LLaVA's two, on the dataset or on an instruction dataset ingested from a conversation
-    file -> image tokenizer -> unified on the tokenizer champion, each trained, evaluated and promoted (an
-    alignment phase is not gated: the next phase starts from it). Stages can be skipped."""
+    """ingest (or a landed dataset, and a conversation file's instruction dataset) -> contrastive -> language ->
+    fusion on the contrastive (and language) champion, in one phase or LLaVA's two, on the instruction dataset (or
+    the captions) -> image tokenizer -> unified on the tokenizer champion, each trained, evaluated and promoted (an
+    alignment phase is not gated: the next phase starts from it); the language and unified stages mix the
+    conversations into the captions. Stages can be skipped."""
     _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))
     result = RetrainResult(dataset, None, None)
+    result.instructions = ingest_task(params.instructions) if params.instructions else None
+    chats, weight = result.instructions["path"] if result.instructions else None, params.instructions_weight
     if not params.skip_contrastive:
         result.trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))
         result.decision = promote_task(result.trained["model_name"], dataset["path"], params.gate)
     if not params.skip_language:
-        result.language = train_task(TrainParams(dataset=dataset["path"], **params.language.model_dump()))
+        result.language = train_task(mixed(params.language, dataset["path"], chats, weight))
         result.language_decision = promote_task(result.language["model_name"], dataset["path"], params.language_gate)
     if not params.skip_fusion:
-        result.instructions = ingest_task(params.instructions) if params.instructions else None
-        chats = result.instructions["path"] if result.instructions else None
         for phase in params.fusion.phases(dataset["path"], chats):
             result.fusion = train_task(phase)
-        result.fusion_decision = promote_task(result.fusion["model_name"], chats or dataset["path"],
-                                              params.fusion_gate)
+        gated_on = chats if chats and params.fusion_gated_on == "instructions" else dataset["path"]
+        result.fusion_decision = promote_task(result.fusion["model_name"], gated_on, params.fusion_gate)
     if not params.skip_unified:
         result.tokenizer = train_task(TrainParams(dataset=dataset["path"], **params.tokenizer.model_dump()))
         result.tokenizer_decision = promote_task(result.tokenizer["model_name"], dataset["path"],
                                                  params.tokenizer_gate)
-        result.unified = train_task(TrainParams(dataset=dataset["path"], **params.unified.model_dump()))
+        result.unified = train_task(mixed(params.unified, dataset["path"], chats, weight, "data.draw_fraction=1.0"))
         result.unified_decision = promote_task(result.unified["model_name"], dataset["path"], params.unified_gate)
     candidates = result.candidates()
     if len(candidates) >= 2:

@@ -182,6 +182,13 @@ class TokenizerSettings(TrainSettings):
                                                              "debug-tokenizer.")
 
 
+def mixed(settings: TrainSettings, dataset: str, instructions: str | None, weight: float, *also: str) -> TrainParams:
+    """A stage's run on `dataset`, with `instructions` mixed in at `weight` (data.mix) and the `also` overrides
+    when there are instructions."""
+    overrides = [f"data.mix={json.dumps({instructions: weight})}", *also] if instructions else []
+    return TrainParams(dataset=dataset, **{**settings.model_dump(), "overrides": [*settings.overrides, *overrides]})
+
+
 class UnifiedSettings(TrainSettings):
     """The unified stage in `retrain`: its parent is the image tokenizer champion after that gate."""
 
@@ -208,9 +215,17 @@ class RetrainParams(_Params):
     skip_language: bool = Field(True, description="Skip the language stage (on by hand: on the demo corpus LLaVA "
                                                   "on it does not beat the one-phase LLaVA yet, docs/stages.md).")
     instructions: IngestParams | None = Field(None, description="A conversation file (LLaVA's format, kind "
-                                              "instructions), ingested, that the fusion stage trains and is gated on "
-                                              "(an alignment phase stays on the captions); empty: the fusion stage "
-                                              "uses the dataset above.")
+                                              "instructions), ingested first: the fusion stage trains and is gated on "
+                                              "it (an alignment phase stays on the captions); the language and "
+                                              "unified stages mix it in by `instructions_weight`. Empty: they train "
+                                              "on the dataset's captions alone.")
+    instructions_weight: float = Field(0.5, gt=0, lt=1, description="The share of the language and unified "
+                                       "stages' training rows drawn from the conversations (the unified stage then "
+                                       "draws on every caption row).")
+    fusion_gated_on: Literal["instructions", "dataset"] = Field(
+        "instructions", description="With `instructions`: the test split the fusion stage is evaluated and gated on, "
+        "the instruction dataset's (its conversations' turns) or the dataset's (captioning; the sample corpus's "
+        "questions in seen and held-out wordings; side by side with the other stages).")
     fusion: FusionSettings = Field(default_factory=FusionSettings, description="The fusion stage.")
     fusion_gate: GateParams = Field(default_factory=GateParams, description="The fusion stage's gate.")
     skip_fusion: bool = Field(False, description="Skip the fusion stage.")

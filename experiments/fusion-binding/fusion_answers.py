@@ -3,7 +3,7 @@
 VQA scores a relation answer right or wrong; this says how it is wrong: the right axis (left/right
 against above/below) with the wrong side, or the wrong axis; whether yes/no answers follow the truth;
 whether the colour of one of two groups is the other group's. Questions are the seen wordings
-evaluation asks (mmcore.data.instruct.questions), answered greedily through the registered model
+evaluation asks (mmcore.data.synthetic.questions.questions), answered greedily through the registered model
 and scored as the vqa suite scores them. With --held-out: the held-out wordings instead, on every
 synthetic scene, and per question type the answers given most often (is a wrong answer another
 type's answer, or a caption?).
@@ -30,7 +30,7 @@ AXIS = {"left of": "horizontal", "right of": "horizontal", "above": "vertical", 
 def answer_profile(model_uri: str, rows: list[dict]) -> dict:
     """Counts of the model's answers on two-group scenes: relation by axis and side, yes/no by truth,
     two-group colour by which group's colour."""
-    from mmcore.data.instruct import questions
+    from mmcore.data.synthetic.questions import questions
     from mmcore.eval.generative import ask, normalize_answer
     from mmcore.registry import load_model
 
@@ -57,7 +57,7 @@ def answer_profile(model_uri: str, rows: list[dict]) -> dict:
 
 def held_out_answers(model_uri: str, rows: list[dict]) -> list[str]:
     """Per question type: the held-out wording, its accuracy and the answers given most often."""
-    from mmcore.data.instruct import TEMPLATES, questions
+    from mmcore.data.synthetic.questions import WORDINGS as TEMPLATES, questions
     from mmcore.eval.generative import ask, normalize_answer
     from mmcore.registry import load_model
 

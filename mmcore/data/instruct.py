@@ -1,22 +1,19 @@
-"""Instruction turns of a dataset row: an instruction dataset's conversation as written (`conversation`), or
-turns derived from a caption dataset's row, deterministically (nothing new is stored).
+"""Instruction turns of a dataset row, what the fusion and unified stages train on: an instruction dataset's
+conversation as written (`conversation`), or, for a caption dataset's row, the request for its caption
+(`caption_request`, worded by a seen template drawn from (seed, epoch, key); nothing new is stored). Questions
+about the sample corpus's attribute columns reach training as its conversation file, like a user's
+(data/synthetic/questions.py writes them; evaluation asks them, and their held-out wordings, from there).
 
-What the fusion and unified stages read, a row -> its turns: `training_questions(row, seed, epoch)` while
-training, `questions(row, held_out)` for evaluation. Every row can be asked for its caption; rows of the
-sample corpus also answer questions about their attribute columns (data/synthetic/questions.py: colour,
-shape, count, relation, yes/no against a foil, the digit). Each question type has seen wordings
-(training and evaluation) and held-out ones, which only evaluation uses: the difference measures whether
-the model learned the question or the wording.
+A turn becomes a chat: `<bos> <|user|> <image> question <|assistant|> answer <eos>`, a later turn of a
+conversation `<|user|> question <|assistant|> answer <eos>`, and the loss counts the answers' tokens and
+their <eos> only. On an imported LM the chat is its own template's (`TemplateChat`): the user's first
+message `<image>` + newline + question, the loss on what the template writes after each prompt (the answer
+and the tokens that end a turn).
 
-A turn becomes a chat: `<bos> <|user|> <image> question <|assistant|> answer <eos>`, and the loss counts
-the answer's tokens and its <eos> only. On an imported LM the chat is its own template's (`TemplateChat`):
-the user's message `<image>` + newline + question, the loss on what the template writes after the prompt
-(the answer and the tokens that end a turn).
-
-Packed (`data.pack_length`), one training sequence carries several of the row's questions after one
-shared `<bos> <|user|> <image>`: each question sees that prefix and itself only, at the positions it
-would have alone (models/decoder.py's `Packing`), so the model learns from several questions for
-the cost of one image.
+A conversation is cut to the model's context (its positions). Packed (`data.pack_length`), the turns that
+do not fit go on in the same training sequence after the shared `<bos> <|user|> <image>`: the next turn
+asked as a conversation's first, at the positions it would have alone, seeing the image and its own part
+of the conversation (models/decoder.py's `Packing`), so every turn is learned for one image's cost.
 """
 
 from __future__ import annotations
@@ -28,7 +25,6 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from mmcore.data.conversations import stored_turns
-from mmcore.data.synthetic import questions as attributes
 from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, IMAGE, PAD, USER
 from mmcore.models.generate import IGNORE
 from mmcore.models.preprocess import Preprocessor, PreprocessConfig
@@ -36,15 +32,14 @@ from mmcore.models.preprocess import Preprocessor, PreprocessConfig
 CAPTION_TEMPLATES = (("describe the image.", "what does the picture show?", "write a caption for this image.",
                       "give a short description of this image.", "what is in the picture?", "caption this image."),
                      ("tell me what you see in this picture.",))
-"""(seen, held-out) wordings of the caption request, which every row of every dataset can answer."""
-TEMPLATES = {"caption": CAPTION_TEMPLATES, **attributes.TEMPLATES}
+"""(seen, held-out) wordings of the caption request, which every row of a caption dataset can answer."""
 CAPTION_PROMPT = CAPTION_TEMPLATES[0][0]
 """The prompt evaluation asks for a caption with (captioning; the compositional probe, scoring): seen."""
 SHARED = 3
-"""<bos> <|user|> <image>: the prefix every question about one image shares in a packed sequence."""
-ROW_COLUMNS = ["key", "caption", *attributes.COLUMNS, "conversations"]
-"""Columns a sample can be derived from; a dataset without the attribute columns gets captions only, one of
-conversations (an instruction dataset) its conversations."""
+"""<bos> <|user|> <image>: the prefix every part of a packed sequence shares."""
+ROW_COLUMNS = ["key", "caption", "conversations"]
+"""The columns a training sample is made from: a caption dataset's caption, an instruction dataset's
+conversations."""
 
 
 @dataclass(frozen=True)
@@ -59,46 +54,23 @@ def row_rng(row: dict, *salt: int) -> np.random.Generator:
     return np.random.default_rng([*salt, zlib.crc32(str(row["key"]).encode())])
 
 
-def _kinds(row: dict) -> list[str]:
-    """The question types a row can answer, in a fixed order: the caption request, then the corpus's."""
-    return ["caption", *attributes.kinds(row)]
+def caption_request(row: dict, seed: int, epoch: int) -> Question:
+    """A caption dataset's row in training: the request for its caption, in a seen wording drawn from
+    (seed, epoch, key)."""
+    return Question("caption", str(row_rng(row, seed, epoch).choice(CAPTION_TEMPLATES[0])), row["caption"])
 
 
-def _question(kind: str, template: str, row: dict, truth: bool, held_out: bool = False) -> Question:
-    question, answer = (template, row["caption"]) if kind == "caption" else attributes.ask(kind, template, row, truth)
-    return Question(kind, question, answer, held_out)
+def conversation(row: dict) -> list[Question] | None:
+    """An instruction dataset's row: its conversation's turns (question, answer) in order (data/conversations.py
+    stored them); None for a row of a caption dataset."""
+    if not row.get("conversations"):
+        return None
+    return [Question("conversation", question, answer) for question, answer in stored_turns(row["conversations"])]
 
 
-def questions(row: dict, held_out: bool = False) -> list[Question]:
-    """A row's turns for evaluation: one question per type the row can answer, worded by a seen (or a
-    held-out) template chosen by the row."""
-    rng = row_rng(row, 7, int(held_out))
-    out = []
-    for kind in _kinds(row):
-        truth = bool(rng.random() < 0.5) if kind == "yes_no" else True
-        out.append(_question(kind, str(rng.choice(TEMPLATES[kind][1 if held_out else 0])), row, truth, held_out))
-    return out
-
-
-def training_questions(row: dict, seed: int, epoch: int, captions_only: bool = False) -> list[Question]:
-    """A row's turns for training: every question type the row can answer (or, `captions_only`, the caption
-    request), in an order drawn from (seed, epoch, key), each worded by a seen template drawn the same way,
-    with or without an opening and a closing (attributes.OPENINGS)."""
-    rng = row_rng(row, seed, epoch)
-    kinds = ["caption"] if captions_only else _kinds(row)
-    out = []
-    for kind in (kinds[i] for i in rng.permutation(len(kinds))):
-        template = str(rng.choice(TEMPLATES[kind][0]))
-        if kind in attributes.ONE_WORD:
-            template = (str(rng.choice(attributes.OPENINGS)) if rng.random() < 0.5 else "") + template
-            template += str(rng.choice(attributes.CLOSINGS)) if rng.random() < 1 / 3 else ""
-        out.append(_question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True))
-    return out
-
-
-def training_question(row: dict, seed: int, epoch: int, captions_only: bool = False) -> Question:
-    """The row's question for this epoch when a sequence holds one: the first of `training_questions`."""
-    return training_questions(row, seed, epoch, captions_only)[0]
+def training_turns(row: dict, seed: int, epoch: int) -> list[Question]:
+    """What a row teaches: its conversation, or the request for its caption."""
+    return conversation(row) or [caption_request(row, seed, epoch)]
 
 
 class ChatFormat:
@@ -137,6 +109,9 @@ class ChatFormat:
     def _follow_up(self, question: str) -> list[int]:
         return [self.ids[USER], *self.tokenizer.encode(question, add_special_tokens=False).ids, self.ids[ASSISTANT]]
 
+    def _answer(self, answer: str) -> list[int]:
+        return [*self.tokenizer.encode(answer, add_special_tokens=False).ids, self.eos]
+
     def drawing_prompt(self, caption: str, limit: int = 10 ** 9) -> tuple[list[int], bool]:
         """What a unified model draws after (data/mixed.py): `<bos> caption` (an empty caption: the unconditional
         prompt classifier-free guidance mixes in), cut to `limit` tokens -> (ids, cut)."""
@@ -149,7 +124,7 @@ class ChatFormat:
         ids, labels = [], []
         for k, turn in enumerate(turns):
             prompt = self._follow_up(turn.question) if k else self.prompt(turn.question)
-            answer = self.tokenizer.encode(turn.answer, add_special_tokens=False).ids + [self.eos]
+            answer = self._answer(turn.answer)
             ids, labels = ids + prompt + answer, labels + [IGNORE] * len(prompt) + answer
         return ids, labels
 
@@ -164,41 +139,44 @@ class ChatFormat:
         pad = self.context_length - len(ids)
         return ids + [self.pad] * pad, labels + [IGNORE] * pad, truncated
 
+    def _part(self, turns: list[Question], start: int) -> tuple[list[int], list[int], int, bool]:
+        """The longest run of whole turns from `start` that fits the context, as a conversation of its own ->
+        (input_ids, labels, the turn after it, cut): at least one turn, cut to the context if it alone does
+        not fit."""
+        ids, labels = self._conversation(turns[start: start + 1])
+        end = start + 1
+        while end < len(turns):
+            asked, answer = self._follow_up(turns[end].question), self._answer(turns[end].answer)
+            if len(ids) + len(asked) + len(answer) > self.context_length:
+                break
+            ids, labels, end = ids + asked + answer, labels + [IGNORE] * len(asked) + answer, end + 1
+        fits = self.context_length
+        return ids[:fits], labels[:fits], end, len(ids) > fits
+
     def encode_conversation(self, turns: list[Question], length: int = 0) -> tuple[list[int], list[int], list[int],
                                                                                    list[int], bool, int]:
-        """A conversation (an instruction dataset's row) in one causal sequence, cut to the model's context (its
-        positions) and padded to `length` tokens (default the context): each answer sees the turns before it.
-        -> encode_packed's tuple: segments 0 on the shared prefix and 1 on the rest (one question's, as packing
-        counts), positions 0.., and the number of answers that begin inside the sequence."""
-        ids, labels = self._conversation(turns)
-        fits = self.context_length
-        answers = sum(1 for i in range(1, min(len(ids), fits)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
-        truncated, ids, labels = len(ids) > fits, ids[:fits], labels[:fits]
-        pad = (length or self.context_length) - len(ids)
-        return (ids + [self.pad] * pad, labels + [IGNORE] * pad, [0] * SHARED + [1] * (len(ids) - SHARED) + [-1] * pad,
-                list(range(len(ids))) + [0] * pad, truncated, answers)
-
-    def encode_packed(self, asked: list[Question], length: int) -> tuple[list[int], list[int], list[int], list[int],
-                                                                        bool, int]:
-        """Questions about one image in one sequence of `length` tokens: the shared <bos> <|user|> <image>,
-        then each question's turn (question, <|assistant|>, answer, <eos>) while it fits, in order, a
-        turn that does not fit left out. -> (input_ids, labels, segments, positions, truncated,
-        questions): segments 0 on the shared prefix, k on the k-th turn, -1 on padding; positions
-        where each token stands in the question's own sequence (0 on padding). `length` is at least
-        the context, so the first question always fits."""
-        ids, labels, truncated = self._turn(asked[0].question, asked[0].answer)
-        segments, positions = [0] * SHARED + [1] * (len(ids) - SHARED), list(range(len(ids)))
-        for question in asked[1:]:
-            turn_ids, turn_labels, cut = self._turn(question.question, question.answer)
-            turn_ids, turn_labels = turn_ids[SHARED:], turn_labels[SHARED:]
-            if len(ids) + len(turn_ids) > length:
-                continue
-            segments += [segments[-1] + 1] * len(turn_ids)
-            positions += range(SHARED, SHARED + len(turn_ids))
-            ids, labels, truncated = ids + turn_ids, labels + turn_labels, truncated or cut
-        pad = length - len(ids)
+        """A conversation in one causal sequence, each answer seeing the turns before it, cut to the model's
+        context; with `length` (packed, at least the context), the turns after the cut go on in parts of their
+        own after the shared prefix while they fit. -> (input_ids, labels, segments, positions, truncated,
+        answers), each list `length` (default: the context) long: segments 0 on the shared prefix, k on the
+        k-th part, -1 on padding; positions where each token stands in its part's own sequence (0 on
+        padding); truncated when a turn was cut or left out; the number of answers that begin inside."""
+        width = length or self.context_length
+        ids, labels, segments, positions, truncated, start = [], [], [], [], False, 0
+        while start < len(turns):
+            part_ids, part_labels, end, cut = self._part(turns, start)
+            skip = SHARED if ids else 0
+            if ids and (not length or len(ids) + len(part_ids) - skip > width):
+                truncated = True
+                break
+            segments += [0] * SHARED + [1] * (len(part_ids) - SHARED) if not ids else \
+                [segments[-1] + 1] * (len(part_ids) - skip)
+            positions += range(skip, len(part_ids))
+            ids, labels, truncated, start = ids + part_ids[skip:], labels + part_labels[skip:], truncated or cut, end
+        answers = sum(1 for i in range(1, len(ids)) if labels[i] != IGNORE and labels[i - 1] == IGNORE)
+        pad = width - len(ids)
         return (ids + [self.pad] * pad, labels + [IGNORE] * pad, segments + [-1] * pad, positions + [0] * pad,
-                truncated, segments[-1])
+                truncated, answers)
 
 
 class TemplateChat(ChatFormat):
@@ -258,6 +236,14 @@ class TemplateChat(ChatFormat):
         return ids, labels
 
 
+    def _part(self, turns: list[Question], start: int) -> tuple[list[int], list[int], int, bool]:
+        """The turns from `start` as the template renders them, cut to the context (a template's conversation is
+        not packed)."""
+        ids, labels = self._conversation(turns[start:])
+        fits = self.context_length
+        return ids[:fits], labels[:fits], len(turns), len(ids) > fits
+
+
 def _messages(turns: list[Question]) -> list[dict]:
     """Turns as chat-template messages, <image> opening the first user message."""
     return [m for k, turn in enumerate(turns) for m in (
@@ -265,55 +251,30 @@ def _messages(turns: list[Question]) -> list[dict]:
         {"role": "assistant", "content": turn.answer})]
 
 
-def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0,
-                      captions_only: bool = False) -> dict[str, np.ndarray]:
-    """Training rows (with an `epoch`) -> input_ids, labels (B, context) int64 and truncated (B,) int64:
-    one question a row; with `pack_length`, all the row's questions that fit in that many tokens (B,
-    pack_length), with segments and positions (B, pack_length) and the number of questions (B,).
-    `captions_only`: the caption request alone."""
-    encoded = [_encoded(row, chat, seed, pack_length, captions_only) for row in rows]
-    keys = ("input_ids", "labels", "segments", "positions", "truncated", "questions") if pack_length else \
-        ("input_ids", "labels", "truncated")
-    shapes = {"truncated": (len(rows),), "questions": (len(rows),)}
-    width = pack_length or chat.context_length
-    return {key: np.array([e[i] for e in encoded], np.int64).reshape(shapes.get(key, (len(rows), width)))
-            for i, key in enumerate(keys)}
-
-
-def _encoded(row: dict, chat: ChatFormat, seed: int, pack_length: int, captions_only: bool) -> tuple:
-    """One row's sequence: its conversation (an instruction dataset's row), else this epoch's questions
-    derived from it."""
-    turns, epoch = conversation(row), int(row.get("epoch") or 0)
-    if pack_length:
-        return chat.encode_conversation(turns, pack_length) if turns else \
-            chat.encode_packed(training_questions(row, seed, epoch, captions_only), pack_length)
-    if turns:
-        ids, labels, _, _, truncated, _ = chat.encode_conversation(turns)
-        return ids, labels, truncated
-    asked = training_question(row, seed, epoch, captions_only)
-    return chat.encode(asked.question, asked.answer)
-
-
-def conversation(row: dict) -> list[Question] | None:
-    """An instruction dataset's row: its conversation's turns (question, answer) in order (data/conversations.py
-    stored them); None for a row of a caption dataset."""
-    if not row.get("conversations"):
-        return None
-    return [Question("conversation", question, answer) for question, answer in stored_turns(row["conversations"])]
+def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length: int = 0) -> dict[str, np.ndarray]:
+    """Training rows (with an `epoch`) -> input_ids, labels (B, context) int64 and truncated (B,) int64: each
+    row's conversation, or the request for its caption (training_turns), cut to the context; with
+    `pack_length`, (B, pack_length) with the turns after the cut packed, segments and positions (B,
+    pack_length) and the number of answers (B,) (`questions`)."""
+    encoded = [chat.encode_conversation(training_turns(row, seed, int(row.get("epoch") or 0)), pack_length)
+               for row in rows]
+    keys = {"input_ids": 0, "labels": 1, "segments": 2, "positions": 3, "truncated": 4, "questions": 5} \
+        if pack_length else {"input_ids": 0, "labels": 1, "truncated": 4}
+    return {key: np.array([e[i] for e in encoded], np.int64) for key, i in keys.items()}
 
 
 class InstructPreprocessor(Preprocessor):
-    """The fusion stage's stream: uint8 pixels, and per row this epoch's question and answer as chat ids."""
+    """The fusion stage's stream: uint8 pixels, and per row its conversation or its caption request as chat ids."""
 
     columns = ["image", *ROW_COLUMNS]
 
     def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False, seed: int = 0,
-                 pack_length: int = 0, captions_only: bool = False):
+                 pack_length: int = 0):
         super().__init__(cfg, tokenizer_json, augment)
         if pack_length and pack_length < cfg.context_length:
             raise ValueError(f"data.pack_length {pack_length} is shorter than the model's context of "
                              f"{cfg.context_length} tokens: one question would not fit")
-        self.seed, self.pack_length, self.captions_only = seed, pack_length, captions_only
+        self.seed, self.pack_length = seed, pack_length
         self._chat: ChatFormat | None = None
 
     @property
@@ -327,7 +288,7 @@ class InstructPreprocessor(Preprocessor):
 
     def __call__(self, batch: dict) -> dict:
         return {"image": self.batch_pixels(batch["image"]),
-                **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length, self.captions_only)}
+                **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length)}
 
 
 def batch_rows(batch: dict) -> list[dict]:

@@ -2,16 +2,18 @@
 (deterministic in (seed, epoch, row key); nothing new is stored).
 
 Per row and epoch, one of:
-- **reading** (half the rows): the fusion stage's chat about the image (instruct.py: its caption, or
-  a colour / shape / count / relation / yes-no / digit question), loss on the answer;
-- **drawing**: `<bos> caption <|image_start|> codes <|image_end|> <eos>`, loss on the codes, the end
-  marker and <eos>; one drawing sample in ten drops the caption, which teaches the unconditional
-  image the classifier-free guidance of `generate_image` subtracts. On an imported LM with its own chat
-  template, the caption is the user's message in that template and the image the assistant's turn.
+- **reading**: the fusion stage's chat about the image (instruct.py): an instruction dataset's row its
+  conversation, a caption dataset's row (the share 1 - data.draw_fraction of them) the request for its
+  caption; loss on the answers;
+- **drawing** (data.draw_fraction of a caption dataset's rows): `<bos> caption <|image_start|> codes
+  <|image_end|> <eos>`, loss on the codes, the end marker and <eos>; one drawing sample in ten drops the
+  caption, which teaches the unconditional image the classifier-free guidance of `generate_image`
+  subtracts. On an imported LM with its own chat template, the caption is the user's message in that
+  template and the image the assistant's turn.
 
-With `data.pack_length`, a reading sample carries several of the row's questions, as the fusion
-stage's do (instruct.py), and a drawing sample is padded to the same length; the image's span
-stands in the shared prefix.
+A recipe mixes a caption dataset (drawing) with an instruction dataset (reading) by weight (data.mix).
+With `data.pack_length`, a reading sample packs its conversation as the fusion stage's do (instruct.py),
+and a drawing sample is padded to the same length; the image's span stands in the shared prefix.
 
 The image's codes come from the registered image tokenizer, run here on the data workers' CPUs:
 the trainers then see token ids only (why not a derived token dataset: experiments/unified-codes).
@@ -22,14 +24,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mmcore.data.instruct import (ROW_COLUMNS, ChatFormat, InstructPreprocessor, batch_rows, row_rng,
-                                  training_question, training_questions)
+from mmcore.data.instruct import ROW_COLUMNS, ChatFormat, InstructPreprocessor, batch_rows, row_rng, training_turns
 from mmcore.data.tokenizer import IMAGE_END, IMAGE_START, code_offset
 from mmcore.models.generate import IGNORE
 from mmcore.models.imagetok import ImageTokenizer, ImageTokenizerConfig
 from mmcore.models.preprocess import PreprocessConfig, normalize
 
-DRAW_FRACTION = 0.5
 UNCONDITIONAL_FRACTION = 0.1
 """Of the drawing samples, those without a caption."""
 
@@ -86,8 +86,9 @@ class MixedPreprocessor(InstructPreprocessor):
     columns = ["image", *ROW_COLUMNS]
 
     def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, image_tokenizer: dict, seed: int = 0,
-                 pack_length: int = 0):
+                 pack_length: int = 0, draw_fraction: float = 0.5):
         super().__init__(cfg, tokenizer_json, seed=seed, pack_length=pack_length)
+        self.draw_fraction = draw_fraction
         self.image_tokenizer = image_tokenizer
         """{"config": the tokenizer's architecture, "state": its weights as numpy arrays}."""
         self._encoder: ImageTokenizer | None = None
@@ -110,7 +111,7 @@ class MixedPreprocessor(InstructPreprocessor):
         """One row's sample for this epoch: reading or drawing, its image expanded inline."""
         epoch = int(row.get("epoch") or 0)
         rng = row_rng(row, self.seed, epoch, 11)
-        drawing = bool(rng.random() < DRAW_FRACTION)
+        drawing = not row.get("conversations") and bool(rng.random() < self.draw_fraction)
         segments = positions = None
         questions = 0
         if drawing:
@@ -119,12 +120,11 @@ class MixedPreprocessor(InstructPreprocessor):
             if self.pack_length:  # one sequence, then padding
                 segments = [-1 if i == self.chat.pad else 1 for i in ids]
                 positions = [k if segment > 0 else 0 for k, segment in enumerate(segments)]
-        elif self.pack_length:
-            ids, labels, segments, positions, truncated, questions = self.chat.encode_packed(
-                training_questions(row, self.seed, epoch), self.pack_length)
         else:
-            question = training_question(row, self.seed, epoch)
-            ids, labels, truncated = self.chat.encode(question.question, question.answer)
+            ids, labels, segments, positions, truncated, questions = self.chat.encode_conversation(
+                training_turns(row, self.seed, epoch), self.pack_length)
+            if not self.pack_length:
+                segments = positions = None
         expanded = expand_image(ids, labels, image, drawing, self.chat.image, segments, positions)
         out = {"input_ids": expanded[0], "labels": expanded[1], "truncated": truncated, "drawing": drawing}
         if self.pack_length:

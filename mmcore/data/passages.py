@@ -1,15 +1,14 @@
-"""The language stage's training text, derived from a row (nothing new is stored): its caption, then
-questions about it and their answers as a chat, in the wordings the fusion stage trains on (never the
-held-out ones, which only evaluation asks).
+"""The language stage's training text, from a row (nothing new is stored): an instruction dataset's
+conversation as a chat, its image left out, or a caption dataset's caption alone.
 
-    <bos> <|user|> caption \n question <|assistant|> answer <eos> <|user|> question <|assistant|> answer <eos> ...
+    <bos> <|user|> question <|assistant|> answer <eos> <|user|> question <|assistant|> answer <eos> ...
+    <bos> caption <eos>
 
 This is the chat format the language model is saved with (models/causal_lm.py CHAT_TEMPLATE; a test
-holds the two token for token). A row with no question to answer (a photo, a web pair) is its caption
-alone: `<bos> caption <eos>`. Two losses: on the answers (`labels`: each answer and its <eos>) and on the
-text the chat is about (`text_labels`: the caption, the questions and their role tokens; a caption alone),
-weighed by task.text_loss: the stage learns the language of the captions and the questions, and to answer
-from a caption it reads.
+holds the two token for token). Two losses: on the answers (`labels`: each answer and its <eos>) and on
+the text the chat is about (`text_labels`: the questions and their role tokens; a caption alone), weighed
+by task.text_loss: the stage learns the language of the captions and the questions, and to answer them
+(data.mix trains on a caption dataset and an instruction dataset together).
 """
 
 from __future__ import annotations
@@ -17,23 +16,16 @@ from __future__ import annotations
 import numpy as np
 from tokenizers import Tokenizer
 
-from mmcore.data.instruct import ROW_COLUMNS, Question, batch_rows, training_questions
+from mmcore.data.instruct import ROW_COLUMNS, batch_rows, conversation
 from mmcore.data.tokenizer import ASSISTANT, BOS, EOS, PAD, USER
 from mmcore.models.generate import IGNORE
 from mmcore.models.preprocess import Preprocessor, PreprocessConfig
 
 
-def about_caption(caption: str, question: str) -> str:
-    """A question about a caption given in text, as the language stage trains on it and the text suite asks it."""
-    return f"{caption}\n{question}"
-
-
-def passage(row: dict, seed: int, epoch: int) -> list[tuple[str, str]]:
-    """The row's chat for this epoch: (user, assistant) turns, the caption in the first user turn; empty
-    when the row answers no question (its caption alone is the sample)."""
-    asked: list[Question] = [q for q in training_questions(row, seed, epoch) if q.kind != "caption"]
-    return [(about_caption(row["caption"], q.question) if i == 0 else q.question, q.answer)
-            for i, q in enumerate(asked)]
+def passage(row: dict) -> list[tuple[str, str]]:
+    """The row's chat: its conversation's (user, assistant) turns; empty for a caption dataset's row (its
+    caption alone is the sample)."""
+    return [(turn.question, turn.answer) for turn in conversation(row) or []]
 
 
 class TextFormat:
@@ -50,12 +42,12 @@ class TextFormat:
     def _text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode(self, row: dict, seed: int, epoch: int) -> tuple[list[int], list[int], list[int], bool]:
+    def encode(self, row: dict) -> tuple[list[int], list[int], list[int], bool]:
         """(input_ids, labels, text_labels, truncated), context_length long: whole turns while they fit (the
         first one cut if it alone does not); labels the answers' ids, text_labels the rest's (IGNORE elsewhere
         and on padding)."""
         i = self.ids
-        turns = passage(row, seed, epoch)
+        turns = passage(row)
         if not turns:
             ids = [i[BOS], *self._text(row["caption"]), i[EOS]]
             labels, text = [IGNORE] * len(ids), list(ids)
@@ -75,13 +67,12 @@ class TextFormat:
 
 
 class TextPreprocessor(Preprocessor):
-    """The language stage's stream: per row this epoch's passage as token ids (no image is read)."""
+    """The language stage's stream: per row its passage as token ids (no image is read)."""
 
     columns = list(ROW_COLUMNS)
 
-    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False, seed: int = 0):
+    def __init__(self, cfg: PreprocessConfig, tokenizer_json: str, augment: bool = False):
         super().__init__(cfg, tokenizer_json, augment)
-        self.seed = seed
         self._format: TextFormat | None = None
 
     @property
@@ -94,7 +85,7 @@ class TextPreprocessor(Preprocessor):
         return {**super().__getstate__(), "_format": None}
 
     def __call__(self, batch: dict) -> dict:
-        encoded = [self.format.encode(row, self.seed, int(row.get("epoch") or 0)) for row in batch_rows(batch)]
+        encoded = [self.format.encode(row) for row in batch_rows(batch)]
         shape = (len(encoded), self.cfg.context_length)
         return {**{key: np.array([e[k] for e in encoded], np.int64).reshape(shape)
                    for k, key in enumerate(("input_ids", "labels", "text_labels"))},

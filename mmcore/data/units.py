@@ -8,6 +8,7 @@ same batches in one process (the one-process trainer, tests, experiments).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -42,6 +43,26 @@ def work_units(version: DatasetVersion, split: str, epochs: int = 1, seed: int =
         order = np.random.default_rng([seed, epoch]).permutation(len(groups)) if shuffle else range(len(groups))
         units += [{**groups[i], "epoch": epoch, "seed": seed if shuffle else -1, "skip": 0} for i in order]
     return units
+
+
+def train_units(sources: list[tuple[DatasetVersion, float]], rows: int, seed: int = 0) -> list[dict]:
+    """The train split's units of one dataset version, or of several mixed by weight (data.mix): each version's
+    units in their own order (work_units, as many epochs as its share of `rows` needs and one more), dealt in
+    turn to the version furthest below its weight's share of the rows dealt so far, so that every stretch of
+    the stream holds each version's share to within a unit. A row's id counts on from the train rows of the
+    versions before its own, so that ids stay distinct."""
+    streams, offset = [], 0
+    for version, weight in sources:
+        train = version.manifest["splits"]["train"]
+        units = work_units(version, "train", math.ceil(rows * weight / max(train, 1)) + 1, seed)
+        streams.append([{**unit, "first_row": unit["first_row"] + offset} for unit in units])
+        offset += train
+    dealt, taken, out = [0] * len(streams), [0] * len(streams), []
+    while all(taken[k] < len(stream) for k, stream in enumerate(streams)):
+        k = min(range(len(streams)), key=lambda k: dealt[k] / sources[k][1])
+        out.append(streams[k][taken[k]])
+        dealt[k], taken[k] = dealt[k] + out[-1]["rows"], taken[k] + 1
+    return out
 
 
 def rank_units(units: list[dict], rank: int, world: int, skip_rows: int = 0) -> list[dict]:

@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pandas as pd
 
-from mmcore.data.instruct import CAPTION_PROMPT, ROW_COLUMNS, ChatFormat, Question, conversation, questions
+from mmcore.data.instruct import CAPTION_PROMPT, ChatFormat, Question, conversation
+from mmcore.data.synthetic import questions as attributes
 from mmcore.data.synthetic.corpus import COLORS, SHAPES
 from mmcore.eval.contrastive import rows
 from mmcore.eval.suites import SAMPLE_COLUMNS, SuiteError, SuiteResult, suite
@@ -55,7 +56,7 @@ def exact_match(frame: pd.DataFrame, overall: str = "accuracy",
 def attribute_questions(records: list[dict]) -> list[tuple[dict, Question]]:
     """(row, question) for every question about the rows' attributes, seen and held-out wordings (not the
     caption request)."""
-    return [(row, q) for row in records for held_out in (False, True) for q in questions(row, held_out)
+    return [(row, q) for row in records for held_out in (False, True) for q in attributes.questions(row, held_out)
             if q.kind != "caption"]
 
 
@@ -67,10 +68,10 @@ def ask(model, preprocess, asked: list[tuple[dict, Question]]) -> list[str]:
 
 
 def _test_rows(version) -> list[dict]:
-    """The test split's rows: the image, the caption and the other columns a sample derives from that the
+    """The test split's rows: the image, the caption and those of the sample corpus's attribute columns the
     dataset has."""
     extras = version.manifest["source"].get("extras", [])
-    return rows(version, ["image", "caption", *[c for c in ROW_COLUMNS if c in extras]]).to_pylist()
+    return rows(version, ["image", "caption", *[c for c in attributes.COLUMNS if c in extras]]).to_pylist()
 
 
 @suite("vqa", {"generate"}, "questions about colour, shape, count, relation, yes/no and digits, or an instruction "

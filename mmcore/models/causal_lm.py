@@ -266,13 +266,15 @@ class CausalLM(nn.Module):
         lm = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
         return cls(cfg, tokenizer.eos_token_id, lm, tokenizer)
 
-    def _chat_prompts(self, messages: list[str]) -> list[list[int]]:
-        return [self.tokenizer.apply_chat_template([{"role": "user", "content": m}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=True)["input_ids"] for m in messages]
+    def _chat_prompts(self, messages: list[str | list[dict]]) -> list[list[int]]:
+        return [self.tokenizer.apply_chat_template([{"role": "user", "content": m}] if isinstance(m, str) else m,
+                                                   add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"] for m in messages]
 
     @torch.no_grad()
-    def complete(self, messages: list[str], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
-        """The greedy answer to each user message, in the tokenizer's chat format."""
+    def complete(self, messages: list[str | list[dict]], max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
+        """The greedy answer to each user message (or each conversation: chat messages ending with the user's),
+        in the tokenizer's chat format."""
         prompts, out = self._chat_prompts(messages), []
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_id
         for start in range(0, len(prompts), batch_size):

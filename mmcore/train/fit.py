@@ -140,19 +140,22 @@ def fit(cfg: RunConfig) -> TrainResult:
         say(f"run {name} finished before: {finished.model_uri}, run directory {run_dir}")
         return finished
     run_dir.mkdir(parents=True, exist_ok=True)
+    mixed = {DatasetVersion.open(path).id: weight for path, weight in cfg.data.mix.items()}
     trained = (run_dir / "metrics.json").exists()  # written after the final bundle: training is over
     if trained:
         say(f"run {name} finished training before: registering its model, run directory {run_dir}")
     else:
         where = "in this process" if cfg.cluster.executor == "here" else f"{cfg.parallel.num_workers} workers"
-        say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}: "
+        say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}"
+            + "".join(f" + {i} ({w:.0%} of the rows)" for i, w in mixed.items()) + ": "
             f"{cfg.optim.max_steps} steps, {where}, ZeRO-{cfg.parallel.zero_stage}; "
             f"run directory {run_dir}")
         _say_resume_point(run_dir / "checkpoints")
     run_id = _mlflow_run(uri, cfg, name, version, run_dir)
     model_name = cfg.tracking.model_name or f"mmpipe-{cfg.task.stage}"
     tags = {"dataset_id": version.id, "stage": cfg.task.stage, "git_commit": tracking.git_commit(),
-            "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags}
+            "run_name": name, "flow_run_id": os.environ.get("PREFECT__FLOW_RUN_ID", ""), **parents.tags,
+            **({"mixed_datasets": json.dumps(mixed)} if mixed else {})}
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text()) if trained \
             else _train(cfg, version, arch, parents.dirs, run_dir, runs, name, uri, run_id)

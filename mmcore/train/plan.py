@@ -5,22 +5,32 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 
 from mmcore.config import RunConfig, to_dict
 from mmcore.data.dataset import DatasetError, DatasetVersion
 from mmcore.data.schema import open_shard
 from mmcore.data.tokenizer import load_tokenizer
-from mmcore.data.units import work_units
+from mmcore.data.units import train_units, work_units
 from mmcore.models.preprocess import PreprocessConfig, Preprocessor
 from mmcore.stages import STAGES
 from mmcore.tasks import Parents, build_task
 
 
 def open_dataset(cfg: RunConfig) -> DatasetVersion:
-    """Every data problem is found here, before any worker starts."""
-    version = DatasetVersion.open(cfg.data.dataset)
+    """Every data problem is found here, before any worker starts: in data.dataset (returned) and in each version
+    data.mix adds."""
+    version = _checked(cfg, cfg.data.dataset)
+    for path in cfg.data.mix:
+        _checked(cfg, path)
+    if version.manifest["splits"]["train"] < cfg.data.batch_size:
+        raise ValueError(f"data.batch_size {cfg.data.batch_size} is larger than the train split "
+                         f"({version.manifest['splits']['train']} rows) of {version.path}")
+    return version
+
+
+def _checked(cfg: RunConfig, path: str) -> DatasetVersion:
+    version = DatasetVersion.open(path)
     if not version.tokenizer_path.exists():
         raise DatasetError(f"{version.tokenizer_path}: the dataset's tokenizer is missing")
     load_tokenizer(version.tokenizer_path)
@@ -29,21 +39,16 @@ def open_dataset(cfg: RunConfig) -> DatasetVersion:
         raise DatasetError(f"{version.path} fails verification ({len(problems)} problem(s)): "
                            + "; ".join(problems[:5]))
     if not cfg.data.verify:  # verify() read every shard already; without it, each footer and schema
-        for path in version.shard_paths():
-            open_shard(path)
+        for shard in version.shard_paths():
+            open_shard(shard)
     reads = STAGES[cfg.task.stage].reads
     if version.kind not in reads:
         raise DatasetError(f"{version.path} is a dataset of {version.kind}; the {cfg.task.stage} stage trains on "
                            f"{' or '.join(reads)}")
-    if cfg.data.captions_only and version.kind != "captions":
-        raise DatasetError(f"data.captions_only: {version.path} is a dataset of {version.kind}; LLaVA's alignment "
-                           "phase trains on a caption dataset")
+    main = path == cfg.data.dataset
     for split in ("train", "val"):
-        if not version.shard_paths(split) and (split == "train" or cfg.data.val_batches):
+        if not version.shard_paths(split) and (split == "train" or (main and cfg.data.val_batches)):
             raise DatasetError(f"{version.path}: the {split} split is empty")
-    if version.manifest["splits"]["train"] < cfg.data.batch_size:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} is larger than the train split "
-                         f"({version.manifest['splits']['train']} rows) of {version.path}")
     return version
 
 
@@ -80,11 +85,12 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
     tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text(), arch, parents)
     _, preprocess = build_task(cfg, arch, tokenizer_json)
     pre = task_class.preprocessor(cfg, preprocess, tokenizer_json, parents)
-    epochs = math.ceil(cfg.optim.max_steps * cfg.data.batch_size / max(version.manifest["splits"]["train"], 1)) + 1
+    sources = [(version, 1 - sum(cfg.data.mix.values())),
+               *((DatasetVersion.open(path), weight) for path, weight in cfg.data.mix.items())]
     val_units, skipped = (work_units(version, "val") if cfg.data.val_batches else None), ""
     val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * ranks
     if val_units and val_rows < one_each:
         val_units, skipped = None, (f"the val split's {val_rows} rows are fewer than a batch of {cfg.micro_batch} "
                                     f"for each of {ranks} workers")
-    return Plan(tokenizer_json, preprocess, work_units(version, "train", epochs, cfg.seed),
+    return Plan(tokenizer_json, preprocess, train_units(sources, cfg.optim.max_steps * cfg.data.batch_size, cfg.seed),
                 pre.for_split("train", cfg.data.augment), val_units, pre.for_split("val", False), skipped)

@@ -28,10 +28,11 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     result = subprocess.run([str(cli), "demo", "--quick"], capture_output=True, text=True, timeout=1200, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_console_is_mmpipe_own(result.stdout + result.stderr)
-    datasets = list((tmp_path / "home" / "datasets").iterdir())
-    assert len(datasets) == 1
-    version = DatasetVersion.open(datasets[0])
-    assert version.verify() == []
+    datasets = {v.kind: v for v in map(DatasetVersion.open, (tmp_path / "home" / "datasets").iterdir())}
+    assert set(datasets) == {"captions", "instructions"}, "the URL list and the corpus's conversation file"
+    version, chats = datasets["captions"], datasets["instructions"]
+    assert version.verify() == [] == chats.verify()
+    assert chats.manifest["source"]["path"].endswith("conversations.jsonl") and chats.manifest["rows"]["kept"] > 0
     rows, made = version.manifest["rows"], json.loads((tmp_path / "home" / "sample" / "sample.json").read_text())
     assert made["spec"]["synthetic"] == 1000 and made["spec"]["defects"], "the quick corpus, its defects planted"
     assert rows["in"] == made["rows"] and rows["kept"] + sum(rows["rejected"].values()) == rows["in"]
@@ -57,9 +58,10 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("mmpipe-contrastive", "champion").version) == "1"
     fusion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
-    assert fusion.tags["parent_model"] == "mmpipe-contrastive/1"
+    assert fusion.tags["parent_model"] == "mmpipe-contrastive/1" and fusion.tags["dataset_id"] == chats.id
     unified = client.get_model_version_by_alias("mmpipe-unified", "champion")
     assert unified.tags["parent_model"] == "mmpipe-image-tokenizer/1"
+    assert json.loads(unified.tags["mixed_datasets"]) == {chats.id: 0.5}, "it reads the conversations"
     # The demo ran as Prefect flow runs, recorded in the project home's Prefect database (what `mmpipe up` shows).
     with sqlite3.connect(tmp_path / "home" / "prefect" / "prefect.db") as db:
         runs = db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = "

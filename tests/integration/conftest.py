@@ -36,6 +36,18 @@ def train_dataset(served_dir, tmp_path_factory):
                                guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
 
 
+@pytest.fixture(scope="session")
+def train_chats(train_dataset, served_dir, tmp_path_factory):
+    """The same corpus's questions as instruction data: its conversations.jsonl (two conversations about each
+    image, its image by URL) ingested like a user's file; a conversation's image is in the split its URL gives
+    the caption dataset."""
+    server, root = served_dir
+    out = tmp_path_factory.mktemp("datasets") / "train-chats-v1"
+    return ingest(IngestConfig(source=SourceConfig(str(root / "train-corpus" / "conversations.jsonl"),
+                                                   kind="instructions"), out=str(out),
+                               guard=GuardConfig(allow_networks=["127.0.0.1/32"])))
+
+
 PHOTO_CONVERSATIONS = Path(__file__).parents[1] / "data" / "photo_conversations.json"
 """Conversations written by hand about the sample corpus's real photos (scikit-image, scikit-learn, LFW), their
 images by path relative to the corpus's images directory."""
@@ -106,12 +118,14 @@ def image_tokenizer(train_dataset, mmpipe_home):
 
 
 @pytest.fixture(scope="session")
-def language_model(train_dataset, mmpipe_home):
-    """The debug language model (60 steps) trained here, registered as mmpipe-language@candidate."""
+def language_model(train_dataset, train_chats, mmpipe_home):
+    """The debug language model (60 steps) trained here on the captions with the corpus's conversations mixed
+    in, registered as mmpipe-language@candidate."""
     from mmcore.cli import apply_overrides
     from mmcore.recipes import recipe
     from mmcore.train.fit import fit
     from tests.integration.workers import HERE
 
     return fit(apply_overrides(recipe("debug-language", str(train_dataset.path)),
-                               ["optim.max_steps=60", "checkpoint.every_steps=30", *HERE]))
+                               ["optim.max_steps=60", "checkpoint.every_steps=30",
+                                f'data.mix={{"{train_chats.path}": 0.5}}', *HERE]))

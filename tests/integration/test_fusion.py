@@ -30,9 +30,10 @@ def fusion_config(dataset, parent: str, *overrides):
 
 
 @pytest.fixture(scope="session")
-def fused(trained, train_dataset, mmpipe_home):
-    """A debug LLaVA on the frozen tower of the debug CLIP (by version), ZeRO-2, trained here (one rank)."""
-    return fit(fusion_config(train_dataset, trained.model_uri, *HERE))
+def fused(trained, train_chats, mmpipe_home):
+    """A debug LLaVA on the frozen tower of the debug CLIP (by version), ZeRO-2, trained here (one rank) on the
+    corpus's conversations."""
+    return fit(fusion_config(train_chats, trained.model_uri, *HERE))
 
 
 def _tower(uri: str) -> dict[str, torch.Tensor]:
@@ -55,7 +56,7 @@ def test_fusion_learns_on_a_frozen_tower_and_records_its_parent(fused, trained, 
 
     losses = _losses(fused.mlflow_run_id, mmpipe_home)
     assert len(losses) == 50 and losses[-1] < 0.6 * losses[0]
-    assert fused.metrics["questions_per_image"] > 1.5  # packed: a scene has 3 to 6 questions, a digit 2, a photo 1
+    assert fused.metrics["questions_per_image"] > 1.5  # a scene's conversation has 4 to 6 turns, a digit's 2
     assert fused.metrics["bad_steps"] == 0 and fused.model_name == "mmpipe-fusion"
     assert _same_tower(_tower(fused.model_uri), _tower(trained.model_uri))
     version = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").get_model_version("mmpipe-fusion",
@@ -64,15 +65,18 @@ def test_fusion_learns_on_a_frozen_tower_and_records_its_parent(fused, trained, 
     assert version.tags["stage"] == "fusion" and version.tags["dataset_id"] == fused.dataset_id
 
 
-def test_lineage_walks_from_the_fusion_model_to_the_url_list(fused, trained, train_dataset, mmpipe_home):
+def test_lineage_walks_from_the_fusion_model_to_the_conversation_file(fused, trained, train_chats, train_dataset,
+                                                                     mmpipe_home):
     from mmcore.registry import lineage
 
     chain = lineage("models:/mmpipe-fusion@candidate", f"sqlite:///{mmpipe_home / 'mlflow.db'}")
-    assert [link["kind"] for link in chain] == ["model", "model", "dataset", "url list"]
-    assert [link["name"] for link in chain[:2]] == [fused.model_uri, trained.model_uri]
-    assert [link["stage"] for link in chain[:2]] == ["fusion", "contrastive"]
-    assert chain[2]["name"] == train_dataset.id and chain[2]["path"].endswith(train_dataset.path.name)
-    assert chain[3]["name"] == train_dataset.manifest["source"]["path"]
+    assert [(link["depth"], link["kind"], link["name"]) for link in chain] == [
+        (0, "model", fused.model_uri), (1, "dataset", train_chats.id),
+        (2, "url list", train_chats.manifest["source"]["path"]),
+        (1, "model", trained.model_uri), (2, "dataset", train_dataset.id),
+        (3, "url list", train_dataset.manifest["source"]["path"])]
+    assert chain[2]["name"].endswith("conversations.jsonl") and chain[1]["path"].endswith(train_chats.path.name)
+    assert [link["stage"] for link in chain if link["kind"] == "model"] == ["fusion", "contrastive"]
 
 
 def test_questions_about_the_image_are_answered_above_chance(fused, train_dataset, mmpipe_home):
@@ -152,6 +156,7 @@ def test_bad_parents_fail_before_any_worker(fused, trained, train_dataset, mmpip
 
 
 def test_fusion_trains_on_conversations_about_real_photos_and_is_evaluated_on_them(trained, photo_conversations,
+                                                                                 train_dataset, debug_cfg,
                                                                                  mmpipe_home):
     """The real-photo check: LLaVA on the debug CLIP's tower learns the hand-written conversations (multi-turn,
     each answer after the turns before it); vqa asks every test turn after its history; the suites that read
@@ -173,5 +178,6 @@ def test_fusion_trains_on_conversations_about_real_photos_and_is_evaluated_on_th
     assert 0 <= vqa["accuracy"] <= vqa["contains_accuracy"] <= 1 and "heldout_accuracy" not in vqa
     assert set(report.not_applicable) == {"captioning", "compositional"}
     assert "holds instructions" in report.not_applicable["captioning"]
-    with pytest.raises(DatasetError, match="data.captions_only: .* is a dataset of instructions; LLaVA's alignment"):
-        fit(fusion_config(photo_conversations, trained.model_uri, *overrides, "data.captions_only=true"))
+    mixed = f'data.mix={{"{photo_conversations.path}": 0.5}}'
+    with pytest.raises(DatasetError, match="is a dataset of instructions; the contrastive stage trains on captions"):
+        fit(debug_cfg(train_dataset, mixed))

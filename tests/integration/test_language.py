@@ -160,9 +160,9 @@ def test_bad_checkpoints_are_refused_with_nothing_registered(train_dataset, mmpi
     assert _versions(mmpipe_home) == before
 
 
-def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_dataset, mmpipe_home):
-    """Alignment: the language parent frozen (bit-identical after), captions only; instruction: from the
-    aligned model, LoRA on the LM, registered as adapters naming the parent (the bundle holds none of its
+def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_dataset, train_chats, mmpipe_home):
+    """Alignment: the language parent frozen (bit-identical after), on the caption dataset (caption requests);
+    instruction: on the corpus's conversations, from the aligned model, LoRA on the LM, registered as adapters naming the parent (the bundle holds none of its
     weights; loaded by the registry and the pyfunc on that base, the adapters learned). Both parents and the
     start recorded, the parent's tokenizer kept. The merged registration: the ZeRO-3 LoRA test."""
     import mlflow
@@ -184,7 +184,7 @@ def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_d
         fit(wrong)
     fused = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
         f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(language_model.model_uri)}",
-        "model.freeze_lm=true", "data.captions_only=true", "optim.max_steps=30", "checkpoint.every_steps=15",
+        "model.freeze_lm=true", "optim.max_steps=30", "checkpoint.every_steps=15",
         "optim.lr=0.003", 'tracking.alias="aligned-test"', *HERE]))
     tags = registry.version_tags(fused.model_name, fused.model_version, f"sqlite:///{mmpipe_home / 'mlflow.db'}")
     assert tags["lm_parent_model"] == language_model.model_uri.removeprefix("models:/")
@@ -205,7 +205,7 @@ def test_llavas_two_phases_on_a_language_parent(language_model, trained, train_d
                     (1, "model", language_model.model_uri), (2, "dataset", train_dataset.id),
                     (3, "url list", train_dataset.manifest["source"]["path"])]
 
-    instructed = fit(apply_overrides(recipe("debug-fusion", str(train_dataset.path)), [
+    instructed = fit(apply_overrides(recipe("debug-fusion", str(train_chats.path)), [
         f"model.parent={json.dumps(trained.model_uri)}", f"model.lm_parent={json.dumps(language_model.model_uri)}",
         'model.start_from="models:/mmpipe-fusion@aligned-test"', "model.lora.rank=4", "model.lora.merge=false",
         "optim.max_steps=20", "checkpoint.every_steps=10", 'tracking.alias="instructed-test"', *HERE]))

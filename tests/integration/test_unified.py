@@ -28,11 +28,13 @@ def unified_config(dataset, parent: str, *overrides):
 
 
 @pytest.fixture(scope="module")
-def unified(image_tokenizer, train_dataset, mmpipe_home):
+def unified(image_tokenizer, train_dataset, train_chats, mmpipe_home):
     """The debug unified model on the debug image tokenizer (by version): 200 steps, ZeRO-2, trained here
-    (one rank), questions packed."""
+    (one rank); it draws the caption dataset's images and reads the corpus's conversations, mixed half and half
+    (as the retrain flow mixes them), conversations packed."""
     return fit(unified_config(train_dataset, image_tokenizer.model_uri, "optim.max_steps=200",
-                              "checkpoint.every_steps=100", *HERE))
+                              "checkpoint.every_steps=100", f'data.mix={{"{train_chats.path}": 0.5}}',
+                              "data.draw_fraction=1.0", *HERE))
 
 
 def _history(run_id: str, key: str, mmpipe_home) -> list[float]:
@@ -42,7 +44,7 @@ def _history(run_id: str, key: str, mmpipe_home) -> list[float]:
     return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
-def test_unified_learns_both_modalities_and_records_its_tokenizer(unified, image_tokenizer, mmpipe_home):
+def test_unified_learns_both_modalities_and_records_its_tokenizer(unified, image_tokenizer, train_chats, mmpipe_home):
     from mlflow.tracking import MlflowClient
 
     text = _history(unified.mlflow_run_id, "text_loss", mmpipe_home)
@@ -50,11 +52,12 @@ def test_unified_learns_both_modalities_and_records_its_tokenizer(unified, image
     assert len(text) == len(image) == 20
     assert text[-1] < 0.5 * text[0] and image[-1] < image[0] - 0.3, (text, image)
     assert unified.model_name == "mmpipe-unified" and unified.metrics["bad_steps"] == 0
-    assert unified.metrics["questions_per_image"] > 1.0  # packed: a scene's reading sample asks it 1 to 3 questions
+    assert unified.metrics["questions_per_image"] > 1.0  # packed: a scene's conversation has 4 to 6 turns
     version = MlflowClient(f"sqlite:///{mmpipe_home / 'mlflow.db'}").get_model_version("mmpipe-unified",
                                                                                          unified.model_version)
     assert version.tags["parent_model"] == f"{image_tokenizer.model_name}/{image_tokenizer.model_version}"
     assert version.tags["stage"] == "unified"
+    assert json.loads(version.tags["mixed_datasets"]) == {train_chats.id: 0.5}
 
 
 def test_the_shared_suites_and_text_to_image_run_on_the_unified_model(unified, train_dataset, mmpipe_home):

@@ -41,3 +41,18 @@ def test_overrides():
     for bad in ["download.size=1", "nosuch.field=1", "download.image_size"]:
         with pytest.raises(ValueError, match="--set"):
             apply_overrides(_cfg(), [bad])
+
+
+def test_a_mix_of_dataset_versions_is_a_mapping_of_path_to_weight():
+    from mmcore.recipes import recipe
+
+    cfg = apply_overrides(recipe("debug-unified", "captions"), ['data.mix={"chats": 0.5}'])
+    assert cfg.data.mix == {"chats": 0.5}
+    cfg.validate()
+    for mix, match in [('{"chats": 1}', "^data.mix: each weight must be in"),
+                       ('{"a": 0.6, "b": 0.5}', "together under 1"),
+                       ('{"captions": 0.5}', "^data.mix: names data.dataset itself")]:
+        with pytest.raises(ValueError, match=match):
+            apply_overrides(recipe("debug-unified", "captions"), [f"data.mix={mix}"]).validate()
+    with pytest.raises(ValueError, match=r"data.mix\['chats'\]: expected float, got str"):
+        apply_overrides(recipe("debug-unified", "captions"), ['data.mix={"chats": "half"}'])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 import numpy as np
 import pytest
@@ -12,10 +13,10 @@ from PIL import Image
 
 from mmcore.config import DataConfig, RunConfig, TaskConfig
 from mmcore.data.config import TokenizerConfig
-from mmcore.data.instruct import (SHARED, TEMPLATES, ChatFormat, InstructPreprocessor, instruction_batch, questions,
-                                  training_question, training_questions)
-from mmcore.data.synthetic.questions import CLOSINGS, OPENINGS
+from mmcore.data.instruct import (SHARED, ChatFormat, InstructPreprocessor, caption_request, conversation,
+                                  instruction_batch)
 from mmcore.data.synthetic.corpus import describe
+from mmcore.data.synthetic.questions import CLOSINGS, OPENINGS, WORDINGS, questions, training_questions
 from mmcore.data.tokenizer import ASSISTANT, USER, train_tokenizer, with_chat_tokens
 from mmcore.eval.generative import parse_scene
 from mmcore.models import architecture, build_model, model_config
@@ -51,6 +52,14 @@ def _model(family: str, vocab: int = 400):
         config = {**model_config(f"{family.removesuffix('-lm')}-debug"), "vision": VISION, "language": LANGUAGE}
         return build_model(config, vocab, 3)[0].eval()
     return build_model({**model_config(f"{family}-debug"), "vision": VISION}, vocab, 3)[0].eval()
+
+
+def _chat_row(row: dict, epoch: int = 0, key: str | None = None) -> dict:
+    """The row's questions as an instruction dataset stores a conversation about it (as the corpus's file asks
+    them for `epoch`), read in training's epoch 0."""
+    turns = [m for q in training_questions(row, seed=0, epoch=epoch)
+             for m in ({"from": "human", "value": q.question}, {"from": "gpt", "value": q.answer})]
+    return {"key": key or row["key"], "caption": "", "conversations": json.dumps(turns), "epoch": 0}
 
 
 def _ids(batch: int = 3, length: int = 10, vocab: int = 400):
@@ -152,8 +161,10 @@ def test_a_conversation_trains_as_one_sequence_with_the_loss_on_every_answer(tok
     plain = instruction_batch([dict(CONVERSATION, epoch=0)], chat, seed=0)
     assert plain["input_ids"][0][:used].tolist() == ids[:used].tolist() and plain["input_ids"].shape == (1, 48)
     short = instruction_batch([dict(CONVERSATION, epoch=0)], ChatFormat(tokenizer, 16), seed=0, pack_length=64)
-    assert short["truncated"][0] and short["input_ids"].shape == (1, 64) and short["questions"][0] == 1
-    assert short["positions"][0].max() == 15, "cut to the model's positions, padded to the packed width"
+    assert not short["truncated"][0] and short["input_ids"].shape == (1, 64) and short["questions"][0] == 2
+    assert short["segments"][0].max() == 2 and short["positions"][0].max() <= 15, "two parts, each in the positions"
+    cut = instruction_batch([dict(CONVERSATION, epoch=0)], ChatFormat(tokenizer, 16), seed=0)
+    assert cut["truncated"][0] and cut["input_ids"].shape == (1, 16), "unpacked: the first part alone"
 
 
 def test_a_conversation_in_an_imported_lms_template_labels_what_it_writes_for_each_answer(tokenizer_json):
@@ -195,20 +206,35 @@ def test_questions_follow_the_attribute_columns():
     assert "colour" not in {q.kind for q in questions(same_shapes)}  # "the circle" would be ambiguous
 
 
-def test_held_out_wordings_never_reach_training():
-    seen = {t for kind in TEMPLATES.values() for t in kind[0]}
-    held_out = {t for kind in TEMPLATES.values() for t in kind[1]}
+def test_held_out_wordings_never_reach_the_conversation_file():
+    seen = {t for kind in WORDINGS.values() for t in kind[0]}
+    held_out = {t for kind in WORDINGS.values() for t in kind[1]}
     assert not seen & held_out
-    drawn = [training_question(dict(SCENE, key=f"k{i}"), seed=0, epoch=e) for i in range(40) for e in range(3)]
+    drawn = [q for i in range(40) for e in range(3) for q in training_questions(dict(SCENE, key=f"k{i}"), 0, e)]
     assert {q.kind for q in drawn} == {"caption", "colour", "shape", "count", "relation", "yes_no"}
     for q in drawn:
         assert all(not _worded_by(q.question, t) for t in held_out)
-    assert training_question(SCENE, 0, 1) == training_question(dict(SCENE), 0, 1)  # deterministic
+    assert training_questions(SCENE, 0, 1) == training_questions(dict(SCENE), 0, 1)  # deterministic
+
+
+def test_a_caption_datasets_row_trains_its_caption_request_and_nothing_else(tokenizer_json):
+    """Questions about attribute columns reach training only as a conversation file; a caption dataset's row,
+    columns or not, is asked for its caption (LLaVA's alignment data), in a wording drawn per epoch."""
+    from tokenizers import Tokenizer
+
+    asked = [caption_request(SCENE, seed=0, epoch=epoch) for epoch in range(8)]
+    assert {q.answer for q in asked} == {SCENE["caption"]} and len({q.question for q in asked}) > 1
+    assert {q.question for q in asked} <= set(WORDINGS["caption"][0])
+    chat = ChatFormat(Tokenizer.from_str(tokenizer_json), 48)
+    batch = instruction_batch([dict(SCENE, epoch=0), dict(DIGIT, epoch=0)], chat, seed=0, pack_length=96)
+    assert batch["questions"].tolist() == [1, 1]
+    answer = batch["labels"][0][batch["labels"][0] != IGNORE][:-1].tolist()
+    assert chat.tokenizer.decode(answer).strip() == SCENE["caption"]
 
 
 def test_no_word_of_the_opening_decides_a_question_type():
-    """Seen wordings cross types ("describe the colour ...") and training adds openings and closings;
-    every held-out wording keeps a word that no training question has."""
+    """Seen wordings cross types ("describe the colour ...") and the conversation file adds openings and
+    closings; every held-out wording keeps a word that no asked question has."""
     rows = [dict(SCENE, key=f"k{i}") for i in range(60)] + [dict(DIGIT, key=f"d{i}") for i in range(20)]
     drawn = [q for row in rows for e in range(4) for q in training_questions(row, seed=0, epoch=e)]
     opening = {}
@@ -217,7 +243,7 @@ def test_no_word_of_the_opening_decides_a_question_type():
     assert len(opening["describe"]) >= 4 and any(q.question.startswith(OPENINGS) for q in drawn)
     assert any(q.question.endswith(CLOSINGS) for q in drawn)
     trained_words = {w for q in drawn for w in _words(q.question)}
-    for kind, (_, held_out) in TEMPLATES.items():
+    for kind, (_, held_out) in WORDINGS.items():
         for template in held_out:
             assert {w for w in _words(template) if not w.startswith("{")} - trained_words, (kind, template)
 
@@ -231,24 +257,33 @@ def _worded_by(question: str, template: str) -> bool:
     return all(part in question for part in fixed)
 
 
-def test_packed_questions_share_the_image_and_see_nothing_of_each_other(tokenizer_json):
+def test_a_conversation_longer_than_the_context_goes_on_in_parts_after_the_image(tokenizer_json):
+    """Packed, the turns that do not fit the context follow in parts of their own: each part is the
+    conversation from its first turn on, as if asked alone (after the shared <bos> <|user|> <image>, at its
+    own positions); unpacked, the first part alone, marked truncated."""
     from tokenizers import Tokenizer
 
     chat = ChatFormat(Tokenizer.from_str(tokenizer_json), 32)
-    rows = [dict(SCENE, key=f"k{i}", epoch=0) for i in range(3)] + [dict(DIGIT, epoch=1)]
-    batch = instruction_batch(rows, chat, seed=0, pack_length=96)
-    assert batch["input_ids"].shape == batch["segments"].shape == batch["positions"].shape == (4, 96)
-    assert batch["questions"].tolist()[3] == 2 and (batch["questions"][:3] >= 3).all()  # digit: caption + digit
+    rows = [_chat_row(SCENE, e, f"k{e}") for e in range(3)] + [_chat_row(DIGIT)]
+    batch = instruction_batch(rows, chat, seed=0, pack_length=160)
+    assert batch["input_ids"].shape == batch["segments"].shape == batch["positions"].shape == (4, 160)
+    assert batch["questions"].tolist()[3] == 2 and (batch["questions"][:3] == 6).all()  # every turn trains
+    assert (batch["segments"][:3].max(1) >= 2).all(), "a scene's six turns do not fit 32 tokens in one part"
     for row, ids, labels, segments, positions in zip(rows, batch["input_ids"], batch["labels"], batch["segments"],
                                                      batch["positions"]):
-        asked = training_questions(row, seed=0, epoch=row["epoch"])
-        for k in range(1, int(segments.max()) + 1):  # each turn is its question alone, minus the shared prefix
-            alone_ids, alone_labels, _ = chat.encode(asked[k - 1].question, asked[k - 1].answer)
-            turn = segments == k
-            length = int(turn.sum()) + SHARED
-            assert ids[:SHARED].tolist() + ids[turn].tolist() == alone_ids[:length]
-            assert labels[turn].tolist() == alone_labels[SHARED:length]
-            assert positions[turn].tolist() == list(range(SHARED, length))
+        turns, start = conversation(row), 0
+        for k in range(1, int(segments.max()) + 1):
+            part = segments == k
+            alone_ids, alone_labels = ids[:SHARED].tolist() + ids[part].tolist(), labels[part].tolist()
+            end = next(e for e in range(start + 1, len(turns) + 1)
+                       if chat._conversation(turns[start:e])[0] == alone_ids)
+            assert alone_labels == chat._conversation(turns[start:end])[1][SHARED:]
+            assert positions[part].tolist() == list(range(SHARED, len(alone_ids)))
+            start = end
+        assert start == len(turns)
+    unpacked = instruction_batch(rows, chat, seed=0)
+    assert unpacked["input_ids"].shape == (4, 32)
+    assert unpacked["truncated"].tolist() == (batch["segments"].max(1) >= 2).tolist(), "cut where parts follow"
     with pytest.raises(ValueError, match="data.pack_length 16 is shorter than the model's context of 32"):
         InstructPreprocessor(PreprocessConfig(image_size=32, context_length=32), tokenizer_json, pack_length=16)
 
@@ -264,8 +299,8 @@ def test_a_packed_question_gets_the_logits_it_gets_alone(family, tokenizer_json)
             if p.numel() == 1:
                 p.fill_(0.5)
     chat = ChatFormat(tokenizer, model.cfg.lm.context_length)
-    rows = [dict(SCENE, key=f"k{i}", epoch=0) for i in range(2)] + [dict(DIGIT, epoch=0)]
-    batch = {k: torch.from_numpy(v) for k, v in instruction_batch(rows, chat, seed=1, pack_length=96).items()}
+    rows = [_chat_row(SCENE, e, f"k{e}") for e in range(2)] + [_chat_row(DIGIT)]
+    batch = {k: torch.from_numpy(v) for k, v in instruction_batch(rows, chat, seed=1, pack_length=160).items()}
     images = torch.randn(3, 3, 32, 32)
     packed = model(images, batch["input_ids"], Packing(batch["segments"], batch["positions"]))
     for r in range(3):
@@ -370,12 +405,12 @@ def test_question_loss_predicts_each_questions_words_and_counts_it_beside_the_an
     for pack_length in (0, 96):
         batch = {k: torch.from_numpy(v) for k, v in instruction_batch(rows, chat, 0, pack_length).items()}
         asked = question_labels(batch["input_ids"], batch["labels"], batch.get("segments"))
-        for row, row_asked, turns in zip(rows, asked, batch.get("questions", torch.ones(len(rows), dtype=torch.long))):
-            expected = []  # each turn's prompt after <bos> <|user|> <image> and its first word: the rest, <|assistant|>
-            for q in training_questions(row, seed=0, epoch=row["epoch"])[: int(turns)]:
-                ids, labels, _ = chat.encode(q.question, q.answer)
-                expected += [i for t, (i, label) in enumerate(zip(ids, labels))
-                             if t > SHARED and label == IGNORE and i != chat.ids["<pad>"]]
+        for row, row_asked in zip(rows, asked):
+            # the turn's prompt after <bos> <|user|> <image> and its first word: the rest, <|assistant|>
+            q = caption_request(row, seed=0, epoch=row["epoch"])
+            ids, labels, _ = chat.encode(q.question, q.answer)
+            expected = [i for t, (i, label) in enumerate(zip(ids, labels))
+                        if t > SHARED and label == IGNORE and i != chat.ids["<pad>"]]
             assert row_asked[row_asked != IGNORE].tolist() == expected
         assert not ((asked != IGNORE) & (batch["labels"] != IGNORE)).any()  # an answer's token is not a question's
 
@@ -432,17 +467,6 @@ def test_a_language_parent_too_short_for_the_image_and_the_question_is_refused()
     with pytest.raises(ValueError, match="the language model has 32 positions, fewer than the 17 image tokens and "
                                          "48 text tokens"):
         build_model({**model_config("llava-debug"), "vision": VISION, "language": short}, 400, 3)
-
-
-def test_the_alignment_phase_asks_for_captions_only(tokenizer_json):
-    from tokenizers import Tokenizer
-
-    asked = [q for epoch in range(5) for q in training_questions(SCENE, seed=0, epoch=epoch, captions_only=True)]
-    assert {q.kind for q in asked} == {"caption"} and {q.answer for q in asked} == {SCENE["caption"]}
-    chat = ChatFormat(Tokenizer.from_str(tokenizer_json), 48)
-    batch = instruction_batch([dict(SCENE, epoch=0), dict(DIGIT, epoch=0)], chat, seed=0, pack_length=96,
-                              captions_only=True)
-    assert batch["questions"].tolist() == [1, 1]
 
 
 def test_lora_starts_as_the_lm_trains_only_its_adapters_and_merges_into_a_plain_lm():

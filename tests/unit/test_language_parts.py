@@ -20,15 +20,18 @@ from mmcore.models import build_model, model_config
 from mmcore.models.causal_lm import hf_tokenizer
 from mmcore.models.generate import IGNORE
 
-SCENE = {"key": "000042", "caption": "an image of two red circles left of a blue square", "source": "synthetic",
-         "label": None, "shape": "circle", "color": "red", "count": 2, "relation": "left of", "shape2": "square",
-         "color2": "blue", "count2": 1}
+CAPTION = "an image of two red circles left of a blue square"
+TURNS = [("describe the image.", CAPTION), ("what colour is the circle?", "red"),
+         ("where are the circles relative to the blue square?", "left of"), ("how many red circles are there?", "two")]
+SCENE = {"key": "000042", "caption": "\n".join(t for turn in TURNS for t in turn), "conversations": json.dumps(
+    [m for q, a in TURNS for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})])}
+"""An instruction dataset's row, as ingest stores a conversation."""
 PHOTO = {"key": "000043", "caption": "a photo of an astronaut", "source": "photo", "label": "astronaut"}
 
 
 @pytest.fixture(scope="module")
 def tokenizer_json():
-    captions = [SCENE["caption"], PHOTO["caption"], "what colour is the circle? red", "where are the circles? left of",
+    captions = [CAPTION, PHOTO["caption"], "what colour is the circle? red", "where are the circles? left of",
                 "how many red circles are there? two", "which shape is drawn in blue? square"] * 20
     return with_chat_tokens(train_tokenizer(captions, TokenizerConfig(vocab_size=400)).to_str())
 
@@ -41,17 +44,15 @@ def _lm(tokenizer_json: str, name: str = "lm-debug", **changes):
 
 
 def test_the_training_text_is_the_saved_chat_template_token_for_token(tokenizer_json):
-    turns = passage(SCENE, seed=0, epoch=3)
-    assert len(turns) >= 4 and turns[0][0].startswith(SCENE["caption"] + "\n")
-    assert all(SCENE["caption"] not in user for user, _ in turns[1:])
+    turns = passage(SCENE)
+    assert turns == TURNS and passage(PHOTO) == []
     messages = [m for user, answer in turns for m in ({"role": "user", "content": user},
                                                        {"role": "assistant", "content": answer})]
     templated = hf_tokenizer(tokenizer_json, 512).apply_chat_template(messages, tokenize=True,
                                                                       return_dict=True)["input_ids"]
-    ids, labels, text, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 512).encode(SCENE, seed=0,
-                                                                                             epoch=3)
+    ids, labels, text, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 512).encode(SCENE)
     assert ids[: len(templated)] == templated and not truncated
-    # The answers (and their <eos>) in one loss, the caption and questions in the other, each token in one.
+    # The answers (and their <eos>) in one loss, the questions in the other, each token in one.
     tokenizer = Tokenizer.from_str(tokenizer_json)
     eos = tokenizer.token_to_id("<eos>")
     said = [t for _, answer in turns for t in (*tokenizer.encode(answer, add_special_tokens=False).ids, eos)]
@@ -60,21 +61,21 @@ def test_the_training_text_is_the_saved_chat_template_token_for_token(tokenizer_
     assert merged[: len(templated)] == [IGNORE, *templated[1:]]
     assert set(labels[len(templated):]) == set(text[len(templated):]) == {IGNORE}
     # A row that answers no question is its caption, as the tokenizer wraps it: all of it in the text loss.
-    ids, labels, text, _ = TextFormat(Tokenizer.from_str(tokenizer_json), 64).encode(PHOTO, seed=0, epoch=0)
+    ids, labels, text, _ = TextFormat(Tokenizer.from_str(tokenizer_json), 64).encode(PHOTO)
     assert ids[: ids.index(0)] == hf_tokenizer(tokenizer_json, 64)(PHOTO["caption"])["input_ids"]
     assert set(labels) == {IGNORE} and text[: ids.index(0)] == ids[: ids.index(0)]
 
 
 def test_a_short_context_keeps_whole_turns_and_counts_a_cut(tokenizer_json):
     fmt = TextFormat(Tokenizer.from_str(tokenizer_json), 40)
-    ids, labels, text, truncated = fmt.encode(SCENE, seed=0, epoch=0)
+    ids, labels, text, truncated = fmt.encode(SCENE)
     assert len(ids) == len(labels) == len(text) == 40 and not truncated
     assert ids[ids.index(0) - 1] == fmt.ids["<eos>"]  # the last turn kept is whole
-    ids, labels, text, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 12).encode(SCENE, seed=0, epoch=0)
+    ids, labels, text, truncated = TextFormat(Tokenizer.from_str(tokenizer_json), 12).encode(SCENE)
     assert truncated and len(ids) == len(labels) == len(text) == 12
     batch = TextPreprocessor(_lm(tokenizer_json)[1], tokenizer_json)({
         "key": np.array(["a", "b"]), "caption": np.array([SCENE["caption"], PHOTO["caption"]]),
-        "epoch": np.array([0, 1])})
+        "conversations": np.array([SCENE["conversations"], None], dtype=object), "epoch": np.array([0, 1])})
     assert batch["input_ids"].shape == batch["labels"].shape == batch["text_labels"].shape == (2, 96)
     assert batch["truncated"].tolist() == [0, 0]
 
@@ -85,8 +86,7 @@ def test_the_text_loss_is_weighed_against_the_answers_and_captions_alone_train_t
     model, preprocess, _ = _lm(tokenizer_json)
     pre = TextPreprocessor(preprocess, tokenizer_json)
     rows = {"key": np.array(["a", "b"]), "caption": np.array([SCENE["caption"], PHOTO["caption"]]),
-            "epoch": np.array([0, 0]), **{k: np.array([SCENE[k], None], dtype=object) for k in SCENE
-                                          if k not in ("key", "caption")}}
+            "epoch": np.array([0, 0]), "conversations": np.array([SCENE["conversations"], None], dtype=object)}
     batch = {k: torch.from_numpy(v) for k, v in pre(rows).items()}
     out = LanguageTask(model, text_loss=0.25)(batch)
     assert float(out["answer_loss"]) > 0 and float(out["text_loss"]) > 0
@@ -146,9 +146,14 @@ def test_gpt2_style_with_tied_embeddings_saves_them_once(tokenizer_json, tmp_pat
 def test_answers_do_not_depend_on_the_other_prompts_of_a_batch(tokenizer_json, tmp_path):
     model, preprocess, config = _lm(tokenizer_json)
     loaded, _ = ModelBundle.write(tmp_path / "lm", model, config, tokenizer_json, preprocess).load()
-    prompts = [f"{SCENE['caption']}\nwhat colour is the circle?", "which shape?"]  # lengths differ: left padding
+    # lengths differ (left padding); the first is a conversation, as the text suite asks after the caption
+    prompts = [[{"role": "user", "content": TURNS[0][0]}, {"role": "assistant", "content": CAPTION},
+                {"role": "user", "content": "what colour is the circle?"}], "which shape?"]
     together = loaded.complete(prompts, max_new_tokens=4)
     assert together == [loaded.complete([p], max_new_tokens=4)[0] for p in prompts]
+    ids, _, _, _ = TextFormat(Tokenizer.from_str(tokenizer_json), 512).encode(SCENE)
+    asked = loaded._chat_prompts(prompts[:1])[0]
+    assert ids[: len(asked)] == asked, "the conversation is asked as the training text has it, to the next answer"
     (total, tokens), = loaded.text_nll([PHOTO["caption"]])
     assert tokens == len(loaded.tokenizer(PHOTO["caption"])["input_ids"]) - 1 and total > 0
 

@@ -61,3 +61,16 @@ def test_the_ingest_form_takes_a_conversation_file_and_its_images_directory(tmp_
     assert (cfg.source.kind, cfg.source.images) == ("instructions", str(tmp_path))
     with pytest.raises(ValueError, match="source.images: is for image paths in a conversation file"):
         IngestParams(url_list=str(chats), images=str(tmp_path)).to_config()
+
+
+def test_the_retrain_flow_mixes_the_conversations_into_the_unified_stage():
+    from pipelines.params import UnifiedSettings, mixed
+
+    settings = UnifiedSettings(recipe="debug-unified", overrides=["optim.lr=0.002"])
+    cfg = mixed(settings, "captions", "chats", 0.3, "data.draw_fraction=1.0").to_config("captions")
+    assert (cfg.data.dataset, cfg.data.mix, cfg.data.draw_fraction, cfg.optim.lr) == ("captions", {"chats": 0.3},
+                                                                                      1.0, 0.002)
+    alone = mixed(settings, "captions", None, 0.3, "data.draw_fraction=1.0").to_config("captions")
+    assert (alone.data.mix, alone.data.draw_fraction) == ({}, 0.5), "no conversations: the recipe as it is"
+    with pytest.raises(ValidationError, match="instructions_weight"):
+        RetrainParams(dataset="d", instructions_weight=1.0)

@@ -78,7 +78,7 @@ def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(t
 
     from mmcore.data.config import SourceConfig
     from mmcore.data.conversations import read_conversations
-    from mmcore.data.instruct import TEMPLATES, _question, questions
+    from mmcore.data.synthetic.questions import WORDINGS, _question, questions
 
     url_list = make_sample(tmp_path, "http://127.0.0.1:9", SampleSpec(synthetic=60, digits=20))
     rows = {r["url"]: r for r in pq.read_table(url_list).to_pylist() if not r["defect"]}
@@ -91,7 +91,7 @@ def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(t
         kinds = [q.kind for q in questions(dict(row, key="k"))]
         assert len(turns) // 2 == len(kinds), "every question type the row answers"
         held_out = {_question(kind, template, row, truth).question for kind in kinds
-                    for template in TEMPLATES[kind][1] for truth in (True, False)}
+                    for template in WORDINGS[kind][1] for truth in (True, False)}
         assert {q.question for q in questions(dict(row, key="k"), held_out=True)} <= held_out
         assert not [t["value"] for t in turns[::2] if any(h in t["value"] for h in held_out)]
         assert row["caption"] in [t["value"] for t in turns[1::2]], "the caption request is one of them"

@@ -245,9 +245,16 @@ class _Version:
 
     def __init__(self, root, shards):
         self.path, self.shards = root, shards
+        self.manifest = {"splits": {"train": sum(pq_rows(p) for p in shards)}}
 
     def shard_paths(self, split):
         return self.shards if split == "train" else []
+
+
+def pq_rows(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(str(path)).metadata.num_rows
 
 
 def _shards(tmp_path):
@@ -296,6 +303,31 @@ def test_each_rank_streams_its_own_units_and_a_resume_starts_at_the_next_row(tmp
         first = rank_units(units, rank, 2)[0]["rows"]
         for skip in (0, 3, first, 11):
             assert _read(rank_units(units, rank, 2, skip_rows=skip)) == stream[skip:]
+
+
+def test_versions_mixed_by_weight_give_their_share_of_every_stretch_of_the_stream(tmp_path):
+    """data.mix: a second version at weight 0.25 gives a quarter of the rows (to within a unit, 4 rows, at
+    every point of the stream), its rows keep ids of their own, and one version alone is its work_units."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcore.data.units import train_units, work_units
+
+    captions = _shards(tmp_path)
+    (tmp_path / "chats").mkdir()
+    path = tmp_path / "chats" / "train.parquet"
+    pq.write_table(pa.table({"caption": [f"chat {i}" for i in range(12)]}), path, row_group_size=4)
+    chats = _Version(tmp_path / "chats", [path])
+    assert train_units([(captions, 1.0)], 40, seed=2) == work_units(captions, "train", 4, seed=2)
+    units = train_units([(captions, 0.75), (chats, 0.25)], 200, seed=2)
+    rows = _read(units)
+    assert len(rows) >= 200
+    for end in range(4, len(rows), 4):
+        from_chats = sum(caption.startswith("chat") for _, _, caption in rows[:end])
+        assert abs(from_chats - 0.25 * end) <= 4, (end, from_chats)
+    ids = {caption: sample for _, sample, caption in rows}
+    assert sorted(ids[f"chat {i}"] for i in range(12)) == list(range(16, 28)), "after the first version's 16 rows"
+    assert train_units([(captions, 0.75), (chats, 0.25)], 200, seed=2) == units
 
 
 @pytest.mark.parametrize("world", [2, 3])

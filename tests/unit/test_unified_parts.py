@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -11,8 +12,9 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from mmcore.data.config import TokenizerConfig
-from mmcore.data.instruct import ChatFormat, questions
+from mmcore.data.instruct import ChatFormat
 from mmcore.data.mixed import MixedPreprocessor
+from mmcore.data.synthetic.questions import questions, training_questions
 from mmcore.data.tokenizer import train_tokenizer
 from mmcore.models import architecture, build_model, build_model_for, capabilities, model_config
 from mmcore.models.decoder import Packing
@@ -25,6 +27,11 @@ ARCH = {**model_config("unified-debug"), "image_tokenizer": TOKENIZER}
 SCENES = [{"key": f"k{i}", "source": "synthetic", "caption": f"an image of {n} {c} circles", "label": f"{c} circle",
            "shape": "circle", "color": c, "count": k, "relation": None, "shape2": None, "color2": None, "count2": None}
           for i, (n, c, k) in enumerate([("two", "red", 2), ("three", "blue", 3)] * 8)]
+ROWS = [{"key": s["key"], "caption": s["caption"], "conversations": None} for s in SCENES[:8]] + [
+    {"key": s["key"], "caption": "", "conversations": json.dumps(
+        [m for q in training_questions(s, 0, 0) for m in ({"from": "human", "value": q.question},
+                                                          {"from": "gpt", "value": q.answer})])} for s in SCENES[8:]]
+"""A mix of a caption dataset's rows and an instruction dataset's (conversations about the other scenes)."""
 
 
 def _text_tokenizer() -> str:
@@ -62,13 +69,15 @@ def test_mixed_samples_read_or_draw_the_image_as_codes(unified, tokenizer_json):
     model, pre, tokenizer = unified
     weights = {k: v.numpy() for k, v in model.image_tokenizer.state_dict().items()}
     mixed = MixedPreprocessor(pre, tokenizer_json, {"config": TOKENIZER, "state": weights}, seed=1)
-    batch = {"image": np.array([_png((200, 30, 30))] * len(SCENES), dtype=object), "epoch": np.zeros(len(SCENES)),
-             **{k: np.array([s[k] for s in SCENES], dtype=object) for k in SCENES[0]}}
+    batch = {"image": np.array([_png((200, 30, 30))] * len(ROWS), dtype=object), "epoch": np.zeros(len(ROWS)),
+             **{k: np.array([r[k] for r in ROWS], dtype=object) for k in ROWS[0]}}
     out = mixed(batch)
     length = pre.context_length + model.image_codes + 1
-    assert out["input_ids"].shape == out["labels"].shape == (len(SCENES), length) and "image" not in out
+    assert out["input_ids"].shape == out["labels"].shape == (len(ROWS), length) and "image" not in out
     assert np.array_equal(out["input_ids"], mixed(batch)["input_ids"]), "a row's sample depends on (seed, epoch, key)"
-    assert 0 < out["drawing"].sum() < len(SCENES)
+    assert 0 < out["drawing"][:8].sum() < 8 and not out["drawing"][8:].any(), "captions draw, conversations read"
+    every = MixedPreprocessor(pre, tokenizer_json, {"config": TOKENIZER, "state": weights}, seed=1, draw_fraction=1)
+    assert every(batch)["drawing"].tolist() == [1] * 8 + [0] * 8
     offset = model.offset
     codes = model.image_tokenizer.encode(torch.from_numpy(mixed.images([batch["image"][0]])))[0]
     expected_codes = codes + offset
@@ -91,18 +100,19 @@ def test_packed_unified_samples_give_each_question_the_logits_it_gets_alone(unif
     model, pre, tokenizer = unified
     weights = {k: v.numpy() for k, v in model.image_tokenizer.state_dict().items()}
     image_tokenizer = {"config": TOKENIZER, "state": weights}
-    batch = {"image": np.array([_png((30, 30, 200))] * len(SCENES), dtype=object), "epoch": np.ones(len(SCENES)),
-             **{k: np.array([s[k] for s in SCENES], dtype=object) for k in SCENES[0]}}
+    batch = {"image": np.array([_png((30, 30, 200))] * len(ROWS), dtype=object), "epoch": np.ones(len(ROWS)),
+             **{k: np.array([r[k] for r in ROWS], dtype=object) for k in ROWS[0]}}
     packed = MixedPreprocessor(pre, tokenizer_json, image_tokenizer, seed=2, pack_length=80)(batch)
     alone = MixedPreprocessor(pre, tokenizer_json, image_tokenizer, seed=2)(batch)
-    assert packed["input_ids"].shape == packed["segments"].shape == (len(SCENES), 80 + model.image_codes + 1)
+    assert packed["input_ids"].shape == packed["segments"].shape == (len(ROWS), 80 + model.image_codes + 1)
     assert np.array_equal(packed["drawing"], alone["drawing"])  # packing changes what a reading sample asks only
     reading = packed["drawing"] == 0
-    assert (packed["questions"][reading] >= 2).all() and (packed["questions"][~reading] == 0).all()
+    assert (packed["questions"][8:] == 4).all(), "a conversation's four turns train, in parts after the first"
+    assert (packed["segments"][8:].max(1) >= 2).all() and (packed["questions"][~reading] == 0).all()
     data = {k: torch.from_numpy(v) for k, v in packed.items()}
     with torch.no_grad():
         logits = model.logits(data["input_ids"], Packing(data["segments"], data["positions"]))
-        for r in range(len(SCENES)):
+        for r in range(len(ROWS)):
             ids, segments = data["input_ids"][r], data["segments"][r]
             if not reading[r]:  # a drawing is its unpacked sample, padded further
                 n = alone["input_ids"].shape[1]
@@ -112,7 +122,7 @@ def test_packed_unified_samples_give_each_question_the_logits_it_gets_alone(unif
                 continue
             prefix = segments == 0  # <bos> <|user|> and the image's span
             assert int(prefix.sum()) == 2 + model.image_codes + 2
-            for k in range(1, int(data["questions"][r]) + 1):
+            for k in range(1, int(segments.max()) + 1):
                 turn = segments == k
                 single = model.logits(torch.cat([ids[prefix], ids[turn]])[None])[0]
                 assert torch.allclose(logits[r, turn], single[int(prefix.sum()):], atol=1e-5)

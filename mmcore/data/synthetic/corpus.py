@@ -376,10 +376,10 @@ def write_conversations(root: str | Path, per_image: int, seed: int = 0) -> Path
     """The corpus's questions and answers as instruction data: root/conversations.jsonl, in LLaVA's format,
     `per_image` conversations about each clean image of root/urls.parquet (its URL: ingested, a conversation's
     image lands in the split its URL gives the caption dataset). A conversation asks every question type the
-    row answers, in the order and the seen wordings training draws for epoch 0, 1, ... (data/instruct.py);
+    row answers, in an order and seen wordings drawn for each (questions.training_questions);
     the held-out wordings stay out, for evaluation."""
     from mmcore.data.dataset import url_key
-    from mmcore.data.instruct import training_questions
+    from mmcore.data.synthetic.questions import training_questions
 
     root = Path(root)
     path = root / "conversations.jsonl"

@@ -1,12 +1,16 @@
 """The questions the sample corpus's attribute columns answer: their types, their wordings (seen in
 training and evaluation, or held out for evaluation only) and their answers.
 
-data/instruct.py draws a row's turns from these (after the caption request every dataset gets); the vqa
-suite asks them. A dataset without these columns gets caption requests only.
+The corpus's conversation file asks them in seen wordings (`training_questions`, corpus.write_conversations),
+and training reads them from there as it reads a user's; the vqa and text suites ask them, in seen and
+held-out wordings (`questions`), of a dataset that has these columns.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from mmcore.data.instruct import CAPTION_TEMPLATES, Question, row_rng
 from mmcore.data.synthetic.corpus import DIGIT_WORDS, OPPOSITE
 
 COLUMNS = ["source", "label", "shape", "color", "count", "relation", "shape2", "color2", "count2"]
@@ -75,6 +79,42 @@ def kinds(row: dict) -> list[str]:
         found.append("colour")  # with two groups of one shape, "the circle" would be ambiguous
     found += ["shape", "count"]
     return found + (["relation", "yes_no"] if row.get("relation") else [])
+
+
+WORDINGS = {"caption": CAPTION_TEMPLATES, **TEMPLATES}
+"""Every question type the corpus asks, the caption request first: (seen, held-out) wordings."""
+
+
+def questions(row: dict, held_out: bool = False) -> list[Question]:
+    """A row's questions for evaluation: one per type the row can answer, the caption request first, worded by
+    a seen (or a held-out) template chosen by the row."""
+    rng = row_rng(row, 7, int(held_out))
+    out = []
+    for kind in ["caption", *kinds(row)]:
+        truth = bool(rng.random() < 0.5) if kind == "yes_no" else True
+        out.append(_question(kind, str(rng.choice(WORDINGS[kind][1 if held_out else 0])), row, truth, held_out))
+    return out
+
+
+def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
+    """A row's questions for its conversation file: every type the row can answer, in an order drawn from
+    (seed, epoch, key), each worded by a seen template drawn the same way, with or without an opening and a
+    closing (OPENINGS)."""
+    rng: np.random.Generator = row_rng(row, seed, epoch)
+    every = ["caption", *kinds(row)]
+    out = []
+    for kind in (every[i] for i in rng.permutation(len(every))):
+        template = str(rng.choice(WORDINGS[kind][0]))
+        if kind in ONE_WORD:
+            template = (str(rng.choice(OPENINGS)) if rng.random() < 0.5 else "") + template
+            template += str(rng.choice(CLOSINGS)) if rng.random() < 1 / 3 else ""
+        out.append(_question(kind, template, row, truth=bool(rng.random() < 0.5) if kind == "yes_no" else True))
+    return out
+
+
+def _question(kind: str, template: str, row: dict, truth: bool, held_out: bool = False) -> Question:
+    question, answer = (template, row["caption"]) if kind == "caption" else ask(kind, template, row, truth)
+    return Question(kind, question, answer, held_out)
 
 
 def ask(kind: str, template: str, row: dict, truth: bool) -> tuple[str, str]:
