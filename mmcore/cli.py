@@ -205,7 +205,8 @@ def cmd_promote(args) -> int:
     from mmcore.config import GateConfig
     from mmcore.eval.gate import promote
 
-    decision = promote(args.name, args.dataset, GateConfig(primary=args.primary, margin=args.margin), args.suite)
+    decision = promote(args.name, args.dataset, GateConfig(primary=args.primary, margin=args.margin), args.suite,
+                       classes=args.classes)
     word = "PROMOTED" if decision.promoted else "REFUSED"
     console.out.print(f"{word}: {decision.model_name} v{decision.candidate_version} "
           f"(champion was {decision.champion_version or 'none'}): {decision.reason}")
@@ -311,7 +312,8 @@ def _add_corpus_commands(commands) -> None:
     ing.add_argument("--kind", choices=["captions", "instructions"], default="captions",
                      help="captions: image-text pairs (default); instructions: conversations about images")
     ing.add_argument("--images", metavar="ROOT",
-                     help="--kind instructions: the directory that the file's image paths are relative to")
+                     help="--kind instructions: the directory (or s3://bucket/prefix) that the file's image paths "
+                          "are relative to")
     ing.add_argument("--out", required=True, help="directory of the new dataset version (must not exist)")
     ing.add_argument("--format", choices=["parquet", "csv", "jsonl"], help="default: from the extension")
     ing.add_argument("--url-col", default="url")
@@ -358,9 +360,7 @@ def _add_model_commands(commands) -> None:
     evaluate.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
     evaluate.add_argument("--dataset", required=True)
     evaluate.add_argument("--suite", action="append", help="a suite to run (repeatable; default: all that fit)")
-    evaluate.add_argument("--classes", metavar="FILE",
-                          help='the zeroshot suite\'s classes: JSON {"column": "label", "classes": [...], '
-                               '"templates": ["a photo of a {}.", ...]}')
+    evaluate.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
     evaluate.set_defaults(func=cmd_evaluate)
 
     gate = commands.add_parser("promote", help="evaluate @candidate against @champion and promote on a clear win")
@@ -370,7 +370,12 @@ def _add_model_commands(commands) -> None:
     gate.add_argument("--primary", default="", help="suite.metric (default: the stage's, retrieval."
                       "image_to_text_recall_5 for contrastive, vqa.accuracy for fusion)")
     gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default %(default)s)")
+    gate.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
     gate.set_defaults(func=cmd_promote)
+
+
+CLASSES_HELP = ('the zeroshot suite\'s classes: JSON {"column": "label", "classes": [...], '
+                '"templates": ["a photo of a {}.", ...]}')
 
 
 def home_of(args: argparse.Namespace) -> Path:

@@ -136,9 +136,9 @@ def train_task(params: TrainParams) -> dict:
 
 
 @task(name="evaluate", **infrastructure)
-def evaluate_task(model_uri: str, dataset: str, suites: list[str]) -> EvalReport:
+def evaluate_task(model_uri: str, dataset: str, suites: list[str], classes: str = "") -> EvalReport:
     """Run the eval suites on a registered model, loaded from the registry alone (mmcore.eval.run)."""
-    evaluation = evaluate(model_uri, dataset, suites or None)
+    evaluation = evaluate(model_uri, dataset, suites or None, classes=classes or None)
     create_markdown_artifact(report.evaluation_markdown(evaluation, _links(evaluation)), key="mmpipe-evaluation",
                              description=f"{evaluation.model_name} v{evaluation.model_version}")
     return evaluation
@@ -147,7 +147,7 @@ def evaluate_task(model_uri: str, dataset: str, suites: list[str]) -> EvalReport
 @task(name="promote", **infrastructure)
 def promote_task(model_name: str, dataset: str, gate: GateParams) -> GateDecision:
     """Evaluate @candidate and @champion on the same data; move `champion` only on a clear win."""
-    decision = promote(model_name, dataset, gate.to_config(), gate.suites or None)
+    decision = promote(model_name, dataset, gate.to_config(), gate.suites or None, classes=gate.classes or None)
     create_markdown_artifact(report.gate_markdown(decision, _links(decision.candidate)), key="mmpipe-evaluation",
                              description=f"{model_name} v{decision.candidate_version}: "
                                          f"{'promoted' if decision.promoted else 'refused'}")
@@ -188,7 +188,7 @@ def evaluate_flow(params: EvaluateParams) -> dict:
     if params.promote:
         decision = promote_task(params.model, params.dataset, params)
         return report.decision_summary(decision)
-    evaluation = evaluate_task(f"models:/{params.model}@candidate", params.dataset, params.suites)
+    evaluation = evaluate_task(f"models:/{params.model}@candidate", params.dataset, params.suites, params.classes)
     return report.evaluation_summary(evaluation)
 
 

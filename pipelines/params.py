@@ -51,8 +51,8 @@ class IngestParams(_Params):
                                         "instructions, a LLaVA-format conversation file (.json or .jsonl).")
     kind: Literal["captions", "instructions"] = Field("captions", description="captions: image-text pairs; "
                                                       "instructions: conversations about images.")
-    images: Plain = Field("", description="kind instructions: the directory the file's image paths are relative "
-                                        "to (image URLs need none).")
+    images: Plain = Field("", description="kind instructions: the directory (or s3://bucket/prefix) the file's "
+                                        "image paths are relative to (image URLs need none).")
     out: Plain = Field("", description="Dataset version to create: a directory or s3://bucket/prefix. Empty: "
                                      "<storage>/datasets/<list>-<hash of the list and settings>, so a re-run "
                                      "resumes or reuses it (<storage>: $MMPIPE_STORAGE, else the project home).")
@@ -128,6 +128,8 @@ class GateParams(_Params):
                          description="suite.metric compared between candidate and champion (higher is better); "
                                      "empty: the stage's (retrieval.image_to_text_recall_5, vqa.accuracy).")
     margin: float = Field(0.0, ge=0, le=1, description="Improvement the candidate needs over the champion.")
+    classes: Plain = Field("", description="A classes file for the zeroshot suite (JSON: the label column, the "
+                                         "class names, prompt templates); empty: the suite does not apply.")
 
     def to_config(self) -> GateConfig:
         cfg = GateConfig(primary=self.primary, margin=self.margin)

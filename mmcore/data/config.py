@@ -25,7 +25,8 @@ class SourceConfig:
     """captions: image-text pairs (url_col, caption_col); instructions: conversations about images
     (data/conversations.py)."""
     images: str | None = None
-    """kind instructions: the directory that image paths in the file are relative to (URLs need none)."""
+    """kind instructions: the directory (or s3://bucket/prefix) that image paths in the file are relative to
+    (URLs need none)."""
     max_conversation_chars: int = 8192
     """kind instructions: a conversation with more characters of text than this is rejected."""
     format: str | None = None

@@ -1,7 +1,8 @@
 """Instruction data: LLaVA's conversation format read into the rows ingest downloads and filters.
 
 A file is a JSON array, or JSON lines, of `{"id", "image", "conversations": [{"from": "human", "value":
-"<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}` (ShareGPT's "user" / "assistant" roles too). `image`
+"<image>\\n..."}, {"from": "gpt", "value": ...}, ...]}` (ShareGPT's "user" / "assistant" roles too; a human
+turn may name its question's `"type"`, which the vqa suite scores apart). `image`
 is a URL (fetched through the URL guard like any other) or a path relative to `source.images`, which the
 guard's `images:` handler reads (urlguard.py). Each row is checked here, before any download; a row that
 fails is rejected with its reason (reasons.REASONS), the rest are kept whatever the bad rows are. A row kept
@@ -102,12 +103,23 @@ def _turns(conversation: list, max_chars: int) -> list[dict]:
         if not value.strip():
             raise Rejected("empty_turn", f"turn {index} is empty")
         size += len(value)
-        turns.append({"from": role, "value": value})
+        turns.append({"from": role, "value": value, **_question_type(turn, role, index)})
     if not turns or turns[-1]["from"] != "gpt":
         raise Rejected("bad_roles", "no turns" if not turns else "the last human turn has no answer")
     if size > max_chars:
         raise Rejected("conversation_too_long", f"{size} characters > source.max_conversation_chars {max_chars}")
     return turns
+
+
+def _question_type(turn: dict, role: str, index: int) -> dict:
+    """A human turn's `type`, kept when it names one (a short word or two: the vqa suite's per-type score)."""
+    kind = turn.get("type")
+    if kind is None:
+        return {}
+    if role != "human" or not isinstance(kind, str) or not 0 < len(kind.strip()) <= 32:
+        raise Rejected("bad_conversation", f"turn {index}'s type {kind!r} is not a question type (a human turn's "
+                       "name for its question, 1 to 32 characters)")
+    return {"type": _utf8(kind.strip(), f"turn {index}'s type")}
 
 
 def _utf8(text: str, what: str) -> str:
@@ -132,10 +144,11 @@ def _image_url(image: str, cfg: SourceConfig) -> str:
     return f"{IMAGES_SCHEME}:{quote(relative)}"
 
 
-def stored_turns(text: str) -> list[tuple[str, str]]:
-    """The (question, answer) pairs of a `conversations` cell, as checked_row stored them."""
+def stored_turns(text: str) -> list[tuple[str, str, str]]:
+    """The (question, answer, question type or "") triples of a `conversations` cell, as checked_row stored
+    them."""
     turns = json.loads(text)
-    return [(turns[i]["value"], turns[i + 1]["value"]) for i in range(0, len(turns) - 1, 2)]
+    return [(turns[i]["value"], turns[i + 1]["value"], turns[i].get("type", "")) for i in range(0, len(turns) - 1, 2)]
 
 
 def read_conversations(path: Path, cfg: SourceConfig) -> tuple[pa.Table, list[tuple[int, str, str]]]:

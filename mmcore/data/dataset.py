@@ -119,7 +119,7 @@ class DataCard:
                 turns = stored_turns(text)
                 self.histograms.setdefault("turns_per_conversation", Counter())[len(turns)] += 1
                 self.histograms.setdefault("words_per_answer", Counter()).update(
-                    len(answer.split()) for _, answer in turns)
+                    len(answer.split()) for _, answer, _ in turns)
         else:
             self.histograms.setdefault("words_per_caption", Counter()).update(
                 len(caption.split()) for caption in rows.column("caption").to_pylist())

@@ -42,7 +42,7 @@ def ingest(cfg: IngestConfig, extra_filters: Sequence[Filter] = ()) -> DatasetVe
     cfg.validate()
     # Arrow's default pool (mimalloc) keeps the pages of every shard read and filtered.
     pa.set_memory_pool(pa.system_memory_pool())
-    for location in (cfg.out, cfg.work_dir or ""):
+    for location in (cfg.out, cfg.work_dir or "", cfg.source.images or ""):
         storage.check(location)  # a bucket that cannot be used fails here, before any download
     try:
         lock = ingest_lock(cfg.out).acquire()

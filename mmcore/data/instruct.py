@@ -61,11 +61,12 @@ def caption_request(row: dict, seed: int, epoch: int) -> Question:
 
 
 def conversation(row: dict) -> list[Question] | None:
-    """An instruction dataset's row: its conversation's turns (question, answer) in order (data/conversations.py
-    stored them); None for a row of a caption dataset."""
+    """An instruction dataset's row: its conversation's turns (question, answer; the kind its question type, if
+    the data named one) in order (data/conversations.py stored them); None for a row of a caption dataset."""
     if not row.get("conversations"):
         return None
-    return [Question("conversation", question, answer) for question, answer in stored_turns(row["conversations"])]
+    return [Question(kind or "conversation", question, answer)
+            for question, answer, kind in stored_turns(row["conversations"])]
 
 
 def training_turns(row: dict, seed: int, epoch: int) -> list[Question]:

@@ -8,6 +8,7 @@ same batches in one process (the one-process trainer, tests, experiments).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,17 +46,21 @@ def work_units(version: DatasetVersion, split: str, epochs: int = 1, seed: int =
     return units
 
 
-def train_units(sources: list[tuple[DatasetVersion, float]], rows: int, seed: int = 0) -> list[dict]:
+def train_units(sources: list[tuple[DatasetVersion, float]], rows: int, seed: int = 0, grain: int = 0) -> list[dict]:
     """The train split's units of one dataset version, or of several mixed by weight (data.mix): each version's
-    units in their own order (work_units, as many epochs as its share of `rows` needs and one more), dealt in
-    turn to the version furthest below its weight's share of the rows dealt so far, so that every stretch of
-    the stream holds each version's share to within a unit. A row's id counts on from the train rows of the
-    versions before its own, so that ids stay distinct."""
+    units in their own order (work_units, as many epochs as its share of `rows` needs and one more), cut into
+    slices of `grain` rows (mixed only: so that a batch holds rows of every version, not a row group of one),
+    dealt in turn to the version furthest below its weight's share of the rows dealt so far: every stretch of
+    the stream holds each version's share to within a slice. A unit names its version (`source`); a row's id
+    counts on from the train rows of the versions before its own, so that ids stay distinct."""
     streams, offset = [], 0
-    for version, weight in sources:
+    for k, (version, weight) in enumerate(sources):
         train = version.manifest["splits"]["train"]
         units = work_units(version, "train", math.ceil(rows * weight / max(train, 1)) + 1, seed)
-        streams.append([{**unit, "first_row": unit["first_row"] + offset} for unit in units])
+        step = grain if grain and len(sources) > 1 else 0
+        streams.append([{**unit, "first_row": unit["first_row"] + offset, "source": k, "skip": start,
+                         "rows": min(step, unit["rows"] - start) if step else unit["rows"]}
+                        for unit in units for start in range(0, unit["rows"], step or unit["rows"])])
         offset += train
     dealt, taken, out = [0] * len(streams), [0] * len(streams), []
     while all(taken[k] < len(stream) for k, stream in enumerate(streams)):
@@ -68,36 +73,44 @@ def train_units(sources: list[tuple[DatasetVersion, float]], rows: int, seed: in
 def rank_units(units: list[dict], rank: int, world: int, skip_rows: int = 0) -> list[dict]:
     """A training rank's share of the units, less the first `skip_rows` rows it already trained on
     (resuming from a checkpoint). Units are dealt in order, each to the rank that holds the fewest rows
-    so far (the lowest such rank on a tie), so that whatever the row groups' sizes, the shares differ
-    by at most one unit's rows over the whole stream. (Dealing every `world`-th unit gave one rank of
-    two the 3-row group of a 256 + 3-row split in every epoch: 12 rows in 4 epochs, under one batch.)
-    Every row group is still read by one rank only, whole."""
-    held, mine = [0] * world, []
+    of its version so far (the lowest such rank on a tie), so that whatever the row groups' sizes, the
+    shares differ by at most one unit's rows of each version over the whole stream, and every rank's
+    stream mixes the versions as the whole does. (Dealing every `world`-th unit gave one rank of two the
+    3-row group of a 256 + 3-row split in every epoch: 12 rows in 4 epochs, under one batch.) Every unit
+    is read by one rank only, whole."""
+    held, mine = {}, []
     for unit in units:
-        owner = held.index(min(held))
-        held[owner] += unit["rows"]
+        counts = held.setdefault(unit.get("source", 0), [0] * world)
+        owner = counts.index(min(counts))
+        counts[owner] += unit["rows"]
         if owner != rank:
             continue
         if skip_rows >= unit["rows"]:
             skip_rows -= unit["rows"]
             continue
-        mine.append({**unit, "skip": skip_rows})
+        mine.append({**unit, "skip": unit["skip"] + skip_rows, "rows": unit["rows"] - skip_rows})
         skip_rows = 0
     return mine
 
 
+@functools.lru_cache(maxsize=8)
+def _row_group(path: str, group: int, columns: tuple[str, ...]) -> pa.Table:
+    """A row group's `columns` (those the shard has): slices of one row group (a mix's) read it once."""
+    parquet = pq.ParquetFile(path)
+    return parquet.read_row_group(group, columns=[c for c in columns if c in parquet.schema_arrow.names])
+
+
 def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
-    """A batch of work units -> their rows (in the unit's order, less its `skip` first ones): the
-    `columns` the shards have, the unit's `epoch` and each row's split-wide index `sample`."""
+    """A batch of work units -> their rows (in the unit's order, its `rows` rows after its `skip` first
+    ones): the `columns` the shards have, the unit's `epoch` and each row's split-wide index `sample`."""
     tables = []
     for i, path in enumerate(units["path"]):
-        parquet = pq.ParquetFile(path)
-        table = parquet.read_row_group(int(units["row_group"][i]),
-                                       columns=[c for c in columns if c in parquet.schema_arrow.names])
+        table = _row_group(str(path), int(units["row_group"][i]), tuple(columns))
         epoch, seed, first_row = int(units["epoch"][i]), int(units["seed"][i]), int(units["first_row"][i])
         order = np.random.default_rng([seed, epoch, first_row]).permutation(table.num_rows) if seed >= 0 \
             else np.arange(table.num_rows)
-        order = order[int(units["skip"][i]):]
+        skip = int(units["skip"][i])
+        order = order[skip: skip + int(units["rows"][i])]
         table = table.take(order)
         table = table.append_column("epoch", pa.array(np.full(len(order), epoch, np.int32)))
         tables.append(table.append_column("sample", pa.array(first_row + order, pa.int64())))

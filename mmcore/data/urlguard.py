@@ -19,6 +19,7 @@ import email.message
 import http.client
 import io
 import ipaddress
+import posixpath
 import socket
 import time
 import urllib.error
@@ -30,6 +31,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 from PIL import Image
 
+from mmcore import storage
 from mmcore.data.config import GuardConfig
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -210,16 +212,24 @@ class _UnknownSchemeHandler(urllib.request.BaseHandler):
 
 
 class _ImagesHandler(urllib.request.BaseHandler):
-    """`images:<path>` (a conversation file's image paths, data/conversations.py): a file under `root`, read
-    under the byte cap and checked as a fetched body is; a path that leads out of `root` is refused."""
+    """`images:<path>` (a conversation file's image paths, data/conversations.py): a file under `root` (a
+    directory, or `s3://bucket/prefix`), read under the byte cap and checked as a fetched body is; a path that
+    leads out of `root` is refused (in a bucket, whose keys have no links, `..` is refused when the file is
+    read)."""
 
     def __init__(self, root: str, policy: GuardConfig):
-        self.root, self.policy = Path(root).resolve(), policy
+        self.remote = storage.is_remote(root)
+        self.root, self.policy = storage.path(root) if self.remote else Path(root).resolve(), policy
 
     def images_open(self, req):
         relative = unquote(req.selector)
-        path = (self.root / relative).resolve()  # follows links: where the file really is
-        if not path.is_relative_to(self.root):
+        path = self.root / relative
+        if self.remote:
+            inside = not posixpath.normpath(relative).startswith(("..", "/"))
+        else:
+            path = path.resolve()  # follows links: where the file really is
+            inside = path.is_relative_to(self.root)
+        if not inside:
             raise FetchError("path_outside_root", f"{relative!r} leads to {path}, outside {self.root}")
         if not path.is_file():
             raise FetchError("image_not_found", f"no file {relative!r} under {self.root}")

@@ -24,8 +24,9 @@ class GateDecision:
 
 
 def promote(name: str, dataset: str, gate: GateConfig | None = None, suites: list[str] | None = None,
-            tracking_cfg: TrackingConfig | None = None) -> GateDecision:
-    """Evaluate candidate and champion on the same suites and data; move the alias only on a clear win."""
+            tracking_cfg: TrackingConfig | None = None, classes: str | None = None) -> GateDecision:
+    """Evaluate candidate and champion on the same suites and data (`classes`: the zeroshot suite's classes
+    file); move the alias only on a clear win."""
     gate = gate or GateConfig()
     gate.validate()
     tracking_uri = tracking.resolve_uri(tracking_cfg or TrackingConfig())
@@ -35,7 +36,7 @@ def promote(name: str, dataset: str, gate: GateConfig | None = None, suites: lis
     if not gate.primary:
         stage = registry.version_tags(name, candidate_version, tracking_uri).get("stage", "contrastive")
         gate = dataclasses.replace(gate, primary=STAGES[stage].primary)
-    candidate = evaluate(f"models:/{name}/{candidate_version}", dataset, suites, tracking_cfg)
+    candidate = evaluate(f"models:/{name}/{candidate_version}", dataset, suites, tracking_cfg, classes)
     champion = None
     if not candidate.ok:
         promoted, reason = False, f"candidate evaluation failed: {candidate.errors}"
@@ -46,7 +47,7 @@ def promote(name: str, dataset: str, gate: GateConfig | None = None, suites: lis
     elif champion_version == candidate_version:
         promoted, reason = False, f"version {candidate_version} already is {gate.champion_alias!r}"
     else:
-        champion = evaluate(f"models:/{name}/{champion_version}", dataset, suites, tracking_cfg)
+        champion = evaluate(f"models:/{name}/{champion_version}", dataset, suites, tracking_cfg, classes)
         promoted, reason = _compare(candidate, champion, gate)
     if promoted:
         if champion_version is not None:

@@ -104,8 +104,9 @@ CONVERSATION_ANSWER_TOKENS = 32
 def _conversation_vqa(model, preprocess, version) -> SuiteResult:
     """Every turn of the test split's conversations, asked after the turns before it as the data wrote them:
     exact match after VQAv2's normalisation (vqa_normalize) and contains (the answer's words inside the
-    generated text's, for open answers). A turn whose prompt leaves no room for an answer in the context is counted,
-    not asked."""
+    generated text's, for open answers), per question type where the data names one (`<type>_accuracy`;
+    `conversation_accuracy` for the turns that name none). A turn whose prompt leaves no room for an answer in
+    the context is counted, not asked."""
     chat = ChatFormat.of(preprocess)
     asked, too_long = [], 0
     for row in rows(version, ["image", "conversations"]).to_pylist():
@@ -120,7 +121,8 @@ def _conversation_vqa(model, preprocess, version) -> SuiteResult:
                          f"context of {chat.context_length} tokens ({too_long} do not)")
     generated = generate_answers(model, preprocess, [image for image, _, _ in asked], [t.question for *_, t in asked],
                                  max_new_tokens=CONVERSATION_ANSWER_TOKENS, histories=[h for _, h, _ in asked])
-    frame = pd.DataFrame({"kind": "conversation", "held_out": False, "turn": [len(h) for _, h, _ in asked],
+    frame = pd.DataFrame({"kind": [t.kind for *_, t in asked], "held_out": False,
+                          "turn": [len(h) for _, h, _ in asked],
                           "question": [t.question for *_, t in asked], "answer": [t.answer for *_, t in asked],
                           "generated": generated})
     metrics, per_kind = exact_match(frame, normalize=vqa_normalize)

@@ -56,7 +56,8 @@ class Suite:
         """Why the suite does not apply to dataset `version` (with evaluation's `options`), or None when it does."""
         missing = sorted(self.options - set(options or {}))
         if missing:
-            return f"it needs {', '.join(f'--{name}' for name in missing)} (mmpipe evaluate)"
+            return (f"it needs {', '.join(f'--{name}' for name in missing)} (mmpipe evaluate or promote; "
+                    f"the flows' gate: {', '.join(missing)})")
         if version.kind not in self.kinds:
             return f"dataset {version.id} holds {version.kind}; the suite reads {' or '.join(sorted(self.kinds))}"
         if version.kind != "captions":

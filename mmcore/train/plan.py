@@ -92,5 +92,7 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
     if val_units and val_rows < one_each:
         val_units, skipped = None, (f"the val split's {val_rows} rows are fewer than a batch of {cfg.micro_batch} "
                                     f"for each of {ranks} workers")
-    return Plan(tokenizer_json, preprocess, train_units(sources, cfg.optim.max_steps * cfg.data.batch_size, cfg.seed),
+    units = train_units(sources, cfg.optim.max_steps * cfg.data.batch_size, cfg.seed,
+                        grain=max(1, cfg.micro_batch // len(sources)))  # a mix: every micro-batch holds each version
+    return Plan(tokenizer_json, preprocess, units,
                 pre.for_split("train", cfg.data.augment), val_units, pre.for_split("val", False), skipped)

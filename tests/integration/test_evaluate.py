@@ -76,6 +76,15 @@ def test_zeroshot_on_a_users_classes_file_from_the_command_line(trained, train_d
     digits = train_dataset.read("test", ["source"]).column("source").to_pylist().count("sklearn-digits")
     assert metrics["zeroshot.n"] == digits and metrics["zeroshot.chance"] == 0.1
     assert metrics["zeroshot.unlabelled"] + digits == train_dataset.manifest["splits"]["test"]
+    # The gate compares on the user's classes too.
+    _register(Path(trained.run_dir) / "final", "mmpipe-gate-classes", mmpipe_home)
+    out = subprocess.run([str(cli), "promote", "mmpipe-gate-classes", "--dataset", str(train_dataset.path), "--suite",
+                          "zeroshot", "--classes", str(classes), "--primary", "zeroshot.accuracy"],
+                         capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, MMPIPE_HOME=str(mmpipe_home), COLUMNS="150"))
+    assert out.returncode == 0 and "PROMOTED: mmpipe-gate-classes v1" in out.stdout, out.stdout + out.stderr[-2000:]
+    gated = _client(mmpipe_home).get_model_version("mmpipe-gate-classes", "1")
+    assert _client(mmpipe_home).get_run(gated.tags["eval.run_id"]).data.metrics["zeroshot.n"] == digits
 
 
 def _register(bundle: Path, name: str, home: Path) -> str:
@@ -136,7 +145,8 @@ def test_gate_never_moves_an_alias_on_a_partial_evaluation(trained, train_datase
     assert "sample corpus" in decision.candidate.not_applicable["zeroshot-shapes"]
     assert set(decision.candidate.not_applicable) == {"zeroshot-shapes", "zeroshot-shapes-heldout", "zeroshot-digits",
                                                       "zeroshot-digits-heldout", "compositional", "zeroshot"}
-    assert decision.candidate.not_applicable["zeroshot"] == "it needs --classes (mmpipe evaluate)"
+    assert decision.candidate.not_applicable["zeroshot"] == \
+        "it needs --classes (mmpipe evaluate or promote; the flows' gate: classes)"
     assert decision.promoted, decision.reason
 
 

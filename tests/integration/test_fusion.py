@@ -79,7 +79,7 @@ def test_lineage_walks_from_the_fusion_model_to_the_conversation_file(fused, tra
     assert [link["stage"] for link in chain if link["kind"] == "model"] == ["fusion", "contrastive"]
 
 
-def test_questions_about_the_image_are_answered_above_chance(fused, train_dataset, mmpipe_home):
+def test_questions_about_the_image_are_answered_above_chance(fused, train_dataset, train_chats, mmpipe_home):
     from mmcore.eval.run import evaluate
 
     report = evaluate(fused.model_uri, str(train_dataset.path), ["vqa", "captioning", "compositional"])
@@ -93,6 +93,9 @@ def test_questions_about_the_image_are_answered_above_chance(fused, train_datase
     assert set(vqa) >= {"heldout_accuracy", "shape_accuracy", "count_accuracy", "relation_accuracy"}
     assert report.metrics["captioning"]["cider"] > 0, "its captions share words with the references"
     assert report.metrics["compositional"]["n"] > 0
+    on_chats = evaluate(fused.model_uri, str(train_chats.path), ["vqa"]).metrics["vqa"]
+    assert {"caption_accuracy", "colour_accuracy", "digit_accuracy"} <= set(on_chats), "the file names the types"
+    assert on_chats["digit_accuracy"] >= 0.3 and "conversation_accuracy" not in on_chats, on_chats
 
 
 def test_a_fresh_process_answers_through_the_pyfunc_by_alias(fused, train_dataset, mmpipe_home, tmp_path):

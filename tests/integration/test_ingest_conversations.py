@@ -68,6 +68,8 @@ def hostile(served_dir, tmp_path_factory):
         "long": ("coco/1.jpg", _chat("Describe it.", "blue " * 400), "conversation_too_long"),
         "text-only": ("", _chat("What is two and two?", "Four.", image=False), "no_image"),
         "two-images": (["coco/0.jpg", "coco/1.jpg"], _chat("Which is red?", "The first."), "bad_conversation"),
+        "bad-type": ("coco/1.jpg", [{"from": "human", "value": "<image>\nColour?", "type": 7},
+                                    {"from": "gpt", "value": "Blue."}], "bad_conversation"),
         "no-mark": ("coco/1.jpg", _chat("What colour is it?", "Blue.", image=False), "image_token"),
         "mark-no-image": ("", _chat("What colour is it?", "Blue."), "image_token"),
         "mark-later": ("coco/1.jpg", _chat("Colour?", "Blue.", "<image> and this?", "Blue."), "image_token"),

@@ -139,3 +139,28 @@ def test_credentials_the_store_refuses_fail_before_any_download_or_worker(url_li
     finally:
         store.stop()
 
+
+
+def test_a_conversation_files_images_are_read_from_a_bucket(bucket, tmp_path, mmpipe_home):
+    """`--images s3://bucket/prefix`: each path is read from the bucket through the guard (its byte cap and
+    image check); a path the bucket lacks, or one that leaves the prefix, is rejected with its reason."""
+    import json
+
+    from tests.conftest import jpeg_bytes
+
+    images = f"{bucket}/images"
+    for i, color in enumerate([(200, 30, 30), (30, 30, 200), (30, 160, 40)]):
+        (storage.path(images) / "coco" / f"{i}.jpg").write_bytes(jpeg_bytes(color=color))
+    (storage.path(bucket) / "secret.jpg").write_bytes(jpeg_bytes())
+    rows = {"red": "coco/0.jpg", "blue": "coco/1.jpg", "green": "coco/2.jpg", "missing": "coco/9.jpg",
+            "escape": "coco/../../secret.jpg"}
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is the whole picture?"},
+        {"from": "gpt", "value": f"It is {i if i in ('red', 'blue', 'green') else 'grey'} all over."}]}) + "\n"
+        for i, image in rows.items()))
+    version = ingest(IngestConfig(source=SourceConfig(path=str(path), kind="instructions", images=images),
+                                  out=str(tmp_path / "chats")))
+    assert version.manifest["rows"]["kept"] == 3
+    assert version.manifest["rows"]["rejected"] == {"image_not_found": 1, "path_outside_root": 1}
+    assert sum(version.manifest["splits"].values()) == 3 and version.verify() == []

@@ -32,6 +32,22 @@ def test_models_stay_plain_modules():
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
+def test_the_training_path_reads_no_question_the_sample_corpus_invents():
+    """The corpus's questions reach training as its conversation file, as a user's do: no module a stage's
+    stream is made in imports the corpus generator or its questions (evaluation may: it asks them)."""
+    training = [ROOT / "mmcore" / "tasks.py", *(ROOT / "mmcore" / "train").rglob("*.py"),
+                *[ROOT / "mmcore" / "data" / f"{name}.py" for name in ("instruct", "mixed", "passages", "units",
+                                                                        "stream", "conversations")]]
+    offenders = {}
+    for path in training:
+        modules = {node.module for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.ImportFrom) and node.module}
+        modules |= {alias.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Import)
+                    for alias in node.names}
+        offenders[path.name] = sorted(m for m in modules if m.startswith("mmcore.data.synthetic"))
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
 def test_every_module_starts_with_a_docstring():
     for path in [p for top in ("mmcore", "pipelines", "tests", "bench") for p in (ROOT / top).rglob("*.py")]:
         text = path.read_text(encoding="utf-8")

@@ -90,6 +90,7 @@ def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(t
             len(turns) // 2)
         kinds = [q.kind for q in questions(dict(row, key="k"))]
         assert len(turns) // 2 == len(kinds), "every question type the row answers"
+        assert sorted(t["type"] for t in turns[::2]) == sorted(kinds), "each question names its type"
         held_out = {_question(kind, template, row, truth).question for kind in kinds
                     for template in WORDINGS[kind][1] for truth in (True, False)}
         assert {q.question for q in questions(dict(row, key="k"), held_out=True)} <= held_out

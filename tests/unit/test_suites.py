@@ -133,7 +133,8 @@ def test_zeroshot_classifies_into_a_users_classes_file_and_names_what_is_wrong_w
     classes.write_text(json.dumps({"column": "label", "classes": names, "templates": ["the digit {}.", "a {}"]}))
     oracle = Oracle(pre, {r["image"]: f"the digit {r['label']}." for r in digits}, names)
     suite = get_suite("zeroshot", {"embed"})
-    assert suite.not_applicable(version) == "it needs --classes (mmpipe evaluate)"
+    assert suite.not_applicable(version) == \
+        "it needs --classes (mmpipe evaluate or promote; the flows' gate: classes)"
     assert suite.not_applicable(version, {"classes": str(classes)}) is None
     result = suite.run(oracle, pre, version, classes=str(classes))
     assert result.metrics["accuracy"] == 1.0 and result.metrics["n"] == 9

@@ -318,7 +318,8 @@ def test_versions_mixed_by_weight_give_their_share_of_every_stretch_of_the_strea
     path = tmp_path / "chats" / "train.parquet"
     pq.write_table(pa.table({"caption": [f"chat {i}" for i in range(12)]}), path, row_group_size=4)
     chats = _Version(tmp_path / "chats", [path])
-    assert train_units([(captions, 1.0)], 40, seed=2) == work_units(captions, "train", 4, seed=2)
+    alone = [{**unit, "source": 0} for unit in work_units(captions, "train", 4, seed=2)]
+    assert train_units([(captions, 1.0)], 40, seed=2) == alone
     units = train_units([(captions, 0.75), (chats, 0.25)], 200, seed=2)
     rows = _read(units)
     assert len(rows) >= 200
@@ -328,6 +329,35 @@ def test_versions_mixed_by_weight_give_their_share_of_every_stretch_of_the_strea
     ids = {caption: sample for _, sample, caption in rows}
     assert sorted(ids[f"chat {i}"] for i in range(12)) == list(range(16, 28)), "after the first version's 16 rows"
     assert train_units([(captions, 0.75), (chats, 0.25)], 200, seed=2) == units
+    assert train_units([(captions, 1.0)], 40, seed=2, grain=2) == alone, "one version is not cut"
+
+
+def test_a_mix_is_cut_into_slices_so_that_every_ranks_batches_hold_each_version(tmp_path):
+    """Mixed by whole row groups, a batch came from one version (the unified stage read for 8 steps, then drew
+    for 8); in slices of `grain` rows, dealt to the ranks version by version, every rank's every 4 rows hold 2
+    of each, a row group's slices read its rows once each, and a resume goes on at the next row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmcore.data.units import rank_units, train_units
+
+    captions = _shards(tmp_path)
+    (tmp_path / "chats").mkdir()
+    path = tmp_path / "chats" / "train.parquet"
+    pq.write_table(pa.table({"caption": [f"chat {i}" for i in range(12)]}), path, row_group_size=4)
+    units = train_units([(captions, 0.5), (_Version(tmp_path / "chats", [path]), 0.5)], 64, seed=4, grain=2)
+    assert {u["rows"] for u in units} == {2}
+    for rank in range(2):
+        stream = _read(rank_units(units, rank, 2))
+        assert len(stream) >= 32
+        for start in range(0, 32, 4):
+            assert sum(caption.startswith("chat") for _, _, caption in stream[start: start + 4]) == 2, stream
+        for skip in (1, 5):
+            assert _read(rank_units(units, rank, 2, skip_rows=skip)) == stream[skip:]
+    by_epoch = {}
+    for epoch, sample, caption in _read(units):
+        by_epoch.setdefault((caption.startswith("chat"), epoch), []).append(sample)
+    assert sorted(by_epoch[(True, 0)]) == list(range(16, 28)) and sorted(by_epoch[(False, 0)]) == list(range(16))
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -376,7 +376,7 @@ def write_conversations(root: str | Path, per_image: int, seed: int = 0) -> Path
     """The corpus's questions and answers as instruction data: root/conversations.jsonl, in LLaVA's format,
     `per_image` conversations about each clean image of root/urls.parquet (its URL: ingested, a conversation's
     image lands in the split its URL gives the caption dataset). A conversation asks every question type the
-    row answers, in an order and seen wordings drawn for each (questions.training_questions);
+    row answers, named by its type, in an order and seen wordings drawn for each (questions.training_questions);
     the held-out wordings stay out, for evaluation."""
     from mmcore.data.dataset import url_key
     from mmcore.data.synthetic.questions import training_questions
@@ -390,7 +390,7 @@ def write_conversations(root: str | Path, per_image: int, seed: int = 0) -> Path
             row["key"] = url_key(row["url"])
             for epoch in range(per_image):
                 turns = [m for i, q in enumerate(training_questions(row, seed, epoch)) for m in (
-                    {"from": "human", "value": q.question if i else f"<image>\n{q.question}"},
+                    {"from": "human", "value": q.question if i else f"<image>\n{q.question}", "type": q.kind},
                     {"from": "gpt", "value": q.answer})]
                 out.write(json.dumps({"id": f"{row['key']}-{epoch}", "image": row["url"], "conversations": turns})
                           + "\n")
