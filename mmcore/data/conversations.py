@@ -82,7 +82,7 @@ def checked_row(record, cfg: SourceConfig, seen: set[str]) -> dict:
     if marks != [0] or turns[0]["value"].count(IMAGE_MARK) != 1:
         raise Rejected("image_token", "the first human turn must hold <image> once, and no other turn"
                        if marks else "no <image> in a row that names an image")
-    turns = [{"from": t["from"], "value": t["value"].replace(IMAGE_MARK, "").strip()} for t in turns]
+    turns = [{**t, "value": t["value"].replace(IMAGE_MARK, "").strip()} for t in turns]
     if not turns[0]["value"]:
         raise Rejected("empty_turn", "turn 0 holds nothing but <image>")
     return {"url": _image_url(_utf8(image, "the image"), cfg), "id": row_id,

@@ -77,7 +77,7 @@ def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(t
     import json
 
     from mmcore.data.config import SourceConfig
-    from mmcore.data.conversations import read_conversations
+    from mmcore.data.conversations import read_conversations, stored_turns
     from mmcore.data.synthetic.questions import WORDINGS, _question, questions
 
     url_list = make_sample(tmp_path, "http://127.0.0.1:9", SampleSpec(synthetic=60, digits=20))
@@ -99,3 +99,5 @@ def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(t
     table, rejected = read_conversations(tmp_path / "conversations.jsonl", SourceConfig(
         path=str(tmp_path / "conversations.jsonl"), kind="instructions"))
     assert rejected == [] and table.num_rows == len(written)
+    stored = [kind for cell in table.column("conversations").to_pylist() for _, _, kind in stored_turns(cell)]
+    assert "" not in stored and {"caption", "colour", "digit"} <= set(stored), "ingest keeps each question's type"
