@@ -61,7 +61,7 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
     assert fusion.tags["parent_model"] == "mmpipe-contrastive/1" and fusion.tags["dataset_id"] == chats.id
     unified = client.get_model_version_by_alias("mmpipe-unified", "champion")
     assert unified.tags["parent_model"] == "mmpipe-image-tokenizer/1"
-    assert json.loads(unified.tags["mixed_datasets"]) == {chats.id: 0.5}, "it reads the conversations"
+    assert unified.tags["dataset_id"] == chats.id and json.loads(unified.tags["mixed_datasets"]) == {version.id: 0.5}
     # The demo ran as Prefect flow runs, recorded in the project home's Prefect database (what `mmpipe up` shows).
     with sqlite3.connect(tmp_path / "home" / "prefect" / "prefect.db") as db:
         runs = db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = "

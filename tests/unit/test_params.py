@@ -63,14 +63,16 @@ def test_the_ingest_form_takes_a_conversation_file_and_its_images_directory(tmp_
         IngestParams(url_list=str(chats), images=str(tmp_path)).to_config()
 
 
-def test_the_retrain_flow_mixes_the_conversations_into_the_unified_stage():
+def test_the_retrain_flow_mixes_the_captions_into_the_unified_stages_conversations():
     from pipelines.params import UnifiedSettings, mixed
 
     settings = UnifiedSettings(recipe="debug-unified", overrides=["optim.lr=0.002"])
-    cfg = mixed(settings, "captions", "chats", 0.3, "data.draw_fraction=1.0").to_config("captions")
-    assert (cfg.data.dataset, cfg.data.mix, cfg.data.draw_fraction, cfg.optim.lr) == ("captions", {"chats": 0.3},
+    run = mixed(settings, "captions", "chats", 0.3, "data.draw_fraction=1.0")
+    cfg = run.to_config(run.dataset)
+    assert (cfg.data.dataset, cfg.data.mix, cfg.data.draw_fraction, cfg.optim.lr) == ("chats", {"captions": 0.7},
                                                                                       1.0, 0.002)
-    alone = mixed(settings, "captions", None, 0.3, "data.draw_fraction=1.0").to_config("captions")
-    assert (alone.data.mix, alone.data.draw_fraction) == ({}, 0.5), "no conversations: the recipe as it is"
+    alone = mixed(settings, "captions", None, 0.3, "data.draw_fraction=1.0")
+    assert alone.dataset == "captions" and alone.to_config("captions").data.mix == {}, "no conversations: as it is"
+    assert alone.to_config("captions").data.draw_fraction == 0.5
     with pytest.raises(ValidationError, match="instructions_weight"):
         RetrainParams(dataset="d", instructions_weight=1.0)
