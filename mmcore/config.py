@@ -122,10 +122,10 @@ class DataConfig:
     augment: bool = True
     """Random crops on the train split (never flips: captions say left and right)."""
     pack_length: int = 0
-    """Fusion and unified stages: 0 asks one question per image in a training sequence; N packs as
-    many of the image's questions as fit in N text tokens (at least the model's context), each seeing
-    the image and itself only: several questions learned for one image's cost (the unified stage's
-    drawing samples are padded to the same length)."""
+    """Fusion and unified stages: 0 cuts a conversation at the model's context; N (at least the context)
+    packs the turns after the cut in N text tokens, in parts after the shared image prefix, each part seeing
+    the image and itself only: every turn learned for one image's cost (data/instruct.py; the unified
+    stage's drawing samples are padded to the same length)."""
     mix: dict[str, float] = field(default_factory=dict)
     """Other dataset versions trained on with data.dataset, each path with its weight: the share of the training
     rows drawn from it (data.dataset gives the rest; validation reads data.dataset alone). The fusion stage

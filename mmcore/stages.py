@@ -42,7 +42,7 @@ class Stage:
     lm_parent: Parent | None = None
     """The registered language model its LM may start from (model.lm_parent), and what it takes of it."""
     packs: bool = False
-    """Packs several questions of one image into a training sequence (data.pack_length)."""
+    """Packs a conversation's turns past the context into one training sequence (data.pack_length)."""
     question_loss: bool = False
     """Has a next-token loss on the questions' tokens to weigh (task.question_loss)."""
     starts_from: bool = False
