@@ -115,8 +115,9 @@ def debug_language(dataset: str) -> RunConfig:
 
 
 def demo_language(dataset: str) -> RunConfig:
-    """Minutes on 2 CPU cores: a Llama-architecture LM learns the sample corpus's captions and, mixed in
-    (data.mix), its conversations as text (the questions' loss at half the answers': experiments/language-stage)."""
+    """Minutes on 2 CPU cores: a Llama-architecture LM learns the sample corpus's captions and its conversations
+    as text, mixed (data.mix) as the retrain flow mixes them (the questions' loss at half the answers':
+    experiments/language-stage)."""
     cfg = base("language", dataset, "lm-demo", OptimConfig(lr=3e-3, warmup_steps=50, max_steps=720), 360,
                batch_size=32, val_batches=4, augment=False)
     return named("demo-language", cfg, task=dataclasses.replace(cfg.task, text_loss=0.5))

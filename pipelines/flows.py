@@ -212,8 +212,8 @@ class RetrainResult:
     """The unified TrainResult, as a dict (None when skipped)."""
     unified_decision: GateDecision | None = None
     instructions: dict | None = None
-    """dataset_summary() of the instruction dataset the fusion stage trained on and the language and unified stages
-    mixed in (None: they used `dataset` alone)."""
+    """dataset_summary() of the instruction dataset the fusion, language and unified stages trained on, the last
+    two with `dataset` mixed in (None: they used `dataset` alone)."""
 
     def stages(self) -> list[tuple[dict, GateDecision | None]]:
         """(TrainResult dict, gate decision) of each stage that ran, in order."""
@@ -234,8 +234,8 @@ def retrain_flow(params: RetrainParams) -> RetrainResult:
     """ingest (or a landed dataset, and a conversation file's instruction dataset) -> contrastive -> language ->
     fusion on the contrastive (and language) champion, in one phase or LLaVA's two, on the instruction dataset (or
     the captions) -> image tokenizer -> unified on the tokenizer champion, each trained, evaluated and promoted (an
-    alignment phase is not gated: the next phase starts from it); the language and unified stages mix the
-    conversations into the captions. Stages can be skipped."""
+    alignment phase is not gated: the next phase starts from it); the language and unified stages train on the
+    instruction dataset with the captions mixed in (params.mixed). Stages can be skipped."""
     _console("retrain")
     dataset = ingest_task(params.source) if params.source else report.dataset_summary(
         DatasetVersion.open(params.dataset))

@@ -53,11 +53,10 @@ def train_units(sources: list[tuple[DatasetVersion, float]], rows: int, seed: in
     dealt in turn to the version furthest below its weight's share of the rows dealt so far: every stretch of
     the stream holds each version's share to within a slice. A unit names its version (`source`); a row's id
     counts on from the train rows of the versions before its own, so that ids stay distinct."""
-    streams, offset = [], 0
+    streams, offset, step = [], 0, grain if len(sources) > 1 else 0
     for k, (version, weight) in enumerate(sources):
         train = version.manifest["splits"]["train"]
         units = work_units(version, "train", math.ceil(rows * weight / max(train, 1)) + 1, seed)
-        step = grain if grain and len(sources) > 1 else 0
         streams.append([{**unit, "first_row": unit["first_row"] + offset, "source": k, "skip": start,
                          "rows": min(step, unit["rows"] - start) if step else unit["rows"]}
                         for unit in units for start in range(0, unit["rows"], step or unit["rows"])])

@@ -140,7 +140,6 @@ def test_credentials_the_store_refuses_fail_before_any_download_or_worker(url_li
         store.stop()
 
 
-
 def test_a_conversation_files_images_are_read_from_a_bucket(bucket, tmp_path, mmpipe_home):
     """`--images s3://bucket/prefix`: each path is read from the bucket through the guard (its byte cap and
     image check); a path the bucket lacks, or one that leaves the prefix, is rejected with its reason."""

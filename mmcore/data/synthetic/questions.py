@@ -8,8 +8,6 @@ held-out wordings (`questions`), of a dataset that has these columns.
 
 from __future__ import annotations
 
-import numpy as np
-
 from mmcore.data.instruct import CAPTION_TEMPLATES, Question, row_rng
 from mmcore.data.synthetic.corpus import DIGIT_WORDS, OPPOSITE
 
@@ -100,7 +98,7 @@ def training_questions(row: dict, seed: int, epoch: int) -> list[Question]:
     """A row's questions for its conversation file: every type the row can answer, in an order drawn from
     (seed, epoch, key), each worded by a seen template drawn the same way, with or without an opening and a
     closing (OPENINGS)."""
-    rng: np.random.Generator = row_rng(row, seed, epoch)
+    rng = row_rng(row, seed, epoch)
     every = ["caption", *kinds(row)]
     out = []
     for kind in (every[i] for i in rng.permutation(len(every))):
