@@ -200,6 +200,10 @@ class ParallelConfig:
     """ZeRO-3 offload of parameters to CPU memory."""
     activation_checkpointing: bool = False
     """Recompute each transformer block in the backward pass (memory for compute)."""
+    compile: bool = False
+    """torch.compile (inductor) the Task inside DeepSpeed's engine: fused kernels, for a compile at each
+    worker's start. Off in the CPU recipes, where the demo models measured no faster compiled
+    (docs/benchmarks.md, bench/mfu.py)."""
 
     def validate(self) -> None:
         check(self.num_workers >= 1, "parallel.num_workers", "must be at least 1")

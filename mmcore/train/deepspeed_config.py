@@ -53,7 +53,7 @@ def build_ds_config(cfg: RunConfig, precision: str) -> dict:
 def initialize(task, cfg: RunConfig, cuda: bool):
     """DeepSpeed around a Task as a training worker starts it: the precision resolve_precision picks for
     the device, AdamW over param_groups (frozen parameters left out; the Task's `learning_rates` in groups of
-    their own), build_ds_config.
+    their own), build_ds_config; compiled if parallel.compile.
     -> (engine, precision, the dtype cast_floating gives the engine's inputs)."""
     import deepspeed
     import torch
@@ -64,6 +64,8 @@ def initialize(task, cfg: RunConfig, cuda: bool):
     lrs = task.learning_rates(cfg.optim) if hasattr(task, "learning_rates") else {}
     engine, *_ = deepspeed.initialize(model=task, model_parameters=param_groups(task, cfg.optim.weight_decay, lrs),
                                       config=build_ds_config(cfg, precision), dist_init_required=False)
+    if cfg.parallel.compile:
+        engine.compile()  # the accelerator's backend (inductor), ZeRO's hooks kept working
     return engine, precision, torch.bfloat16 if precision == "bf16" else torch.float32
 
 
