@@ -53,6 +53,13 @@ class Windows:
         if "samples_per_second" in metrics:  # a window, not a validation point
             self.points.append((step, metrics))
 
+    def rate(self, warmup: int) -> float:
+        """samples/s over the windows that start after `warmup` steps (their samples over their seconds)."""
+        ends = [step for step, _ in self.points]
+        timed = [(end - start, m["samples_per_second"]) for start, end, (_, m) in zip([0, *ends], ends, self.points)
+                 if start >= warmup]  # (steps in the window, its samples/s)
+        return sum(n for n, _ in timed) / sum(n / r for n, r in timed)
+
     def unsent(self) -> list[list]:
         return []
 
@@ -66,10 +73,12 @@ def cycled(batches: list[dict]):
         yield dict(batch), 0.0
 
 
-def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
+def prepared(name: str, recipe_name: str, dataset: str, batch: int, steps: int, zero: int,
+             parents: dict[str, str] = PARENTS):
     """(RunConfig, architecture, tokenizer JSON, a Task, its preprocessor, a few prepared batches as tensors
-    with each row's `epoch` and `sample`) for one model. The Task is built as start_engine builds it (same
-    seed), so the unified stage's batches are coded by the image tokenizer the engine's model holds."""
+    with each row's `epoch` and `sample`) for model `name` trained as recipe `recipe_name` does, its parent's
+    architecture from `parents` (family -> model). The Task is built as start_engine builds it (same seed), so
+    the unified stage's batches are coded by the image tokenizer the engine's model holds."""
     import dataclasses
 
     import numpy as np
@@ -82,7 +91,6 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
     from mmcore.stages import STAGES
     from mmcore.tasks import build_task
 
-    recipe_name, _ = MODELS[name]
     cfg = recipe(recipe_name, dataset)
     cfg = dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, name=name, parent=""),
@@ -91,9 +99,9 @@ def prepared(name: str, dataset: str, batch: int, steps: int, zero: int):
         parallel=dataclasses.replace(cfg.parallel, num_workers=1, precision="auto", zero_stage=zero),
         checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=steps + 1))  # none written
     arch = model_config(name)
-    if arch["family"] in PARENTS:
+    if arch["family"] in parents:
         part = STAGES[cfg.task.stage].parent.takes
-        arch = {**arch, **part(model_config(PARENTS[arch["family"]]))}
+        arch = {**arch, **part(model_config(parents[arch["family"]]))}
     context = arch.get("lm", {}).get("context_length", 0)
     if cfg.data.pack_length and cfg.data.pack_length < context:  # a packed row holds at least one question
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pack_length=context))
@@ -160,7 +168,7 @@ def train(name: str, dataset: str, steps: int, warmup: int, batch_size: int | No
     from mmcore.train.trainer import Trainer, split_ids, start_engine
 
     batch = batch_size or MODELS[name][1]
-    cfg, arch, tokenizer_json, task, pre, batches = prepared(name, dataset, batch, steps, zero)
+    cfg, arch, tokenizer_json, task, pre, batches = prepared(name, MODELS[name][0], dataset, batch, steps, zero)
     per_sample = flops_per_sample(task.cuda(), {k: v[:2].cuda() for k, v in split_ids(dict(batches[0]))[0].items()})
     parameters = sum(p.numel() for p in task.parameters())
     trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
@@ -174,10 +182,7 @@ def train(name: str, dataset: str, steps: int, warmup: int, batch_size: int | No
         trainer.logger = windows = Windows()
         trainer.fit(cycled(on_device), [])
     points = windows.points
-    ends = [step for step, _ in points]
-    timed = [(end - start, m["samples_per_second"]) for start, end, (_, m) in zip([0, *ends], ends, points)
-             if start >= warmup]  # (steps in a window that starts after the warm-up, its samples/s)
-    rate = sum(n for n, _ in timed) / sum(n / r for n, r in timed)  # samples / seconds over those windows
+    rate = windows.rate(warmup)
     peak = peak_tflops(torch.cuda.get_device_name(0))
     result = {"model": name, "stage": cfg.task.stage, "recipe": cfg.recipe, "batch": batch, "steps": steps,
               "precision": "bf16" if dtype == torch.bfloat16 else "fp32",

@@ -272,6 +272,16 @@ class UnifiedTask(nn.Module):
                                  seed=cfg.seed, pack_length=cfg.data.pack_length,
                                  draw_fraction=cfg.data.draw_fraction)
 
+    @staticmethod
+    def derivations(cfg: RunConfig, parents: Parents | None = None) -> list:
+        """What the stage reads from derived versions of its datasets (data/derived.py): the image tokenizer's
+        codes of every row, computed once (on augmented images the data workers make them)."""
+        from mmcore.data.derived import Derivation
+
+        if not parents or cfg.data.augment:
+            return []
+        return [Derivation("image-codes", cfg.model.parent, parents["parent"])]
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         packing = Packing.of(batch)
         out = unified_loss(self.model, self.model.logits(batch["input_ids"], packing), batch["labels"])

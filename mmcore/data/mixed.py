@@ -15,11 +15,14 @@ A recipe mixes a caption dataset (drawing) with an instruction dataset (reading)
 With `data.pack_length`, a reading sample packs its conversation as the fusion stage's do (instruct.py),
 and a drawing sample is padded to the same length; the image's span stands in the shared prefix.
 
-The image's codes come from the registered image tokenizer, run here on the data workers' CPUs:
-the trainers then see token ids only (why not a derived token dataset: experiments/unified-codes).
+The image's codes come from the registered image tokenizer: read from its derived version of the dataset
+(data/derived.py: computed once, the default), or (`with_codes(False)`: images augmented) made here on the data
+workers' CPUs; the trainers see token ids only (what each costs: experiments/unified-codes).
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import torch
@@ -97,6 +100,13 @@ class MixedPreprocessor(InstructPreprocessor):
     def __getstate__(self):
         return {**super().__getstate__(), "_encoder": None, "_format": None}
 
+    def reading_codes(self) -> "MixedPreprocessor":
+        """The same preprocessing on rows that carry their image's `codes` (a derived version's) instead of the
+        image."""
+        clone = copy.copy(self)
+        clone.columns = [c for c in self.columns if c != "image"] + ["codes"]
+        return clone
+
     def codes(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) uint8 -> (B, grid * grid) codes of the image tokenizer."""
         if self._encoder is None:
@@ -134,6 +144,6 @@ class MixedPreprocessor(InstructPreprocessor):
     def __call__(self, batch: dict) -> dict:
         if self._format is None:
             self._format = MixedFormat(self.chat)
-        codes = self.codes(self.batch_pixels(batch["image"]))
+        codes = np.stack(batch["codes"]) if "codes" in batch else self.codes(self.batch_pixels(batch["image"]))
         samples = [self.sample(row, self._format.image(row_codes)) for row, row_codes in zip(batch_rows(batch), codes)]
         return {key: np.asarray([s[key] for s in samples], np.int64) for key in samples[0]}

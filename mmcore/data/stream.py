@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import ray
 import ray.data
 import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
@@ -63,3 +64,31 @@ def torch_batches(shard, batch_size: int, device: torch.device) -> Iterator[tupl
     """(batch, seconds waited for it), pass after pass without end, from a dataset or a worker's shard."""
     return timed_passes(lambda: shard.iter_torch_batches(batch_size=batch_size, drop_last=True, device=device),
                         batch_size)
+
+
+class _ShardDeriver:
+    """A Ray Data actor that computes derived shards with one model loaded once (data/derived.py)."""
+
+    def __init__(self, derivation):
+        from mmcore.data.derived import KINDS
+
+        self.compute = KINDS[derivation.kind](derivation.bundle)
+
+    def __call__(self, jobs: dict) -> dict:
+        from mmcore.data.derived import write_shard
+
+        done = [write_shard(self.compute, source, target) for source, target in zip(jobs["source"], jobs["target"])]
+        return {key: [shard[key] for shard in done] for key in done[0]}
+
+
+def derive_on_ray(derivation, jobs: list[dict], cpus: int = 0) -> Iterator[dict]:
+    """derived.derive's `map_shards` on Ray Data: each job ({"source", "target"}: a dataset shard and its
+    derived shard) one task, on a pool of up to `cpus` actors (default: the cluster's CPUs), yielded as
+    written."""
+    if not jobs:
+        return iter(())
+    size = max(1, min(len(jobs), cpus or int(ray.cluster_resources().get("CPU", 1))))
+    dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
+        _ShardDeriver, fn_constructor_kwargs={"derivation": derivation}, batch_size=1, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size))
+    return dataset.iter_rows()

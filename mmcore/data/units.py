@@ -92,7 +92,7 @@ def rank_units(units: list[dict], rank: int, world: int, skip_rows: int = 0) -> 
     return mine
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=16)
 def _row_group(path: str, group: int, columns: tuple[str, ...]) -> pa.Table:
     """A row group's `columns` (those the shard has): slices of one row group (a mix's) read it once."""
     parquet = pq.ParquetFile(path)
@@ -105,6 +105,8 @@ def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
     tables = []
     for i, path in enumerate(units["path"]):
         table = _row_group(str(path), int(units["row_group"][i]), tuple(columns))
+        if "derived" in units:  # a derived version's columns, row for row (data/derived.py)
+            table = _with_derived(table, str(path), str(units["derived"][i]), int(units["row_group"][i]), columns)
         epoch, seed, first_row = int(units["epoch"][i]), int(units["seed"][i]), int(units["first_row"][i])
         order = np.random.default_rng([seed, epoch, first_row]).permutation(table.num_rows) if seed >= 0 \
             else np.arange(table.num_rows)
@@ -114,6 +116,22 @@ def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
         table = table.append_column("epoch", pa.array(np.full(len(order), epoch, np.int32)))
         tables.append(table.append_column("sample", pa.array(first_row + order, pa.int64())))
     return pa.concat_tables(tables)
+
+
+def _with_derived(table: pa.Table, path: str, derived: str, group: int, columns: list[str]) -> pa.Table:
+    """A row group's columns and those of its derived shard that `columns` asks for, checked row for row."""
+    try:
+        extra = _row_group(derived, group, (*columns, "key"))
+    except (OSError, IndexError, pa.ArrowException) as err:
+        raise ValueError(f"{derived}: row group {group} cannot be read ({err}); delete its derived version to "
+                         "compute it again") from None
+    if _row_group(path, group, ("key",)).column("key") != extra.column("key"):
+        raise ValueError(f"{derived}: row group {group} does not hold the rows of {path}'s; delete its derived "
+                         "version to compute it again")
+    for name in extra.column_names:
+        if name != "key" and name not in table.column_names:
+            table = table.append_column(name, extra.column(name))
+    return table
 
 
 def keep_ids(batch: dict, preprocess: Preprocessor) -> dict:

@@ -219,7 +219,13 @@ def ray_failure(error: BaseException, run_dir) -> TrainingError:
 
 
 def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) -> dict:
-    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parent_dirs)
+    map_shards = None  # derived versions: computed in this process when training runs here
+    if cfg.cluster.executor != "here":
+        from mmcore.data.stream import derive_on_ray
+
+        connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
+        map_shards = derive_on_ray
+    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parent_dirs, map_shards)
     (run_dir / "tokenizer.json").write_text(steps.tokenizer_json)
     if steps.skipped_validation:
         say(f"no validation: {steps.skipped_validation}")

@@ -57,7 +57,7 @@ def run_here(cfg: RunConfig, arch: dict, steps: Plan, parent_dirs: dict[str, Pat
     fit() calls it for cluster.executor=here, with the MLflow logger. The ranks: parallel.num_workers."""
     world = cfg.parallel.num_workers
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
-    _join_process_group(device)
+    join_process_group(device)
     engine, dtype, ranks = start_engine(cfg, arch, steps.tokenizer_json, device,
                                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")), parent_dirs)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +76,7 @@ def run_here(cfg: RunConfig, arch: dict, steps: Plan, parent_dirs: dict[str, Pat
     return metrics
 
 
-def _join_process_group(device: torch.device) -> None:
+def join_process_group(device: torch.device) -> None:
     """The process group torchrun's variables describe, or a group of one. (DeepSpeed needs a group: without
     one it looks for MPI.) It stays for the process's life: DeepSpeed keeps its own handles on it."""
     if dist.is_initialized():

@@ -77,16 +77,22 @@ class Plan:
     """Why there is no validation although data.val_batches asks for it."""
 
 
-def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parents: Parents | None = None) -> Plan:
+def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parents: Parents | None = None,
+         map_shards=None) -> Plan:
     """Each rank streams its own share of the train split, so that a resumed run goes on at the row where
     its checkpoint was taken (epochs: as many as max_steps needs, one more for the ranks' uneven shares).
-    Validation reads the first val_batches batches of its share of the val split, the same rows every time."""
+    Validation reads the first val_batches batches of its share of the val split, the same rows every time.
+    What the stage reads from derived versions (its Task's `derivations`) is computed first where it is not
+    stored yet, by `map_shards` (derived.derive's)."""
     task_class = STAGES[cfg.task.stage].task
     tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text(), arch, parents)
     _, preprocess = build_task(cfg, arch, tokenizer_json)
     pre = task_class.preprocessor(cfg, preprocess, tokenizer_json, parents)
     sources = [(version, 1 - sum(cfg.data.mix.values())),
                *((DatasetVersion.open(path), weight) for path, weight in cfg.data.mix.items())]
+    derived = _derived(cfg, task_class, parents, [source for source, _ in sources], map_shards)
+    if derived:
+        pre = pre.reading_codes()
     val_units, skipped = (work_units(version, "val") if cfg.data.val_batches else None), ""
     val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * ranks
     if val_units and val_rows < one_each:
@@ -94,5 +100,17 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
                                     f"for each of {ranks} workers")
     units = train_units(sources, cfg.optim.max_steps * cfg.data.batch_size, cfg.seed,
                         grain=max(1, cfg.micro_batch // len(sources)))  # a mix: every micro-batch holds each version
+    if derived:
+        units = [{**unit, "derived": derived[unit["source"]].shard(unit["path"])} for unit in units]
+        val_units = val_units and [{**unit, "derived": derived[0].shard(unit["path"])} for unit in val_units]
     return Plan(tokenizer_json, preprocess, units,
                 pre.for_split("train", cfg.data.augment), val_units, pre.for_split("val", False), skipped)
+
+
+def _derived(cfg: RunConfig, task_class, parents: Parents | None, versions: list[DatasetVersion], map_shards):
+    """Each version's derived version the stage reads (none, or one each), computed where not stored yet."""
+    from mmcore.data.derived import derive
+
+    derivations = task_class.derivations(cfg, parents) if hasattr(task_class, "derivations") else []
+    assert len(derivations) <= 1, "a stage reads one derived version of each dataset"
+    return [derive(version, derivations[0], map_shards) for version in versions] if derivations else []

@@ -1,0 +1,215 @@
+"""Derived versions: what a registered model computes over every row of a dataset version (an image
+tokenizer's codes, a frozen tower's features, ...), computed once, stored beside the dataset and read by
+every later run with the same pair instead of computing it again.
+
+Layout, under the dataset version:
+  derived/<kind>-<model name>-<version>/
+    manifest.json          kind, dataset id, model URI and its weights' sha256, columns, per-shard sha256
+    shards/<the dataset shard's name>.parquet   `key` + the derived columns, row for row and row group for
+                                                row group the dataset shard's (a work unit reads both)
+
+Each shard is written whole (renamed into place on a disk; one PUT in a bucket) before the next is
+started, so a killed derivation goes on with the shards it has not written; the manifest is written last.
+A derived version whose shard no longer matches its manifest is named and that shard computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmcore import storage
+from mmcore.console import say
+from mmcore.data.dataset import DatasetVersion, file_digest
+from mmcore.progress import progress_bar
+
+log = logging.getLogger("mmpipe.data")
+MANIFEST = "manifest.json"
+BATCH_ROWS = 64
+"""Rows a model computes at once."""
+
+
+@dataclass(frozen=True)
+class Derivation:
+    """What to compute over a dataset version: `kind` (a key of KINDS) by the registered model `model`
+    (models:/name/version, pinned), whose bundle is at `bundle` on this machine."""
+
+    kind: str
+    model: str
+    bundle: Path
+
+    @property
+    def name(self) -> str:
+        """The derived version's directory name: one per (kind, model version)."""
+        name, _, version = self.model.removeprefix("models:/").rpartition("/")
+        return f"{self.kind}-{name}-{version}"
+
+    def weights_sha256(self) -> str:
+        from mmcore.bundle import ModelBundle
+
+        return storage.sha256(Path(ModelBundle.at(self.bundle).weights))
+
+
+class ImageCodes:
+    """An image tokenizer's codes of each row's image: `codes`, (grid * grid,) int16, from the image decoded
+    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer)."""
+
+    columns = ["image"]
+
+    def __init__(self, bundle: Path):
+        import torch
+
+        from mmcore.bundle import ModelBundle
+
+        torch.set_num_threads(1)  # one CPU of a data worker (Ray gives each task one)
+        self.model, self.preprocess = ModelBundle.at(bundle).load()
+
+    def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
+        import torch
+
+        images = rows.column("image").to_pylist()
+        with torch.no_grad():
+            codes = [self.model.encode(torch.from_numpy(self.preprocess.images(images[i:i + BATCH_ROWS]))).numpy()
+                     for i in range(0, len(images), BATCH_ROWS)]
+        codes = np.concatenate(codes).astype(np.int16)  # (B, grid * grid); the codebook has at most 2**15 codes
+        return {"codes": pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), codes.shape[1])}
+
+
+KINDS: dict[str, Callable[[Path], Callable[[pa.Table], dict[str, pa.Array]]]] = {"image-codes": ImageCodes}
+"""kind -> the class that computes it: built from the model's bundle directory, called on a row group."""
+
+
+def derived_path(version: DatasetVersion, derivation: Derivation):
+    return version.path / "derived" / derivation.name
+
+
+@dataclass
+class DerivedVersion:
+    """A finished derived version: its directory and manifest."""
+
+    path: Path
+    manifest: dict
+
+    def shard(self, dataset_shard) -> str:
+        """The derived shard that goes row for row with the dataset shard at `dataset_shard`."""
+        return str(self.path / "shards" / Path(str(dataset_shard)).name)
+
+    def problems(self) -> dict[str, str]:
+        """Derived shard name -> what is wrong with it (missing, or not the file the manifest names)."""
+        found = {}
+        for shard in self.manifest["shards"]:
+            path = self.path / "shards" / shard["name"]
+            if not path.exists():
+                found[shard["name"]] = "missing"
+            elif file_digest(path) != {"sha256": shard["sha256"], "bytes": shard["bytes"]}:
+                found[shard["name"]] = "sha256 or size differs from the manifest"
+        return found
+
+
+def derive(version: DatasetVersion, derivation: Derivation,
+           map_shards: Callable[[Derivation, list[dict]], Iterable[dict]] | None = None) -> DerivedVersion:
+    """The derived version of `version` by `derivation`: the one stored beside the dataset when it is whole,
+    else computed (only the shards that are missing or do not match; `map_shards(derivation, jobs)` computes
+    the jobs, by default in this process: `derive_shards`), its manifest written last."""
+    root = derived_path(version, derivation)
+    weights = derivation.weights_sha256()
+    existing = _opened(root, version, derivation, weights)
+    if existing is not None and not existing.problems():
+        return existing
+    done = _reusable(existing, root, version)
+    jobs = [{"source": str(path), "target": str(root / "shards" / path.name)}
+            for path in version.shard_paths() if path.name not in done]
+    say(f"computing {derivation.kind} of dataset {version.id} with {derivation.model}: {len(jobs)} of "
+        f"{len(version.manifest['shards'])} shards, into {root}")
+    (root / "shards").mkdir(parents=True, exist_ok=True)
+    with progress_bar(f"{derivation.kind}", len(jobs)) as advance_to:
+        for finished, shard in enumerate((map_shards or derive_shards)(derivation, jobs), 1):
+            done[Path(shard["target"]).name] = shard
+            advance_to(finished)
+    shards = [{"name": path.name, **{k: done[path.name][k] for k in ("rows", "sha256", "bytes")}}
+              for path in version.shard_paths()]
+    manifest = {"kind": derivation.kind, "dataset_id": version.id, "model": derivation.model,
+                "weights_sha256": weights, "columns": _columns(root / "shards" / shards[0]["name"]), "shards": shards}
+    storage.write_text(root / MANIFEST, json.dumps(manifest, indent=2))
+    return DerivedVersion(root, manifest)
+
+
+def _opened(root, version: DatasetVersion, derivation: Derivation, weights: str) -> DerivedVersion | None:
+    """The derived version at `root` if its manifest is of this dataset and these weights; one of another
+    (the same model version name in another registry, a dataset rewritten in place) is said and replaced."""
+    if not (root / MANIFEST).exists():
+        return None
+    manifest = json.loads((root / MANIFEST).read_text())
+    if manifest.get("dataset_id") == version.id and manifest.get("weights_sha256") == weights:
+        return DerivedVersion(root, manifest)
+    say(f"{root}: computed from other data or weights than dataset {version.id} and {derivation.model}; "
+        "computing it again")
+    storage.remove_tree(root)
+    return None
+
+
+def _reusable(existing: DerivedVersion | None, root, version: DatasetVersion) -> dict[str, dict]:
+    """Shards already written and sound, by name: those the manifest vouches for, or (a derivation killed
+    before its manifest) those on disk whose footer holds the dataset shard's rows in its row groups. A shard
+    that fails is named and computed again."""
+    if existing is not None:
+        problems = existing.problems()
+        for name, problem in problems.items():
+            say(f"{root / 'shards' / name}: {problem}; computing it again")
+        return {s["name"]: s for s in existing.manifest["shards"] if s["name"] not in problems}
+    kept = {}
+    for source in version.shard_paths():
+        target = root / "shards" / source.name
+        if target.exists() and _same_rows(source, target):
+            kept[source.name] = {"target": str(target), "rows": pq.ParquetFile(str(source)).metadata.num_rows,
+                                 **file_digest(target)}
+    return kept
+
+
+def _same_rows(source, target) -> bool:
+    """Whether the derived shard `target` is readable and holds `source`'s row groups, row for row."""
+    try:
+        derived = pq.ParquetFile(str(target)).metadata
+    except (OSError, pa.ArrowException):
+        return False
+    data = pq.ParquetFile(str(source)).metadata
+    return derived.num_row_groups == data.num_row_groups and all(
+        derived.row_group(g).num_rows == data.row_group(g).num_rows for g in range(data.num_row_groups))
+
+
+def derive_shards(derivation: Derivation, jobs: list[dict]) -> Iterator[dict]:
+    """Compute each job's derived shard here ({"source": dataset shard, "target": derived shard}), yielding
+    each as written: {"target", "rows", "sha256", "bytes"}."""
+    compute = KINDS[derivation.kind](derivation.bundle)
+    for job in jobs:
+        yield write_shard(compute, job["source"], job["target"])
+
+
+def write_shard(compute: Callable[[pa.Table], dict[str, pa.Array]], source: str, target: str) -> dict:
+    """The derived shard of dataset shard `source`, row group for row group, written whole at `target`."""
+    parquet = pq.ParquetFile(source)
+    target_path = storage.path(target)
+    local = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp") if isinstance(target_path, Path) else None
+    writer = None  # a name of this process's: ranks of a torchrun may derive at once (the same bytes)
+    for group in range(parquet.num_row_groups):
+        rows = parquet.read_row_group(group, columns=["key", *compute.columns])
+        table = pa.table({"key": rows.column("key"), **compute(rows)})
+        if writer is None:
+            writer = pq.ParquetWriter(str(local or target), table.schema)
+        writer.write_table(table, row_group_size=table.num_rows)
+    writer.close()
+    if local is not None:
+        local.replace(target_path)
+    return {"target": target, "rows": parquet.metadata.num_rows, **file_digest(target_path)}
+
+
+def _columns(shard) -> list[str]:
+    return [name for name in pq.read_schema(str(shard)).names if name != "key"]

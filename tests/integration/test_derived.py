@@ -1,0 +1,133 @@
+"""Derived versions (data/derived.py): an image tokenizer's codes of an ingested dataset, computed once and
+reused, resumed after a kill, made anew for another model version, a corrupted shard named and recomputed;
+the training stream reads them as the data workers would have made them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from mmcore.bundle import ModelBundle
+from mmcore.data.derived import Derivation, derive
+from mmcore.data.units import read_row_groups, work_units
+from mmcore.models import build_model_for, model_config
+
+pytestmark = pytest.mark.integration
+
+
+def tokenizer_bundle(directory, dataset, seed: int):
+    """A fresh vq-debug image tokenizer saved as a registered model's bundle is."""
+    torch.manual_seed(seed)
+    tokenizer_json = dataset.tokenizer_path.read_text()
+    model, preprocess = build_model_for(model_config("vq-debug"), Tokenizer.from_str(tokenizer_json))
+    return ModelBundle.write(directory, model, model_config("vq-debug"), tokenizer_json, preprocess).directory
+
+
+@pytest.fixture(scope="module")
+def bundles(train_dataset, tmp_path_factory):
+    root = tmp_path_factory.mktemp("image-tokenizers")
+    return {seed: tokenizer_bundle(root / f"v{seed}", train_dataset, seed) for seed in (1, 2)}
+
+
+def derived_codes(derived) -> np.ndarray:
+    return np.concatenate([np.stack(pq.read_table(derived.path / "shards" / s["name"]).column("codes").to_numpy(
+        zero_copy_only=False)) for s in derived.manifest["shards"]])
+
+
+def said(capsys) -> str:
+    return capsys.readouterr().out
+
+
+def test_codes_are_computed_once_and_equal_what_the_data_workers_make(train_dataset, bundles, capsys):
+    derivation = Derivation("image-codes", "models:/mmpipe-image-tokenizer/1", bundles[1])
+    derived = derive(train_dataset, derivation)
+    assert "computing image-codes" in said(capsys)
+    manifest = json.loads((derived.path / "manifest.json").read_text())
+    assert manifest["dataset_id"] == train_dataset.id and manifest["model"] == "models:/mmpipe-image-tokenizer/1"
+    assert manifest["columns"] == ["codes"]
+    assert sum(s["rows"] for s in manifest["shards"]) == train_dataset.manifest["rows"]["kept"]
+
+    # The same pair again: read, not computed.
+    before = {p.name: p.stat().st_mtime_ns for p in (derived.path / "shards").iterdir()}
+    again = derive(train_dataset, derivation)
+    assert "computing" not in said(capsys) and again.manifest == derived.manifest
+    assert {p.name: p.stat().st_mtime_ns for p in (derived.path / "shards").iterdir()} == before
+
+    # The unified stage's plan reads the codes from it: the batches the data workers make from the images.
+    from mmcore.cli import apply_overrides
+    from mmcore.data.units import local_batches
+    from mmcore.recipes import recipe
+    from mmcore.stages import STAGES
+    from mmcore.train.plan import plan
+
+    cfg = apply_overrides(recipe("debug-unified", str(train_dataset.path)),
+                          ["model.parent=models:/mmpipe-image-tokenizer/1"])
+    arch = {**model_config("unified-debug"), **STAGES["unified"].parent.takes(model_config("vq-debug"))}
+    steps = plan(cfg, train_dataset, arch, 1, {"parent": bundles[1]})
+    assert "image" not in steps.train_preprocess.columns and steps.train_units[0]["derived"].startswith(
+        str(derived.path))
+    inline = plan(apply_overrides(cfg, ["data.augment=true"]), train_dataset, arch, 1, {"parent": bundles[1]})
+    assert "derived" not in inline.train_units[0], "augmented images are coded by the data workers"
+    units = [{k: v for k, v in unit.items() if k != "derived"} for unit in steps.train_units[:3]]
+    read, made = (next(local_batches(u, pre, 16))[0] for u, pre in ((steps.train_units[:3], steps.train_preprocess),
+                                                                   (units, inline.train_preprocess.for_split("train",
+                                                                                                             False))))
+    assert read.keys() == made.keys() and all(torch.equal(read[k], made[k]) for k in read)
+
+
+def test_a_killed_derivation_goes_on_and_another_model_version_is_another_derived_version(
+        train_dataset, bundles, capsys):
+    derivation = Derivation("image-codes", "models:/mmpipe-image-tokenizer/2", bundles[2])
+    whole = derive(train_dataset, derivation)
+    codes = derived_codes(whole)
+    # Killed before its manifest, one shard not written: the next call writes that one only.
+    (whole.path / "manifest.json").unlink()
+    missing = whole.manifest["shards"][-1]["name"]
+    (whole.path / "shards" / missing).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in (whole.path / "shards").iterdir()}
+    said(capsys)
+    resumed = derive(train_dataset, derivation)
+    assert f"1 of {len(whole.manifest['shards'])} shards" in said(capsys)
+    assert {name: (whole.path / "shards" / name).stat().st_mtime_ns for name in kept} == kept
+    assert resumed.manifest == whole.manifest and np.array_equal(derived_codes(resumed), codes)
+
+    # Another version of the parent: a derived version of its own, with other codes.
+    other = derive(train_dataset, Derivation("image-codes", "models:/mmpipe-image-tokenizer/1", bundles[1]))
+    assert other.path != whole.path and not np.array_equal(derived_codes(other), codes)
+    # The same version name with other weights (another registry's): replaced, and said so.
+    said(capsys)
+    replaced = derive(train_dataset, Derivation("image-codes", "models:/mmpipe-image-tokenizer/2", bundles[1]))
+    assert "computed from other data or weights" in said(capsys)
+    assert np.array_equal(derived_codes(replaced), derived_codes(other))
+
+
+def test_a_corrupted_derived_shard_is_named_and_computed_again(train_dataset, bundles, capsys):
+    derivation = Derivation("image-codes", "models:/mmpipe-image-tokenizer/1", bundles[1])
+    derived = derive(train_dataset, derivation)
+    codes = derived_codes(derived)
+    shard = derived.path / "shards" / derived.manifest["shards"][0]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    said(capsys)
+    again = derive(train_dataset, derivation)
+    out = said(capsys)
+    assert f"{shard}: sha256 or size differs from the manifest; computing it again" in out
+    assert f"1 of {len(derived.manifest['shards'])} shards" in out
+    assert np.array_equal(derived_codes(again), codes) and again.manifest == derived.manifest
+
+
+def test_a_derived_shard_of_other_rows_is_refused_by_name(train_dataset, bundles):
+    derived = derive(train_dataset, Derivation("image-codes", "models:/mmpipe-image-tokenizer/1", bundles[1]))
+    other = derived.shard(work_units(train_dataset, "val")[0]["path"])  # one row group
+    first, later = (next(u for u in work_units(train_dataset, "train") if (u["row_group"] == 0) == wanted)
+                    for wanted in (True, False))
+    with pytest.raises(ValueError, match=f"{other}: row group 0 does not hold the rows of"):
+        read_row_groups({k: [v] for k, v in {**first, "derived": other}.items()}, ["codes"])
+    with pytest.raises(ValueError, match=f"{other}: row group {later['row_group']} cannot be read"):
+        read_row_groups({k: [v] for k, v in {**later, "derived": other}.items()}, ["codes"])
