@@ -33,12 +33,17 @@ def peak_tflops(name: str) -> float | None:
 def flops_per_sample(task, batch: dict) -> float:
     """FLOPs of one training sample of a Task (forward + backward), counted by torch's FlopCounterMode
     over `batch` (2 samples, on the Task's device); the gradients it leaves are cleared."""
+    return sum(flops_by_op(task, batch).values())
+
+
+def flops_by_op(task, batch: dict) -> dict[str, float]:
+    """flops_per_sample by aten op ("aten::mm", ...)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         task(batch)["loss"].backward()
     task.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    return {f"aten::{str(op).split('.')[-1]}": count / 2 for op, count in counter.get_flop_counts()["Global"].items()}
 
 
 def nccl_world_of_one(port: int) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import flops_per_sample, write_section  # noqa: E402
+from common import flops_by_op, write_section  # noqa: E402
 from gpu_engine import Windows, cycled, prepared  # noqa: E402
 
 MODELS = {  # model -> (recipe it trains with, whether it reads the instruction dataset)
@@ -88,8 +88,6 @@ def engine_for(name: str, dataset: str, steps: int, variant: str, device, parent
     sample) of one model in one variant."""
     import dataclasses
 
-    from torch.utils.flop_counter import FlopCounterMode
-
     from mmcore.cli import apply_overrides
     from mmcore.recipes import recipe
     from mmcore.train.trainer import split_ids, start_engine
@@ -99,21 +97,21 @@ def engine_for(name: str, dataset: str, steps: int, variant: str, device, parent
     cfg, arch, tokenizer_json, task, _, batches = prepared(name, recipe_name, dataset, batch, steps, 2, parents)
     cfg = apply_overrides(cfg, ["parallel.precision=auto", *VARIANTS[variant]])  # auto: bf16 on a GPU
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, threads_per_worker=0))
-    sample = {k: v[:2].to(device) for k, v in split_ids(dict(batches[0]))[0].items()}
-    with FlopCounterMode(display=False) as counter:
-        task.to(device)(sample)["loss"].backward()
-    per_op = counter.get_flop_counts()["Global"]
-    mm = sum(count for op, count in per_op.items() if f"aten::{str(op).split('.')[-1]}" in MATMULS) / 2
-    per_sample = flops_per_sample(task, sample)
+    by_op = flops_by_op(task.to(device), {k: v[:2].to(device) for k, v in split_ids(dict(batches[0]))[0].items()})
+    per_sample, mm = sum(by_op.values()), sum(count for op, count in by_op.items() if op in MATMULS)
     del task  # start_engine builds its own
     engine, dtype, ranks = start_engine(cfg, arch, tokenizer_json, device, 1)
     return engine, dtype, ranks, cfg, [{k: v.to(device) for k, v in b.items()} for b in batches], per_sample, mm
 
 
-def timed(engine, dtype, ranks, cfg, batches) -> Windows:
-    """The Trainer's own loop over the batches for cfg.optim.max_steps; its logged windows."""
+def timed(engine, dtype, ranks, cfg, batches, steps: int) -> Windows:
+    """The Trainer's own loop over the batches for `steps` more optimizer steps; its logged windows."""
+    import dataclasses
+
     from mmcore.train.trainer import Trainer
 
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_steps=engine.global_steps + steps),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, every_steps=10**9))  # none
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(engine, cfg, dtype, Path(run_dir), ranks)
         trainer.logger = windows = Windows()
@@ -121,23 +119,13 @@ def timed(engine, dtype, ranks, cfg, batches) -> Windows:
     return windows
 
 
-def profiled(engine, dtype, batches, device) -> dict:
-    """Seconds in each kind of op over 3 training steps (after one untimed), from torch.profiler."""
+def profiled(engine, dtype, ranks, cfg, batches, device) -> dict:
+    """Seconds in each kind of op over 3 more training steps of the Trainer, from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    from mmcore.train.deepspeed_config import cast_floating
-    from mmcore.train.trainer import split_ids
-
-    def step(batch):
-        out = engine(cast_floating(split_ids(dict(batch))[0], dtype))
-        engine.backward(out["loss"])
-        engine.step()
-
-    step(batches[0])
     cuda = device.type == "cuda"
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
-        for batch in batches[:3]:
-            step(batch)
+        timed(engine, dtype, ranks, cfg, batches[:3], 3)
         synchronize(device)
     kinds = {"matmul": 0.0, "attention": 0.0, "convolution": 0.0, "other": 0.0}
     for event in prof.key_averages():  # CPU: ops by their own time; GPU: kernels, by their names
@@ -159,7 +147,7 @@ def measure(name: str, dataset: str, variant: str, args, device, parents: dict) 
 
     engine, dtype, ranks, cfg, batches, per_sample, mm = engine_for(name, dataset, args.steps, variant, device,
                                                                     parents)
-    windows = timed(engine, dtype, ranks, cfg, batches)
+    windows = timed(engine, dtype, ranks, cfg, batches, args.steps)
     rate, first_s = windows.rate(args.warmup), 10 * cfg.data.batch_size / windows.points[0][1]["samples_per_second"]
     result = {"model": name, "variant": variant, "recipe": cfg.recipe, "batch": cfg.data.batch_size,
               "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
@@ -168,7 +156,7 @@ def measure(name: str, dataset: str, variant: str, args, device, parents: dict) 
               "flops": rate * per_sample,
               "loss": windows.points[-1][1]["loss"]}
     if variant == "eager":
-        kinds = profiled(engine, dtype, batches, device)
+        kinds = profiled(engine, dtype, ranks, cfg, batches, device)
         total = sum(kinds.values())
         result.update({f"{k}_share": v / total for k, v in kinds.items()},
                       matmul_flops=3 * len(batches[0]["sample"]) * mm / kinds["matmul"] if kinds["matmul"] else 0)

@@ -71,6 +71,12 @@ def print_summary(version) -> None:
         judged = sum(card["languages"].values())
         head.add_row("languages", ", ".join(f"{code} {count / judged:.0%}"
                                             for code, count in card["languages"].items()))
+    from mmcore.data.derived import stored
+
+    for derived in stored(version):  # what registered models computed over it (data/derived.py)
+        m = derived.manifest
+        head.add_row("derived", f"{m['kind']} by {m['model']} ({', '.join(m['columns'])}; "
+                                f"{sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB) at {derived.path.name}")
     console.out.print(head)
 
 
@@ -123,7 +129,10 @@ def cmd_dataset_verify(args) -> int:
     from mmcore.data.dataset import DatasetVersion
 
     version = DatasetVersion.open(args.dir)
-    problems = version.verify()
+    from mmcore.data.derived import stored
+
+    problems = version.verify() + [f"{derived.path / 'shards' / name}: {problem} (computed again when next read)"
+                                   for derived in stored(version) for name, problem in derived.problems().items()]
     for problem in problems:
         console.out.print(f"FAIL {problem}")
     if problems:

@@ -114,6 +114,13 @@ class DerivedVersion:
         return found
 
 
+def stored(version: DatasetVersion) -> list[DerivedVersion]:
+    """The finished derived versions beside a dataset version (those with a manifest)."""
+    root = version.path / "derived"
+    found = sorted(path for path in root.iterdir() if (path / MANIFEST).exists()) if root.exists() else []
+    return [DerivedVersion(path, json.loads((path / MANIFEST).read_text())) for path in found]
+
+
 def derive(version: DatasetVersion, derivation: Derivation,
            map_shards: Callable[[Derivation, list[dict]], Iterable[dict]] | None = None) -> DerivedVersion:
     """The derived version of `version` by `derivation`: the one stored beside the dataset when it is whole,

@@ -4,6 +4,7 @@ the training stream reads them as the data workers would have made them."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from tokenizers import Tokenizer
 
 from mmcore.bundle import ModelBundle
+from mmcore.cli import cmd_dataset_show, cmd_dataset_verify
 from mmcore.data.derived import Derivation, derive
 from mmcore.data.units import read_row_groups, work_units
 from mmcore.models import build_model_for, model_config
@@ -115,11 +117,16 @@ def test_a_corrupted_derived_shard_is_named_and_computed_again(train_dataset, bu
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     said(capsys)
+    assert cmd_dataset_verify(argparse.Namespace(dir=str(train_dataset.path))) == 1  # `mmpipe dataset verify`
+    assert f"{shard}: sha256 or size differs from the manifest (computed again when next read)" in said(capsys)
     again = derive(train_dataset, derivation)
     out = said(capsys)
     assert f"{shard}: sha256 or size differs from the manifest; computing it again" in out
     assert f"1 of {len(derived.manifest['shards'])} shards" in out
     assert np.array_equal(derived_codes(again), codes) and again.manifest == derived.manifest
+    assert cmd_dataset_verify(argparse.Namespace(dir=str(train_dataset.path))) == 0
+    cmd_dataset_show(argparse.Namespace(dir=str(train_dataset.path)))
+    assert "image-codes by models:/mmpipe-image-tokenizer/1 (codes;" in said(capsys)
 
 
 def test_a_derived_shard_of_other_rows_is_refused_by_name(train_dataset, bundles):
