@@ -192,8 +192,8 @@ def table(results: list[dict], peaks: dict, args, device_name: str, threads: int
             f"| `{name}` (`{eager['recipe']}`) | {eager['batch']} | {eager['gflop_per_sample']:.2f} "
             f"({100 * eager['matmul_share_of_flops']:.0f}%) | {eager['samples_per_second']:.0f} | "
             f"{100 * eager['flops'] / peaks[eager['precision']]:.0f}% | {shares} | "
-            f"{eager['matmul_flops'] / 1e9:.0f} GFLOP/s "
-            f"({100 * inside:.0f}% of the limit) | "
+            + (f"{eager['matmul_flops'] / 1e9:.0f} GFLOP/s ({100 * inside:.0f}% of the limit)" if inside else "-")
+            + " | "
             + (f"{compiled['samples_per_second'] / eager['samples_per_second']:.2f} ({compiled['first_window_s']:.0f}"
                f" s vs {eager['first_window_s']:.0f} s)" if compiled else "-") + " | "
             + (f"{bf16['samples_per_second'] / eager['samples_per_second']:.2f} "

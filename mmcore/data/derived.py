@@ -60,9 +60,10 @@ class Derivation:
 
 class ImageCodes:
     """An image tokenizer's codes of each row's image: `codes`, (grid * grid,) int16, from the image decoded
-    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer)."""
+    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer). Rows of
+    one image (conversations about it) share its computation within a row group."""
 
-    columns = ["image"]
+    columns = ["image", "sha256"]
 
     def __init__(self, bundle: Path):
         import torch
@@ -75,11 +76,14 @@ class ImageCodes:
     def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
         import torch
 
-        images = rows.column("image").to_pylist()
+        digests = rows.column("sha256").to_pylist()
+        first = {digest: row for row, digest in reversed(list(enumerate(digests)))}  # each image's first row
+        images = rows.column("image").take(sorted(first.values())).to_pylist()
         with torch.no_grad():
             codes = [self.model.encode(torch.from_numpy(self.preprocess.images(images[i:i + BATCH_ROWS]))).numpy()
                      for i in range(0, len(images), BATCH_ROWS)]
-        codes = np.concatenate(codes).astype(np.int16)  # (B, grid * grid); the codebook has at most 2**15 codes
+        unique = {digest: k for k, digest in enumerate(sorted(first, key=first.get))}
+        codes = np.concatenate(codes)[[unique[d] for d in digests]].astype(np.int16)  # (B, grid * grid)
         return {"codes": pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), codes.shape[1])}
 
 

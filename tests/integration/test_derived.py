@@ -138,3 +138,21 @@ def test_a_derived_shard_of_other_rows_is_refused_by_name(train_dataset, bundles
         read_row_groups({k: [v] for k, v in {**first, "derived": other}.items()}, ["codes"])
     with pytest.raises(ValueError, match=f"{other}: row group {later['row_group']} cannot be read"):
         read_row_groups({k: [v] for k, v in {**later, "derived": other}.items()}, ["codes"])
+
+
+def test_conversations_about_one_image_get_its_codes_once_computed(train_chats, bundles):
+    """An instruction dataset holds several rows per image: each gets the codes of its own image."""
+    from mmcore.data.mixed import MixedPreprocessor
+    from mmcore.models import architecture
+
+    derived = derive(train_chats, Derivation("image-codes", "models:/mmpipe-image-tokenizer/1", bundles[1]))
+    unit = work_units(train_chats, "train")[0]
+    rows = read_row_groups({k: [v] for k, v in {**unit, "derived": derived.shard(unit["path"])}.items()},
+                           ["image", "sha256", "codes"])
+    assert len(set(rows.column("sha256").to_pylist())) < rows.num_rows, "the fixture asks about images twice"
+    bundle = ModelBundle.at(bundles[1])
+    model, pre = bundle.load()
+    made = MixedPreprocessor(pre.cfg, bundle.tokenizer_json(), {
+        "config": architecture(model_config("vq-debug")), "state": {k: v.numpy() for k, v in model.state_dict().items()}
+    }).codes(pre.batch_pixels(rows.column("image").to_pylist()))
+    assert np.array_equal(np.stack(rows.column("codes").to_numpy(zero_copy_only=False)), made)
