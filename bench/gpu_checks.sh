@@ -34,7 +34,8 @@ pack() {
         "pydantic>=2" hjson py-cpuinfo msgpack ninja "universal-pathlib>=0.3,<0.4" fsspec
     rm -f "$KIT"/wheels/torch-*.whl "$KIT"/wheels/nvidia_*.whl "$KIT"/wheels/triton-*.whl  # the machine's own
     for pair in "captions:$dataset" "instructions:$instructions"; do  # without derived versions
-        mkdir -p "$KIT/datasets/${pair%%:*}" && (cd "${pair#*:}" && tar cf - --exclude ./derived .) | tar xf - -C "$KIT/datasets/${pair%%:*}"
+        local into="$KIT/datasets/${pair%%:*}"
+        mkdir -p "$into" && (cd "${pair#*:}" && tar cf - --exclude ./derived .) | tar xf - -C "$into"
     done
     tar cf - -C "$KIT" wheels datasets | split -b 60M - "$KIT/part-"
     rm -rf "$KIT/wheels" "$KIT/datasets"
