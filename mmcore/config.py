@@ -202,8 +202,8 @@ class ParallelConfig:
     """Recompute each transformer block in the backward pass (memory for compute)."""
     compile: bool = False
     """torch.compile (inductor) the Task inside DeepSpeed's engine: fused kernels, for a compile at each
-    worker's start. Off in the CPU recipes, where the demo models measured no faster compiled
-    (docs/benchmarks.md, bench/mfu.py)."""
+    worker's start. Off in every recipe: on 2 CPU cores the demo models ran 0.93-1.30x as fast compiled in one
+    process (docs/benchmarks.md, bench/mfu.py), and the unified stage 0.77x as the demo trains it (2 workers)."""
 
     def validate(self) -> None:
         check(self.num_workers >= 1, "parallel.num_workers", "must be at least 1")
