@@ -39,10 +39,9 @@ class Workload(NamedTuple):
 
 
 def counted(captions: str, conversations: str) -> dict[str, tuple[float, int]]:
-    """Workload -> (FLOPs per training sample, trainable parameters), on the CPU. SDPA's math kernel: the CPU's
-    fused attention kernel is not in FlopCounterMode's table, so its FLOPs would be left out."""
+    """Workload -> (FLOPs per training sample, trainable parameters), on the CPU (attention counted:
+    common.flops_by_op)."""
     import torch
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from mmcore.data.dataset import DatasetVersion
     from mmcore.models import model_config
@@ -53,13 +52,12 @@ def counted(captions: str, conversations: str) -> dict[str, tuple[float, int]]:
     torch.set_num_threads(1)
     cfg, version = recipe("gpu-base", captions), DatasetVersion.open(captions)
     out = {}
-    with sdpa_kernel(SDPBackend.MATH):
-        task, _ = build_task(cfg, model_config(cfg.model.name), version.tokenizer_path.read_text())
-        out["clip"] = recipe_flops_per_sample(cfg, version), trainable(task)
-        for name, dataset in (("align", captions), ("instruct", conversations)):
-            _, _, _, task, _, batches = prepared("llava-base", MODELS["llava-base"][0], dataset, 2, 10, 2)
-            task.model.lm.requires_grad_(name == "instruct")  # alignment: tower and LM frozen (model.freeze_lm)
-            out[name] = flops_per_sample(task, split_ids(dict(batches[0]))[0]), trainable(task)
+    task, _ = build_task(cfg, model_config(cfg.model.name), version.tokenizer_path.read_text())
+    out["clip"] = recipe_flops_per_sample(cfg, version), trainable(task)
+    for name, dataset in (("align", captions), ("instruct", conversations)):
+        _, _, _, task, _, batches = prepared("llava-base", MODELS["llava-base"][0], dataset, 2, 10, 2)
+        task.model.lm.requires_grad_(name == "instruct")  # alignment: tower and LM frozen (model.freeze_lm)
+        out[name] = flops_per_sample(task, split_ids(dict(batches[0]))[0]), trainable(task)
     return out
 
 

@@ -260,17 +260,18 @@ class UnifiedTask(nn.Module):
     @staticmethod
     def preprocessor(cfg: RunConfig, preprocess: PreprocessConfig, tokenizer_json: str,
                      parents: Parents | None = None) -> Preprocessor:
-        """The image tokenizer's weights (the parent's) travel with the preprocessing to the data workers,
-        which make the codes."""
+        """Reads the image tokenizer's codes from the datasets' derived versions (`derivations`), or, on augmented
+        images, the tokenizer's weights (the parent's) travel with the preprocessing to the data workers, which
+        make the codes."""
         from mmcore.data.mixed import MixedPreprocessor
 
         if not parents:
             raise ValueError("model.parent: the unified stage reads images as a registered image tokenizer's codes")
         files = ModelBundle.at(parents["parent"])
         config = architecture(json.loads(Path(files.config).read_text()))
-        return MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
-                                 seed=cfg.seed, pack_length=cfg.data.pack_length,
-                                 draw_fraction=cfg.data.draw_fraction)
+        pre = MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
+                                seed=cfg.seed, pack_length=cfg.data.pack_length, draw_fraction=cfg.data.draw_fraction)
+        return pre.reading_codes() if UnifiedTask.derivations(cfg, parents) else pre
 
     @staticmethod
     def derivations(cfg: RunConfig, parents: Parents | None = None) -> list:

@@ -16,7 +16,6 @@ A derived version whose shard no longer matches its manifest is named and that s
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from mmcore.console import say
 from mmcore.data.dataset import DatasetVersion, file_digest
 from mmcore.progress import progress_bar
 
-log = logging.getLogger("mmpipe.data")
 MANIFEST = "manifest.json"
 BATCH_ROWS = 64
 """Rows a model computes at once."""
@@ -133,9 +131,10 @@ def derive(version: DatasetVersion, derivation: Derivation,
     root = derived_path(version, derivation)
     weights = derivation.weights_sha256()
     existing = _opened(root, version, derivation, weights)
-    if existing is not None and not existing.problems():
+    problems = existing.problems() if existing is not None else {}
+    if existing is not None and not problems:
         return existing
-    done = _reusable(existing, root, version)
+    done = _reusable(existing, problems, root, version)
     jobs = [{"source": str(path), "target": str(root / "shards" / path.name)}
             for path in version.shard_paths() if path.name not in done]
     say(f"computing {derivation.kind} of dataset {version.id} with {derivation.model}: {len(jobs)} of "
@@ -167,12 +166,12 @@ def _opened(root, version: DatasetVersion, derivation: Derivation, weights: str)
     return None
 
 
-def _reusable(existing: DerivedVersion | None, root, version: DatasetVersion) -> dict[str, dict]:
-    """Shards already written and sound, by name: those the manifest vouches for, or (a derivation killed
-    before its manifest) those on disk whose footer holds the dataset shard's rows in its row groups. A shard
-    that fails is named and computed again."""
+def _reusable(existing: DerivedVersion | None, problems: dict[str, str], root,
+              version: DatasetVersion) -> dict[str, dict]:
+    """Shards already written and sound, by name: those the manifest vouches for less its `problems` (each
+    named here: computed again), or (a derivation killed before its manifest) those on disk whose footer holds
+    the dataset shard's rows in its row groups."""
     if existing is not None:
-        problems = existing.problems()
         for name, problem in problems.items():
             say(f"{root / 'shards' / name}: {problem}; computing it again")
         return {s["name"]: s for s in existing.manifest["shards"] if s["name"] not in problems}
@@ -208,8 +207,10 @@ def write_shard(compute: Callable[[pa.Table], dict[str, pa.Array]], source: str,
     """The derived shard of dataset shard `source`, row group for row group, written whole at `target`."""
     parquet = pq.ParquetFile(source)
     target_path = storage.path(target)
-    local = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp") if isinstance(target_path, Path) else None
-    writer = None  # a name of this process's: ranks of a torchrun may derive at once (the same bytes)
+    # A name of this process's: ranks of a torchrun may derive at once (the same bytes).
+    local = target_path.with_name(f".{target_path.name}.{os.getpid()}.tmp") if isinstance(target_path, Path) \
+        else None
+    writer = None
     for group in range(parquet.num_row_groups):
         rows = parquet.read_row_group(group, columns=["key", *compute.columns])
         table = pa.table({"key": rows.column("key"), **compute(rows)})

@@ -16,8 +16,8 @@ With `data.pack_length`, a reading sample packs its conversation as the fusion s
 and a drawing sample is padded to the same length; the image's span stands in the shared prefix.
 
 The image's codes come from the registered image tokenizer: read from its derived version of the dataset
-(data/derived.py: computed once, the default), or (`with_codes(False)`: images augmented) made here on the data
-workers' CPUs; the trainers see token ids only (what each costs: experiments/unified-codes).
+(data/derived.py: computed once, the default; `reading_codes`), or (images augmented, `data.augment`) made here
+on the data workers' CPUs; the trainers see token ids only (what each costs: experiments/unified-codes).
 """
 
 from __future__ import annotations

@@ -81,13 +81,12 @@ class _ShardDeriver:
         return {key: [shard[key] for shard in done] for key in done[0]}
 
 
-def derive_on_ray(derivation, jobs: list[dict], cpus: int = 0) -> Iterator[dict]:
+def derive_on_ray(derivation, jobs: list[dict]) -> Iterator[dict]:
     """derived.derive's `map_shards` on Ray Data: each job ({"source", "target"}: a dataset shard and its
-    derived shard) one task, on a pool of up to `cpus` actors (default: the cluster's CPUs), yielded as
-    written."""
+    derived shard) one task, on a pool of up to one actor per CPU of the cluster, yielded as written."""
     if not jobs:
         return iter(())
-    size = max(1, min(len(jobs), cpus or int(ray.cluster_resources().get("CPU", 1))))
+    size = max(1, min(len(jobs), int(ray.cluster_resources().get("CPU", 1))))
     dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
         _ShardDeriver, fn_constructor_kwargs={"derivation": derivation}, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size))

@@ -91,8 +91,6 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
     sources = [(version, 1 - sum(cfg.data.mix.values())),
                *((DatasetVersion.open(path), weight) for path, weight in cfg.data.mix.items())]
     derived = _derived(cfg, task_class, parents, [source for source, _ in sources], map_shards)
-    if derived:
-        pre = pre.reading_codes()
     val_units, skipped = (work_units(version, "val") if cfg.data.val_batches else None), ""
     val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * ranks
     if val_units and val_rows < one_each:
