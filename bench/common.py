@@ -36,13 +36,18 @@ def flops_per_sample(task, batch: dict) -> float:
     return sum(flops_by_op(task, batch).values())
 
 
-def flops_by_op(task, batch: dict) -> dict[str, float]:
-    """flops_per_sample by aten op ("aten::mm", ...). Attention runs SDPA's math kernel here: FlopCounterMode
-    has no entry for the CPU's fused kernel and would leave attention out (7-18% of the demo models' FLOPs)."""
+def flops_by_op(task, batch: dict, math_attention: bool = True) -> dict[str, float]:
+    """flops_per_sample by aten op ("aten::mm", ...). Attention runs SDPA's math kernel (its matmuls counted as
+    aten::bmm): FlopCounterMode has no entry for the CPU's fused kernel and would leave attention out (7-18% of
+    the demo models' FLOPs); `math_attention=False` counts under the kernels training runs, attention's left out
+    on a CPU."""
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+    math = sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
+    with FlopCounterMode(display=False) as counter, math:
         task(batch)["loss"].backward()
     task.zero_grad(set_to_none=True)
     return {f"aten::{str(op).split('.')[-1]}": count / 2 for op, count in counter.get_flop_counts()["Global"].items()}

@@ -97,8 +97,9 @@ def engine_for(name: str, dataset: str, steps: int, variant: str, device, parent
     cfg, arch, tokenizer_json, task, _, batches = prepared(name, recipe_name, dataset, batch, steps, 2, parents)
     cfg = apply_overrides(cfg, ["parallel.precision=auto", *VARIANTS[variant]])  # auto: bf16 on a GPU
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, threads_per_worker=0))
-    by_op = flops_by_op(task.to(device), {k: v[:2].to(device) for k, v in split_ids(dict(batches[0]))[0].items()})
-    per_sample, mm = sum(by_op.values()), sum(count for op, count in by_op.items() if op in MATMULS)
+    sample = {k: v[:2].to(device) for k, v in split_ids(dict(batches[0]))[0].items()}
+    per_sample = sum(flops_by_op(task.to(device), sample).values())  # attention included
+    mm = sum(count for op, count in flops_by_op(task, sample, math_attention=False).items() if op in MATMULS)
     del task  # start_engine builds its own
     engine, dtype, ranks = start_engine(cfg, arch, tokenizer_json, device, 1)
     return engine, dtype, ranks, cfg, [{k: v.to(device) for k, v in b.items()} for b in batches], per_sample, mm
