@@ -7,10 +7,12 @@ stream yields what the Task reads.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from tokenizers import Tokenizer
 from torch import nn
@@ -159,16 +161,41 @@ class FusionTask(_PixelTask):
                      parents: Parents | None = None) -> Preprocessor:
         from mmcore.data.instruct import InstructPreprocessor
 
-        return InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
+        pre = InstructPreprocessor(preprocess, tokenizer_json, seed=cfg.seed, pack_length=cfg.data.pack_length)
+        return pre.reading("features") if FusionTask.reads_features(cfg, parents) else pre
+
+    @staticmethod
+    def reads_features(cfg: RunConfig, parents: Parents | None) -> bool:
+        """Whether the stage reads its tower's tokens from a derived version (computed once) instead of running
+        the tower on pixels: the tower frozen, the images not augmented, and its weights the contrastive
+        parent's (a model.start_from whose tower trained reads pixels)."""
+        return bool(parents) and cfg.model.freeze_vision and not cfg.data.augment and (
+            "start_from" not in parents or _same_tower(parents["start_from"], parents["parent"]))
+
+    @staticmethod
+    def derivations(cfg: RunConfig, arch: dict, parents: Parents | None = None) -> list:
+        """The contrastive parent's tower's tokens at the config's vision_layer, of every row (data/derived.py),
+        when the stage `reads_features`: the frozen tower runs once per image, not once per step."""
+        from mmcore.data.derived import Derivation
+
+        if not FusionTask.reads_features(cfg, parents):
+            return []
+        layer = arch.get("vision_layer", -1) % (arch["vision"]["layers"] + 1)
+        return [Derivation("image-features", cfg.model.parent, parents["parent"], (("layer", layer),))]
 
     def __init__(self, model: nn.Module, preprocess: PreprocessConfig, question_loss: float = 0.0):
         super().__init__(model, preprocess)
         self.question_loss = question_loss
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        images = self.pixels(batch["image"], self.model.lm.head.weight.dtype)
+        dtype = self.model.lm.head.weight.dtype
+        if "image_features" in batch:  # a frozen tower's tokens, read from a derived version
+            features = batch["image_features"]
+            context = self.model.context_of(features.view(len(features), -1, self.model.cfg.vision.width).to(dtype))
+        else:
+            context = self.model.context(self.pixels(batch["image"], dtype))
         packing = Packing.of(batch)
-        logits = self.model(images, batch["input_ids"], packing)
+        logits = self.model.head(self.model.hidden(batch["input_ids"], context, packing=packing))
         answers = loss_on_answers(logits, batch["labels"])
         out = {"loss": answers, "truncated_fraction": batch["truncated"].float().mean()}
         if self.question_loss:
@@ -188,6 +215,15 @@ def _train_lm(cfg: RunConfig, model: nn.Module) -> None:
         model.lm.with_lora(lora.rank, lora.alpha, lora.dropout, lora.target_modules)
     if cfg.model.freeze_lm or lora.rank:
         model.lm.train_new_rows()
+
+
+@functools.lru_cache(maxsize=4)
+def _same_tower(start_from: Path, parent: Path) -> bool:
+    """Whether the fusion model at `start_from` holds the contrastive parent's image tower, weight for weight."""
+    with safe_open(ModelBundle.at(start_from).weights, "pt") as weights:
+        ours = {k.removeprefix("visual."): weights.get_tensor(k) for k in weights.keys() if k.startswith("visual.")}
+    theirs = _load(parent).vision_state()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def question_labels(input_ids: torch.Tensor, labels: torch.Tensor,
@@ -271,10 +307,10 @@ class UnifiedTask(nn.Module):
         config = architecture(json.loads(Path(files.config).read_text()))
         pre = MixedPreprocessor(preprocess, tokenizer_json, {"config": config, "state": load_file(files.weights)},
                                 seed=cfg.seed, pack_length=cfg.data.pack_length, draw_fraction=cfg.data.draw_fraction)
-        return pre.reading_codes() if UnifiedTask.derivations(cfg, parents) else pre
+        return pre.reading("codes") if UnifiedTask.derivations(cfg, {}, parents) else pre
 
     @staticmethod
-    def derivations(cfg: RunConfig, parents: Parents | None = None) -> list:
+    def derivations(cfg: RunConfig, arch: dict, parents: Parents | None = None) -> list:
         """What the stage reads from derived versions of its datasets (data/derived.py): the image tokenizer's
         codes of every row, computed once (on augmented images the data workers make them)."""
         from mmcore.data.derived import Derivation

@@ -38,28 +38,54 @@ BATCH_ROWS = 64
 @dataclass(frozen=True)
 class Derivation:
     """What to compute over a dataset version: `kind` (a key of KINDS) by the registered model `model`
-    (models:/name/version, pinned), whose bundle is at `bundle` on this machine."""
+    (models:/name/version, pinned), whose bundle is at `bundle` on this machine; `options` are the kind's
+    (a tower's layer), part of the derived version's name."""
 
     kind: str
     model: str
     bundle: Path
+    options: tuple[tuple[str, int | str], ...] = ()
 
     @property
     def name(self) -> str:
-        """The derived version's directory name: one per (kind, model version)."""
+        """The derived version's directory name: one per (kind, options, model version)."""
         name, _, version = self.model.removeprefix("models:/").rpartition("/")
-        return f"{self.kind}-{name}-{version}"
+        return "-".join([self.kind, *(f"{key}{value}" for key, value in self.options), name, version])
 
     def weights_sha256(self) -> str:
         from mmcore.bundle import ModelBundle
 
         return storage.sha256(Path(ModelBundle.at(self.bundle).weights))
 
+    def computer(self) -> Callable[[pa.Table], dict[str, pa.Array]]:
+        """What computes it, the model loaded: called on a dataset row group, it returns the derived columns."""
+        return KINDS[self.kind](self.bundle, **dict(self.options))
+
+
+def per_image(rows: pa.Table, compute: Callable[[np.ndarray], np.ndarray], preprocess) -> np.ndarray:
+    """`compute` (a model on a batch of preprocessed images) of each row's image, in batches of BATCH_ROWS, once
+    per image: rows of one image (conversations about it) share its result."""
+    import torch
+
+    digests = rows.column("sha256").to_pylist()
+    first = {digest: row for row, digest in reversed(list(enumerate(digests)))}  # each image's first row
+    images = rows.column("image").take(sorted(first.values())).to_pylist()
+    with torch.no_grad():
+        out = [compute(torch.from_numpy(preprocess.images(images[i:i + BATCH_ROWS]))).numpy()
+               for i in range(0, len(images), BATCH_ROWS)]
+    unique = {digest: k for k, digest in enumerate(sorted(first, key=first.get))}
+    return np.concatenate(out)[[unique[d] for d in digests]]
+
+
+def fixed_size_lists(values: np.ndarray) -> pa.Array:
+    """(rows, ...) -> one fixed-size list of the row's values, flattened, per row."""
+    flat = values.reshape(len(values), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
 
 class ImageCodes:
     """An image tokenizer's codes of each row's image: `codes`, (grid * grid,) int16, from the image decoded
-    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer). Rows of
-    one image (conversations about it) share its computation within a row group."""
+    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer)."""
 
     columns = ["image", "sha256"]
 
@@ -72,21 +98,34 @@ class ImageCodes:
         self.model, self.preprocess = ModelBundle.at(bundle).load()
 
     def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
+        return {"codes": fixed_size_lists(per_image(rows, self.model.encode, self.preprocess).astype(np.int16))}
+
+
+class ImageFeatures:
+    """A contrastive model's image tower's tokens at hidden state `layer` (VisionTower's index, from 0) of each
+    row's image: `features`, (tokens * width,) float16, the image preprocessed as the model's (a fusion stage's
+    frozen tower: its LM reads them)."""
+
+    columns = ["image", "sha256"]
+
+    def __init__(self, bundle: Path, layer: int):
         import torch
 
-        digests = rows.column("sha256").to_pylist()
-        first = {digest: row for row, digest in reversed(list(enumerate(digests)))}  # each image's first row
-        images = rows.column("image").take(sorted(first.values())).to_pylist()
-        with torch.no_grad():
-            codes = [self.model.encode(torch.from_numpy(self.preprocess.images(images[i:i + BATCH_ROWS]))).numpy()
-                     for i in range(0, len(images), BATCH_ROWS)]
-        unique = {digest: k for k, digest in enumerate(sorted(first, key=first.get))}
-        codes = np.concatenate(codes)[[unique[d] for d in digests]].astype(np.int16)  # (B, grid * grid)
-        return {"codes": pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), codes.shape[1])}
+        from mmcore.bundle import ModelBundle
+
+        torch.set_num_threads(1)
+        model, self.preprocess = ModelBundle.at(bundle).load()
+        self.tower, self.layer = model.vision_tower(), layer
+
+    def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
+        features = per_image(rows, lambda images: self.tower(images, self.layer), self.preprocess)
+        return {"features": fixed_size_lists(features.astype(np.float16))}
 
 
-KINDS: dict[str, Callable[[Path], Callable[[pa.Table], dict[str, pa.Array]]]] = {"image-codes": ImageCodes}
-"""kind -> the class that computes it: built from the model's bundle directory, called on a row group."""
+KINDS: dict[str, Callable[..., Callable[[pa.Table], dict[str, pa.Array]]]] = {
+    "image-codes": ImageCodes, "image-features": ImageFeatures}
+"""kind -> the class that computes it: built from the model's bundle directory and the derivation's options,
+called on a row group."""
 
 
 def derived_path(version: DatasetVersion, derivation: Derivation):
@@ -146,7 +185,8 @@ def derive(version: DatasetVersion, derivation: Derivation,
             advance_to(finished)
     shards = [{"name": path.name, **{k: done[path.name][k] for k in ("rows", "sha256", "bytes")}}
               for path in version.shard_paths()]
-    manifest = {"kind": derivation.kind, "dataset_id": version.id, "model": derivation.model,
+    manifest = {"kind": derivation.kind, "options": dict(derivation.options), "dataset_id": version.id,
+                "model": derivation.model,
                 "weights_sha256": weights, "columns": _columns(root / "shards" / shards[0]["name"]), "shards": shards}
     storage.write_text(root / MANIFEST, json.dumps(manifest, indent=2))
     return DerivedVersion(root, manifest)
@@ -198,7 +238,7 @@ def _same_rows(source, target) -> bool:
 def derive_shards(derivation: Derivation, jobs: list[dict]) -> Iterator[dict]:
     """Compute each job's derived shard here ({"source": dataset shard, "target": derived shard}), yielding
     each as written: {"target", "rows", "sha256", "bytes"}."""
-    compute = KINDS[derivation.kind](derivation.bundle)
+    compute = derivation.computer()
     for job in jobs:
         yield write_shard(compute, job["source"], job["target"])
 

@@ -18,6 +18,7 @@ of the conversation (models/decoder.py's `Packing`), so every turn is learned fo
 
 from __future__ import annotations
 
+import copy
 import zlib
 from dataclasses import dataclass
 
@@ -265,7 +266,8 @@ def instruction_batch(rows: list[dict], chat: ChatFormat, seed: int, pack_length
 
 
 class InstructPreprocessor(Preprocessor):
-    """The fusion stage's stream: uint8 pixels, and per row its conversation or its caption request as chat ids."""
+    """The fusion stage's stream: uint8 pixels (or, `reading("features")`, a frozen tower's tokens of the image:
+    `image_features`, (B, tokens * width)), and per row its conversation or its caption request as chat ids."""
 
     columns = ["image", *ROW_COLUMNS]
 
@@ -287,9 +289,17 @@ class InstructPreprocessor(Preprocessor):
     def __getstate__(self):
         return {**super().__getstate__(), "_chat": None}
 
+    def reading(self, column: str) -> "InstructPreprocessor":
+        """The same preprocessing on rows that carry a derived version's `column` (data/derived.py: the image's
+        codes, its tower's features) instead of the image."""
+        clone = copy.copy(self)
+        clone.columns = [c for c in self.columns if c != "image"] + [column]
+        return clone
+
     def __call__(self, batch: dict) -> dict:
-        return {"image": self.batch_pixels(batch["image"]),
-                **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length)}
+        image = {"image_features": np.stack(batch["features"])} if "features" in batch \
+            else {"image": self.batch_pixels(batch["image"])}
+        return {**image, **instruction_batch(batch_rows(batch), self.chat, self.seed, self.pack_length)}
 
 
 def batch_rows(batch: dict) -> list[dict]:

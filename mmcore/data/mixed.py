@@ -16,13 +16,11 @@ With `data.pack_length`, a reading sample packs its conversation as the fusion s
 and a drawing sample is padded to the same length; the image's span stands in the shared prefix.
 
 The image's codes come from the registered image tokenizer: read from its derived version of the dataset
-(data/derived.py: computed once, the default; `reading_codes`), or (images augmented, `data.augment`) made here
+(data/derived.py: computed once, the default; `reading("codes")`), or (images augmented, `data.augment`) made here
 on the data workers' CPUs; the trainers see token ids only (what each costs: experiments/unified-codes).
 """
 
 from __future__ import annotations
-
-import copy
 
 import numpy as np
 import torch
@@ -99,13 +97,6 @@ class MixedPreprocessor(InstructPreprocessor):
 
     def __getstate__(self):
         return {**super().__getstate__(), "_encoder": None, "_format": None}
-
-    def reading_codes(self) -> "MixedPreprocessor":
-        """The same preprocessing on rows that carry their image's `codes` (a derived version's) instead of the
-        image."""
-        clone = copy.copy(self)
-        clone.columns = [c for c in self.columns if c != "image"] + ["codes"]
-        return clone
 
     def codes(self, pixels: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) uint8 -> (B, grid * grid) codes of the image tokenizer."""

@@ -70,9 +70,7 @@ class _ShardDeriver:
     """A Ray Data actor that computes derived shards with one model loaded once (data/derived.py)."""
 
     def __init__(self, derivation):
-        from mmcore.data.derived import KINDS
-
-        self.compute = KINDS[derivation.kind](derivation.bundle)
+        self.compute = derivation.computer()
 
     def __call__(self, jobs: dict) -> dict:
         from mmcore.data.derived import write_shard

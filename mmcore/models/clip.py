@@ -54,6 +54,10 @@ class ClipModel(nn.Module):
         """The image tower a fusion model takes (VisionTower's weights)."""
         return self.visual.state_dict()
 
+    def vision_tower(self) -> nn.Module:
+        """The image tower as a fusion model holds it: images (B, 3, H, W), layer -> tokens (B, 1 + P, D)."""
+        return self.visual
+
     def image_tower(self) -> list[nn.Module]:
         """What LiT locks (model.freeze_vision): the image tower and its projection."""
         return [self.visual, self.image_proj]

@@ -92,9 +92,9 @@ class FlamingoModel(FusionModel):
         self.lm = decoder_lm(cfg.lm, cfg.language, eos_id, cfg.lm.context_length,
                              f"{cfg.lm.context_length} text tokens of a sample")
 
-    def context(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> resampled latents (B, latents, D)."""
-        return self.resampler(self.media_proj(self.image_features(images)))
+    def context_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The tower's tokens (B, 1 + P, Dv) -> resampled latents (B, latents, D)."""
+        return self.resampler(self.media_proj(features))
 
     def hidden(self, input_ids: torch.Tensor, context: torch.Tensor, start: int = 0,
                caches: list[KVCache] | None = None, packing: Packing | None = None) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """What the fusion families share: the vision tower from a contrastive parent and a decoder LM;
 generation and scoring come from models/generate.py.
 
-A family (llava.py, flamingo.py) says how image information reaches the LM: `context(images)`
-makes it, `hidden(input_ids, context, ...)` runs the LM with it.
+A family (llava.py, flamingo.py) says how image information reaches the LM: `context_of(features)` makes
+it from the tower's tokens, `hidden(input_ids, context, ...)` runs the LM with it.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class FusionConfig:
 
 class FusionModel(TextGenerator):
     """Base of the fusion families: `visual` (the parent's VisionTower, or an imported one's vision model) built
-    here, `lm` (a DecoderLM) built by the family, and per family `context(images)` and
+    here, `lm` (a DecoderLM) built by the family, and per family `context_of(features)` and
     `hidden(input_ids, context, start, caches)`."""
 
     def __init__(self, cfg: FusionConfig, eos_id: int):
@@ -81,6 +81,14 @@ class FusionModel(TextGenerator):
         trainable = any(p.requires_grad for p in self.visual.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
             return self.visual(images, self.cfg.vision_layer)
+
+    def context(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> what the LM reads of the image (the family's `context_of` the tower's tokens)."""
+        return self.context_of(self.image_features(images))
+
+    def context_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The tower's tokens (B, 1 + P, Dv), computed here or read from a derived version -> the LM's context."""
+        raise NotImplementedError
 
 
 def loss_on_answers(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -41,11 +41,7 @@ class LlavaModel(FusionModel):
             self.patch_row = nn.Parameter(torch.randn(grid, 1, width) * 0.2)
             self.patch_column = nn.Parameter(torch.randn(1, grid, width) * 0.2)
 
-    def context(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> image tokens in the LM's width (B, 1 + P, D)."""
-        return self.project(self.image_features(images))
-
-    def project(self, features: torch.Tensor) -> torch.Tensor:
+    def context_of(self, features: torch.Tensor) -> torch.Tensor:
         """The tower's tokens (B, 1 + P, Dv) -> image tokens in the LM's width (B, 1 + P, D), with each
         patch's row and column when the config says."""
         tokens = self.projector(features)

@@ -98,6 +98,12 @@ class PretrainedClip(nn.Module):
         """The image tower a fusion model takes (PretrainedVisionTower's weights)."""
         return {f"vision_model.{k}": v for k, v in self.hf.vision_model.state_dict().items()}
 
+    def vision_tower(self) -> nn.Module:
+        """The image tower as a fusion model holds it (PretrainedVisionTower, these weights)."""
+        tower = PretrainedVisionTower(self.cfg)
+        tower.load_state_dict(self.vision_state())
+        return tower.eval()
+
     def image_tower(self) -> list[nn.Module]:
         """What LiT locks: the vision model and its projection."""
         return [self.hf.vision_model, *([self.hf.visual_projection] if hasattr(self.hf, "visual_projection") else [])]

@@ -90,7 +90,7 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
     pre = task_class.preprocessor(cfg, preprocess, tokenizer_json, parents)
     sources = [(version, 1 - sum(cfg.data.mix.values())),
                *((DatasetVersion.open(path), weight) for path, weight in cfg.data.mix.items())]
-    derived = _derived(cfg, task_class, parents, [source for source, _ in sources], map_shards)
+    derived = _derived(cfg, task_class, arch, parents, [source for source, _ in sources], map_shards)
     val_units, skipped = (work_units(version, "val") if cfg.data.val_batches else None), ""
     val_rows, one_each = version.manifest["splits"].get("val", 0), cfg.micro_batch * ranks
     if val_units and val_rows < one_each:
@@ -105,10 +105,11 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
                 pre.for_split("train", cfg.data.augment), val_units, pre.for_split("val", False), skipped)
 
 
-def _derived(cfg: RunConfig, task_class, parents: Parents | None, versions: list[DatasetVersion], map_shards):
+def _derived(cfg: RunConfig, task_class, arch: dict, parents: Parents | None, versions: list[DatasetVersion],
+             map_shards):
     """Each version's derived version the stage reads (none, or one each), computed where not stored yet."""
     from mmcore.data.derived import derive
 
-    derivations = task_class.derivations(cfg, parents) if hasattr(task_class, "derivations") else []
+    derivations = task_class.derivations(cfg, arch, parents) if hasattr(task_class, "derivations") else []
     assert len(derivations) <= 1, "a stage reads one derived version of each dataset"
     return [derive(version, derivations[0], map_shards) for version in versions] if derivations else []

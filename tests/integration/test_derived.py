@@ -156,3 +156,49 @@ def test_conversations_about_one_image_get_its_codes_once_computed(train_chats, 
         "config": architecture(model_config("vq-debug")), "state": {k: v.numpy() for k, v in model.state_dict().items()}
     }).codes(pre.batch_pixels(rows.column("image").to_pylist()))
     assert np.array_equal(np.stack(rows.column("codes").to_numpy(zero_copy_only=False)), made)
+
+
+def test_a_frozen_tower_is_read_as_features_that_give_the_loss_of_pixels(train_chats, tmp_path):
+    """The fusion stage on a frozen tower reads its tokens from a derived version: the loss of the same batch
+    as from pixels (features stored in float16); a tower that trains, or a start_from whose tower trained,
+    reads pixels."""
+    from mmcore.cli import apply_overrides
+    from mmcore.data.units import local_batches
+    from mmcore.recipes import recipe
+    from mmcore.stages import STAGES
+    from mmcore.tasks import build_task
+    from mmcore.train.plan import plan
+
+    torch.manual_seed(0)
+    tokenizer_json = train_chats.tokenizer_path.read_text()
+    clip, preprocess = build_model_for(model_config("clip-debug"), Tokenizer.from_str(tokenizer_json))
+    parent = ModelBundle.write(tmp_path / "clip", clip, model_config("clip-debug"), tokenizer_json,
+                               preprocess).directory
+    cfg = apply_overrides(recipe("debug-fusion", str(train_chats.path)), ["model.parent=models:/mmpipe-contrastive/3"])
+    arch = {**model_config("llava-debug"), **STAGES["fusion"].parent.takes(model_config("clip-debug"))}
+    steps = plan(cfg, train_chats, arch, 1, {"parent": parent})
+    layers = arch["vision"]["layers"]  # llava-debug reads the hidden state before the last (vision_layer -2)
+    derived = steps.train_units[0]["derived"]
+    assert f"derived/image-features-layer{layers - 1}-mmpipe-contrastive-3/shards/" in derived
+    assert "image" not in steps.train_preprocess.columns
+
+    trained_tower = plan(apply_overrides(cfg, ["model.freeze_vision=false"]), train_chats, arch, 1, {"parent": parent})
+    assert "derived" not in trained_tower.train_units[0] and "image" in trained_tower.train_preprocess.columns
+    units = [{k: v for k, v in unit.items() if k != "derived"} for unit in steps.train_units[:2]]
+    read, made = (next(local_batches(u, pre, 16))[0] for u, pre in ((steps.train_units[:2], steps.train_preprocess),
+                                                                   (units, trained_tower.train_preprocess)))
+    assert read["image_features"].dtype == torch.float16 and "image" not in read
+    task, _ = build_task(cfg, arch, steps.tokenizer_json, {"parent": parent})
+    task.eval()
+    with torch.no_grad():
+        from_features, from_pixels = task(read)["loss"], task(made)["loss"]
+    assert abs(float(from_features) - float(from_pixels)) < 1e-3 * float(from_pixels)
+
+    # LLaVA's second phase starts from the first's model: its tower the parent's, the same derived version.
+    start = ModelBundle.write(tmp_path / "aligned", task.model, arch, steps.tokenizer_json, steps.preprocess).directory
+    phase_two = plan(cfg, train_chats, arch, 1, {"parent": parent, "start_from": start})
+    assert phase_two.train_units[0]["derived"] == derived
+    with torch.no_grad():
+        task.model.visual.ln_pre.weight.add_(0.1)  # a first phase that trained the tower
+    moved = ModelBundle.write(tmp_path / "moved", task.model, arch, steps.tokenizer_json, steps.preprocess).directory
+    assert "derived" not in plan(cfg, train_chats, arch, 1, {"parent": parent, "start_from": moved}).train_units[0]
