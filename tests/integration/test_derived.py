@@ -37,7 +37,7 @@ def bundles(train_dataset, tmp_path_factory):
 
 
 def derived_codes(derived) -> np.ndarray:
-    return np.concatenate([np.stack(pq.read_table(derived.path / "shards" / s["name"]).column("codes").to_numpy(
+    return np.concatenate([np.stack(pq.read_table(str(derived.path / "shards" / s["name"])).column("codes").to_numpy(
         zero_copy_only=False)) for s in derived.manifest["shards"]])
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmcore import storage
@@ -163,3 +164,32 @@ def test_a_conversation_files_images_are_read_from_a_bucket(bucket, tmp_path, mm
     assert version.manifest["rows"]["kept"] == 3
     assert version.manifest["rows"]["rejected"] == {"image_not_found": 1, "path_outside_root": 1}
     assert sum(version.manifest["splits"].values()) == 3 and version.verify() == []
+
+
+def test_a_derived_version_of_a_dataset_in_a_bucket_is_stored_and_read_beside_it(bucket, object_store, train_dataset,
+                                                                                 tmp_path, capsys):
+    """A dataset version in a bucket: its derived version (data/derived.py) is written into the bucket beside it,
+    the same codes as of the same dataset on a disk, reused from the bucket, and read from it by the stream."""
+    from mmcore.data.derived import Derivation, derive
+    from mmcore.data.units import read_row_groups, work_units
+    from tests.integration.test_derived import derived_codes, tokenizer_bundle
+
+    out = f"{bucket}/datasets/copied"
+    storage.upload_tree(train_dataset.path, storage.path(out), last=MANIFEST)
+    version = DatasetVersion.open(out)
+    derivation = Derivation("image-codes", "models:/mmpipe-image-tokenizer/9", tokenizer_bundle(tmp_path, version, 9))
+    capsys.readouterr()
+    derived = derive(version, derivation)
+    assert f"computing image-codes of dataset {version.id}" in capsys.readouterr().out
+    prefix = f"{out}/derived/{derivation.name}/"
+    assert object_store.keys(prefix) == sorted(
+        f"{prefix.split('/', 3)[3]}{name}" for name in
+        ["manifest.json", *(f"shards/{s['name']}" for s in derived.manifest["shards"])])
+    assert np.array_equal(derived_codes(derived), derived_codes(derive(train_dataset, derivation)))
+
+    capsys.readouterr()
+    again = derive(version, derivation)
+    assert "computing" not in capsys.readouterr().out and again.manifest == derived.manifest
+    unit = work_units(version, "train")[0]
+    rows = read_row_groups({k: [v] for k, v in {**unit, "derived": derived.shard(unit["path"])}.items()}, ["codes"])
+    assert rows.num_rows == unit["rows"] and rows.column("codes").type.list_size == len(derived_codes(derived)[0])
