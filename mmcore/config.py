@@ -134,6 +134,11 @@ class DataConfig:
     draw_fraction: float = 0.5
     """Unified stage: the share of a caption dataset's rows that are drawing samples (the rest ask for the
     caption); an instruction dataset's rows are read as their conversations."""
+    derived: bool = True
+    """Read what a frozen parent computes (the unified stage's image codes, a frozen tower's tokens) from derived
+    versions of the datasets, computed once per (dataset version, parent version) (data/derived.py); false:
+    computed again in every step from the pixels (a tower's tokens can outweigh the images: ViT-L/14's are
+    1.2 MB a row in float16)."""
     record_samples: bool = False
     """Write the rows each worker trained on, in order, to <run dir>/samples/rank-N.tsv (epoch, row index
     in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""

@@ -167,15 +167,15 @@ class FusionTask(_PixelTask):
     @staticmethod
     def reads_features(cfg: RunConfig, parents: Parents | None) -> bool:
         """Whether the stage reads its tower's tokens from a derived version (computed once) instead of running
-        the tower on pixels: the tower frozen, the images not augmented, and its weights the contrastive
-        parent's (a model.start_from whose tower trained reads pixels)."""
-        return bool(parents) and cfg.model.freeze_vision and not cfg.data.augment and (
+        the tower on pixels: data.derived, the tower frozen, the images not augmented, and its weights the
+        contrastive parent's (a model.start_from whose tower trained reads pixels)."""
+        return bool(parents) and cfg.data.derived and cfg.model.freeze_vision and not cfg.data.augment and (
             "start_from" not in parents or _same_tower(parents["start_from"], parents["parent"]))
 
     @staticmethod
     def derivations(cfg: RunConfig, arch: dict, parents: Parents | None = None) -> list:
         """The contrastive parent's tower's tokens at the config's vision_layer, of every row (data/derived.py),
-        when the stage `reads_features`: the frozen tower runs once per image, not once per step."""
+        when the stage `reads_features`: the frozen tower runs once per image, not once per step (data.derived)."""
         from mmcore.data.derived import Derivation
 
         if not FusionTask.reads_features(cfg, parents):
@@ -315,7 +315,7 @@ class UnifiedTask(nn.Module):
         codes of every row, computed once (on augmented images the data workers make them)."""
         from mmcore.data.derived import Derivation
 
-        if not parents or cfg.data.augment:
+        if not parents or cfg.data.augment or not cfg.data.derived:
             return []
         return [Derivation("image-codes", cfg.model.parent, parents["parent"])]
 

@@ -160,8 +160,8 @@ def test_conversations_about_one_image_get_its_codes_once_computed(train_chats, 
 
 def test_a_frozen_tower_is_read_as_features_that_give_the_loss_of_pixels(train_chats, tmp_path):
     """The fusion stage on a frozen tower reads its tokens from a derived version: the loss of the same batch
-    as from pixels (features stored in float16); a tower that trains, or a start_from whose tower trained,
-    reads pixels."""
+    as from pixels (features stored in float16); a tower that trains, a start_from whose tower trained, or
+    data.derived=false reads pixels."""
     from mmcore.cli import apply_overrides
     from mmcore.data.units import local_batches
     from mmcore.recipes import recipe
@@ -184,6 +184,8 @@ def test_a_frozen_tower_is_read_as_features_that_give_the_loss_of_pixels(train_c
 
     trained_tower = plan(apply_overrides(cfg, ["model.freeze_vision=false"]), train_chats, arch, 1, {"parent": parent})
     assert "derived" not in trained_tower.train_units[0] and "image" in trained_tower.train_preprocess.columns
+    switched_off = plan(apply_overrides(cfg, ["data.derived=false"]), train_chats, arch, 1, {"parent": parent})
+    assert "derived" not in switched_off.train_units[0] and "image" in switched_off.train_preprocess.columns
     units = [{k: v for k, v in unit.items() if k != "derived"} for unit in steps.train_units[:2]]
     read, made = (next(local_batches(u, pre, 16))[0] for u, pre in ((steps.train_units[:2], steps.train_preprocess),
                                                                    (units, trained_tower.train_preprocess)))
