@@ -280,6 +280,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
 
     _add_corpus_commands(commands)
     _add_model_commands(commands)
+    _add_infer_command(commands)
 
     dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
                                                                                            required=True)
@@ -381,6 +382,51 @@ def _add_model_commands(commands) -> None:
     gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default %(default)s)")
     gate.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
     gate.set_defaults(func=cmd_promote)
+
+
+def _add_infer_command(commands) -> None:
+    from mmcore.infer import OUTPUTS
+
+    infer = commands.add_parser("infer", help="run a registered model over every row of a dataset version, kept as "
+                                "a derived version beside it")
+    infer.add_argument("uri", help="models:/NAME@ALIAS or models:/NAME/VERSION")
+    infer.add_argument("--dataset", required=True)
+    infer.add_argument("--output", required=True, choices=list(OUTPUTS),
+                       help="embeddings (image and caption) or clip-score: a contrastive model; codes: an image "
+                            "tokenizer; captions: a fusion or unified model")
+    infer.add_argument("--executor", choices=["ray", "here"], default="ray",
+                       help="Ray Data actors on the cluster (default), or this process")
+    infer.add_argument("--ray-address", default="", help="a Ray cluster to join (default: $RAY_ADDRESS, else a "
+                       "local Ray)")
+    infer.set_defaults(func=cmd_infer)
+
+
+def cmd_infer(args) -> int:
+    import numpy as np
+    import pyarrow.parquet as pq
+    from rich.table import Table
+
+    from mmcore.infer import infer
+
+    derived, seconds = infer(args.uri, args.dataset, args.output, args.executor, args.ray_address)
+    m = derived.manifest
+    rows = sum(s["rows"] for s in m["shards"])
+    table = Table(title=f"{m['kind']} of dataset {m['dataset_id']} by {m['model']}", show_header=False)
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")
+    table.add_row("rows", str(rows))
+    table.add_row("shards", f"{derived.computed} computed, {len(m['shards']) - derived.computed} stored before"
+                  + (f"; {rows / seconds:.0f} rows/s" if derived.computed == len(m["shards"]) else ""))
+    table.add_row("columns", ", ".join(m["columns"]))
+    table.add_row("size", f"{sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB")
+    if m["kind"] == "clip-score":  # what a threshold or a top fraction would keep
+        scores = np.concatenate([pq.read_table(derived.shard(s["name"]), columns=["clip_score"])
+                                 .column("clip_score").to_numpy() for s in m["shards"]])
+        table.add_row("clip_score", ", ".join(f"p{q} {v:.3f}" for q, v in
+                                               zip((10, 50, 90), np.percentile(scores, [10, 50, 90]))))
+    table.add_row("path", str(derived.path))
+    console.out.print(table)
+    return 0
 
 
 CLASSES_HELP = ('the zeroshot suite\'s classes: JSON {"column": "label", "classes": [...], '

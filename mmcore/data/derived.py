@@ -62,17 +62,16 @@ class Derivation:
         return KINDS[self.kind](self.bundle, **dict(self.options))
 
 
-def per_image(rows: pa.Table, compute: Callable[[np.ndarray], np.ndarray], preprocess) -> np.ndarray:
-    """`compute` (a model on a batch of preprocessed images) of each row's image, in batches of BATCH_ROWS, once
-    per image: rows of one image (conversations about it) share its result."""
+def per_image(rows: pa.Table, compute: Callable[[list[bytes]], np.ndarray]) -> np.ndarray:
+    """`compute` (a model on a list of encoded images) of each row's image, in batches of BATCH_ROWS, once per
+    image: rows of one image (conversations about it) share its result."""
     import torch
 
     digests = rows.column("sha256").to_pylist()
     first = {digest: row for row, digest in reversed(list(enumerate(digests)))}  # each image's first row
     images = rows.column("image").take(sorted(first.values())).to_pylist()
     with torch.no_grad():
-        out = [compute(torch.from_numpy(preprocess.images(images[i:i + BATCH_ROWS]))).numpy()
-               for i in range(0, len(images), BATCH_ROWS)]
+        out = [compute(images[i:i + BATCH_ROWS]) for i in range(0, len(images), BATCH_ROWS)]
     unique = {digest: k for k, digest in enumerate(sorted(first, key=first.get))}
     return np.concatenate(out)[[unique[d] for d in digests]]
 
@@ -83,11 +82,14 @@ def fixed_size_lists(values: np.ndarray) -> pa.Array:
     return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
 
 
-class ImageCodes:
-    """An image tokenizer's codes of each row's image: `codes`, (grid * grid,) int16, from the image decoded
-    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer)."""
+class _Kind:
+    """A kind of derived version: what it reads of a row (`columns`) and of which dataset kinds (`reads`), the
+    capability (models.CAPABILITIES) a model needs for it; built from the model's bundle, called on a row
+    group, it returns the derived columns."""
 
     columns = ["image", "sha256"]
+    reads = ("captions", "instructions")
+    needs = ""
 
     def __init__(self, bundle: Path):
         import torch
@@ -97,33 +99,87 @@ class ImageCodes:
         torch.set_num_threads(1)  # one CPU of a data worker (Ray gives each task one)
         self.model, self.preprocess = ModelBundle.at(bundle).load()
 
+    def pixels(self, blobs: list[bytes]):
+        import torch
+
+        return torch.from_numpy(self.preprocess.images(blobs))
+
+
+class ImageCodes(_Kind):
+    """An image tokenizer's codes of each row's image: `codes`, (grid * grid,) int16, from the image decoded
+    and resized as its preprocessing does (the unified stage's, which takes it from the tokenizer)."""
+
+    needs = "tokenize_image"
+
     def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
-        return {"codes": fixed_size_lists(per_image(rows, self.model.encode, self.preprocess).astype(np.int16))}
+        codes = per_image(rows, lambda blobs: self.model.encode(self.pixels(blobs)).numpy())
+        return {"codes": fixed_size_lists(codes.astype(np.int16))}
 
 
-class ImageFeatures:
+class ImageFeatures(_Kind):
     """A contrastive model's image tower's tokens at hidden state `layer` (VisionTower's index, from 0) of each
     row's image: `features`, (tokens * width,) float16, the image preprocessed as the model's (a fusion stage's
     frozen tower: its LM reads them)."""
 
-    columns = ["image", "sha256"]
+    needs = "embed"
 
     def __init__(self, bundle: Path, layer: int):
-        import torch
-
-        from mmcore.bundle import ModelBundle
-
-        torch.set_num_threads(1)
-        model, self.preprocess = ModelBundle.at(bundle).load()
-        self.tower, self.layer = model.vision_tower(), layer
+        super().__init__(bundle)
+        self.tower, self.layer = self.model.vision_tower(), layer
 
     def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
-        features = per_image(rows, lambda images: self.tower(images, self.layer), self.preprocess)
+        features = per_image(rows, lambda blobs: self.tower(self.pixels(blobs), self.layer).numpy())
         return {"features": fixed_size_lists(features.astype(np.float16))}
 
 
-KINDS: dict[str, Callable[..., Callable[[pa.Table], dict[str, pa.Array]]]] = {
-    "image-codes": ImageCodes, "image-features": ImageFeatures}
+class Embeddings(_Kind):
+    """A contrastive model's unit-norm embeddings of each row's image and caption: `image_embedding`,
+    `text_embedding`, (E,) float32 (what a nearest-neighbour index is built over)."""
+
+    columns = ["image", "sha256", "caption"]
+    reads = ("captions",)
+    needs = "embed"
+
+    def embeddings(self, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        from mmcore.models.encode import embed_texts
+
+        images = per_image(rows, lambda blobs: self.model.encode_image(self.pixels(blobs)).numpy())
+        return images, embed_texts(self.model, self.preprocess, rows.column("caption").to_pylist(), BATCH_ROWS)
+
+    def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
+        images, texts = self.embeddings(rows)
+        return {"image_embedding": fixed_size_lists(images.astype(np.float32)),
+                "text_embedding": fixed_size_lists(texts.astype(np.float32))}
+
+
+class ClipScore(Embeddings):
+    """DataComp's CLIP score (Gadre et al. 2023) with a model of this pipeline's: `clip_score`, the cosine
+    similarity of each row's image and caption embeddings (the ingest's model-score filter's score)."""
+
+    def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
+        images, texts = self.embeddings(rows)
+        return {"clip_score": pa.array((images * texts).sum(-1).astype(np.float32))}
+
+
+class Captions(_Kind):
+    """A fusion or unified model's caption of each row's image: `generated_caption`, asked as evaluation's
+    captioning asks (greedy, up to the model's context)."""
+
+    needs = "generate"
+
+    def __call__(self, rows: pa.Table) -> dict[str, pa.Array]:
+        from mmcore.data.instruct import CAPTION_PROMPT
+        from mmcore.models.encode import generate_answers
+
+        def captions(blobs: list[bytes]) -> np.ndarray:
+            return np.array(generate_answers(self.model, self.preprocess, blobs, [CAPTION_PROMPT] * len(blobs),
+                                             max_new_tokens=self.preprocess.cfg.context_length), dtype=object)
+
+        return {"generated_caption": pa.array(per_image(rows, captions).tolist(), pa.string())}
+
+
+KINDS: dict[str, type[_Kind]] = {"image-codes": ImageCodes, "image-features": ImageFeatures,
+                                 "embeddings": Embeddings, "clip-score": ClipScore, "captions": Captions}
 """kind -> the class that computes it: built from the model's bundle directory and the derivation's options,
 called on a row group."""
 
@@ -138,6 +194,8 @@ class DerivedVersion:
 
     path: Path
     manifest: dict
+    computed: int = 0
+    """Shards the call that returned it computed (0: all were stored)."""
 
     def shard(self, dataset_shard) -> str:
         """The derived shard that goes row for row with the dataset shard at `dataset_shard`."""
@@ -189,7 +247,7 @@ def derive(version: DatasetVersion, derivation: Derivation,
                 "model": derivation.model,
                 "weights_sha256": weights, "columns": _columns(root / "shards" / shards[0]["name"]), "shards": shards}
     storage.write_text(root / MANIFEST, json.dumps(manifest, indent=2))
-    return DerivedVersion(root, manifest)
+    return DerivedVersion(root, manifest, computed=len(jobs))
 
 
 def _opened(root, version: DatasetVersion, derivation: Derivation, weights: str) -> DerivedVersion | None:
