@@ -84,7 +84,7 @@ def cmd_sample_make(args) -> int:
     from mmcore.data.synthetic.corpus import make_sample
 
     spec = SampleSpec(synthetic=args.synthetic, digits=args.digits, photos=not args.no_photos,
-                      defects=not args.no_defects, seed=args.seed, conversations=args.conversations)
+                      defects=not args.no_defects, seed=args.seed, conversations=args.conversations, noise=args.noise)
     url_list = make_sample(args.dir, args.base_url, spec)
     console.out.print(f"wrote {url_list} (serve it with: mmpipe sample serve {args.dir} --port "
           f"{args.base_url.rsplit(':', 1)[-1].split('/')[0]})")
@@ -309,6 +309,9 @@ def _add_corpus_commands(commands) -> None:
     make.add_argument("--conversations", type=int, default=SampleSpec.conversations,
                       help="conversations about each image in conversations.jsonl, the corpus's questions as "
                            "instruction data (default %(default)s; 0: none)")
+    make.add_argument("--noise", type=float, default=0.0, metavar="F",
+                      help="the share F of the clean rows given a wrong caption, as web data has: half another "
+                           "row's, half page boilerplate (caption_kind says which; default 0)")
     make.set_defaults(func=cmd_sample_make)
     serve = sample.add_parser("serve", help="serve a sample corpus over HTTP")
     serve.add_argument("dir")

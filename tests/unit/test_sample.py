@@ -101,3 +101,29 @@ def test_the_corpus_writes_its_questions_as_conversations_a_reader_keeps_whole(t
     assert rejected == [] and table.num_rows == len(written)
     stored = [kind for cell in table.column("conversations").to_pylist() for _, _, kind in stored_turns(cell)]
     assert "" not in stored and {"caption", "colour", "digit"} <= set(stored), "ingest keeps each question's type"
+
+
+def test_noise_gives_a_share_of_the_clean_rows_wrong_captions_and_leaves_the_rest_as_it_was(tmp_path):
+    """`sample make --noise F`: F of the clean rows get another row's caption or page boilerplate; images, URLs,
+    attribute columns and every other row are the noise-free corpus's."""
+    from mmcore.data.synthetic.corpus import OFF_TOPIC
+
+    spec = SampleSpec(synthetic=100, digits=40, photos=False, conversations=0)
+    clean = pq.read_table(make_sample(tmp_path / "clean", "http://127.0.0.1:9", spec)).to_pylist()
+    noisy = pq.read_table(make_sample(tmp_path / "noisy", "http://127.0.0.1:9", SampleSpec(
+        **{**vars(spec), "noise": 0.3}))).to_pylist()
+    assert _files(tmp_path / "clean" / "synthetic") == _files(tmp_path / "noisy" / "synthetic")
+    assert len(noisy) == len(clean)
+    changed = [(c, n) for c, n in zip(clean, noisy) if c != n]
+    candidates = sum(1 for row in clean if not row["defect"])
+    assert len(changed) == round(0.3 * candidates)
+    kinds = collections.Counter(n["caption_kind"] for _, n in changed)
+    assert abs(kinds["swapped"] - kinds["off-topic"]) <= 1 and sum(kinds.values()) == len(changed)
+    captions = {row["caption"] for row in clean}
+    for c, n in changed:
+        assert {k: v for k, v in c.items() if k not in ("caption", "caption_kind")} == \
+            {k: v for k, v in n.items() if k not in ("caption", "caption_kind")}
+        assert not c["defect"] and (n["caption"] in captions if n["caption_kind"] == "swapped"
+                                    else n["caption"] in OFF_TOPIC)
+    swapped = [(c["caption"], n["caption"]) for c, n in changed if n["caption_kind"] == "swapped"]
+    assert sum(a != b for a, b in swapped) >= len(swapped) - 2, "a swapped row holds another row's caption"

@@ -114,6 +114,10 @@ class SampleSpec:
     """Side of the synthetic images."""
     conversations: int = 2
     """Conversations about each clean image in conversations.jsonl (write_conversations); 0 writes none."""
+    noise: float = 0.0
+    """The share of the clean rows whose caption is wrong, as on the web: half of them another such row's
+    (caption_kind "swapped"), half a line of page boilerplate ("off-topic"); images, URLs and attribute columns
+    are those of the corpus without noise (same seed), so a clean one's test split evaluates models trained here."""
 
 
 def _row(**values) -> dict:
@@ -340,6 +344,29 @@ def _add_copies(w: _Writer, scenes: list[tuple[bytes, dict]]) -> None:
         w.rows.append(dict(row, defect="duplicate_url", source="defect"))
 
 
+OFF_TOPIC = ("click here to see the full gallery", "free shipping on all orders today", "sign up for our weekly "
+             "newsletter", "all rights reserved by the author", "download this stock photo now", "image may contain "
+             "text and logo", "share this post with your friends", "read more about our privacy policy")
+"""Captions of noisy rows that say nothing of their image (SampleSpec.noise): the boilerplate alt text web pages
+carry."""
+
+
+def _add_noise(w: _Writer, fraction: float, seed: int) -> None:
+    """Wrong captions on `fraction` of the clean rows (SampleSpec.noise), drawn by their own generator so that
+    everything else is the corpus without noise."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"noise must be in [0, 1], got {fraction}")
+    rng = np.random.default_rng([seed, 7])
+    clean = [i for i, row in enumerate(w.rows) if not row["defect"]]
+    chosen = rng.permutation(clean)[:round(fraction * len(clean))]
+    swapped, off_topic = chosen[: len(chosen) // 2], chosen[len(chosen) // 2:]
+    captions = [w.rows[i]["caption"] for i in swapped]
+    for k, i in enumerate(swapped):  # each takes the next one's caption: none keeps its own row's
+        w.rows[i] = dict(w.rows[i], caption=captions[(k + 1) % len(captions)], caption_kind="swapped")
+    for i in off_topic:
+        w.rows[i] = dict(w.rows[i], caption=str(rng.choice(OFF_TOPIC)), caption_kind="off-topic")
+
+
 def make_sample(root: str | Path, base_url: str, spec: SampleSpec | None = None) -> Path:
     """Write the sample corpus under `root`; return the path of its URL list (urls.parquet).
 
@@ -362,6 +389,8 @@ def make_sample(root: str | Path, base_url: str, spec: SampleSpec | None = None)
     writer.rows = [writer.rows[i] for i in order]
     if spec.defects:
         _add_copies(writer, scenes)
+    if spec.noise:
+        _add_noise(writer, spec.noise, spec.seed)
     table = pa.Table.from_pylist(writer.rows, schema=SCHEMA)
     url_list = root / "urls.parquet"
     pq.write_table(table, url_list)
