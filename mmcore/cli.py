@@ -64,6 +64,10 @@ def print_summary(version) -> None:
     head.add_row("extra columns", ", ".join(m["source"]["extras"]) or "-")
     card = m.get("card", {})
     head.add_row("kind", version.kind)
+    if m.get("filtered_from"):
+        f = m["filtered_from"]
+        head.add_row("filtered from", f"dataset {f['dataset_id']} at {f['path']}: {f['column']} >= "
+                                      f"{f['lowest_kept']:.3f} by {f['model']}")
     for name, spread in card.items():
         if isinstance(spread, dict) and "median" in spread:
             head.add_row(name.replace("_", " "), ", ".join(f"{k} {v}" for k, v in spread.items()))
@@ -290,6 +294,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     verify = dataset.add_parser("verify", help="check every file against the manifest")
     verify.add_argument("dir")
     verify.set_defaults(func=cmd_dataset_verify)
+    kept = dataset.add_parser("filter", help="a new dataset version of the rows a registered model scores high "
+                              "(DataComp's CLIP-score filtering)")
+    kept.add_argument("dir")
+    kept.add_argument("--model", required=True, help="the scoring model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    kept.add_argument("--by", choices=["clip-score"], default="clip-score", help="the score (default %(default)s)")
+    rule = kept.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--threshold", type=float, help="keep the rows scoring at least this")
+    rule.add_argument("--top-fraction", type=float, help="keep this share of the rows, the best scored")
+    kept.add_argument("--out", required=True, help="the new version's directory or s3:// prefix")
+    kept.add_argument("--executor", choices=["ray", "here"], default="ray",
+                      help="where the scores are computed when not stored yet (default %(default)s)")
+    kept.set_defaults(func=cmd_dataset_filter)
     return parser, commands
 
 
@@ -385,6 +401,20 @@ def _add_model_commands(commands) -> None:
     gate.add_argument("--margin", type=float, default=0.0, help="required improvement (default %(default)s)")
     gate.add_argument("--classes", metavar="FILE", help=CLASSES_HELP)
     gate.set_defaults(func=cmd_promote)
+
+
+def cmd_dataset_filter(args) -> int:
+    from mmcore.data.dataset import DatasetVersion
+    from mmcore.data.scored import check_new, filter_by_score
+    from mmcore.infer import infer
+
+    if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
+        raise ValueError(f"--top-fraction {args.top_fraction}: must be in (0, 1]")
+    check_new(args.out)
+    derived, _ = infer(args.model, args.dir, args.by, args.executor)
+    print_summary(filter_by_score(DatasetVersion.open(args.dir), derived, args.out, args.by.replace("-", "_"),
+                                  args.threshold, args.top_fraction))
+    return 0
 
 
 def _add_infer_command(commands) -> None:

@@ -187,7 +187,11 @@ def _lineage(client: MlflowClient, name: str, number: str, depth: int) -> list[d
         manifest = json.loads(Path(client.download_artifacts(version.run_id, "dataset/manifest.json", tmp)).read_text())
     inputs = client.get_run(version.run_id).inputs.dataset_inputs
     where = json.loads(inputs[0].dataset.source).get("uri", "") if inputs else ""
+    filtered = manifest.get("filtered_from")  # a version filtered by a model's score (data/scored.py)
     return links + [{"kind": "dataset", "name": manifest["id"], "path": where, "rows": manifest["rows"]["kept"],
                      "splits": manifest["splits"], "depth": depth + 1},
+                    *([{"kind": "filtered from dataset", "name": filtered["dataset_id"], "path": filtered["path"],
+                        "by": f"{filtered['model']} {filtered['column']} >= {filtered['lowest_kept']:.3f}",
+                        "depth": depth + 2}] if filtered else []),
                     {"kind": "url list", "name": manifest["source"]["path"], "sha256": manifest["source"]["sha256"],
-                     "depth": depth + 2}] + parents
+                     "depth": depth + 2 + bool(filtered)}] + parents

@@ -165,16 +165,21 @@ class ModelScoreFilter:
 
     def __call__(self, rows: pa.Table) -> list[Verdict]:
         scores = self.scores(rows)
-        if self.threshold is not None:
-            cut = self.threshold
-            keep = scores >= cut
-        else:
-            kept = max(1, math.ceil(self.top_fraction * len(scores)))
-            order = np.argsort(-scores, kind="stable")
-            keep = np.zeros(len(scores), bool)
-            keep[order[:kept]] = True
-            cut = float(scores[order[kept - 1]])
+        keep, cut = keep_by_score(scores, self.threshold, self.top_fraction)
         return [None if k else ("model_score", f"score {s:.3f} < {cut:.3f}") for s, k in zip(scores, keep)]
+
+
+def keep_by_score(scores: np.ndarray, threshold: float | None = None,
+                  top_fraction: float | None = None) -> tuple[np.ndarray, float]:
+    """DataComp's two rules: the rows scoring at least `threshold`, or the `top_fraction` best (ties by row
+    order) -> (which to keep, the lowest score kept)."""
+    if threshold is not None:
+        return scores >= threshold, threshold
+    kept = max(1, math.ceil(top_fraction * len(scores)))
+    order = np.argsort(-scores, kind="stable")
+    keep = np.zeros(len(scores), bool)
+    keep[order[:kept]] = True
+    return keep, float(scores[order[kept - 1]])
 
 
 def build_filters(cfg: FilterConfig, kind: str = "captions") -> list[Filter]:

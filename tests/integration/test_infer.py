@@ -94,3 +94,57 @@ def test_embeddings_are_unit_norm_and_captions_are_written_once_per_image(traine
     first = pq.read_table(str(train_chats.shard_paths()[0]), columns=["image"]).column("image").to_pylist()[:4]
     asked = generate_answers(model, pre, first, [CAPTION_PROMPT] * 4, max_new_tokens=pre.cfg.context_length)
     assert written[:4] == asked and any(asked), "the model's own captions"
+
+
+def test_filtering_by_clip_score_makes_a_version_of_the_best_scored_rows_that_names_its_model(
+        trained, train_dataset, tmp_path, capsys):
+    """`mmpipe dataset filter D --model M --top-fraction F --out D2`: DataComp's rule over the derived CLIP score;
+    counts add up, the rejects carry the reason, the manifest names the parent version and the scoring model."""
+    from mmcore.cli import cmd_dataset_filter
+    from mmcore.data.dataset import DatasetVersion
+
+    def filtered(out, threshold=None, top_fraction=None):
+        return cmd_dataset_filter(argparse.Namespace(
+            dir=str(train_dataset.path), model=f"models:/{trained.model_name}@candidate", by="clip-score",
+            threshold=threshold, top_fraction=top_fraction, out=str(out), executor="here"))
+
+    assert filtered(tmp_path / "best", top_fraction=0.7) == 0
+    assert "filtered from" in capsys.readouterr().out
+    kept = DatasetVersion.open(tmp_path / "best")
+    assert kept.verify() == []
+    rows, total = kept.manifest["rows"], train_dataset.manifest["rows"]["kept"]
+    assert rows["in"] == total and rows["kept"] == int(np.ceil(0.7 * total))
+    assert rows["kept"] + rows["rejected"]["model_score"] == total
+    lineage = kept.manifest["filtered_from"]
+    assert lineage["dataset_id"] == train_dataset.id and lineage["model"] == trained.model_uri
+
+    derived = next(d for d in stored(train_dataset) if d.manifest["kind"] == "clip-score")
+    keys = [k for path in train_dataset.shard_paths() for k in pq.read_table(str(path), columns=["key"])
+            .column("key").to_pylist()]
+    score = dict(zip(keys, column(derived, "clip_score")))
+    ours = {k for path in kept.shard_paths()
+            for k in pq.read_table(str(path), columns=["key"]).column("key").to_pylist()}
+    assert min(score[k] for k in ours) >= lineage["lowest_kept"] >= max(score[k] for k in set(keys) - ours)
+    rejects = pq.read_table(str(kept.path / "rejects.parquet")).to_pylist()
+    assert len(rejects) == rows["rejected"]["model_score"] and {r["reason"] for r in rejects} == {"model_score"}
+    assert sum(kept.manifest["splits"].values()) == rows["kept"]
+
+    # Retrained on the filtered version: the model's lineage names the scoring model and the parent version.
+    from mmcore.config import TrackingConfig
+    from mmcore.registry import lineage
+    from mmcore.tracking import resolve_uri
+    from mmcore.train.fit import fit
+    from tests.integration.conftest import debug_config
+    from tests.integration.workers import HERE
+
+    retrained = fit(debug_config(kept, "optim.max_steps=10", 'tracking.model_name="mmpipe-filtered"', *HERE))
+    links = {link["kind"]: link for link in lineage(retrained.model_uri, resolve_uri(TrackingConfig()))}
+    assert links["dataset"]["name"] == kept.id and links["filtered from dataset"]["name"] == train_dataset.id
+    assert links["filtered from dataset"]["by"].startswith(f"{trained.model_uri} clip_score >= ")
+    assert links["url list"]["name"] == train_dataset.manifest["source"]["path"]
+
+    with pytest.raises(ValueError, match="keeps no row of dataset .*; nothing written"):
+        filtered(tmp_path / "none", threshold=2.0)
+    assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".none*"))
+    with pytest.raises(FileExistsError, match="already exists"):
+        filtered(tmp_path / "best", threshold=0.0)

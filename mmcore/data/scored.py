@@ -1,0 +1,100 @@
+"""A dataset version filtered by what a registered model computed over it (a derived version's score, DataComp
+style: Gadre et al. 2023): a new version of the rows kept, its rejects under reason `model_score`, its manifest
+naming the parent version and the scoring model (`filtered_from`). Built in a staging directory and published
+whole like an ingest's; a rule that keeps no row is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mmcore import storage
+from mmcore.config import project_home
+from mmcore.console import say
+from mmcore.data.dataset import MANIFEST, DataCard, DatasetVersion, build_manifest, file_digest
+from mmcore.data.derived import DerivedVersion
+from mmcore.data.filters import keep_by_score
+from mmcore.data.schema import read_shard
+from mmcore.disk import staged
+
+
+def filter_by_score(parent: DatasetVersion, derived: DerivedVersion, out: str, column: str = "clip_score",
+                    threshold: float | None = None, top_fraction: float | None = None) -> DatasetVersion:
+    """The dataset version at `out`: `parent`'s rows whose `column` of `derived` (a derived version of it) is at
+    least `threshold`, or the `top_fraction` best over all splits; the others in its rejects.parquet."""
+    if (threshold is None) == (top_fraction is None):
+        raise ValueError("give exactly one of a threshold and a top fraction")
+    if top_fraction is not None and not 0 < top_fraction <= 1:
+        raise ValueError(f"top fraction {top_fraction}: must be in (0, 1]")
+    if derived.manifest["dataset_id"] != parent.id or column not in derived.manifest["columns"]:
+        raise ValueError(f"{derived.path}: not a derived version of dataset {parent.id} with a {column} column")
+    target = check_new(out)
+    shards = parent.manifest["shards"]
+    scores = [pq.read_table(derived.shard(parent.path / s["path"]), columns=[column]).column(column).to_numpy()
+              for s in shards]
+    keep, cut = keep_by_score(np.concatenate(scores), threshold, top_fraction)
+    train = np.concatenate([np.full(len(v), s["split"] == "train") for v, s in zip(scores, shards)])
+    if not (keep & train).any():
+        raise ValueError(f"{column} >= {cut:.3f} keeps no row of dataset {parent.id}'s train split (its scores: "
+                         f"max {max(v.max() for v in scores if len(v)):.3f}); nothing written")
+    rule = {"threshold": threshold} if threshold is not None else {"top_fraction": top_fraction}
+    lineage = {"dataset_id": parent.id, "path": str(parent.path), "model": derived.manifest["model"],
+               "kind": derived.manifest["kind"], "column": column, **rule, "lowest_kept": cut}
+    staging = (target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}" if isinstance(target, Path)
+               else project_home() / "tmp" / f"filter-{uuid.uuid4().hex[:8]}")
+    with staged(staging):
+        _write(staging, parent, scores, keep, cut, column, lineage)
+        if isinstance(target, Path):
+            os.rename(staging, target)
+        else:
+            storage.publish(staging, target, last=MANIFEST)
+    version = DatasetVersion.open(out)
+    rows = version.manifest["rows"]
+    say(f"dataset {version.id}: kept {rows['kept']} of {rows['in']} rows of dataset {parent.id} by "
+        f"{derived.manifest['model']}'s {column} (>= {cut:.3f}) at {out}")
+    return version
+
+
+def check_new(out: str):
+    """`out` as a storage path, refused when a dataset version (or anything, on a disk) is there."""
+    storage.check(out)
+    target = storage.path(out)
+    if (target / MANIFEST).exists() or (isinstance(target, Path) and target.exists()):
+        raise FileExistsError(f"{out} already exists; dataset versions are immutable, choose another --out")
+    return target
+
+
+def _write(staging: Path, parent: DatasetVersion, scores: list[np.ndarray], keep: np.ndarray, cut: float,
+           column: str, lineage: dict) -> None:
+    (staging / "shards").mkdir(parents=True)
+    written, rejected, card, first = [], [], DataCard(parent.kind), 0
+    for entry, shard_scores in zip(parent.manifest["shards"], scores):
+        table = read_shard(parent.path / entry["path"])
+        mask = keep[first: first + table.num_rows]
+        for row in np.flatnonzero(~mask):
+            rejected.append({"row": first + int(row), "url": table.column("url")[row].as_py(),
+                             "caption": table.column("caption")[row].as_py(), "reason": "model_score",
+                             "detail": f"{column} {shard_scores[row]:.3f} < {cut:.3f}"})
+        first += table.num_rows
+        kept = table.filter(pa.array(mask))
+        if kept.num_rows:
+            pq.write_table(kept, staging / entry["path"], row_group_size=256)
+            card.add(kept)
+            written.append({**{k: entry[k] for k in ("path", "split")}, "rows": kept.num_rows,
+                            **file_digest(staging / entry["path"])})
+    (staging / "tokenizer.json").write_bytes(parent.tokenizer_path.read_bytes())  # the parent's words: a superset
+    pq.write_table(pa.Table.from_pylist(rejected, pa.schema([("row", pa.int64()), ("url", pa.string()),
+                                                               ("caption", pa.string()), ("reason", pa.string()),
+                                                               ("detail", pa.string())])), staging / "rejects.parquet")
+    stats = {"in": int(len(keep)), "kept": int(keep.sum()), "rejected": {"model_score": int((~keep).sum())}}
+    schema = read_shard(parent.path / parent.manifest["shards"][0]["path"]).schema
+    manifest = build_manifest(staging, written, stats, parent.manifest["source"],
+                              {**parent.manifest["config"], "filter": lineage}, schema, parent.manifest["tokenizer"]["vocab_size"], card.summary())
+    manifest["filtered_from"] = lineage
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
