@@ -66,8 +66,7 @@ def print_summary(version) -> None:
     head.add_row("kind", version.kind)
     if m.get("filtered_from"):
         f = m["filtered_from"]
-        head.add_row("filtered from", f"dataset {f['dataset_id']} at {f['path']}: {f['column']} >= "
-                                      f"{f['lowest_kept']:.3f} by {f['model']}")
+        head.add_row("filtered from", f"dataset {f['dataset_id']} at {f['path']}: {f['by']}")
     for name, spread in card.items():
         if isinstance(spread, dict) and "median" in spread:
             head.add_row(name.replace("_", " "), ", ".join(f"{k} {v}" for k, v in spread.items()))
@@ -297,8 +296,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     kept = dataset.add_parser("filter", help="a new dataset version of the rows a registered model scores high "
                               "(DataComp's CLIP-score filtering)")
     kept.add_argument("dir")
-    kept.add_argument("--model", required=True, help="the scoring model: models:/NAME@ALIAS or models:/NAME/VERSION")
-    kept.add_argument("--by", choices=["clip-score"], default="clip-score", help="the score (default %(default)s)")
+    kept.add_argument("--model", help="the scoring model: models:/NAME@ALIAS or models:/NAME/VERSION")
+    kept.add_argument("--by", choices=["clip-score", "random"], default="clip-score",
+                      help="the model's CLIP score (default), or at random: a filter's baseline of the same size")
+    kept.add_argument("--seed", type=int, default=0, help="--by random: the draw's seed (default %(default)s)")
     rule = kept.add_mutually_exclusive_group(required=True)
     rule.add_argument("--threshold", type=float, help="keep the rows scoring at least this")
     rule.add_argument("--top-fraction", type=float, help="keep this share of the rows, the best scored")
@@ -405,15 +406,24 @@ def _add_model_commands(commands) -> None:
 
 def cmd_dataset_filter(args) -> int:
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.data.scored import check_new, filter_by_score
+    from mmcore.data.scored import check_new, filter_by_score, random_subset
     from mmcore.infer import infer
 
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
         raise ValueError(f"--top-fraction {args.top_fraction}: must be in (0, 1]")
+    parent = DatasetVersion.open(args.dir)
     check_new(args.out)
+    if args.by == "random":
+        if args.top_fraction is None:
+            raise ValueError("--by random keeps --top-fraction F of the rows, drawn at random (no --threshold)")
+        total = parent.manifest["rows"]["kept"]
+        print_summary(random_subset(parent, args.out, max(1, round(args.top_fraction * total)), args.seed))
+        return 0
+    if not args.model:
+        raise ValueError(f"--by {args.by}: --model names the registered model that scores the rows")
     derived, _ = infer(args.model, args.dir, args.by, args.executor)
-    print_summary(filter_by_score(DatasetVersion.open(args.dir), derived, args.out, args.by.replace("-", "_"),
-                                  args.threshold, args.top_fraction))
+    print_summary(filter_by_score(parent, derived, args.out, args.by.replace("-", "_"), args.threshold,
+                                  args.top_fraction))
     return 0
 
 

@@ -191,7 +191,7 @@ def _lineage(client: MlflowClient, name: str, number: str, depth: int) -> list[d
     return links + [{"kind": "dataset", "name": manifest["id"], "path": where, "rows": manifest["rows"]["kept"],
                      "splits": manifest["splits"], "depth": depth + 1},
                     *([{"kind": "filtered from dataset", "name": filtered["dataset_id"], "path": filtered["path"],
-                        "by": f"{filtered['model']} {filtered['column']} >= {filtered['lowest_kept']:.3f}",
+                        "by": filtered["by"],
                         "depth": depth + 2}] if filtered else []),
                     {"kind": "url list", "name": manifest["source"]["path"], "sha256": manifest["source"]["sha256"],
                      "depth": depth + 2 + bool(filtered)}] + parents

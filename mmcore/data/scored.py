@@ -35,29 +35,48 @@ def filter_by_score(parent: DatasetVersion, derived: DerivedVersion, out: str, c
     if derived.manifest["dataset_id"] != parent.id or column not in derived.manifest["columns"]:
         raise ValueError(f"{derived.path}: not a derived version of dataset {parent.id} with a {column} column")
     target = check_new(out)
-    shards = parent.manifest["shards"]
-    scores = [pq.read_table(derived.shard(parent.path / s["path"]), columns=[column]).column(column).to_numpy()
-              for s in shards]
-    keep, cut = keep_by_score(np.concatenate(scores), threshold, top_fraction)
-    train = np.concatenate([np.full(len(v), s["split"] == "train") for v, s in zip(scores, shards)])
-    if not (keep & train).any():
-        raise ValueError(f"{column} >= {cut:.3f} keeps no row of dataset {parent.id}'s train split (its scores: "
-                         f"max {max(v.max() for v in scores if len(v)):.3f}); nothing written")
+    scores = np.concatenate([pq.read_table(derived.shard(parent.path / s["path"]), columns=[column]).column(column)
+                             .to_numpy() for s in parent.manifest["shards"]])
+    keep, cut = keep_by_score(scores, threshold, top_fraction)
     rule = {"threshold": threshold} if threshold is not None else {"top_fraction": top_fraction}
-    lineage = {"dataset_id": parent.id, "path": str(parent.path), "model": derived.manifest["model"],
-               "kind": derived.manifest["kind"], "column": column, **rule, "lowest_kept": cut}
+    lineage = {"dataset_id": parent.id, "path": str(parent.path), "by": f"{derived.manifest['model']} {column} >= "
+               f"{cut:.3f}", "model": derived.manifest["model"], "column": column, **rule, "lowest_kept": cut}
+    details = [f"{column} {score:.3f} < {cut:.3f}" for score in scores]
+    return _publish(parent, target, out, keep, "model_score", details, lineage)
+
+
+def random_subset(parent: DatasetVersion, out: str, rows: int, seed: int = 0) -> DatasetVersion:
+    """The dataset version at `out`: `rows` of `parent`'s rows drawn at random over all splits (DataComp's baseline
+    for a filter: the same number of rows, no model)."""
+    if not 0 < rows <= parent.manifest["rows"]["kept"]:
+        raise ValueError(f"a random subset of {rows} rows: dataset {parent.id} has {parent.manifest['rows']['kept']}")
+    target = check_new(out)
+    total = parent.manifest["rows"]["kept"]
+    keep = np.zeros(total, bool)
+    keep[np.random.default_rng(seed).permutation(total)[:rows]] = True
+    lineage = {"dataset_id": parent.id, "path": str(parent.path), "rows": rows, "seed": seed,
+               "by": f"a random {rows} of {total} rows (seed {seed})"}
+    return _publish(parent, target, out, keep, "random_subset", [f"not drawn (seed {seed})"] * total, lineage)
+
+
+def _publish(parent: DatasetVersion, target, out: str, keep: np.ndarray, reason: str, details: list[str],
+             lineage: dict) -> DatasetVersion:
+    """The version of `parent`'s rows `keep` says, built in a staging directory, then put at `target` whole."""
+    train = np.concatenate([np.full(s["rows"], s["split"] == "train") for s in parent.manifest["shards"]])
+    if not (keep & train).any():
+        raise ValueError(f"{lineage['by']} keeps no row of dataset {parent.id}'s train split; nothing written")
     staging = (target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}" if isinstance(target, Path)
                else project_home() / "tmp" / f"filter-{uuid.uuid4().hex[:8]}")
     with staged(staging):
-        _write(staging, parent, scores, keep, cut, column, lineage)
+        _write(staging, parent, keep, reason, details, lineage)
         if isinstance(target, Path):
             os.rename(staging, target)
         else:
             storage.publish(staging, target, last=MANIFEST)
     version = DatasetVersion.open(out)
     rows = version.manifest["rows"]
-    say(f"dataset {version.id}: kept {rows['kept']} of {rows['in']} rows of dataset {parent.id} by "
-        f"{derived.manifest['model']}'s {column} (>= {cut:.3f}) at {out}")
+    say(f"dataset {version.id}: kept {rows['kept']} of {rows['in']} rows of dataset {parent.id} ({lineage['by']}) "
+        f"at {out}")
     return version
 
 
@@ -70,17 +89,16 @@ def check_new(out: str):
     return target
 
 
-def _write(staging: Path, parent: DatasetVersion, scores: list[np.ndarray], keep: np.ndarray, cut: float,
-           column: str, lineage: dict) -> None:
+def _write(staging: Path, parent: DatasetVersion, keep: np.ndarray, reason: str, details: list[str],
+           lineage: dict) -> None:
     (staging / "shards").mkdir(parents=True)
     written, rejected, card, first = [], [], DataCard(parent.kind), 0
-    for entry, shard_scores in zip(parent.manifest["shards"], scores):
+    for entry in parent.manifest["shards"]:
         table = read_shard(parent.path / entry["path"])
         mask = keep[first: first + table.num_rows]
-        for row in np.flatnonzero(~mask):
-            rejected.append({"row": first + int(row), "url": table.column("url")[row].as_py(),
-                             "caption": table.column("caption")[row].as_py(), "reason": "model_score",
-                             "detail": f"{column} {shard_scores[row]:.3f} < {cut:.3f}"})
+        rejected += [{"row": first + int(row), "url": table.column("url")[row].as_py(),
+                      "caption": table.column("caption")[row].as_py(), "reason": reason,
+                      "detail": details[first + int(row)]} for row in np.flatnonzero(~mask)]
         first += table.num_rows
         kept = table.filter(pa.array(mask))
         if kept.num_rows:
@@ -92,9 +110,10 @@ def _write(staging: Path, parent: DatasetVersion, scores: list[np.ndarray], keep
     pq.write_table(pa.Table.from_pylist(rejected, pa.schema([("row", pa.int64()), ("url", pa.string()),
                                                                ("caption", pa.string()), ("reason", pa.string()),
                                                                ("detail", pa.string())])), staging / "rejects.parquet")
-    stats = {"in": int(len(keep)), "kept": int(keep.sum()), "rejected": {"model_score": int((~keep).sum())}}
+    stats = {"in": int(len(keep)), "kept": int(keep.sum()), "rejected": {reason: int((~keep).sum())}}
     schema = read_shard(parent.path / parent.manifest["shards"][0]["path"]).schema
     manifest = build_manifest(staging, written, stats, parent.manifest["source"],
-                              {**parent.manifest["config"], "filter": lineage}, schema, parent.manifest["tokenizer"]["vocab_size"], card.summary())
+                              {**parent.manifest["config"], "filter": lineage}, schema,
+                              parent.manifest["tokenizer"]["vocab_size"], card.summary())
     manifest["filtered_from"] = lineage
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -103,9 +103,9 @@ def test_filtering_by_clip_score_makes_a_version_of_the_best_scored_rows_that_na
     from mmcore.cli import cmd_dataset_filter
     from mmcore.data.dataset import DatasetVersion
 
-    def filtered(out, threshold=None, top_fraction=None):
+    def filtered(out, threshold=None, top_fraction=None, by="clip-score"):
         return cmd_dataset_filter(argparse.Namespace(
-            dir=str(train_dataset.path), model=f"models:/{trained.model_name}@candidate", by="clip-score",
+            dir=str(train_dataset.path), model=f"models:/{trained.model_name}@candidate", by=by, seed=0,
             threshold=threshold, top_fraction=top_fraction, out=str(out), executor="here"))
 
     assert filtered(tmp_path / "best", top_fraction=0.7) == 0
@@ -128,6 +128,15 @@ def test_filtering_by_clip_score_makes_a_version_of_the_best_scored_rows_that_na
     rejects = pq.read_table(str(kept.path / "rejects.parquet")).to_pylist()
     assert len(rejects) == rows["rejected"]["model_score"] and {r["reason"] for r in rejects} == {"model_score"}
     assert sum(kept.manifest["splits"].values()) == rows["kept"]
+
+    # DataComp's baseline: a random subset of the same size.
+    assert filtered(tmp_path / "random", top_fraction=rows["kept"] / total, by="random") == 0
+    drawn = DatasetVersion.open(tmp_path / "random")
+    assert drawn.verify() == [] and drawn.manifest["rows"]["kept"] == rows["kept"]
+    assert drawn.manifest["rows"]["rejected"] == {"random_subset": total - rows["kept"]}
+    assert drawn.manifest["filtered_from"]["by"] == f"a random {rows['kept']} of {total} rows (seed 0)"
+    assert {k for path in drawn.shard_paths()
+            for k in pq.read_table(str(path), columns=["key"]).column("key").to_pylist()} != ours
 
     # Retrained on the filtered version: the model's lineage names the scoring model and the parent version.
     from mmcore.config import TrackingConfig
