@@ -297,8 +297,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
                               "(DataComp's CLIP-score filtering)")
     kept.add_argument("dir")
     kept.add_argument("--model", help="the scoring model: models:/NAME@ALIAS or models:/NAME/VERSION")
-    kept.add_argument("--by", choices=["clip-score", "random"], default="clip-score",
-                      help="the model's CLIP score (default), or at random: a filter's baseline of the same size")
+    kept.add_argument("--by", choices=["clip-score", "semantic-duplicates", "random"], default="clip-score",
+                      help="the model's CLIP score (default); its image embeddings, dropping each row within "
+                           "--threshold cosine of an earlier kept one; or at random: a filter's baseline")
     kept.add_argument("--seed", type=int, default=0, help="--by random: the draw's seed (default %(default)s)")
     rule = kept.add_mutually_exclusive_group(required=True)
     rule.add_argument("--threshold", type=float, help="keep the rows scoring at least this")
@@ -406,7 +407,7 @@ def _add_model_commands(commands) -> None:
 
 def cmd_dataset_filter(args) -> int:
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.data.scored import check_new, filter_by_score, random_subset
+    from mmcore.data.scored import check_new, filter_by_score, random_subset, without_semantic_duplicates
     from mmcore.infer import infer
 
     if args.top_fraction is not None and not 0 < args.top_fraction <= 1:
@@ -421,6 +422,12 @@ def cmd_dataset_filter(args) -> int:
         return 0
     if not args.model:
         raise ValueError(f"--by {args.by}: --model names the registered model that scores the rows")
+    if args.by == "semantic-duplicates":
+        if args.threshold is None:
+            raise ValueError("--by semantic-duplicates needs --threshold: the cosine at which two images are one")
+        derived, _ = infer(args.model, args.dir, "embeddings", args.executor)
+        print_summary(without_semantic_duplicates(parent, derived, args.out, args.threshold))
+        return 0
     derived, _ = infer(args.model, args.dir, args.by, args.executor)
     print_summary(filter_by_score(parent, derived, args.out, args.by.replace("-", "_"), args.threshold,
                                   args.top_fraction))

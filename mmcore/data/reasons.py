@@ -46,6 +46,8 @@ REASONS: dict[str, str] = {
     "exact_duplicate": "the stored image is byte-identical to an earlier row's",
     "near_duplicate": "the image's perceptual hash is within filters.near_dup_max_distance of an earlier row's",
     "model_score": "a model-score filter ranked the pair below its threshold",
+    "semantic_duplicate": "its image embedding is within `dataset filter --by semantic-duplicates`'s cosine of an "
+                          "earlier kept row's",
     "random_subset": "left out of a random subset (`mmpipe dataset filter --by random`: a filter's baseline)",
 }
 

@@ -45,6 +45,36 @@ def filter_by_score(parent: DatasetVersion, derived: DerivedVersion, out: str, c
     return _publish(parent, target, out, keep, "model_score", details, lineage)
 
 
+def without_semantic_duplicates(parent: DatasetVersion, derived: DerivedVersion, out: str, threshold: float,
+                                neighbours: int = 16) -> DatasetVersion:
+    """The dataset version at `out`: `parent`'s rows less each whose image embedding (`derived`: an embeddings
+    version of it) is at cosine `threshold` or more to an earlier kept row's (SemDeDup's rule, Abbas et al. 2023,
+    greedy in row order), the `neighbours` nearest of each row found by usearch's HNSW index."""
+    from usearch.index import Index
+
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold {threshold}: a cosine similarity in (0, 1]")
+    if derived.manifest["dataset_id"] != parent.id or "image_embedding" not in derived.manifest["columns"]:
+        raise ValueError(f"{derived.path}: not a derived version of dataset {parent.id} with image embeddings")
+    target = check_new(out)
+    tables = [pq.read_table(derived.shard(parent.path / s["path"]), columns=["image_embedding"])
+              for s in parent.manifest["shards"]]
+    vectors = np.concatenate([np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)) for t in tables])
+    index = Index(ndim=vectors.shape[1], metric="cos")
+    index.add(np.arange(len(vectors)), vectors.astype(np.float32), threads=1)  # one thread: the same graph each run
+    found = index.search(vectors, neighbours + 1)
+    keep, details = np.ones(len(vectors), bool), [""] * len(vectors)
+    for row in range(len(vectors)):
+        for other, distance in zip(found.keys[row][:found.counts[row]], found.distances[row]):
+            if other < row and keep[other] and 1 - distance >= threshold:
+                keep[row], details[row] = False, f"image cosine {1 - distance:.3f} to row {other}"
+                break
+    lineage = {"dataset_id": parent.id, "path": str(parent.path), "model": derived.manifest["model"],
+               "threshold": threshold, "by": f"{derived.manifest['model']} image embeddings, no two at cosine >= "
+               f"{threshold}"}
+    return _publish(parent, target, out, keep, "semantic_duplicate", details, lineage)
+
+
 def random_subset(parent: DatasetVersion, out: str, rows: int, seed: int = 0) -> DatasetVersion:
     """The dataset version at `out`: `rows` of `parent`'s rows drawn at random over all splits (DataComp's baseline
     for a filter: the same number of rows, no model)."""

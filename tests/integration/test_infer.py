@@ -157,3 +157,30 @@ def test_filtering_by_clip_score_makes_a_version_of_the_best_scored_rows_that_na
     assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".none*"))
     with pytest.raises(FileExistsError, match="already exists"):
         filtered(tmp_path / "best", threshold=0.0)
+
+
+def test_semantic_duplicates_are_dropped_once_each_keeping_the_first(trained, train_dataset, tmp_path):
+    """`dataset filter --by semantic-duplicates --threshold T`: a row goes when its image embedding is at cosine T
+    or more to an earlier kept row's; no two kept rows are that close; counts add up under the reason."""
+    from mmcore.cli import cmd_dataset_filter
+    from mmcore.data.dataset import DatasetVersion
+
+    derived, _ = infer(f"models:/{trained.model_name}@candidate", str(train_dataset.path), "embeddings", "here")
+    vectors = np.array(column(derived, "image_embedding"))
+    similar = vectors @ vectors.T
+    threshold = float(np.quantile(similar[np.triu_indices(len(vectors), 1)], 0.999))  # a few hundred close pairs
+    assert cmd_dataset_filter(argparse.Namespace(
+        dir=str(train_dataset.path), model=f"models:/{trained.model_name}@candidate", by="semantic-duplicates",
+        seed=0, threshold=threshold, top_fraction=None, out=str(tmp_path / "deduped"), executor="here")) == 0
+    deduped = DatasetVersion.open(tmp_path / "deduped")
+    rows = deduped.manifest["rows"]
+    assert deduped.verify() == [] and 0 < rows["rejected"]["semantic_duplicate"] < rows["in"] // 2
+    assert rows["kept"] + rows["rejected"]["semantic_duplicate"] == rows["in"] == len(vectors)
+    dropped = {r["row"]: r["detail"] for r in pq.read_table(str(deduped.path / "rejects.parquet")).to_pylist()}
+    kept = np.array([row not in dropped for row in range(len(vectors))])
+    for row, detail in dropped.items():
+        earlier = int(detail.rsplit(" ", 1)[1])
+        assert earlier < row and kept[earlier] and similar[row, earlier] >= threshold - 1e-5
+    close = similar[np.ix_(kept, kept)] >= threshold + 1e-5
+    np.fill_diagonal(close, False)
+    assert not close.any(), "no two kept rows are duplicates"
