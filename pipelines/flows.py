@@ -29,7 +29,7 @@ from mmcore.redact import RedactingFormatter
 from mmcore.train.fit import TrainingError, fit
 from mmcore.train.trainer import NonFiniteLoss
 from pipelines import report
-from pipelines.params import EvaluateParams, GateParams, IngestParams, RetrainParams, TrainParams, mixed
+from pipelines.params import EvaluateParams, GateParams, IngestParams, InferParams, RetrainParams, TrainParams, mixed
 
 DATASET_LANDED = "dataset.landed"
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, NonFiniteLoss)
@@ -154,6 +154,21 @@ def promote_task(model_name: str, dataset: str, gate: GateParams) -> GateDecisio
     return decision
 
 
+@task(name="infer", **infrastructure)
+def infer_task(params: InferParams) -> dict:
+    """A registered model over every row of a dataset version (mmcore.infer): computed once, then reused."""
+    from mmcore.infer import infer
+
+    derived, seconds = infer(params.model, params.dataset, params.output, ray_address=params.ray_address)
+    m = derived.manifest
+    summary = {"path": str(derived.path), "kind": m["kind"], "model": m["model"], "dataset_id": m["dataset_id"],
+               "rows": sum(s["rows"] for s in m["shards"]), "shards": len(m["shards"]), "computed": derived.computed,
+               "columns": m["columns"], "seconds": round(seconds, 1)}
+    create_markdown_artifact(report.derived_markdown(summary), key="mmpipe-derived",
+                             description=f"{m['kind']} of dataset {m['dataset_id']} by {m['model']}")
+    return summary
+
+
 def _links(evaluation: EvalReport) -> dict[str, str]:
     uri = tracking.resolve_uri(TrackingConfig())
     return tracking.ui_links(uri, evaluation.mlflow_run_id, (evaluation.model_name, evaluation.model_version))
@@ -190,6 +205,14 @@ def evaluate_flow(params: EvaluateParams) -> dict:
         return report.decision_summary(decision)
     evaluation = evaluate_task(f"models:/{params.model}@candidate", params.dataset, params.suites, params.classes)
     return report.evaluation_summary(evaluation)
+
+
+@flow(name="infer", log_prints=True)
+def infer_flow(params: InferParams) -> dict:
+    """A registered model's embeddings, CLIP scores, image codes or captions of every row of a dataset version,
+    kept beside it as a derived version (reused by every later run with the same pair)."""
+    _console("infer")
+    return infer_task(params)
 
 
 @dataclass

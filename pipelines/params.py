@@ -137,6 +137,19 @@ class GateParams(_Params):
         return cfg
 
 
+class InferParams(_Params):
+    """Run a registered model over every row of a dataset version, kept beside it as a derived version (the `infer`
+    flow; `mmpipe infer`)."""
+
+    model: Plain = Field(description="models:/NAME@ALIAS or models:/NAME/VERSION (pinned to its version).")
+    dataset: Plain = Field(description="Dataset version directory (made by ingest).")
+    output: Literal["embeddings", "clip-score", "codes", "captions"] = Field(
+        "clip-score", description="embeddings or clip-score: a contrastive model; codes: an image tokenizer; "
+                                  "captions: a fusion or unified model.")
+    ray_address: Plain = Field("", description="An existing Ray cluster (ray://head:10001 or head:6379); empty: "
+                                               "$RAY_ADDRESS, else a local Ray.")
+
+
 class EvaluateParams(GateParams):
     """Evaluate a registered model and, for an @candidate, run the promotion gate (the `evaluate` flow)."""
 

@@ -34,6 +34,15 @@ def dataset_markdown(summary: dict) -> str:
     return text
 
 
+def derived_markdown(summary: dict) -> str:
+    """A derived version (the `infer` flow): what, by which model, of which dataset, computed or stored."""
+    head = [("model", summary["model"]), ("dataset", summary["dataset_id"]), ("rows", summary["rows"]),
+            ("shards", f"{summary['computed']} computed, {summary['shards'] - summary['computed']} stored before "
+                       f"({summary['seconds']} s)"), ("columns", ", ".join(summary["columns"])),
+            ("path", f"`{summary['path']}`")]
+    return f"# {summary['kind']} of dataset {summary['dataset_id']}\n\n" + _table(("", ""), head)
+
+
 def training_markdown(result: dict, alias: str, links: dict[str, str]) -> str:
     metrics = result["metrics"]
     shown = [(k, f"{metrics[k]:.4g}") for k in ("loss", "val_loss", "samples_per_second", "bad_steps",

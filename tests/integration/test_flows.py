@@ -304,3 +304,25 @@ def test_retrain_trains_and_gates_the_fusion_stage_on_an_ingested_conversation_f
     assert result.candidates() == [], "its vqa is not the caption dataset's"
     with pytest.raises(ValidationError, match="instructions: a conversation file for the fusion stage; set its kind"):
         RetrainParams(dataset=str(train_dataset.path), instructions=IngestParams(url_list=str(PHOTO_CONVERSATIONS)))
+
+
+def test_the_infer_flow_keeps_a_models_scores_beside_the_dataset_and_reuses_them(prefect_api, trained, train_dataset):
+    """The `infer` flow (the form of `mmpipe infer`): a derived version written once, its artifact in the UI; the
+    same run again computes nothing."""
+    from mmcore.data.derived import stored
+    from pipelines.flows import infer_flow
+    from pipelines.params import InferParams
+
+    params = InferParams(model=f"models:/{trained.model_name}@candidate", dataset=str(train_dataset.path),
+                         output="embeddings")
+    state = infer_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    derived = next(d for d in stored(train_dataset) if str(d.path) == summary["path"])
+    assert derived.manifest["model"] == summary["model"] == trained.model_uri and summary["rows"] == \
+        train_dataset.manifest["rows"]["kept"]
+    assert summary["columns"] == ["image_embedding", "text_embedding"]
+    artifact = _artifacts(state.state_details.flow_run_id)["mmpipe-derived"]
+    assert f"embeddings of dataset {train_dataset.id}" in artifact and trained.model_uri in artifact
+    again = infer_flow(params, return_state=True).result()
+    assert again["computed"] == 0 and again["path"] == summary["path"]
