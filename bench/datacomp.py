@@ -90,7 +90,7 @@ def main() -> None:
                          for key, value in metrics.items()})
     minutes = (time.perf_counter() - started) / 60
     command = (f".venv/bin/python bench/datacomp.py --noise {args.noise} --keep {args.keep} --recipe {args.recipe} "
-               f"--synthetic {args.synthetic} --digits {args.digits}")
+               f"--synthetic {args.synthetic} --digits {args.digits}" + (f" --home {args.home}" if args.home else ""))
     lines = ["## Filtering by the pipeline's own CLIP score (DataComp's measurement)", "", f"Command: `{command}` "
              f"({minutes:.0f} min). Yesterday's model: {scorer}, on a clean corpus (seed 0); today's corpus (seed 1) "
              f"with {args.noise:.0%} wrong captions; the `{args.recipe}` recipe on each arm; evaluated on the clean "
