@@ -45,11 +45,16 @@ def filter_by_score(parent: DatasetVersion, derived: DerivedVersion, out: str, c
     return _publish(parent, target, out, keep, "model_score", details, lineage)
 
 
+EXACT_ROWS = 200_000
+"""Up to this many rows semantic deduplication compares every pair (usearch's brute force, SIMD)."""
+
+
 def without_semantic_duplicates(parent: DatasetVersion, derived: DerivedVersion, out: str, threshold: float,
                                 neighbours: int = 16) -> DatasetVersion:
     """The dataset version at `out`: `parent`'s rows less each whose image embedding (`derived`: an embeddings
     version of it) is at cosine `threshold` or more to an earlier kept row's (SemDeDup's rule, Abbas et al. 2023,
-    greedy in row order), the `neighbours` nearest of each row found by usearch's HNSW index."""
+    greedy in row order), the nearest of each row found by usearch (`neighbours`, more while the farthest found is
+    still that close): exactly up to EXACT_ROWS rows, by its HNSW index above."""
     from usearch.index import Index
 
     if not 0 < threshold <= 1:
@@ -60,12 +65,19 @@ def without_semantic_duplicates(parent: DatasetVersion, derived: DerivedVersion,
     tables = [pq.read_table(derived.shard(parent.path / s["path"]), columns=["image_embedding"])
               for s in parent.manifest["shards"]]
     vectors = np.concatenate([np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)) for t in tables])
-    index = Index(ndim=vectors.shape[1], metric="cos")
+    index = Index(ndim=vectors.shape[1], metric="cos", dtype="f32")  # the default stores bf16
     index.add(np.arange(len(vectors)), vectors.astype(np.float32), threads=1)  # one thread: the same graph each run
-    found = index.search(vectors, neighbours + 1)
+    exact = len(vectors) <= EXACT_ROWS  # HNSW's recall falls inside tight clusters of near-identical images
+    found = index.search(vectors, neighbours + 1, exact=exact)
     keep, details = np.ones(len(vectors), bool), [""] * len(vectors)
     for row in range(len(vectors)):
-        for other, distance in zip(found.keys[row][:found.counts[row]], found.distances[row]):
+        keys, distances = found.keys[row][:found.counts[row]], found.distances[row][:found.counts[row]]
+        k = len(keys)
+        while k < len(vectors) and 1 - distances[-1] >= threshold:  # more close neighbours than asked: widen
+            k = min(2 * k, len(vectors))
+            again = index.search(vectors[row], k, exact=exact)
+            keys, distances = again.keys, again.distances
+        for other, distance in zip(keys, distances):
             if other < row and keep[other] and 1 - distance >= threshold:
                 keep[row], details[row] = False, f"image cosine {1 - distance:.3f} to row {other}"
                 break
