@@ -453,7 +453,6 @@ def _add_infer_command(commands) -> None:
 
 def cmd_infer(args) -> int:
     import numpy as np
-    import pyarrow.parquet as pq
     from rich.table import Table
 
     from mmcore.infer import infer
@@ -470,10 +469,9 @@ def cmd_infer(args) -> int:
     table.add_row("columns", ", ".join(m["columns"]))
     table.add_row("size", f"{sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB")
     if m["kind"] == "clip-score":  # what a threshold or a top fraction would keep
-        scores = np.concatenate([pq.read_table(derived.shard(s["name"]), columns=["clip_score"])
-                                 .column("clip_score").to_numpy() for s in m["shards"]])
         table.add_row("clip_score", ", ".join(f"p{q} {v:.3f}" for q, v in
-                                               zip((10, 50, 90), np.percentile(scores, [10, 50, 90]))))
+                                               zip((10, 50, 90), np.percentile(derived.column("clip_score"),
+                                                                               [10, 50, 90]))))
     table.add_row("path", str(derived.path))
     console.out.print(table)
     return 0

@@ -201,6 +201,12 @@ class DerivedVersion:
         """The derived shard that goes row for row with the dataset shard at `dataset_shard`."""
         return str(self.path / "shards" / Path(str(dataset_shard)).name)
 
+    def column(self, name: str) -> np.ndarray:
+        """The derived column `name` of every row, in the dataset's row order (its shards' order): (rows, ...)."""
+        values = [pq.read_table(self.shard(s["name"]), columns=[name]).column(name).to_numpy(zero_copy_only=False)
+                  for s in self.manifest["shards"]]
+        return np.concatenate([np.stack(v) if v.dtype == object else v for v in values])
+
     def problems(self) -> dict[str, str]:
         """Derived shard name -> what is wrong with it (missing, or not the file the manifest names)."""
         found = {}

@@ -35,8 +35,7 @@ def filter_by_score(parent: DatasetVersion, derived: DerivedVersion, out: str, c
     if derived.manifest["dataset_id"] != parent.id or column not in derived.manifest["columns"]:
         raise ValueError(f"{derived.path}: not a derived version of dataset {parent.id} with a {column} column")
     target = check_new(out)
-    scores = np.concatenate([pq.read_table(derived.shard(parent.path / s["path"]), columns=[column]).column(column)
-                             .to_numpy() for s in parent.manifest["shards"]])
+    scores = derived.column(column)
     keep, cut = keep_by_score(scores, threshold, top_fraction)
     rule = {"threshold": threshold} if threshold is not None else {"top_fraction": top_fraction}
     lineage = {"dataset_id": parent.id, "path": str(parent.path), "by": f"{derived.manifest['model']} {column} >= "
@@ -62,9 +61,7 @@ def without_semantic_duplicates(parent: DatasetVersion, derived: DerivedVersion,
     if derived.manifest["dataset_id"] != parent.id or "image_embedding" not in derived.manifest["columns"]:
         raise ValueError(f"{derived.path}: not a derived version of dataset {parent.id} with image embeddings")
     target = check_new(out)
-    tables = [pq.read_table(derived.shard(parent.path / s["path"]), columns=["image_embedding"])
-              for s in parent.manifest["shards"]]
-    vectors = np.concatenate([np.stack(t.column("image_embedding").to_numpy(zero_copy_only=False)) for t in tables])
+    vectors = derived.column("image_embedding")
     index = Index(ndim=vectors.shape[1], metric="cos", dtype="f32")  # the default stores bf16
     index.add(np.arange(len(vectors)), vectors.astype(np.float32), threads=1)  # one thread: the same graph each run
     exact = len(vectors) <= EXACT_ROWS  # HNSW's recall falls inside tight clusters of near-identical images
