@@ -139,6 +139,14 @@ class DataConfig:
     versions of the datasets, computed once per (dataset version, parent version) (data/derived.py); false:
     computed again in every step from the pixels (a tower's tokens can outweigh the images: ViT-L/14's are
     1.2 MB a row in float16)."""
+    captioner: str = ""
+    """Recaptioning: a registered fusion or unified model (models:/name@alias or /version) whose caption of each
+    image the train split reads instead of the dataset's (DALL-E 3's and ShareGPT4V's recipe), computed once per
+    (dataset version, captioner version) as a derived version (`mmpipe infer --output captions`); validation
+    reads the dataset's captions. Caption datasets only (a mix's instruction datasets are read as they are)."""
+    generated_share: float = 1.0
+    """With data.captioner: the share of train rows that read the generated caption, drawn per row and epoch
+    (1: instead of the dataset's; 0.5: half each, beside it)."""
     record_samples: bool = False
     """Write the rows each worker trained on, in order, to <run dir>/samples/rank-N.tsv (epoch, row index
     in the train split); resumes cut the file back to the checkpoint, so it lists exactly what the model saw."""
@@ -152,6 +160,7 @@ class DataConfig:
               "each weight must be in (0, 1) and together under 1 (data.dataset gives the rest)")
         check(self.dataset not in self.mix, "data.mix", "names data.dataset itself")
         check(0 <= self.draw_fraction <= 1, "data.draw_fraction", "must be in [0, 1]")
+        check(0 <= self.generated_share <= 1, "data.generated_share", "must be in [0, 1]")
 
 
 @dataclass

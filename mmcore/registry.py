@@ -174,7 +174,7 @@ def _lineage(client: MlflowClient, name: str, number: str, depth: int) -> list[d
                                               for k, v in sorted(tags.items()) if k.startswith("sha256.")),
                          "depth": depth + 1}]
     parents = []
-    for key in ("parent_model", "lm_parent_model", "start_model"):
+    for key in ("parent_model", "lm_parent_model", "start_model", "captioner_model"):
         if tags.get(key):
             parent_name, _, parent_number = tags[key].partition("/")
             parents += _lineage(client, parent_name, parent_number, depth + 1)

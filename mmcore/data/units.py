@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -114,6 +115,10 @@ def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
         if "derived" in units:  # a derived version's columns, row for row (data/derived.py)
             table = _with_derived(table, str(path), str(units["derived"][i]), int(units["row_group"][i]), columns)
         epoch, seed, first_row = int(units["epoch"][i]), int(units["seed"][i]), int(units["first_row"][i])
+        if "captions" in units and units["captions"][i]:  # data.captioner's, for a share of the rows
+            draw = np.random.default_rng([max(seed, 0), epoch, first_row, 1]).random(table.num_rows)
+            table = _recaptioned(table, str(path), str(units["captions"][i]), int(units["row_group"][i]),
+                                 draw < float(units["generated_share"][i]))
         order = np.random.default_rng([seed, epoch, first_row]).permutation(table.num_rows) if seed >= 0 \
             else np.arange(table.num_rows)
         skip = int(units["skip"][i])
@@ -125,7 +130,23 @@ def read_row_groups(units: dict, columns: list[str]) -> pa.Table:
 
 
 def _with_derived(table: pa.Table, path: str, derived: str, group: int, columns: list[str]) -> pa.Table:
-    """A row group's columns and those of its derived shard that `columns` asks for, checked row for row."""
+    """A row group's columns and those of its derived shard that `columns` asks for."""
+    extra = _derived_columns(path, derived, group, columns)
+    for name in extra.column_names:
+        if name != "key" and name not in table.column_names:
+            table = table.append_column(name, extra.column(name))
+    return table
+
+
+def _recaptioned(table: pa.Table, path: str, captions: str, group: int, generated: np.ndarray) -> pa.Table:
+    """A row group with the `generated` rows' captions replaced by the captions derived version's."""
+    written = _derived_columns(path, captions, group, ["generated_caption"]).column("generated_caption")
+    caption = pc.if_else(pa.array(generated), written, table.column("caption"))
+    return table.set_column(table.column_names.index("caption"), "caption", caption)
+
+
+def _derived_columns(path: str, derived: str, group: int, columns: list[str]) -> pa.Table:
+    """`columns` and `key` of a derived shard's row group, checked row for row against the dataset shard's."""
     try:
         extra = _derived_row_group(derived, group, (*columns, "key"))
     except (OSError, IndexError, pa.ArrowException) as err:
@@ -134,10 +155,7 @@ def _with_derived(table: pa.Table, path: str, derived: str, group: int, columns:
     if _row_group(path, group, ("key",)).column("key") != extra.column("key"):
         raise ValueError(f"{derived}: row group {group} does not hold the rows of {path}'s; delete its derived "
                          "version to compute it again")
-    for name in extra.column_names:
-        if name != "key" and name not in table.column_names:
-            table = table.append_column(name, extra.column(name))
-    return table
+    return extra
 
 
 def keep_ids(batch: dict, preprocess: Preprocessor) -> dict:

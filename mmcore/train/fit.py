@@ -147,7 +147,9 @@ def fit(cfg: RunConfig) -> TrainResult:
     else:
         where = "in this process" if cfg.cluster.executor == "here" else f"{cfg.parallel.num_workers} workers"
         say(f"training {cfg.model.name} ({cfg.task.stage}, recipe {cfg.recipe}) on dataset {version.id}"
-            + "".join(f" + {i} ({w:.0%} of the rows)" for i, w in mixed.items()) + ": "
+            + "".join(f" + {i} ({w:.0%} of the rows)" for i, w in mixed.items())
+            + (f", {cfg.data.generated_share:.0%} of its captions by {cfg.data.captioner}" if cfg.data.captioner
+               else "") + ": "
             f"{cfg.optim.max_steps} steps, {where}, ZeRO-{cfg.parallel.zero_stage}; "
             f"run directory {run_dir}")
         _say_resume_point(run_dir / "checkpoints")
@@ -158,7 +160,7 @@ def fit(cfg: RunConfig) -> TrainResult:
             **({"mixed_datasets": json.dumps(mixed)} if mixed else {})}
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text()) if trained \
-            else _train(cfg, version, arch, parents.dirs, run_dir, runs, name, uri, run_id)
+            else _train(cfg, version, arch, parents, run_dir, runs, name, uri, run_id)
         tracking.wait_until_reachable(uri, cfg.tracking.wait_s, f"register the model trained in {run_dir / 'final'}")
         final = storage.local_copy(run_dir / "final", storage.scratch_dir(run_dir) / "final")
         model_version = registry.log_and_register(uri, run_id, final, model_name, cfg.tracking.alias, tags)
@@ -218,14 +220,14 @@ def ray_failure(error: BaseException, run_dir) -> TrainingError:
     return TrainingError(f"Ray Train could not run {run_dir}: {reason}", error)
 
 
-def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) -> dict:
+def _train(cfg, version, arch, parents, run_dir, runs, name, uri, run_id) -> dict:
     map_shards = None  # derived versions: computed in this process when training runs here
     if cfg.cluster.executor != "here":
         from mmcore.data.stream import derive_on_ray
 
         connect_ray(cfg.cluster.address, cfg.cluster.num_cpus)
         map_shards = derive_on_ray
-    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parent_dirs, map_shards)
+    steps = plan(cfg, version, arch, cfg.parallel.num_workers, parents.dirs, map_shards, parents.captioner)
     (run_dir / "tokenizer.json").write_text(steps.tokenizer_json)
     if steps.skipped_validation:
         say(f"no validation: {steps.skipped_validation}")
@@ -233,7 +235,7 @@ def _train(cfg, version, arch, parent_dirs, run_dir, runs, name, uri, run_id) ->
         from mmcore.train.here import run_here
 
         with tracking.system_metrics(uri, run_id), _training_bar(run_dir, cfg.optim.max_steps):
-            return run_here(cfg, arch, steps, parent_dirs, run_dir,
+            return run_here(cfg, arch, steps, parents.dirs, run_dir,
                             lambda unsent: tracking.MetricLogger(uri, run_id, unsent))
     return _train_on_ray(cfg, arch, steps, run_dir, runs, name, uri, run_id)
 

@@ -39,14 +39,14 @@ def train_here(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     cfg.validate()
     version = open_dataset(cfg)
     tracking_uri = None
-    if cfg.model.parent:  # models:/ URIs: the registry resolves them (the Task reads the pinned versions)
+    if cfg.model.parent or cfg.data.captioner:  # models:/ URIs: the registry resolves them (the Task reads the pinned versions)
         from mmcore.tracking import resolve_uri
 
         tracking_uri = resolve_uri(cfg.tracking)
     parents = pin_parents(cfg, model_config(cfg.model.name), tracking_uri, version)
     cfg, arch = parents.cfg, parents.arch
     run_dir = run_dir or storage.root() / "local-runs" / run_name(cfg, version.id, arch)
-    steps = plan(cfg, version, arch, world, parents.dirs)
+    steps = plan(cfg, version, arch, world, parents.dirs, captioner=parents.captioner)
     return run_here(cfg, arch, steps, parents.dirs, run_dir, lambda unsent: JsonLinesLogger(run_dir / "metrics.jsonl"))
 
 

@@ -24,6 +24,8 @@ class Parents:
     """parent_model (lm_parent_model, start_model) = name/version, for the registered version."""
     dirs: dict[str, Path] = dataclasses.field(default_factory=dict)
     """The parents' bundles fetched to this machine, by field (tasks.Parents)."""
+    captioner: Path | None = None
+    """data.captioner's bundle fetched to this machine: the plan's, not the Task's (its captions are data)."""
 
 
 def check_family(cfg: RunConfig, arch: dict) -> None:
@@ -34,9 +36,30 @@ def check_family(cfg: RunConfig, arch: dict) -> None:
 
 
 def pin_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: DatasetVersion) -> Parents:
-    """Resolve and check model.parent / model.lm_parent / model.start_from in the registry at `tracking_uri`
-    (default: the configured one); clear errors name the URI and the misfit. Without parents, no registry is
-    asked."""
+    """Resolve and check model.parent / model.lm_parent / model.start_from and data.captioner in the registry at
+    `tracking_uri` (default: the configured one); clear errors name the URI and the misfit. Without parents,
+    no registry is asked."""
+    parents = _pin_model_parents(cfg, arch, tracking_uri, version)
+    if not cfg.data.captioner:
+        return parents
+    from mmcore import tracking
+    from mmcore.infer import pin_capable
+
+    if version.kind != "captions":
+        raise ValueError(f"data.captioner: dataset {version.id} holds {version.kind}; generated captions replace a "
+                         "caption dataset's captions")
+    try:
+        captioner, bundle = pin_capable(cfg.data.captioner, "captions", tracking_uri or
+                                        tracking.resolve_uri(TrackingConfig()), "data.captioner needs")
+    except ValueError as err:
+        raise ValueError(f"data.captioner: {err}") from None
+    cfg = parents.cfg
+    return Parents(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, captioner=captioner)), parents.arch,
+                   {**parents.tags, "captioner_model": captioner.removeprefix("models:/")}, parents.dirs,
+                   bundle.directory)
+
+
+def _pin_model_parents(cfg: RunConfig, arch: dict, tracking_uri: str | None, version: DatasetVersion) -> Parents:
     check_family(cfg, arch)
     own_size = arch.get("image_size") or arch.get("vision", {}).get("image_size")  # fusion: the parent's, below
     _check_image_size(f"model.name: {cfg.model.name}", own_size, version)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from mmcore.config import RunConfig, to_dict
 from mmcore.data.dataset import DatasetError, DatasetVersion
@@ -78,12 +79,12 @@ class Plan:
 
 
 def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parents: Parents | None = None,
-         map_shards=None) -> Plan:
+         map_shards=None, captioner: Path | None = None) -> Plan:
     """Each rank streams its own share of the train split, so that a resumed run goes on at the row where
     its checkpoint was taken (epochs: as many as max_steps needs, one more for the ranks' uneven shares).
     Validation reads the first val_batches batches of its share of the val split, the same rows every time.
-    What the stage reads from derived versions (its Task's `derivations`) is computed first where it is not
-    stored yet, by `map_shards` (derived.derive's)."""
+    What the stage reads from derived versions (its Task's `derivations`; data.captioner's captions, its bundle
+    at `captioner`) is computed first where it is not stored yet, by `map_shards` (derived.derive's)."""
     task_class = STAGES[cfg.task.stage].task
     tokenizer_json = task_class.tokenizer(version.tokenizer_path.read_text(), arch, parents)
     _, preprocess = build_task(cfg, arch, tokenizer_json)
@@ -101,8 +102,20 @@ def plan(cfg: RunConfig, version: DatasetVersion, arch: dict, ranks: int, parent
     if derived:
         units = [{**unit, "derived": derived[unit["source"]].shard(unit["path"])} for unit in units]
         val_units = val_units and [{**unit, "derived": derived[0].shard(unit["path"])} for unit in val_units]
+    if cfg.data.captioner:  # the train split's captions, some or all (validation reads the dataset's)
+        captions = _captions(cfg, captioner, [source for source, _ in sources], map_shards)
+        units = [{**unit, "captions": captions[unit["source"]].shard(unit["path"]) if captions[unit["source"]]
+                  else "", "generated_share": cfg.data.generated_share} for unit in units]
     return Plan(tokenizer_json, preprocess, units,
                 pre.for_split("train", cfg.data.augment), val_units, pre.for_split("val", False), skipped)
+
+
+def _captions(cfg: RunConfig, captioner: Path, versions: list[DatasetVersion], map_shards) -> list:
+    """data.captioner's caption of every row of each caption dataset (None for an instruction dataset)."""
+    from mmcore.data.derived import Derivation, derive
+
+    derivation = Derivation("captions", cfg.data.captioner, captioner)
+    return [derive(version, derivation, map_shards) if version.kind == "captions" else None for version in versions]
 
 
 def _derived(cfg: RunConfig, task_class, arch: dict, parents: Parents | None, versions: list[DatasetVersion],

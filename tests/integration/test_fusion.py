@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -184,3 +185,55 @@ def test_fusion_trains_on_conversations_about_real_photos_and_is_evaluated_on_th
     mixed = f'data.mix={{"{photo_conversations.path}": 0.5}}'
     with pytest.raises(DatasetError, match="is a dataset of instructions; the contrastive stage trains on captions"):
         fit(debug_cfg(train_dataset, mixed))
+
+
+def test_a_contrastive_run_trains_on_the_captions_a_fusion_model_wrote(fused, trained, train_dataset, train_chats,
+                                                                       mmpipe_home, capsys):
+    """Recaptioning (data.captioner): the fusion model's caption of every image, computed once as a derived
+    version, is what the train split reads (all of it, or data.generated_share of it); the model's lineage names
+    the captioner."""
+    from mmcore.cli import apply_overrides
+    from mmcore.data.derived import stored
+    from mmcore.data.units import read_row_groups
+    from mmcore.models import model_config
+    from mmcore.recipes import recipe
+    from mmcore.registry import lineage
+    from mmcore.train.parents import pin_parents
+    from mmcore.train.plan import plan
+    from tests.integration.conftest import debug_config
+
+    tracking_uri = f"sqlite:///{mmpipe_home / 'mlflow.db'}"
+    with pytest.raises(ValueError, match=f"data.captioner: {trained.model_uri} .* is a clip model, which computes "
+                                         "embeddings or clip-score; data.captioner needs a model that can generate"):
+        fit(debug_config(train_dataset, f"data.captioner={json.dumps(trained.model_uri)}"))
+    with pytest.raises(ValueError, match=f"data.captioner: dataset {train_chats.id} holds instructions"):
+        fit(apply_overrides(recipe("debug-language", str(train_chats.path)),
+                            [f"data.captioner={json.dumps(fused.model_uri)}"]))
+
+    alias = f"models:/{fused.model_name}@candidate"
+    capsys.readouterr()
+    result = fit(debug_config(train_dataset, f"data.captioner={json.dumps(alias)}", "optim.max_steps=20",
+                              "checkpoint.every_steps=20", "data.record_samples=false", *HERE))
+    assert f"100% of its captions by {fused.model_uri}" in capsys.readouterr().out  # the alias, pinned
+    captions = next(d for d in stored(train_dataset) if d.manifest["kind"] == "captions")
+    assert captions.manifest["model"] == fused.model_uri
+    chain = lineage(result.model_uri, tracking_uri)
+    assert (1, "model", fused.model_uri) in [(link["depth"], link["kind"], link["name"]) for link in chain]
+
+    # What the train split reads: the generated caption of every row, or of about the share asked, the same
+    # rows on every read (a resumed run reads what it would have).
+    written = dict(zip(captions.column("key"), captions.column("generated_caption")))
+    assert len(set(written.values())) > 1, "captions of the images, not one string"
+    for share in (1.0, 0.5):
+        cfg = debug_config(train_dataset, f"data.captioner={json.dumps(alias)}", f"data.generated_share={share}")
+        parents = pin_parents(cfg, model_config(cfg.model.name), tracking_uri, train_dataset)
+        steps = plan(parents.cfg, train_dataset, parents.arch, 1, captioner=parents.captioner)
+        units = {key: [unit[key] for unit in steps.train_units[:8]] for key in steps.train_units[0]}
+        rows = read_row_groups(units, ["key", "caption"])
+        generated = [caption == written[key] for key, caption in zip(rows.column("key").to_pylist(),
+                                                                     rows.column("caption").to_pylist())]
+        assert rows == read_row_groups(units, ["key", "caption"])
+        if share == 1.0:
+            assert all(generated)
+        else:
+            assert 0.35 < np.mean(generated) < 0.65, np.mean(generated)
