@@ -29,23 +29,26 @@ PRIMARY = ("retrieval.image_to_text_recall_5", "zeroshot-shapes.accuracy", "zero
 
 
 def corpus(root: Path, name: str, url: str, spec) -> str:
-    """A sample corpus made under root/name (served at url/name) and ingested: its dataset version's path."""
+    """A sample corpus made under root/name (served at url/name) and ingested: its dataset version's path (the
+    one a run before ingested, when there is one)."""
     from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
     from mmcore.data.ingest import ingest
     from mmcore.data.synthetic.corpus import make_sample
 
+    if (root / "datasets" / name / "manifest.json").exists():
+        return str(root / "datasets" / name)
     url_list = make_sample(root / "corpora" / name, f"{url}/corpora/{name}", spec)
     return str(ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(root / "datasets" / name),
                                    guard=GuardConfig(allow_networks=["127.0.0.1/32"]))).path)
 
 
-def trained(recipe: str, dataset: str, model_name: str) -> str:
-    """The contrastive recipe on `dataset`, registered as `model_name`: its pinned URI."""
+def trained(recipe: str, dataset: str, model_name: str, *overrides: str) -> str:
+    """The recipe on `dataset` (with --set style `overrides`), registered as `model_name`: its pinned URI."""
     from mmcore.cli import apply_overrides
     from mmcore.recipes import recipe as named
     from mmcore.train.fit import fit
 
-    return fit(apply_overrides(named(recipe, dataset), [f'tracking.model_name="{model_name}"'])).model_uri
+    return fit(apply_overrides(named(recipe, dataset), [f'tracking.model_name="{model_name}"', *overrides])).model_uri
 
 
 def main() -> None:

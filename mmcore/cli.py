@@ -284,6 +284,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]
     _add_corpus_commands(commands)
     _add_model_commands(commands)
     _add_infer_command(commands)
+    _add_search_command(commands)
 
     dataset = commands.add_parser("dataset", help="inspect dataset versions").add_subparsers(dest="action",
                                                                                            required=True)
@@ -474,6 +475,39 @@ def cmd_infer(args) -> int:
                                                                                [10, 50, 90]))))
     table.add_row("path", str(derived.path))
     console.out.print(table)
+    return 0
+
+
+def _add_search_command(commands) -> None:
+    search = commands.add_parser("search", help="the rows of a dataset version nearest to a text or an image, by a "
+                                 "contrastive model's embeddings: a table and a contact sheet")
+    search.add_argument("query", help="a text, or the path of an image file")
+    search.add_argument("--dataset", required=True)
+    search.add_argument("--model", default="models:/mmpipe-contrastive@champion",
+                        help="the contrastive model that embeds (default models:/mmpipe-contrastive@champion); the "
+                             "dataset's embeddings by it are computed the first time (mmpipe infer --output "
+                             "embeddings)")
+    search.add_argument("-k", "--k", type=int, default=8, help="rows to return (default 8)")
+    search.add_argument("--out", help="the contact sheet's PNG (default <home>/search/<dataset id>-<query>.png)")
+    search.add_argument("--executor", choices=["ray", "here"], default="ray",
+                        help="where the embeddings are computed the first time: Ray Data actors (default), or "
+                             "this process")
+    search.set_defaults(func=cmd_search)
+
+
+def cmd_search(args) -> int:
+    from rich.table import Table
+
+    from mmcore.search import search
+
+    result = search(args.query, args.dataset, args.model, args.k, args.executor, args.out)
+    table = Table(title=f"{result.query!r} in dataset {result.dataset_id} by {result.model}")
+    for name in ("rank", "score", "row", "split", "caption"):
+        table.add_column(name, overflow="fold", no_wrap=name != "caption")
+    for hit in result.hits:
+        table.add_row(str(hit["rank"]), f"{hit['score']:.3f}", str(hit["row"]), hit["split"], hit["caption"])
+    console.out.print(table)
+    console.say(f"contact sheet: {result.sheet}")
     return 0
 
 

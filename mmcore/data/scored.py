@@ -44,17 +44,13 @@ def filter_by_score(parent: DatasetVersion, derived: DerivedVersion, out: str, c
     return _publish(parent, target, out, keep, "model_score", details, lineage)
 
 
-EXACT_ROWS = 200_000
-"""Up to this many rows semantic deduplication compares every pair (usearch's brute force, SIMD)."""
-
-
 def without_semantic_duplicates(parent: DatasetVersion, derived: DerivedVersion, out: str, threshold: float,
                                 neighbours: int = 16) -> DatasetVersion:
     """The dataset version at `out`: `parent`'s rows less each whose image embedding (`derived`: an embeddings
     version of it) is at cosine `threshold` or more to an earlier kept row's (SemDeDup's rule, Abbas et al. 2023,
     greedy in row order), the nearest of each row found by usearch (`neighbours`, more while the farthest found is
     still that close): exactly up to EXACT_ROWS rows, by its HNSW index above."""
-    from usearch.index import Index
+    from mmcore.search import EXACT_ROWS, vector_index
 
     if not 0 < threshold <= 1:
         raise ValueError(f"threshold {threshold}: a cosine similarity in (0, 1]")
@@ -62,8 +58,7 @@ def without_semantic_duplicates(parent: DatasetVersion, derived: DerivedVersion,
         raise ValueError(f"{derived.path}: not a derived version of dataset {parent.id} with image embeddings")
     target = check_new(out)
     vectors = derived.column("image_embedding")
-    index = Index(ndim=vectors.shape[1], metric="cos", dtype="f32")  # the default stores bf16
-    index.add(np.arange(len(vectors)), vectors.astype(np.float32), threads=1)  # one thread: the same graph each run
+    index = vector_index(vectors)
     exact = len(vectors) <= EXACT_ROWS  # HNSW's recall falls inside tight clusters of near-identical images
     found = index.search(vectors, neighbours + 1, exact=exact)
     keep, details = np.ones(len(vectors), bool), [""] * len(vectors)

@@ -189,3 +189,53 @@ def test_semantic_duplicates_are_dropped_once_each_keeping_the_first(trained, tr
     close = similar[np.ix_(kept, kept)] >= threshold + 1e-5
     np.fill_diagonal(close, False)
     assert not close.any(), "no two kept rows are duplicates"
+
+
+def test_search_returns_the_nearest_rows_by_text_or_image_and_draws_them(trained, train_dataset, train_chats,
+                                                                         tmp_path, monkeypatch, capsys):
+    """`mmpipe search QUERY --dataset D --model M`: the k rows whose image embeddings are nearest the query's (as
+    numpy finds them over the derived embeddings), a table and a contact sheet; an image as the query finds
+    itself; above EXACT_ROWS an HNSW index is built once and kept."""
+    from PIL import Image
+
+    from mmcore import search as searching
+    from mmcore.cli import cmd_search
+    from mmcore.models.encode import embed_texts
+
+    uri = f"models:/{trained.model_name}@candidate"
+    first = pq.read_table(str(train_dataset.shard_paths("train")[0]), columns=["caption", "image"])
+    text = first.column("caption")[0].as_py()
+    capsys.readouterr()
+    args = argparse.Namespace(query=text, dataset=str(train_dataset.path), model=uri, k=5, executor="here",
+                              out=str(tmp_path / "sheet.png"))
+    assert cmd_search(args) == 0
+    out = capsys.readouterr().out
+    assert f"contact sheet: {tmp_path / 'sheet.png'}" in out and "score" in out
+
+    derived = next(d for d in stored(train_dataset) if d.manifest["kind"] == "embeddings")
+    images = derived.column("image_embedding")
+    model, preprocess = load_model(uri)
+    cosines = images @ embed_texts(model, preprocess, [text])[0]
+    result = searching.search(text, str(train_dataset.path), uri, k=5, executor="here", out=str(tmp_path / "a.png"))
+    assert [hit["row"] for hit in result.hits] == list(np.argsort(-cosines, kind="stable")[:5])
+    np.testing.assert_allclose([hit["score"] for hit in result.hits], np.sort(cosines)[::-1][:5], atol=1e-5)
+    assert result.model == trained.model_uri and [hit["rank"] for hit in result.hits] == [1, 2, 3, 4, 5]
+    with Image.open(tmp_path / "sheet.png") as sheet:  # 5 hits: two rows of four thumbnails under the query
+        assert sheet.size == (4 * (searching.THUMB + 16), 40 + 2 * (searching.THUMB + 64))
+
+    query = tmp_path / "query.png"
+    query.write_bytes(first.column("image")[0].as_py())
+    found = searching.search(str(query), str(train_dataset.path), uri, k=3, executor="here")
+    assert found.hits[0]["score"] > 0.999 and found.hits[0]["image"] == query.read_bytes()
+    assert found.sheet.name == f"{train_dataset.id}-query.png" and found.sheet.exists()
+
+    monkeypatch.setattr(searching, "EXACT_ROWS", 10)  # the HNSW index: the same rows, its file kept for next time
+    again = searching.search(text, str(train_dataset.path), uri, k=5, executor="here", out=str(tmp_path / "b.png"))
+    assert [hit["row"] for hit in again.hits] == [hit["row"] for hit in result.hits]
+    assert len(list((searching.project_home() / "indexes").glob(f"{train_dataset.id}-*.usearch"))) == 1
+
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"notes.txt: not an image the model can read"):
+        searching.search(str(tmp_path / "notes.txt"), str(train_dataset.path), uri, executor="here")
+    with pytest.raises(ValueError, match=f"dataset {train_chats.id} holds instructions; embeddings reads a dataset"):
+        searching.search(text, str(train_chats.path), uri, executor="here")
