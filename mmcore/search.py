@@ -47,7 +47,7 @@ def vector_index(vectors: np.ndarray):
 
 
 def search(query: str, dataset: str, model: str = "models:/mmpipe-contrastive@champion", k: int = 8,
-           executor: str = "ray", out: str | None = None) -> SearchResult:
+           executor: str = "ray", out: str | None = None, ray_address: str = "") -> SearchResult:
     """The `k` rows of the dataset version at `dataset` nearest to `query` (text, or the path of an image file)
     by `model`'s embeddings, and their contact sheet at `out` (default <home>/search/<dataset id>-<query>.png)."""
     from mmcore.bundle import ModelBundle
@@ -55,7 +55,7 @@ def search(query: str, dataset: str, model: str = "models:/mmpipe-contrastive@ch
 
     if k < 1:
         raise ValueError(f"--k {k}: at least 1")
-    derived, _ = infer(model, dataset, "embeddings", executor)
+    derived, _ = infer(model, dataset, "embeddings", executor, ray_address)
     version = DatasetVersion.open(dataset)
     net, preprocess = ModelBundle.at(_bundle_of(derived)).load()
     vector = _embed_query(net, preprocess, query)
@@ -65,7 +65,7 @@ def search(query: str, dataset: str, model: str = "models:/mmpipe-contrastive@ch
             for rank, (score, row) in enumerate(zip(scores, _rows(version, keys)))]
     result = SearchResult(query, derived.manifest["model"], version.id, hits)
     result.sheet = contact_sheet(result, Path(out) if out else project_home() / "search" /
-                                 f"{version.id}-{_slug(query)}.png")
+                                 f"{version.id}-{slug(query)}.png")
     return result
 
 
@@ -147,6 +147,7 @@ def contact_sheet(result: SearchResult, path: Path) -> Path:
     return path
 
 
-def _slug(query: str) -> str:
+def slug(query: str) -> str:
+    """A file name's part for a query: its words (an image query: its file's stem), lowercase, dashed."""
     return re.sub(r"[^a-z0-9]+", "-", Path(query).stem.lower() if Path(query).is_file() else query.lower())[:48] \
         .strip("-") or "query"

@@ -59,6 +59,8 @@ QUICK = {"recipe": "debug", "language_recipe": "none", "fusion_recipe": "debug-f
 """`mmpipe demo --quick`: the smallest models for a few steps each, on QUICK_SAMPLE."""
 QUICK_SAMPLE = {"synthetic": 1000, "digits": 300}
 """The quick demo's sample corpus (SampleSpec fields; the photos and planted defects as in the full one)."""
+DEMO_QUERIES = ["a red circle above a blue square", "a handwritten digit seven"]
+"""Searched with the new contrastive model; their contact sheets are attached to its MLflow run."""
 FULL = {"recipe": "demo", "language_recipe": "none", "fusion_recipe": "demo-fusion",
         "tokenizer_recipe": "demo-tokenizer", "unified_recipe": "demo-unified"}
 
@@ -88,7 +90,7 @@ def cmd_demo(args) -> int:
             source=IngestParams(url_list=str(url_list), allow_networks=["127.0.0.1/32"]),
             instructions=IngestParams(url_list=str(sample_dir / "conversations.jsonl"), kind="instructions",
                                       allow_networks=["127.0.0.1/32"]), fusion_gated_on="dataset",
-            train=TrainSettings(recipe=args.recipe), skip_language=args.language_recipe == "none",
+            train=TrainSettings(recipe=args.recipe), search_queries=DEMO_QUERIES, skip_language=args.language_recipe == "none",
             language=LanguageSettings(**_recipe(args.language_recipe)), skip_fusion=args.fusion_recipe == "none",
             fusion=FusionSettings(**_recipe(args.fusion_recipe), alignment_recipe=args.alignment_recipe),
             skip_unified=args.unified_recipe == "none",

@@ -6,7 +6,7 @@ from prefect import serve
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.events import DeploymentEventTrigger
 
-from pipelines.flows import DATASET_LANDED, evaluate_flow, ingest_flow, retrain_flow, train_flow
+from pipelines.flows import DATASET_LANDED, evaluate_flow, infer_flow, ingest_flow, retrain_flow, train_flow
 from pipelines.params import FusionSettings, TokenizerSettings, TrainSettings, UnifiedSettings
 
 DEPLOYMENT = "mmpipe"
@@ -15,7 +15,7 @@ DEPLOYMENT = "mmpipe"
 def deployments(retrain_cron: str = "", retrain_on_landing: bool = True, retrain_recipe: str = "demo",
                 timezone: str = "UTC", retrain_fusion_recipe: str = "demo-fusion",
                 retrain_tokenizer_recipe: str = "demo-tokenizer", retrain_unified_recipe: str = "demo-unified") -> list:
-    """The four deployments; retrain runs on `retrain_cron` (off when empty) and whenever a dataset lands,
+    """The five deployments; retrain runs on `retrain_cron` (off when empty) and whenever a dataset lands,
     with `retrain_recipe` for the contrastive stage, `retrain_fusion_recipe` ("none": skipped) for fusion,
     and the image tokenizer's and unified recipes ("none" for the unified one skips both)."""
     TrainSettings(recipe=retrain_recipe)  # an unknown recipe fails here, not at the first trigger
@@ -38,6 +38,8 @@ def deployments(retrain_cron: str = "", retrain_on_landing: bool = True, retrain
         train_flow.to_deployment(description="Train a stage and register the model @candidate", **common),
         evaluate_flow.to_deployment(description="Evaluate @candidate; promote to @champion on a clear win",
                                     **common),
+        infer_flow.to_deployment(description="A registered model's embeddings, CLIP scores, image codes or captions "
+                                             "of every row of a dataset version, kept beside it", **common),
         retrain_flow.to_deployment(description="ingest -> contrastive -> fusion -> image tokenizer -> unified, "
                                                "each trained, evaluated and promoted", schedules=schedules,
                                    triggers=[landed], **common),

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -169,6 +170,26 @@ def infer_task(params: InferParams) -> dict:
     return summary
 
 
+@task(name="search", **infrastructure)
+def search_task(trained: dict, dataset: str, queries: list[str], ray_address: str = "") -> list[str]:
+    """Each query's contact sheet in `dataset` by the model `trained` (a train task's result), attached to its
+    MLflow run under search/: what the new model finds, seen beside its metrics."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    from mmcore.search import search, slug
+
+    client = MlflowClient(tracking.resolve_uri(TrackingConfig()))
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, query in enumerate(queries):
+            result = search(query, dataset, trained["model_uri"], ray_address=ray_address,
+                            out=str(Path(tmp) / f"{i:02d}-{slug(query)}.png"))
+            client.log_artifact(trained["mlflow_run_id"], str(result.sheet), "search")
+    console.say(f"contact sheets of {len(queries)} search(es) by {trained['model_uri']} attached to its run (search/)")
+    return [f"search/{i:02d}-{slug(query)}.png" for i, query in enumerate(queries)]
+
+
 def _links(evaluation: EvalReport) -> dict[str, str]:
     uri = tracking.resolve_uri(TrackingConfig())
     return tracking.ui_links(uri, evaluation.mlflow_run_id, (evaluation.model_name, evaluation.model_version))
@@ -267,6 +288,8 @@ def retrain_flow(params: RetrainParams) -> RetrainResult:
     chats, weight = result.instructions["path"] if result.instructions else None, params.instructions_weight
     if not params.skip_contrastive:
         result.trained = train_task(TrainParams(dataset=dataset["path"], **params.train.model_dump()))
+        if params.search_queries:
+            search_task(result.trained, dataset["path"], params.search_queries, params.train.ray_address)
         result.decision = promote_task(result.trained["model_name"], dataset["path"], params.gate)
     if not params.skip_language:
         result.language = train_task(mixed(params.language, dataset["path"], chats, weight))

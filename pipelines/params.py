@@ -229,6 +229,9 @@ class RetrainParams(_Params):
     gate: GateParams = Field(default_factory=GateParams, description="The contrastive stage's gate.")
     skip_contrastive: bool = Field(False, description="Skip the contrastive stage (fusion then builds on the "
                                                       "current contrastive champion).")
+    search_queries: list[Plain] = Field(default_factory=list, description="Texts searched in the dataset with "
+                                        "the new contrastive model (`mmpipe search`); each one's contact sheet is "
+                                        "attached to its MLflow run (search/), so a person sees what it finds.")
     language: LanguageSettings = Field(default_factory=LanguageSettings, description="The language stage.")
     language_gate: GateParams = Field(default_factory=GateParams, description="The language stage's gate.")
     skip_language: bool = Field(True, description="Skip the language stage (on by hand: on the demo corpus LLaVA "

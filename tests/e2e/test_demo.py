@@ -58,6 +58,9 @@ def test_demo_ingests_trains_evaluates_and_promotes(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     assert str(client.get_model_version_by_alias("mmpipe-contrastive", "champion").version) == "1"
+    contrastive = client.get_model_version_by_alias("mmpipe-contrastive", "champion")
+    sheets = [a.path for a in client.list_artifacts(contrastive.run_id, "search")]  # what the new model finds
+    assert sheets == ["search/00-a-red-circle-above-a-blue-square.png", "search/01-a-handwritten-digit-seven.png"]
     fusion = client.get_model_version_by_alias("mmpipe-fusion", "champion")
     assert fusion.tags["parent_model"] == "mmpipe-contrastive/1" and fusion.tags["dataset_id"] == chats.id
     unified = client.get_model_version_by_alias("mmpipe-unified", "champion")

@@ -136,7 +136,8 @@ def served(prefect_api, mmpipe_home, tmp_path_factory):
         process = subprocess.Popen([str(cli), "serve", "--no-retrain-on-landing"], stdout=out,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_for_deployments(["ingest/mmpipe", "train/mmpipe", "evaluate/mmpipe", "retrain/mmpipe"], log, process)
+        _wait_for_deployments(["ingest/mmpipe", "train/mmpipe", "evaluate/mmpipe", "infer/mmpipe",
+                                "retrain/mmpipe"], log, process)
         yield log
     finally:
         stop_served(process)

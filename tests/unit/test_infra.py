@@ -21,7 +21,7 @@ POOL_SCRIPT = INFRA / "prefect" / "create-work-pool.sh"
 
 YAML_FILES = sorted(INFRA.rglob("*.yaml")) + [PREFECT_YAML]
 TEXT_FILES = sorted(p for p in INFRA.rglob("*") if p.is_file()) + [PREFECT_YAML]
-FLOW_NAMES = {"ingest", "train", "evaluate", "retrain"}
+FLOW_NAMES = {"ingest", "train", "evaluate", "infer", "retrain"}
 
 
 def load(path: Path):
@@ -65,7 +65,7 @@ def test_prefect_yaml_validates_against_prefects_own_models():
 
     spec = prefect_yaml()
     model = PrefectYamlModel.model_validate(spec)
-    assert len(model.deployments) == 4
+    assert len(model.deployments) == 5
     triggers = TypeAdapter(list[DeploymentTriggerTypes])
     for deployment in spec["deployments"]:
         for schedule in deployment.get("schedules") or []:
@@ -85,7 +85,7 @@ def flow_functions() -> dict[str, str]:
     return found
 
 
-def test_deployments_point_at_the_four_flows_by_name():
+def test_deployments_point_at_the_five_flows_by_name():
     flows = flow_functions()
     deployed = set()
     for deployment in prefect_yaml()["deployments"]:
@@ -94,7 +94,7 @@ def test_deployments_point_at_the_four_flows_by_name():
         assert func in flows, f"{deployment['entrypoint']}: no @flow function {func!r} in {FLOWS}"
         assert deployment["name"] == "mmpipe"
         deployed.add(flows[func])
-    assert deployed == FLOW_NAMES  # ingest/mmpipe, train/mmpipe, evaluate/mmpipe, retrain/mmpipe
+    assert deployed == FLOW_NAMES  # ingest/mmpipe, train/mmpipe, evaluate/mmpipe, infer/mmpipe, retrain/mmpipe
 
 
 def test_every_deployment_uses_the_pool_that_the_pool_script_creates():
