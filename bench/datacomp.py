@@ -51,31 +51,44 @@ def trained(recipe: str, dataset: str, model_name: str, *overrides: str) -> str:
     return fit(apply_overrides(named(recipe, dataset), [f'tracking.model_name="{model_name}"', *overrides])).model_uri
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The corpora's and the recipe's arguments (this bench's and bench/recaption.py's)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--noise", type=float, default=0.3, help="share of today's rows with a wrong caption")
-    parser.add_argument("--keep", type=float, default=0.7, help="the top fraction the CLIP-score filter keeps")
     parser.add_argument("--recipe", default="demo", help="the contrastive recipe every model trains with")
     parser.add_argument("--synthetic", type=int, default=8000)
     parser.add_argument("--digits", type=int, default=1797)
     parser.add_argument("--home", help="project home (default: a temporary directory)")
-    args = parser.parse_args()
-    home = Path(args.home or tempfile.mkdtemp(prefix="mmpipe-datacomp-"))
+    return parser
+
+
+def corpora(args, prefix: str) -> tuple[Path, str, str, str]:
+    """(the project home, now $MMPIPE_HOME; yesterday's clean seed-0 version, today's noisy seed-1 version, its
+    clean twin): made and ingested, or those a run before ingested there."""
+    home = Path(args.home or tempfile.mkdtemp(prefix=prefix))
     os.environ["MMPIPE_HOME"] = str(home)
+    from mmcore.data.server import FileServer
+    from mmcore.data.synthetic.corpus import SampleSpec
+
+    spec = {"synthetic": args.synthetic, "digits": args.digits, "conversations": 0}
+    with FileServer(home) as server:
+        return (home, corpus(home, "clean-seed0", server.url, SampleSpec(seed=0, **spec)),
+                corpus(home, "noisy-seed1", server.url, SampleSpec(seed=1, noise=args.noise, **spec)),
+                corpus(home, "clean-seed1", server.url, SampleSpec(seed=1, **spec)))
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--keep", type=float, default=0.7, help="the top fraction the CLIP-score filter keeps")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    home, yesterday, today, clean_today = corpora(args, "mmpipe-datacomp-")
 
     from mmcore.data.dataset import DatasetVersion
     from mmcore.data.scored import filter_by_score, random_subset
-    from mmcore.data.server import FileServer
-    from mmcore.data.synthetic.corpus import SampleSpec
     from mmcore.eval.run import evaluate
     from mmcore.infer import infer
 
-    started = time.perf_counter()
-    spec = {"synthetic": args.synthetic, "digits": args.digits, "conversations": 0}
-    with FileServer(home) as server:
-        yesterday = corpus(home, "clean-seed0", server.url, SampleSpec(seed=0, **spec))
-        today = corpus(home, "noisy-seed1", server.url, SampleSpec(seed=1, noise=args.noise, **spec))
-        clean_today = corpus(home, "clean-seed1", server.url, SampleSpec(seed=1, **spec))
     scorer = trained(args.recipe, yesterday, "datacomp-yesterday")
     scores, _ = infer(scorer, today, "clip-score")
     kept = filter_by_score(DatasetVersion.open(today), scores, str(home / "datasets" / "noisy-seed1-kept"),

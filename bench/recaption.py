@@ -14,17 +14,14 @@ test split. Writes the table to docs/benchmarks.md ("Recaptioning").
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import write_section  # noqa: E402
-from datacomp import PRIMARY, corpus, trained  # noqa: E402
+from datacomp import PRIMARY, arguments, corpora, trained  # noqa: E402
 
 
 def true_caption_share(noisy, clean, generated) -> tuple[float, float]:
@@ -47,29 +44,16 @@ def true_caption_share(noisy, clean, generated) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--noise", type=float, default=0.3, help="share of today's rows with a wrong caption")
-    parser.add_argument("--recipe", default="demo", help="the contrastive recipe every model trains with")
+    parser = arguments(__doc__)
     parser.add_argument("--fusion-recipe", default="demo-fusion", help="the captioner's recipe")
-    parser.add_argument("--synthetic", type=int, default=8000)
-    parser.add_argument("--digits", type=int, default=1797)
-    parser.add_argument("--home", help="project home (default: a temporary directory)")
     args = parser.parse_args()
-    home = Path(args.home or tempfile.mkdtemp(prefix="mmpipe-recaption-"))
-    os.environ["MMPIPE_HOME"] = str(home)
+    started = time.perf_counter()
+    _, yesterday, today, clean_today = corpora(args, "mmpipe-recaption-")
 
     from mmcore.data.dataset import DatasetVersion
-    from mmcore.data.server import FileServer
-    from mmcore.data.synthetic.corpus import SampleSpec
     from mmcore.eval.run import evaluate
     from mmcore.infer import infer
 
-    started = time.perf_counter()
-    spec = {"synthetic": args.synthetic, "digits": args.digits, "conversations": 0}
-    with FileServer(home) as server:
-        yesterday = corpus(home, "clean-seed0", server.url, SampleSpec(seed=0, **spec))
-        today = corpus(home, "noisy-seed1", server.url, SampleSpec(seed=1, noise=args.noise, **spec))
-        clean_today = corpus(home, "clean-seed1", server.url, SampleSpec(seed=1, **spec))
     clip = trained(args.recipe, yesterday, "datacomp-yesterday")
     captioner = trained(args.fusion_recipe, yesterday, "recaption-captioner", f'model.parent="{clip}"')
     generated, seconds = infer(captioner, today, "captions")
@@ -88,7 +72,7 @@ def main() -> None:
                f"{args.fusion_recipe} --synthetic {args.synthetic} --digits {args.digits}"
                + (f" --home {args.home}" if args.home else ""))
     lines = ["## Recaptioning: a contrastive model on a fusion model's captions", "", f"Command: `{command}` "
-             f"({minutes:.0f} min, with bench/datacomp.py's corpora and arm (a) reused from its home). The captioner "
+             f"({minutes:.0f} min; in bench/datacomp.py's home its corpora and finished runs are reused). The captioner "
              f"({captioner}, `{args.fusion_recipe}` on the clean seed-0 corpus) captioned today's "
              f"{DatasetVersion.open(today).manifest['rows']['kept']} rows in {seconds:.0f} s; its "
              f"caption is the image's true one on {right:.1%} of the train rows, the corpus's own on {own:.1%} "

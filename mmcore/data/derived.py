@@ -92,11 +92,8 @@ class _Kind:
     needs = ""
 
     def __init__(self, bundle: Path):
-        import torch
-
         from mmcore.bundle import ModelBundle
 
-        torch.set_num_threads(1)  # one CPU of a data worker (Ray gives each task one)
         self.model, self.preprocess = ModelBundle.at(bundle).load()
 
     def pixels(self, blobs: list[bytes]):

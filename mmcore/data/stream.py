@@ -66,10 +66,15 @@ def torch_batches(shard, batch_size: int, device: torch.device) -> Iterator[tupl
                         batch_size)
 
 
+ACTOR_CPUS = 1
+"""Logical CPUs each derivation actor holds, and its torch threads."""
+
+
 class _ShardDeriver:
     """A Ray Data actor that computes derived shards with one model loaded once (data/derived.py)."""
 
-    def __init__(self, derivation):
+    def __init__(self, derivation, threads: int = 1):
+        torch.set_num_threads(threads)
         self.compute = derivation.computer()
 
     def __call__(self, jobs: dict) -> dict:
@@ -84,8 +89,8 @@ def derive_on_ray(derivation, jobs: list[dict]) -> Iterator[dict]:
     derived shard) one task, on a pool of up to one actor per CPU of the cluster, yielded as written."""
     if not jobs:
         return iter(())
-    size = max(1, min(len(jobs), int(ray.cluster_resources().get("CPU", 1))))
+    size = max(1, min(len(jobs), int(ray.cluster_resources().get("CPU", 1)) // ACTOR_CPUS))
     dataset = ray.data.from_items(jobs, override_num_blocks=len(jobs)).map_batches(
-        _ShardDeriver, fn_constructor_kwargs={"derivation": derivation}, batch_size=1, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size))
+        _ShardDeriver, fn_constructor_kwargs={"derivation": derivation, "threads": ACTOR_CPUS}, batch_size=1,
+        batch_format="numpy", num_cpus=ACTOR_CPUS, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size))
     return dataset.iter_rows()
