@@ -24,23 +24,27 @@ from common import write_section  # noqa: E402
 from datacomp import PRIMARY, arguments, corpora, trained  # noqa: E402
 
 
-def true_caption_share(noisy, clean, generated) -> tuple[float, float]:
-    """(the share of today's rows whose generated caption is the image's true one, the same for its own caption)
-    over the train split: images matched by sha256 with the clean version of the corpus."""
+def caption_scores(today, generated, scorer: str) -> dict[str, tuple[float, float]]:
+    """Yesterday's CLIP score (DataComp's) of each row's own caption and of the generated one, averaged over the
+    rows whose caption the noise left right and over those it made wrong (the corpus's `caption_kind`)."""
+    import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def captions(version) -> dict[str, str]:
-        tables = [pq.read_table(str(path), columns=["sha256", "caption"]) for path in version.shard_paths("train")]
-        return {d: c for t in tables for d, c in zip(t.column("sha256").to_pylist(), t.column("caption").to_pylist())}
+    from mmcore.data.filters import ModelScoreFilter
+    from mmcore.registry import load_model
 
-    truth, own = captions(clean), captions(noisy)
+    score = ModelScoreFilter(*load_model(scorer))
     written = dict(zip(generated.column("key"), generated.column("generated_caption")))
-    keys = [k for path in noisy.shard_paths("train") for k in pq.read_table(str(path), columns=["key"])
-            .column("key").to_pylist()]
-    digests = [d for path in noisy.shard_paths("train") for d in pq.read_table(str(path), columns=["sha256"])
-               .column("sha256").to_pylist()]
-    right = sum(written[k] == truth.get(d) for k, d in zip(keys, digests))
-    return right / len(keys), sum(own[d] == truth.get(d) for d in digests) / len(keys)
+    own, new, wrong = [], [], []
+    for path in today.shard_paths():
+        table = pq.read_table(str(path), columns=["key", "image", "caption", "caption_kind"])
+        own.append(score.scores(table))
+        mine = pa.array([written[key] for key in table.column("key").to_pylist()])
+        new.append(score.scores(table.set_column(table.column_names.index("caption"), "caption", mine)))
+        wrong += [kind in ("swapped", "off-topic") for kind in table.column("caption_kind").to_pylist()]
+    own, new, wrong = np.concatenate(own), np.concatenate(new), np.array(wrong)
+    return {"right": (own[~wrong].mean(), new[~wrong].mean()), "wrong": (own[wrong].mean(), new[wrong].mean())}
 
 
 def main() -> None:
@@ -57,7 +61,7 @@ def main() -> None:
     clip = trained(args.recipe, yesterday, "datacomp-yesterday")
     captioner = trained(args.fusion_recipe, yesterday, "recaption-captioner", f'model.parent="{clip}"')
     generated, seconds = infer(captioner, today, "captions")
-    right, own = true_caption_share(DatasetVersion.open(today), DatasetVersion.open(clean_today), generated)
+    scores = caption_scores(DatasetVersion.open(today), generated, clip)
     arms = {"(a) its own captions": [], "(b) the captioner's, instead": [f'data.captioner="{captioner}"'],
             "(c) half each": [f'data.captioner="{captioner}"', "data.generated_share=0.5"]}
     results = {}
@@ -73,11 +77,12 @@ def main() -> None:
                + (f" --home {args.home}" if args.home else ""))
     lines = ["## Recaptioning: a contrastive model on a fusion model's captions", "", f"Command: `{command}` "
              f"({minutes:.0f} min; in bench/datacomp.py's home its corpora and finished runs are reused). The captioner "
-             f"({captioner}, `{args.fusion_recipe}` on the clean seed-0 corpus) captioned today's "
-             f"{DatasetVersion.open(today).manifest['rows']['kept']} rows in {seconds:.0f} s; its "
-             f"caption is the image's true one on {right:.1%} of the train rows, the corpus's own on {own:.1%} "
-             f"({args.noise:.0%} noise). The `{args.recipe}` recipe on each arm, evaluated on the clean seed-1 "
-             "version's test split.", "",
+             f"({captioner}, `{args.fusion_recipe}` on the clean seed-0 corpus, on yesterday's CLIP) captioned today's "
+             f"{DatasetVersion.open(today).manifest['rows']['kept']} rows in {seconds:.0f} s. Yesterday's CLIP scores "
+             f"(mean cosine) the rows the noise left right {scores['right'][0]:.3f} with their own captions and "
+             f"{scores['right'][1]:.3f} with the generated ones, the {args.noise:.0%} it made wrong "
+             f"{scores['wrong'][0]:.3f} and {scores['wrong'][1]:.3f}. The `{args.recipe}` recipe on each arm, "
+             "evaluated on the clean seed-1 version's test split.", "",
              "| arm | " + " | ".join(PRIMARY) + " |", "|---|" + "---|" * len(PRIMARY)]
     for arm, metrics in results.items():
         lines.append(f"| {arm} | " + " | ".join(f"{metrics.get(k, float('nan')):.4f}" for k in PRIMARY) + " |")

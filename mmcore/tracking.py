@@ -265,6 +265,11 @@ def log_evaluation(tracking_uri: str, experiment: str, name: str, version: str, 
     return run_id
 
 
+def log_file(uri: str, run_id: str, path: Path, artifact_dir: str) -> None:
+    """Attach the file at `path` to the run `run_id`, under `artifact_dir`."""
+    MlflowClient(uri).log_artifact(run_id, str(path), artifact_dir)
+
+
 def _log_bytes(client: MlflowClient, run_id: str, data: bytes, artifact_path: str) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -176,16 +176,14 @@ def search_task(trained: dict, dataset: str, queries: list[str], ray_address: st
     MLflow run under search/: what the new model finds, seen beside its metrics."""
     import tempfile
 
-    from mlflow.tracking import MlflowClient
-
     from mmcore.search import search, slug
 
-    client = MlflowClient(tracking.resolve_uri(TrackingConfig()))
+    uri = tracking.resolve_uri(TrackingConfig())
     with tempfile.TemporaryDirectory() as tmp:
         for i, query in enumerate(queries):
             result = search(query, dataset, trained["model_uri"], ray_address=ray_address,
                             out=str(Path(tmp) / f"{i:02d}-{slug(query)}.png"))
-            client.log_artifact(trained["mlflow_run_id"], str(result.sheet), "search")
+            tracking.log_file(uri, trained["mlflow_run_id"], result.sheet, "search")
     console.say(f"contact sheets of {len(queries)} search(es) by {trained['model_uri']} attached to its run (search/)")
     return [f"search/{i:02d}-{slug(query)}.png" for i, query in enumerate(queries)]
 
