@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from mmcore.config import project_home
 from mmcore.data.dataset import DatasetVersion
 from mmcore.data.derived import DerivedVersion
+from mmcore.data.schema import read_shard
 
 EXACT_ROWS = 200_000
 """Up to this many rows a search compares the query with every row (usearch's brute force, SIMD); above, it asks
@@ -118,7 +118,7 @@ def _rows(version: DatasetVersion, wanted: np.ndarray) -> list[dict]:
     for entry in version.manifest["shards"]:
         mine = [int(row) - first for row in wanted if first <= row < first + entry["rows"]]
         if mine:
-            table = pq.read_table(str(version.path / entry["path"]), columns=["key", "caption", "image"]).take(mine)
+            table = read_shard(version.path / entry["path"], ["key", "caption", "image"]).take(mine)
             for row, values in zip(mine, table.to_pylist()):
                 found[first + row] = {"row": first + row, "split": entry["split"], **values}
         first += entry["rows"]
