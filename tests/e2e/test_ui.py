@@ -92,7 +92,7 @@ def test_ingest_from_the_prefect_form_triggers_retrain_and_mlflow_shows_the_mode
     server, root = served_dir
     url_list = make_sample(root / "ui-corpus", f"{server.url}/ui-corpus",
                            SampleSpec(synthetic=240, digits=100, photos=False, defects=False, seed=11))
-    _wait_for("the deployments' registration", lambda: len(_api(api, "/deployments/filter", {})) == 4, 180, log)
+    _wait_for("the deployments' registration", lambda: len(_api(api, "/deployments/filter", {})) == 5, 180, log)
 
     with chromium_driver(tmp_path) as driver:
         run_url = run_deployment_from_ui(driver, api.removesuffix("/api"), "ingest", "mmpipe", {
