@@ -213,7 +213,8 @@ def test_a_contrastive_run_trains_on_the_captions_a_fusion_model_wrote(fused, tr
     alias = f"models:/{fused.model_name}@candidate"
     capsys.readouterr()
     result = fit(debug_config(train_dataset, f"data.captioner={json.dumps(alias)}", "optim.max_steps=20",
-                              "checkpoint.every_steps=20", "data.record_samples=false", *HERE))
+                              "checkpoint.every_steps=20", "data.record_samples=false",
+                              'tracking.model_name="mmpipe-recaptioned"', *HERE))  # mmpipe-contrastive@candidate stays
     assert f"100% of its captions by {fused.model_uri}" in capsys.readouterr().out  # the alias, pinned
     captions = next(d for d in stored(train_dataset) if d.manifest["kind"] == "captions")
     assert captions.manifest["model"] == fused.model_uri
