@@ -102,7 +102,8 @@ def main() -> None:
         f"| a plain loop in one process (torch's threads, batches of 256, nothing written) | {median(loop):.0f} |",
         f"| ratio | **{ratio:.2f}** |", "",
         "Against clip-retrieval's published figure (another model on another machine: set against each one's limit):",
-        "", "| | model | GFLOP a row (forward) | rows/s | GFLOP/s | of the hardware's limit |", "|---|---|---|---|---|---|",
+        "", "| | model | GFLOP a row (forward) | rows/s | GFLOP/s | of the hardware's limit |",
+        "|---|---|---|---|---|---|",
         f"| `mmpipe infer`, 2 CPU cores | {model_uri} | {ours_flops / 1e9:.3f} | {median(ours):.0f} | "
         f"{median(ours) * ours_flops / 1e9:.0f} | {median(ours) * ours_flops / peak:.0%} of {peak / 1e9:.0f} "
         "GFLOP/s (fp32 2048^2 matmul, measured) |",

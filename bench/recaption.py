@@ -76,7 +76,8 @@ def main() -> None:
                f"{args.fusion_recipe} --synthetic {args.synthetic} --digits {args.digits}"
                + (f" --home {args.home}" if args.home else ""))
     lines = ["## Recaptioning: a contrastive model on a fusion model's captions", "", f"Command: `{command}` "
-             f"({minutes:.0f} min; in bench/datacomp.py's home its corpora and finished runs are reused). The captioner "
+             f"({minutes:.0f} min; in bench/datacomp.py's home its corpora and finished runs are reused). "
+             "The captioner "
              f"({captioner}, `{args.fusion_recipe}` on the clean seed-0 corpus, on yesterday's CLIP) captioned today's "
              f"{DatasetVersion.open(today).manifest['rows']['kept']} rows in {seconds:.0f} s. Yesterday's CLIP scores "
              f"(mean cosine) the rows the noise left right {scores['right'][0]:.3f} with their own captions and "

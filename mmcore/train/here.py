@@ -39,7 +39,7 @@ def train_here(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     cfg.validate()
     version = open_dataset(cfg)
     tracking_uri = None
-    if cfg.model.parent or cfg.data.captioner:  # models:/ URIs: the registry resolves them (the Task reads the pinned versions)
+    if cfg.model.parent or cfg.data.captioner:  # models:/ URIs: the registry resolves them (pinned versions read)
         from mmcore.tracking import resolve_uri
 
         tracking_uri = resolve_uri(cfg.tracking)
