@@ -66,7 +66,9 @@ def test_a_compiled_run_trains_as_the_eager_one(train_dataset, tmp_path):
                              tmp_path / flag)
             for flag in ("false", "true")}
     eager, compiled = runs["false"], runs["true"]
-    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-3)
-    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=1e-3)
+    # After one AdamW step the summation order's differences show: 0.11% and 0.14% on two sessions' corpora
+    # (0.1% was the bound, and failed them); a compile that computed something else would be far off.
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=5e-3)
+    assert compiled["val_loss"] == pytest.approx(eager["val_loss"], rel=5e-3)
     assert compiled["loss"] != eager["loss"] or compiled["val_loss"] != eager["val_loss"], \
         "the switch changed nothing: is the engine compiled?"
