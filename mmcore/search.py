@@ -4,6 +4,7 @@ dataset), with usearch; printed as a table and drawn as a contact sheet. `mmpipe
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from dataclasses import dataclass
@@ -46,34 +47,55 @@ def vector_index(vectors: np.ndarray):
     return index
 
 
+@dataclass
+class Searchable:
+    """A dataset version's rows by one model's image embeddings, ready for queries: the derived embeddings read and
+    the model loaded once, however many queries follow (the retrain flow's search_queries)."""
+
+    version: DatasetVersion
+    derived: DerivedVersion
+    model: object
+    preprocess: object
+
+    @classmethod
+    def open(cls, dataset: str, model: str = "models:/mmpipe-contrastive@champion", executor: str = "ray",
+             ray_address: str = "") -> "Searchable":
+        """The dataset version at `dataset` by `model`'s embeddings, computed the first time (mmpipe infer)."""
+        from mmcore import registry, tracking
+        from mmcore.bundle import ModelBundle
+        from mmcore.config import TrackingConfig
+        from mmcore.infer import infer
+
+        derived, _ = infer(model, dataset, "embeddings", executor, ray_address)
+        bundle = registry.model_files(derived.manifest["model"], tracking.resolve_uri(TrackingConfig()))
+        return cls(DatasetVersion.open(dataset), derived, *ModelBundle.at(bundle.directory).load())
+
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        return self.derived.column("image_embedding")
+
+    def search(self, query: str, k: int = 8, out: str | None = None) -> SearchResult:
+        """The `k` rows nearest to `query` (text, or the path of an image file), and their contact sheet at `out`
+        (default <home>/search/<dataset id>-<query>.png)."""
+        if k < 1:
+            raise ValueError(f"--k {k}: at least 1")
+        vector = _embed_query(self.model, self.preprocess, query)
+        keys, scores = _nearest(self.images, vector, min(k, len(self.images)), self.derived)
+        hits = [{"rank": rank + 1, "score": float(score), **row}
+                for rank, (score, row) in enumerate(zip(scores, _rows(self.version, keys)))]
+        result = SearchResult(query, self.derived.manifest["model"], self.version.id, hits)
+        result.sheet = contact_sheet(result, Path(out) if out else project_home() / "search" /
+                                     f"{self.version.id}-{slug(query)}.png")
+        return result
+
+
 def search(query: str, dataset: str, model: str = "models:/mmpipe-contrastive@champion", k: int = 8,
            executor: str = "ray", out: str | None = None, ray_address: str = "") -> SearchResult:
     """The `k` rows of the dataset version at `dataset` nearest to `query` (text, or the path of an image file)
     by `model`'s embeddings, and their contact sheet at `out` (default <home>/search/<dataset id>-<query>.png)."""
-    from mmcore.bundle import ModelBundle
-    from mmcore.infer import infer
-
     if k < 1:
         raise ValueError(f"--k {k}: at least 1")
-    derived, _ = infer(model, dataset, "embeddings", executor, ray_address)
-    version = DatasetVersion.open(dataset)
-    net, preprocess = ModelBundle.at(_bundle_of(derived)).load()
-    vector = _embed_query(net, preprocess, query)
-    images = derived.column("image_embedding")
-    keys, scores = _nearest(images, vector, min(k, len(images)), derived)
-    hits = [{"rank": rank + 1, "score": float(score), **row}
-            for rank, (score, row) in enumerate(zip(scores, _rows(version, keys)))]
-    result = SearchResult(query, derived.manifest["model"], version.id, hits)
-    result.sheet = contact_sheet(result, Path(out) if out else project_home() / "search" /
-                                 f"{version.id}-{slug(query)}.png")
-    return result
-
-
-def _bundle_of(derived: DerivedVersion) -> Path:
-    from mmcore import registry, tracking
-    from mmcore.config import TrackingConfig
-
-    return registry.model_files(derived.manifest["model"], tracking.resolve_uri(TrackingConfig())).directory
+    return Searchable.open(dataset, model, executor, ray_address).search(query, k, out)
 
 
 def _embed_query(model, preprocess, query: str) -> np.ndarray:

@@ -74,7 +74,7 @@ ACTOR_CPUS = 1
 class _ShardDeriver:
     """A Ray Data actor that computes derived shards with one model loaded once (data/derived.py)."""
 
-    def __init__(self, derivation, threads: int = 1):
+    def __init__(self, derivation, threads: int):
         torch.set_num_threads(threads)
         self.compute = derivation.computer()
 
