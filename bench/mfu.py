@@ -39,25 +39,40 @@ MODELS = {  # model -> (recipe it trains with, whether it reads the instruction 
 }
 PARENTS = {"llava": "clip-demo", "flamingo": "clip-demo", "unified": "vq-demo"}
 BASE_PARENTS = {"llava": "clip-vit-b16", "flamingo": "clip-vit-b16", "unified": "vq-demo"}
-VARIANTS = {"eager": [], "compiled": ["parallel.compile=true"], "bf16": ["parallel.precision=bf16"]}
+VARIANTS = {"eager": [], "compiled": ["parallel.compile=true"], "bf16": ["parallel.precision=bf16"],
+            "fused": ["optim.fused=true"]}
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
-def sample_datasets(root: Path) -> tuple[str, str]:
-    """The sample corpus's URL list and conversation file ingested over loopback, as the demo does."""
-    from mmcore.data.config import GuardConfig, IngestConfig, SourceConfig
+def sample_datasets(root: Path, image_size: int | None = None, spec=None) -> tuple[str, str]:
+    """The sample corpus's URL list and conversation file ingested over loopback, as the demo does (`spec`: its
+    SampleSpec, default the demo's; `image_size`: the side stored, default ingest's)."""
+    from mmcore.data.config import DownloadConfig, GuardConfig, IngestConfig, SourceConfig
     from mmcore.data.ingest import ingest
     from mmcore.data.server import FileServer
     from mmcore.data.synthetic.corpus import make_sample
 
     guard = GuardConfig(allow_networks=["127.0.0.1/32"])
+    download = DownloadConfig(image_size=image_size) if image_size else DownloadConfig()
     with FileServer(root / "corpus") as server:
-        url_list = make_sample(root / "corpus", server.url)
-        captions = ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(root / "captions"), guard=guard))
+        url_list = make_sample(root / "corpus", server.url, spec)
+        captions = ingest(IngestConfig(source=SourceConfig(str(url_list)), out=str(root / "captions"), guard=guard,
+                                       download=download))
         chats = ingest(IngestConfig(source=SourceConfig(str(url_list.parent / "conversations.jsonl"),
                                                         kind="instructions"),
-                                    out=str(root / "instructions"), guard=guard))
+                                    out=str(root / "instructions"), guard=guard, download=download))
     return str(captions.path), str(chats.path)
+
+
+def sample_flops(task, batch: dict, device) -> tuple[float, float]:
+    """FLOPs of one training sample of the Task (forward + backward, on the first two rows of a prepared batch):
+    with attention, and of them in the linear layers' matmuls (under the kernels training runs)."""
+    from mmcore.train.trainer import split_ids
+
+    sample = {k: v[:2].to(device) for k, v in split_ids(dict(batch))[0].items()}
+    per_sample = sum(flops_by_op(task.to(device), sample).values())  # attention included
+    mm = sum(count for op, count in flops_by_op(task, sample, math_attention=False).items() if op in MATMULS)
+    return per_sample, mm
 
 
 def matmul_flops(dtype, device, n: int = 2048, reps: int = 10) -> float:
@@ -90,16 +105,14 @@ def engine_for(name: str, dataset: str, steps: int, variant: str, device, parent
 
     from mmcore.cli import apply_overrides
     from mmcore.recipes import recipe
-    from mmcore.train.trainer import split_ids, start_engine
+    from mmcore.train.trainer import start_engine
 
     recipe_name = MODELS[name][0]
     batch = recipe(recipe_name, dataset).data.batch_size
     cfg, arch, tokenizer_json, task, _, batches = prepared(name, recipe_name, dataset, batch, steps, 2, parents)
     cfg = apply_overrides(cfg, ["parallel.precision=auto", *VARIANTS[variant]])  # auto: bf16 on a GPU
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, threads_per_worker=0))
-    sample = {k: v[:2].to(device) for k, v in split_ids(dict(batches[0]))[0].items()}
-    per_sample = sum(flops_by_op(task.to(device), sample).values())  # attention included
-    mm = sum(count for op, count in flops_by_op(task, sample, math_attention=False).items() if op in MATMULS)
+    per_sample, mm = sample_flops(task, batches[0], device)
     del task  # start_engine builds its own
     engine, dtype, ranks = start_engine(cfg, arch, tokenizer_json, device, 1)
     return engine, dtype, ranks, cfg, [{k: v.to(device) for k, v in b.items()} for b in batches], per_sample, mm

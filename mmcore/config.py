@@ -182,6 +182,10 @@ class OptimConfig:
     """The learning rate of what joins a fusion model's tower to its LM (LLaVA's projector, Flamingo's
     resampler and cross-attention) in a parameter group of its own, as LLaVA's mm_projector_lr; 0: lr.
     Warmup and decay scale it as they scale lr."""
+    fused: bool = False
+    """torch's fused AdamW (one kernel over the parameters per step, on CPUs and GPUs) instead of its default
+    implementation; not with parallel.offload_optimizer (DeepSpeed's CPU Adam). Off in every recipe: on 2 CPU
+    cores the demo models' steps were as fast within the run-to-run spread (experiments/fused-adamw)."""
 
     def validate(self) -> None:
         check(self.lr > 0, "optim.lr", "must be positive")
@@ -328,6 +332,8 @@ class RunConfig:
                f"{self.model.start_from!r}: a registered model, e.g. models:/mmpipe-fusion@aligned")
         check(not self.optim.bridge_lr or stage.name == "fusion", "optim.bridge_lr",
               f"the {stage.name} stage has no tower joined to an LM")
+        check(not (self.optim.fused and self.parallel.offload_optimizer), "optim.fused",
+              "torch's fused AdamW does not run with parallel.offload_optimizer (DeepSpeed's CPU Adam does)")
         check(not self.data.pack_length or stage.packs, "data.pack_length",
                f"the {stage.name} stage does not pack questions")
         check(self.cluster.executor == "ray" or self.parallel.num_workers == 1, "parallel.num_workers",

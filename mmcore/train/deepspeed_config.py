@@ -36,7 +36,7 @@ def build_ds_config(cfg: RunConfig, precision: str) -> dict:
             "type": "AdamW",
             "params": {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
                        # torch's AdamW: no C++ op to JIT-build (DeepSpeed's CPU Adam needs one when offloading)
-                       "torch_adam": not p.offload_optimizer},
+                       "torch_adam": not p.offload_optimizer, **({"fused": True} if o.fused else {})},
         },
         "scheduler": {
             "type": "WarmupCosineLR",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mmcore.config import ClusterConfig, DataConfig, ParallelConfig, RunConfig
+from mmcore.config import ClusterConfig, DataConfig, OptimConfig, ParallelConfig, RunConfig
 from mmcore.recipes import RECIPES, recipe
 from mmcore.train import checkpoint
 from mmcore.train.deepspeed_config import build_ds_config, resolve_precision
@@ -25,6 +25,7 @@ def _cfg(**kw):
     (_cfg(batch=64, parallel=ParallelConfig(num_workers=2, grad_accum=3)), "data.batch_size"),
     (_cfg(parallel=ParallelConfig(offload_params=True, zero_stage=2)), "parallel.offload_params"),
     (_cfg(parallel=ParallelConfig(precision="fp16")), "parallel.precision"),
+    (_cfg(optim=OptimConfig(fused=True), parallel=ParallelConfig(offload_optimizer=True)), "optim.fused"),
     (RunConfig(), "data.dataset"),
     (_cfg(cluster=ClusterConfig(executor="local")), "cluster.executor"),
     (_cfg(cluster=ClusterConfig(executor="here"), parallel=ParallelConfig(num_workers=2)), "parallel.num_workers"),
@@ -52,6 +53,27 @@ def test_deepspeed_config_follows_the_run_config():
     assert ds["zero_optimization"]["offload_param"] == {"device": "cpu"}
     assert ds["optimizer"]["params"]["torch_adam"] is False  # CPU offload needs DeepSpeed's CPU Adam
     assert build_ds_config(_cfg(), "fp32")["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_fused_adamw_reaches_torch_and_steps_as_the_default_one():
+    """optim.fused: the parameters DeepSpeed hands torch's AdamW (torch_adam) make its fused implementation, which
+    steps on the CPU as the default implementation does."""
+    import torch
+
+    weights = {}
+    for fused in (False, True):
+        params = dict(build_ds_config(_cfg(optim=OptimConfig(fused=fused)), "fp32")["optimizer"]["params"])
+        assert params.pop("torch_adam") is True
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(8, 4)
+        optimizer = torch.optim.AdamW(layer.parameters(), **params)
+        assert bool(optimizer.defaults.get("fused")) is fused
+        for _ in range(3):
+            layer(torch.randn(16, 8)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights[fused] = layer.weight.detach()
+    assert torch.allclose(weights[True], weights[False], atol=1e-6)
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
