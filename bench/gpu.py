@@ -100,7 +100,8 @@ def table(results: list[dict], args, gpus: int, name: str, peak: float) -> str:
              "(after the first window) | GFLOP/sample | MFU | final loss |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| `{r['cfg'].model.name}` (`{r['cfg'].recipe}`) | {r['cfg'].data.batch_size} | {r['wall']:.0f} s | "
+        cfg = r["cfg"]
+        lines.append(f"| `{cfg.model.name}` (`{cfg.recipe}`) | {cfg.data.batch_size} | {r['wall']:.0f} s | "
                      f"{r['rate']:.0f} | {r['flops'] / 1e9:.1f} | {100 * r['mfu']:.1f}% | {r['loss']:.3f} |")
     return "\n".join(lines)
 
