@@ -6,7 +6,8 @@ In one run on one machine:
     no checkpoint, no validation) in one process on all the threads, with the recipe's global batch, on
     batches the stage's own preprocessing made from the sample corpus (prepared once and cycled, as
     bench/gpu_engine.py does: the data path is not what is timed), in each variant asked for: eager fp32,
-    compiled (parallel.compile) and bf16 (parallel.precision);
+    compiled (parallel.compile) and bf16 (parallel.precision), and on request fused (optim.fused: torch's fused
+    AdamW; experiments/fused-adamw, not in the table);
   - FLOPs per sample: torch's FlopCounterMode over one forward + backward of the Task;
   - MFU: samples/s x FLOPs per sample / the fp32 matmul's FLOP/s (bf16's for the bf16 variant);
   - where the time goes: torch.profiler over 3 eager steps: the share of time in matmuls (mm, addmm, bmm),
@@ -41,6 +42,7 @@ PARENTS = {"llava": "clip-demo", "flamingo": "clip-demo", "unified": "vq-demo"}
 BASE_PARENTS = {"llava": "clip-vit-b16", "flamingo": "clip-vit-b16", "unified": "vq-demo"}
 VARIANTS = {"eager": [], "compiled": ["parallel.compile=true"], "bf16": ["parallel.precision=bf16"],
             "fused": ["optim.fused=true"]}
+DEFAULT_VARIANTS = ["eager", "compiled", "bf16"]
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
@@ -220,7 +222,7 @@ def command(args) -> str:
     line = f".venv/bin/python bench/mfu.py --steps {args.steps} --warmup {args.warmup}"
     line += " --dataset CAPTIONS --instructions CONVERSATIONS" if args.given else ""
     line += "" if args.models == list(MODELS)[:6] else " --models " + " ".join(args.models)
-    return line + ("" if args.variants == list(VARIANTS) else " --variants " + " ".join(args.variants))
+    return line + ("" if args.variants == DEFAULT_VARIANTS else " --variants " + " ".join(args.variants))
 
 
 def main() -> None:
@@ -228,7 +230,7 @@ def main() -> None:
     parser.add_argument("--dataset", help="a caption dataset version (default: the sample corpus's URL list)")
     parser.add_argument("--instructions", help="an instruction dataset (default: the corpus's conversations)")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS)[:6])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of samples/s (10-step windows)")
     parser.add_argument("--out", type=Path, default=None, help="markdown file (default docs/benchmarks.md)")
