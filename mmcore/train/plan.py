@@ -3,6 +3,7 @@ the stage's tokenizer and preprocessing, and the work units each split is read i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -54,11 +55,25 @@ def _checked(cfg: RunConfig, path: str) -> DatasetVersion:
 
 
 def run_name(cfg: RunConfig, dataset_id: str, arch: dict) -> str:
-    """Stable across re-runs of the same command; cluster and tracking settings do not change it, the
-    architecture does (an edited models/configs file starts a new run instead of resuming the old one)."""
-    identity = {**{k: v for k, v in to_dict(cfg).items() if k not in ("cluster", "tracking")}, "arch": arch}
+    """Stable across re-runs of the same command, also after an upgrade that adds config fields: the name hashes
+    the fields that differ from their defaults; cluster and tracking settings do not change it, the architecture
+    does (an edited models/configs file starts a new run instead of resuming the old one)."""
+    identity = {**{k: v for k, v in _changed(cfg).items() if k not in ("cluster", "tracking")}, "arch": arch}
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.recipe}-{cfg.task.stage}-{dataset_id[:8]}-{digest}"
+
+
+def _changed(config) -> dict:
+    """A config's fields that differ from its class's defaults, sections field by field."""
+    default, changed = type(config)(), {}
+    for field in dataclasses.fields(config):
+        value, base = getattr(config, field.name), getattr(default, field.name)
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(base):
+            if part := _changed(value):
+                changed[field.name] = part
+        elif value != base:  # a section where the default has none is whole
+            changed[field.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return changed
 
 
 @dataclass

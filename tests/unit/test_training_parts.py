@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -220,6 +221,23 @@ def test_a_run_is_named_by_its_config_and_architecture_not_by_where_it_runs():
     assert run_name(elsewhere, "ds123456789", arch) == name  # re-run on a cluster: resumes the same run
     wider = {**arch, "vision": {**arch["vision"], "width": 64}}
     assert run_name(cfg, "ds123456789", wider) != name  # an edited architecture is a new run
+    assert run_name(dataclasses.replace(cfg, seed=cfg.seed + 1), "ds123456789", arch) != name
+
+
+def test_a_config_field_added_by_an_upgrade_keeps_the_run_name_until_it_is_set():
+    """A run killed before an upgrade that adds a config field resumes after it: the name hashes the fields that
+    differ from their defaults (an optimizer section with one more field stands in for the new version's)."""
+    from mmcore.config import OptimConfig
+    from mmcore.models import model_config
+    from mmcore.train.plan import run_name
+
+    cfg, arch = recipe("demo", "/data/v1"), model_config("clip-demo")
+    Upgraded = dataclasses.make_dataclass("OptimConfig", [("new_switch", bool, dataclasses.field(default=False))],
+                                          bases=(OptimConfig,))
+    upgraded = dataclasses.replace(cfg, optim=Upgraded(**dataclasses.asdict(cfg.optim)))
+    assert run_name(upgraded, "ds123456789", arch) == run_name(cfg, "ds123456789", arch)
+    upgraded.optim.new_switch = True
+    assert run_name(upgraded, "ds123456789", arch) != run_name(cfg, "ds123456789", arch)
 
 
 class _Stored:
