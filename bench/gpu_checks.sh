@@ -7,7 +7,7 @@
 #       here: wheels of what fit() and the benches import besides what that machine has (Ray, MLflow, DeepSpeed
 #       built here, transformers, ...) for Python 3.12, and the small sample corpus ingested at 224 px
 #       (bench/gpu.py --make-datasets), as a tar cut into parts of 60 MB: gpu-kit/part-aa, -ab, ... (ignored by
-#       git; about 250 MB)
+#       git; 221 MB in 4 parts when last packed)
 #   bench/gpu_checks.sh receive
 #       there, once per part, each call carrying one (carry gpu-kit/part-aa, ...): keeps it in /tmp/mmpipe-gpu-kit
 #       (it stays while the machine is warm: send the parts back to back)
