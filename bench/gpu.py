@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import peak_tflops, write_section  # noqa: E402
-from gpu_engine import MODELS, prepared  # noqa: E402
+from gpu_engine import MODELS, packed_to_context, prepared  # noqa: E402
 from mfu import BASE_PARENTS, sample_datasets, sample_flops  # noqa: E402
 from train_contrastive import steady_samples_per_second  # noqa: E402
 
@@ -58,16 +58,14 @@ def config(name: str, dataset: str, steps: int, gpus: int, parent: str, smoke: b
     recipe_name, batch = MODELS[name]
     cfg = recipe(recipe_name, dataset)
     model = SMOKE[name] if smoke else name
-    context = model_config(model).get("lm", {}).get("context_length", 0)
     overrides = [f"model.name={model}", f"optim.max_steps={steps}", f"optim.warmup_steps={steps // 10}",
                  f"data.batch_size={8 if smoke else batch * gpus}", f"parallel.num_workers={gpus}",
                  f"parallel.use_gpu={str(not smoke).lower()}",
                  "parallel.zero_stage=2", "parallel.precision=auto", f"checkpoint.every_steps={steps}",
                  "data.val_batches=2", f"tracking.model_name=gpu-{name}"]
-    if parent:  # the fusion model: its tower the registered CLIP's, run on pixels; a packed row holds a question
-        overrides += [f"model.parent={parent}", "data.derived=false",
-                      f"data.pack_length={max(cfg.data.pack_length, context)}"]
-    return apply_overrides(cfg, overrides)
+    if parent:  # the fusion model: its tower the registered CLIP's, run on pixels
+        overrides += [f"model.parent={parent}", "data.derived=false"]
+    return packed_to_context(apply_overrides(cfg, overrides), model_config(model))
 
 
 def measured(name: str, dataset: str, args, gpus: int, peak: float, parent: str = "") -> dict:

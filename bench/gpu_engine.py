@@ -73,6 +73,17 @@ def cycled(batches: list[dict]):
         yield dict(batch), 0.0
 
 
+def packed_to_context(cfg, arch: dict):
+    """`cfg` with a packed row at least the model's text context long (the demo recipes pack to a demo LM's), so a
+    row holds at least one question of a larger model."""
+    import dataclasses
+
+    context = arch.get("lm", {}).get("context_length", 0)
+    if cfg.data.pack_length and cfg.data.pack_length < context:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pack_length=context))
+    return cfg
+
+
 def prepared(name: str, recipe_name: str, dataset: str, batch: int, steps: int, zero: int,
              parents: dict[str, str] = PARENTS):
     """(RunConfig, architecture, tokenizer JSON, a Task, its preprocessor, a few prepared batches as tensors
@@ -102,9 +113,7 @@ def prepared(name: str, recipe_name: str, dataset: str, batch: int, steps: int, 
     if arch["family"] in parents:
         part = STAGES[cfg.task.stage].parent.takes
         arch = {**arch, **part(model_config(parents[arch["family"]]))}
-    context = arch.get("lm", {}).get("context_length", 0)
-    if cfg.data.pack_length and cfg.data.pack_length < context:  # a packed row holds at least one question
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, pack_length=context))
+    cfg = packed_to_context(cfg, arch)
     version = DatasetVersion.open(dataset)
     tokenizer_json = STAGES[cfg.task.stage].task.tokenizer(version.tokenizer_path.read_text(), arch)
     torch.manual_seed(cfg.seed)  # as start_engine seeds rank 0

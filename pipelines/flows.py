@@ -179,10 +179,10 @@ def search_task(trained: dict, dataset: str, queries: list[str], ray_address: st
     from mmcore.search import Searchable, slug
 
     uri = tracking.resolve_uri(TrackingConfig())
-    rows = Searchable.open(dataset, trained["model_uri"], ray_address=ray_address)
+    searchable = Searchable.open(dataset, trained["model_uri"], ray_address=ray_address)
     with tempfile.TemporaryDirectory() as tmp:
         for i, query in enumerate(queries):
-            result = rows.search(query, out=str(Path(tmp) / f"{i:02d}-{slug(query)}.png"))
+            result = searchable.search(query, out=str(Path(tmp) / f"{i:02d}-{slug(query)}.png"))
             tracking.log_file(uri, trained["mlflow_run_id"], result.sheet, "search")
     console.say(f"contact sheets of {len(queries)} search(es) by {trained['model_uri']} attached to its run (search/)")
     return [f"search/{i:02d}-{slug(query)}.png" for i, query in enumerate(queries)]

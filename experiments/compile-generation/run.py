@@ -24,11 +24,8 @@ from mmcore.models.encode import generate_answers
 from mmcore.registry import load_model
 model_uri, dataset, rows, compiled = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "compiled"
 version = DatasetVersion.open(dataset)
-images = []
-for shard in version.shard_paths():
-    if shard.name.startswith("test-"):
-        images += pq.read_table(shard, columns=["image"]).column("image").to_pylist()
-images = images[:rows]
+images = [image for shard in version.shard_paths("test")
+          for image in pq.read_table(shard, columns=["image"]).column("image").to_pylist()][:rows]
 model, preprocess = load_model(model_uri)
 if compiled:
     model.hidden = torch.compile(model.hidden, dynamic=True)
